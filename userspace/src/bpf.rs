@@ -1,0 +1,263 @@
+//! Loading pyprobe's eBPF object into the kernel and attaching its programs.
+//!
+//! The object is built from `probe-ebpf` by `build.rs` and embedded in the
+//! binary, so nothing but the `pyprobe` executable is needed at run time.
+
+use std::{
+    collections::BTreeMap,
+    num::NonZeroU32,
+    os::fd::{AsFd, AsRawFd},
+};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, PerCpuHashMap},
+    programs::{UProbe, uprobe::UProbeScope},
+};
+use pyprobe_common::{names, stats};
+
+use crate::{privileges, process::Interpreter};
+
+/// The eBPF object built from `probe-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pyprobe"));
+
+/// Errors from loading or attaching BPF programs.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// We lack the privileges to load BPF programs or open perf events.
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivilegeError),
+    /// The kernel refused the object.
+    #[error("cannot load pyprobe's eBPF programs: {0}")]
+    Load(#[source] aya::EbpfError),
+    /// A program or map is missing from the embedded object (a build bug).
+    #[error("the embedded eBPF object has no {0}; rebuild pyprobe")]
+    Missing(&'static str),
+    /// The kernel refused a program.
+    #[error("cannot load program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Underlying error.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Attaching a uprobe failed.
+    #[error("cannot attach uprobe to {target} (PID {pid}) at file offset {offset:#x}: {source}")]
+    Attach {
+        /// Probed file.
+        target: String,
+        /// Process the probe is limited to.
+        pid: u32,
+        /// File offset of the probe.
+        offset: u64,
+        /// Underlying error.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Reading a map failed.
+    #[error("cannot read BPF map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Underlying error.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// PID 0 cannot be probed.
+    #[error("PID 0 is not a process")]
+    ZeroPid,
+}
+
+/// Counts that pyprobe could not make, so output can show them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Losses {
+    /// Entries not counted because the per-process map was full.
+    pub map_full: u64,
+    /// Program runs the kernel skipped because another BPF program was
+    /// already running on that CPU (`recursion_misses` in the program's
+    /// fdinfo).
+    pub recursion_misses: u64,
+}
+
+impl Losses {
+    /// Sum of all losses.
+    pub fn total(&self) -> u64 {
+        self.map_full + self.recursion_misses
+    }
+}
+
+/// Counts entries into `_PyEval_EvalFrameDefault` per process, in the kernel.
+pub struct EvalEntryCounter {
+    ebpf: Ebpf,
+}
+
+impl EvalEntryCounter {
+    /// Checks privileges and loads the eBPF programs (not yet attached).
+    pub fn load() -> Result<Self, BpfError> {
+        privileges::check()?;
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(BpfError::Load)?;
+        let program: &mut UProbe = ebpf
+            .program_mut(names::PROG_EVAL_ENTRY)
+            .ok_or(BpfError::Missing("eval_entry program"))?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_EVAL_ENTRY,
+                source,
+            })?;
+        program.load().map_err(|source| BpfError::Program {
+            name: names::PROG_EVAL_ENTRY,
+            source,
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches the counter to the interpreter of one process. Only that
+    /// process's entries are counted (the kernel filters by PID).
+    pub fn attach(&mut self, interp: &Interpreter) -> Result<(), BpfError> {
+        let pid = NonZeroU32::new(interp.pid).ok_or(BpfError::ZeroPid)?;
+        let program: &mut UProbe = self
+            .ebpf
+            .program_mut(names::PROG_EVAL_ENTRY)
+            .ok_or(BpfError::Missing("eval_entry program"))?
+            .try_into()
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_EVAL_ENTRY,
+                source,
+            })?;
+        program
+            .attach(
+                interp.eval_frame_offset,
+                &interp.host_path,
+                UProbeScope::OneProcess(pid),
+            )
+            .map_err(|source| BpfError::Attach {
+                target: interp.host_path.display().to_string(),
+                pid: interp.pid,
+                offset: interp.eval_frame_offset,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Entries counted so far, per PID (summed over CPUs).
+    pub fn counts(&self) -> Result<BTreeMap<u32, u64>, BpfError> {
+        let map: PerCpuHashMap<&MapData, u32, u64> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(names::MAP_EVAL_ENTRIES)
+                .ok_or(BpfError::Missing("EVAL_ENTRIES map"))?,
+        )
+        .map_err(|source| BpfError::Map {
+            name: names::MAP_EVAL_ENTRIES,
+            source,
+        })?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (pid, per_cpu) = item.map_err(|source| BpfError::Map {
+                name: names::MAP_EVAL_ENTRIES,
+                source,
+            })?;
+            out.insert(pid, per_cpu.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Entries counted so far for one PID.
+    pub fn count(&self, pid: u32) -> Result<u64, BpfError> {
+        Ok(self.counts()?.get(&pid).copied().unwrap_or(0))
+    }
+
+    /// What could not be counted so far.
+    pub fn losses(&self) -> Result<Losses, BpfError> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::MAP_STATS)
+                .ok_or(BpfError::Missing("STATS map"))?,
+        )
+        .map_err(|source| BpfError::Map {
+            name: names::MAP_STATS,
+            source,
+        })?;
+        let map_full = map
+            .get(&stats::EVAL_MAP_FULL, 0)
+            .map_err(|source| BpfError::Map {
+                name: names::MAP_STATS,
+                source,
+            })?
+            .iter()
+            .sum();
+        Ok(Losses {
+            map_full,
+            recursion_misses: self.recursion_misses(),
+        })
+    }
+
+    fn recursion_misses(&self) -> u64 {
+        let Some(program) = self.ebpf.program(names::PROG_EVAL_ENTRY) else {
+            return 0;
+        };
+        let Ok(fd) = program.fd() else { return 0 };
+        let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| fdinfo_field(&text, "recursion_misses"))
+            .unwrap_or(0)
+    }
+}
+
+/// Reads a numeric `name:\tvalue` line from an fdinfo text.
+fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == name).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so loading
+/// does not fail there. Harmless on newer kernels.
+fn raise_memlock_limit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid pointer to an initialised struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        log::debug!(
+            "setrlimit(RLIMIT_MEMLOCK) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_recursion_misses_from_fdinfo() {
+        let text = "pos:\t0\nflags:\t02000002\nprog_type:\t2\nrun_cnt:\t10\nrecursion_misses:\t3\nverified_insns:\t40\n";
+        assert_eq!(fdinfo_field(text, "recursion_misses"), Some(3));
+        assert_eq!(fdinfo_field(text, "run_cnt"), Some(10));
+        assert_eq!(fdinfo_field(text, "absent"), None);
+    }
+
+    #[test]
+    fn the_embedded_object_is_a_bpf_elf_with_our_program() {
+        let obj = aya_obj_parse(EBPF_OBJECT);
+        assert!(
+            obj.contains(&names::PROG_EVAL_ENTRY.to_owned()),
+            "programs: {obj:?}"
+        );
+    }
+
+    fn aya_obj_parse(bytes: &[u8]) -> Vec<String> {
+        use object::{Object, ObjectSymbol};
+        let file = object::File::parse(bytes).expect("embedded object parses");
+        assert_eq!(file.architecture(), object::Architecture::Bpf);
+        file.symbols()
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .collect()
+    }
+}

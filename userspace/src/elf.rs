@@ -1,0 +1,276 @@
+//! Reading the interpreter's ELF file: symbols and address translation.
+//!
+//! Uprobes are placed at *file offsets*, while symbols and DWARF give *virtual
+//! addresses*. The two differ for executables (non-PIE `python3.11` is linked
+//! at 0x400000) and can differ for shared objects whose segments are not
+//! offset-aligned, so every translation goes through the `PT_LOAD` program
+//! headers, never an assumption.
+
+use std::path::{Path, PathBuf};
+
+use object::{
+    Endianness, Object, ObjectSymbol, SymbolKind,
+    elf::PT_LOAD,
+    read::elf::{ElfFile64, ProgramHeader},
+};
+
+/// Errors from reading an ELF file.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a 64-bit ELF object the parser understands.
+    #[error("{path} is not a 64-bit ELF file: {source}")]
+    Parse {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: object::Error,
+    },
+    /// The symbol is in neither `.symtab` nor `.dynsym`.
+    #[error("symbol {name} not found in {path}")]
+    SymbolNotFound {
+        /// Symbol looked for.
+        name: String,
+        /// File searched.
+        path: PathBuf,
+    },
+    /// No `PT_LOAD` segment maps the virtual address from the file.
+    #[error("address {vaddr:#x} is not in any file-backed PT_LOAD segment of {path}")]
+    AddressNotMapped {
+        /// Address looked for.
+        vaddr: u64,
+        /// File searched.
+        path: PathBuf,
+    },
+}
+
+/// Which symbol table a symbol came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum SymbolSource {
+    /// `.dynsym`: exported, survives `strip`.
+    Dynsym,
+    /// `.symtab`: full table, absent from stripped builds.
+    Symtab,
+}
+
+/// A defined symbol of the ELF file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    /// Symbol name.
+    pub name: String,
+    /// Link-time virtual address (`st_value`).
+    pub vaddr: u64,
+    /// Size in bytes (`st_size`).
+    pub size: u64,
+    /// Table the symbol was found in.
+    pub source: SymbolSource,
+}
+
+/// One `PT_LOAD` segment: how a range of the file is laid out in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSegment {
+    /// `p_vaddr`.
+    pub vaddr: u64,
+    /// `p_offset`.
+    pub offset: u64,
+    /// `p_filesz`: bytes backed by the file.
+    pub filesz: u64,
+    /// `p_memsz`.
+    pub memsz: u64,
+}
+
+/// An ELF file read into memory, with its load segments indexed.
+pub struct ElfImage {
+    path: PathBuf,
+    data: Vec<u8>,
+    segments: Vec<LoadSegment>,
+}
+
+impl ElfImage {
+    /// Reads and parses `path`.
+    pub fn open(path: &Path) -> Result<Self, ElfError> {
+        let data = std::fs::read(path).map_err(|source| ElfError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_bytes(path.to_owned(), data)
+    }
+
+    /// Parses an ELF image already in memory; `path` is used in messages only.
+    pub fn from_bytes(path: PathBuf, data: Vec<u8>) -> Result<Self, ElfError> {
+        let segments = {
+            let elf = parse(&path, &data)?;
+            let endian = elf.endian();
+            elf.elf_program_headers()
+                .iter()
+                .filter(|ph| ph.p_type(endian) == PT_LOAD)
+                .map(|ph| LoadSegment {
+                    vaddr: ph.p_vaddr(endian),
+                    offset: ph.p_offset(endian),
+                    filesz: ph.p_filesz(endian),
+                    memsz: ph.p_memsz(endian),
+                })
+                .collect()
+        };
+        Ok(Self {
+            path,
+            data,
+            segments,
+        })
+    }
+
+    /// Path the image was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `PT_LOAD` segments, in file order.
+    pub fn load_segments(&self) -> &[LoadSegment] {
+        &self.segments
+    }
+
+    /// Finds a defined symbol by exact name, preferring `.dynsym` (present in
+    /// stripped builds) and falling back to `.symtab`.
+    pub fn symbol(&self, name: &str) -> Result<Symbol, ElfError> {
+        let elf = parse(&self.path, &self.data)?;
+        let tables = [
+            (SymbolSource::Dynsym, elf.dynamic_symbols()),
+            (SymbolSource::Symtab, elf.symbols()),
+        ];
+        for (source, symbols) in tables {
+            for sym in symbols {
+                if sym.is_undefined() || sym.kind() == SymbolKind::Section {
+                    continue;
+                }
+                if sym.name_bytes().ok() == Some(name.as_bytes()) {
+                    return Ok(Symbol {
+                        name: name.to_owned(),
+                        vaddr: sym.address(),
+                        size: sym.size(),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(ElfError::SymbolNotFound {
+            name: name.to_owned(),
+            path: self.path.clone(),
+        })
+    }
+
+    /// Whether the file defines `name` in either symbol table.
+    pub fn has_symbol(&self, name: &str) -> bool {
+        self.symbol(name).is_ok()
+    }
+
+    /// Translates a link-time virtual address to an offset in the file,
+    /// through the `PT_LOAD` segment that maps it.
+    pub fn vaddr_to_file_offset(&self, vaddr: u64) -> Result<u64, ElfError> {
+        vaddr_to_file_offset(&self.segments, vaddr).ok_or_else(|| ElfError::AddressNotMapped {
+            vaddr,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Bytes of the file at `offset`, if in range.
+    pub fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let start = usize::try_from(offset).ok()?;
+        self.data.get(start..start.checked_add(len)?)
+    }
+}
+
+fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<ElfFile64<'d, Endianness>, ElfError> {
+    ElfFile64::parse(data).map_err(|source| ElfError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Translates `vaddr` through `segments`; `None` if no file-backed part of a
+/// segment contains it (e.g. `.bss`).
+pub fn vaddr_to_file_offset(segments: &[LoadSegment], vaddr: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.filesz)
+        .map(|s| s.offset + (vaddr - s.vaddr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(vaddr: u64, offset: u64, filesz: u64) -> LoadSegment {
+        LoadSegment {
+            vaddr,
+            offset,
+            filesz,
+            memsz: filesz,
+        }
+    }
+
+    #[test]
+    fn translates_through_the_segment_that_maps_the_address() {
+        // Layout of a non-PIE executable: text at 0x400000 from offset 0, data
+        // segment whose vaddr and offset differ by more than the base.
+        let segs = [seg(0x400000, 0, 0x1000), seg(0x402e10, 0x1e10, 0x200)];
+        assert_eq!(vaddr_to_file_offset(&segs, 0x400000), Some(0));
+        assert_eq!(vaddr_to_file_offset(&segs, 0x400abc), Some(0xabc));
+        assert_eq!(vaddr_to_file_offset(&segs, 0x402e18), Some(0x1e18));
+        // End of the file-backed part is exclusive.
+        assert_eq!(vaddr_to_file_offset(&segs, 0x401000), None);
+        assert_eq!(vaddr_to_file_offset(&segs, 0x3fffff), None);
+    }
+
+    #[test]
+    fn memory_only_tail_of_a_segment_has_no_file_offset() {
+        let segs = [LoadSegment {
+            vaddr: 0x1000,
+            offset: 0x1000,
+            filesz: 0x100,
+            memsz: 0x800,
+        }];
+        assert_eq!(vaddr_to_file_offset(&segs, 0x10ff), Some(0x10ff));
+        assert_eq!(vaddr_to_file_offset(&segs, 0x1100), None);
+    }
+
+    #[test]
+    fn reads_symbols_of_the_running_test_binary() {
+        // Our own executable is an ELF file with a `main` symbol in .symtab;
+        // its file bytes at the translated offset must be the bytes mapped in
+        // memory at the symbol's runtime address.
+        let exe = std::env::current_exe().unwrap();
+        let image = ElfImage::open(&exe).unwrap();
+        let sym = image.symbol("main").unwrap();
+        let offset = image.vaddr_to_file_offset(sym.vaddr).unwrap();
+        let file_bytes = image.bytes_at(offset, 16).unwrap().to_vec();
+
+        let pid = std::process::id();
+        let maps = crate::process::read_maps(pid).unwrap();
+        let bias = crate::process::load_bias(&maps, &exe, &image).unwrap();
+        let live = crate::process::read_memory(std::process::id(), bias + sym.vaddr, 16).unwrap();
+        assert_eq!(file_bytes, live);
+    }
+
+    #[test]
+    fn missing_symbol_is_an_error_naming_it() {
+        let exe = std::env::current_exe().unwrap();
+        let image = ElfImage::open(&exe).unwrap();
+        let err = image.symbol("no_such_symbol_in_pyprobe").unwrap_err();
+        assert!(err.to_string().contains("no_such_symbol_in_pyprobe"), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_a_parse_error_not_a_panic() {
+        let err = ElfImage::from_bytes("junk".into(), b"\x7fELF not really".to_vec());
+        assert!(matches!(err, Err(ElfError::Parse { .. })));
+    }
+}

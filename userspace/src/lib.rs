@@ -1,0 +1,12 @@
+//! pyprobe: trace live CPython processes from the kernel with eBPF.
+//!
+//! The library half of the `pyprobe` binary, also used by the integration
+//! tests in `tests/`. See `ARCHITECTURE.md` for how an event travels from a
+//! uprobe in the target to a line of output.
+#![warn(missing_docs)]
+
+pub mod bpf;
+pub mod elf;
+pub mod entries;
+pub mod privileges;
+pub mod process;

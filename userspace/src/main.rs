@@ -1,0 +1,95 @@
+//! The `pyprobe` command line.
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use pyprobe::entries::{self, EntriesOptions};
+
+/// Trace live CPython 3.8-3.14 processes from the kernel, without stopping
+/// them or running code inside them.
+#[derive(Parser)]
+#[command(name = "pyprobe", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Count entries into the CPython eval loop (_PyEval_EvalFrameDefault), live.
+    ///
+    /// On CPython 3.8-3.10 every Python function call and generator resumption
+    /// enters the eval loop, so this counts them all. From 3.11 on, calls made
+    /// by Python code run inside the same loop and only frames started from C
+    /// are counted (callbacks from map()/sorted(key=...), C extensions, new
+    /// threads, imports).
+    ///
+    /// Cost: each counted entry traps into the kernel, about 0.5 µs on a VM
+    /// (0.3 µs on bare metal); code that does not enter the eval loop is not
+    /// slowed.
+    ///
+    /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
+    Entries {
+        /// Process to watch (repeat for several).
+        #[arg(short, long = "pid", required = true, value_name = "PID")]
+        pids: Vec<u32>,
+        /// Seconds between reports.
+        #[arg(short, long, default_value_t = 1.0, value_parser = positive_seconds)]
+        interval: f64,
+        /// Stop after this many seconds (default: until Ctrl-C or every target exits).
+        #[arg(short, long, value_parser = positive_seconds)]
+        duration: Option<f64>,
+        /// Print one JSON document per report instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` must be a positive number of seconds"))
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pyprobe: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Entries {
+                pids,
+                interval,
+                duration,
+                json,
+            } => {
+                entries::run(EntriesOptions {
+                    pids,
+                    interval: Duration::from_secs_f64(interval),
+                    duration: duration.map(Duration::from_secs_f64),
+                    json,
+                })
+                .await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pyprobe: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Finding the CPython interpreter inside a live process, from `/proc` only.
+//!
+//! A Python process runs its interpreter either from a shared `libpython3.X.so`
+//! (pyenv, most source builds) or from the executable itself (Debian's
+//! `python3.11`, statically linked libpython). The ELF file that defines
+//! `_PyEval_EvalFrameDefault` is the one pyprobe probes.
+
+use std::{
+    fs,
+    io::{self, Read, Seek, SeekFrom},
+    path::{Path, PathBuf},
+};
+
+use crate::elf::{ElfError, ElfImage, Symbol};
+
+/// The interpreter's frame-evaluation function: every frame started from C
+/// enters it (on 3.8-3.10, every Python frame does).
+pub const EVAL_FRAME_SYMBOL: &str = "_PyEval_EvalFrameDefault";
+
+/// Errors from inspecting a process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// No process has this PID.
+    #[error("no process with PID {pid}: check the PID (e.g. with `pgrep -a python`)")]
+    NoSuchProcess {
+        /// PID asked for.
+        pid: u32,
+    },
+    /// `/proc/PID/...` exists but cannot be read by us.
+    #[error(
+        "permission denied reading /proc/{pid}/{what}: run pyprobe as root (or with CAP_SYS_PTRACE)"
+    )]
+    PermissionDenied {
+        /// PID asked for.
+        pid: u32,
+        /// File under `/proc/PID` that failed.
+        what: &'static str,
+    },
+    /// Reading `/proc/PID/...` failed for another reason.
+    #[error("cannot read /proc/{pid}/{what}: {source}")]
+    Io {
+        /// PID asked for.
+        pid: u32,
+        /// File under `/proc/PID` that failed.
+        what: &'static str,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Nothing mapped in the process defines `_PyEval_EvalFrameDefault`.
+    #[error(
+        "PID {pid} ({exe}) is not a Python process: no mapped file defines {EVAL_FRAME_SYMBOL}; \
+         pass the PID of a CPython 3.8-3.14 process"
+    )]
+    NotPython {
+        /// PID asked for.
+        pid: u32,
+        /// The process's executable, for the message.
+        exe: String,
+    },
+    /// The interpreter's ELF file could not be used.
+    #[error("PID {pid}: {source}")]
+    Elf {
+        /// PID asked for.
+        pid: u32,
+        /// Underlying error.
+        #[source]
+        source: ElfError,
+    },
+    /// The interpreter file is mapped, but not where its ELF headers say.
+    #[error("PID {pid}: cannot find where {path} is loaded in /proc/{pid}/maps")]
+    NoLoadBias {
+        /// PID asked for.
+        pid: u32,
+        /// ELF file.
+        path: PathBuf,
+    },
+}
+
+impl ProcessError {
+    fn from_io(pid: u32, what: &'static str, source: io::Error) -> Self {
+        match source.kind() {
+            io::ErrorKind::NotFound => ProcessError::NoSuchProcess { pid },
+            io::ErrorKind::PermissionDenied => ProcessError::PermissionDenied { pid, what },
+            _ => match source.raw_os_error() {
+                // ESRCH: the process exited while we read it.
+                Some(libc::ESRCH) => ProcessError::NoSuchProcess { pid },
+                _ => ProcessError::Io { pid, what, source },
+            },
+        }
+    }
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Start address (inclusive).
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// Permission string, e.g. `r-xp`.
+    pub perms: String,
+    /// Offset in the mapped file.
+    pub offset: u64,
+    /// Inode of the mapped file (0 for anonymous mappings).
+    pub inode: u64,
+    /// Path of the mapped file, or pseudo-name like `[heap]`; `None` if
+    /// anonymous.
+    pub path: Option<String>,
+}
+
+/// Parses the text of `/proc/PID/maps`; malformed lines are skipped.
+pub fn parse_maps(text: &str) -> Vec<MapEntry> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Option<MapEntry> {
+    // start-end perms offset dev inode [path, which may contain spaces]
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?.to_owned();
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let _dev = fields.next()?;
+    let inode = fields.next()?.parse().ok()?;
+    let path = fields
+        .next()
+        .map(str::trim_start)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned);
+    Some(MapEntry {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        perms,
+        offset,
+        inode,
+        path,
+    })
+}
+
+/// Reads and parses `/proc/PID/maps`.
+pub fn read_maps(pid: u32) -> Result<Vec<MapEntry>, ProcessError> {
+    let text = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| ProcessError::from_io(pid, "maps", e))?;
+    Ok(parse_maps(&text))
+}
+
+/// Reads `len` bytes at `addr` from the memory of process `pid`.
+pub fn read_memory(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, ProcessError> {
+    let mut file = fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| ProcessError::from_io(pid, "mem", e))?;
+    let mut buf = vec![0; len];
+    file.seek(SeekFrom::Start(addr))
+        .and_then(|_| file.read_exact(&mut buf))
+        .map_err(|e| ProcessError::from_io(pid, "mem", e))?;
+    Ok(buf)
+}
+
+/// Computes the load bias of `image` (mapped from `path`) in a process: the
+/// value to add to a link-time virtual address to get the runtime address.
+///
+/// Uses the mapping of the file's first page (offset 0), which holds the
+/// first `PT_LOAD` segment.
+pub fn load_bias(maps: &[MapEntry], path: &Path, image: &ElfImage) -> Option<u64> {
+    let first = image.load_segments().iter().min_by_key(|s| s.offset)?;
+    let page = 4096;
+    let first_vaddr = first.vaddr & !(page - 1);
+    let first_offset = first.offset & !(page - 1);
+    let wanted = path.to_str()?;
+    maps.iter()
+        .find(|m| m.path.as_deref() == Some(wanted) && m.offset == first_offset)
+        .map(|m| m.start.wrapping_sub(first_vaddr))
+}
+
+/// How the interpreter is linked into the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Linkage {
+    /// Interpreter in a shared `libpython*.so`.
+    SharedLibrary,
+    /// Interpreter linked into the executable.
+    Executable,
+}
+
+/// The interpreter of a live Python process, as found from `/proc`.
+#[derive(Debug, Clone)]
+pub struct Interpreter {
+    /// Process ID.
+    pub pid: u32,
+    /// Path of the ELF file holding the interpreter, as the process sees it.
+    pub binary: PathBuf,
+    /// The same file reached from our mount namespace (`/proc/PID/root/...`),
+    /// so processes in containers work too.
+    pub host_path: PathBuf,
+    /// Shared library or executable.
+    pub linkage: Linkage,
+    /// Runtime address minus link-time address for this file.
+    pub load_bias: u64,
+    /// `_PyEval_EvalFrameDefault` in that file.
+    pub eval_frame: Symbol,
+    /// File offset of `_PyEval_EvalFrameDefault`, where uprobes attach.
+    pub eval_frame_offset: u64,
+}
+
+/// Finds the CPython interpreter of process `pid`: the executable or a mapped
+/// `libpython*` that defines `_PyEval_EvalFrameDefault`.
+pub fn find_interpreter(pid: u32) -> Result<Interpreter, ProcessError> {
+    let maps = read_maps(pid)?;
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(|e| ProcessError::from_io(pid, "exe", e))?;
+    let exe_str = exe.to_string_lossy().into_owned();
+
+    // The executable first (static builds), then any mapped libpython.
+    let mut candidates: Vec<(String, Linkage)> = vec![(exe_str.clone(), Linkage::Executable)];
+    for m in &maps {
+        if let Some(path) = &m.path {
+            let name = path.rsplit('/').next().unwrap_or(path);
+            if name.starts_with("libpython")
+                && name.contains(".so")
+                && !candidates.iter().any(|(p, _)| p == path)
+            {
+                candidates.push((path.clone(), Linkage::SharedLibrary));
+            }
+        }
+    }
+
+    for (path, linkage) in candidates {
+        // A file replaced on disk shows as "path (deleted)"; it cannot be
+        // probed by path.
+        if path.ends_with(" (deleted)") {
+            continue;
+        }
+        let host_path = host_view(pid, Path::new(&path));
+        let image = match ElfImage::open(&host_path) {
+            Ok(image) => image,
+            Err(ElfError::Parse { .. }) => continue,
+            Err(ElfError::Io { source, .. }) => {
+                return Err(ProcessError::from_io(pid, "root", source));
+            }
+            Err(source) => return Err(ProcessError::Elf { pid, source }),
+        };
+        let Ok(eval_frame) = image.symbol(EVAL_FRAME_SYMBOL) else {
+            continue;
+        };
+        let eval_frame_offset = image
+            .vaddr_to_file_offset(eval_frame.vaddr)
+            .map_err(|source| ProcessError::Elf { pid, source })?;
+        let binary = PathBuf::from(&path);
+        let load_bias =
+            load_bias(&maps, &binary, &image).ok_or_else(|| ProcessError::NoLoadBias {
+                pid,
+                path: binary.clone(),
+            })?;
+        return Ok(Interpreter {
+            pid,
+            binary,
+            host_path,
+            linkage,
+            load_bias,
+            eval_frame,
+            eval_frame_offset,
+        });
+    }
+    Err(ProcessError::NotPython { pid, exe: exe_str })
+}
+
+/// The path under `/proc/PID/root` that reaches `path` as process `pid` sees
+/// it, or `path` itself when we share the process's root.
+fn host_view(pid: u32, path: &Path) -> PathBuf {
+    let same_root = fs::read_link(format!("/proc/{pid}/root")).ok() == Some(PathBuf::from("/"))
+        && fs::read_link("/proc/self/root").ok() == Some(PathBuf::from("/"));
+    if same_root {
+        path.to_owned()
+    } else {
+        Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines_with_and_without_paths() {
+        let text = "\
+00400000-00423000 r--p 00000000 fe:01 1835106                    /usr/bin/python3.11
+7f1c2a000000-7f1c2a021000 rw-p 00000000 00:00 0 \n\
+7ffd1b1c4000-7ffd1b1e5000 rw-p 00000000 00:00 0                  [stack]
+7f00 garbage line
+7f1c2b000000-7f1c2b200000 r-xp 00096000 fe:01 42                 /opt/my python/libpython3.12.so.1.0
+";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 4);
+        assert_eq!(maps[0].start, 0x400000);
+        assert_eq!(maps[0].end, 0x423000);
+        assert_eq!(maps[0].inode, 1835106);
+        assert_eq!(maps[0].path.as_deref(), Some("/usr/bin/python3.11"));
+        assert_eq!(maps[1].path, None);
+        assert_eq!(maps[2].path.as_deref(), Some("[stack]"));
+        assert_eq!(maps[3].perms, "r-xp");
+        assert_eq!(maps[3].offset, 0x96000);
+        assert_eq!(
+            maps[3].path.as_deref(),
+            Some("/opt/my python/libpython3.12.so.1.0")
+        );
+    }
+
+    #[test]
+    fn unknown_pid_is_no_such_process() {
+        // PIDs above pid_max (at most 2^22) never exist.
+        let err = find_interpreter(99_999_999).unwrap_err();
+        assert!(matches!(err, ProcessError::NoSuchProcess { pid: 99_999_999 }));
+        assert!(err.to_string().contains("no process with PID 99999999"));
+    }
+
+    #[test]
+    fn a_non_python_process_is_reported_as_such() {
+        // The test binary itself is not Python.
+        let err = find_interpreter(std::process::id()).unwrap_err();
+        assert!(
+            matches!(err, ProcessError::NotPython { .. }),
+            "unexpected: {err}"
+        );
+        assert!(err.to_string().contains("is not a Python process"));
+    }
+}
