@@ -265,7 +265,10 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         let image = ElfImage::open(&exe).unwrap();
         let err = image.symbol("no_such_symbol_in_pyprobe").unwrap_err();
-        assert!(err.to_string().contains("no_such_symbol_in_pyprobe"), "{err}");
+        assert!(
+            err.to_string().contains("no_such_symbol_in_pyprobe"),
+            "{err}"
+        );
     }
 
     #[test]

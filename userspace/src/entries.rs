@@ -123,11 +123,7 @@ struct Reporter {
 }
 
 impl Reporter {
-    fn report(
-        &mut self,
-        counter: &EvalEntryCounter,
-        kind: &'static str,
-    ) -> anyhow::Result<Report> {
+    fn report(&mut self, counter: &EvalEntryCounter, kind: &'static str) -> anyhow::Result<Report> {
         let now = Instant::now();
         let counts = counter.counts()?;
         let interval = now.duration_since(self.last_at).as_secs_f64();
@@ -214,10 +210,8 @@ pub async fn run(opts: EntriesOptions) -> anyhow::Result<()> {
         last_at: started,
         last: BTreeMap::new(),
     };
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + opts.interval,
-        opts.interval,
-    );
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
     let deadline = async {
         match opts.duration {
             Some(d) => tokio::time::sleep(d).await,

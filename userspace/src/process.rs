@@ -308,7 +308,10 @@ mod tests {
     fn unknown_pid_is_no_such_process() {
         // PIDs above pid_max (at most 2^22) never exist.
         let err = find_interpreter(99_999_999).unwrap_err();
-        assert!(matches!(err, ProcessError::NoSuchProcess { pid: 99_999_999 }));
+        assert!(matches!(
+            err,
+            ProcessError::NoSuchProcess { pid: 99_999_999 }
+        ));
         assert!(err.to_string().contains("no process with PID 99999999"));
     }
 

@@ -1,0 +1,188 @@
+//! The `pyprobe` binary as a user runs it: live output, Ctrl-C, JSON, and
+//! one-line errors with a non-zero exit for bad input.
+//!
+//! Needs root (run through `cargo xtask test`).
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context, bail, ensure};
+use pyprobe_tests::{Fixture, for_each_interpreter, pyprobe_bin};
+
+#[test]
+fn entries_json_total_is_exact_and_ctrl_c_prints_it() {
+    for_each_interpreter(
+        "entries_json_total_is_exact_and_ctrl_c_prints_it",
+        |interp| {
+            let mut fixture = Fixture::start(interp, "map_calls.py", &[])?;
+            let mut probe = Command::new(pyprobe_bin())
+                .args(["entries", "--json", "--interval", "0.2", "--pid"])
+                .arg(fixture.pid().to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting pyprobe")?;
+            // Wait for pyprobe to say it is attached before the fixture calls.
+            let stderr = probe.stderr.take().unwrap();
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            let attached = rx
+                .recv_timeout(Duration::from_secs(30))
+                .context("pyprobe printed nothing on stderr")?;
+            ensure!(
+                attached.contains("attached to PID"),
+                "unexpected: {attached}"
+            );
+
+            fixture.call("2500", "done 2500")?;
+            // Let at least one interval report pass, then Ctrl-C.
+            thread::sleep(Duration::from_millis(500));
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
+            let out = probe.wait_with_output()?;
+            ensure!(out.status.success(), "pyprobe exited with {:?}", out.status);
+            let stdout = String::from_utf8(out.stdout)?;
+            let docs: Vec<serde_json::Value> = stdout
+                .lines()
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()
+                .context("every stdout line is one JSON document")?;
+            ensure!(
+                docs.len() >= 2,
+                "expected interval reports and a final one: {stdout}"
+            );
+            let last = docs.last().unwrap();
+            ensure!(
+                last["kind"] == "final",
+                "last document is not final: {last}"
+            );
+            ensure!(
+                docs[..docs.len() - 1]
+                    .iter()
+                    .all(|d| d["kind"] == "interval"),
+                "{stdout}"
+            );
+            let row = &last["processes"][0];
+            ensure!(row["pid"] == fixture.pid(), "{row}");
+            ensure!(row["entries"] == 2500, "final total is not 2500: {row}");
+            ensure!(
+                last["lost"]["map_full"] == 0 && last["lost"]["recursion_misses"] == 0,
+                "{last}"
+            );
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn entries_table_stops_when_the_target_exits() {
+    let found = pyprobe_tests::discover();
+    let interp = &found.supported[0];
+    let mut fixture = Fixture::start(interp, "map_calls.py", &[]).unwrap();
+    let pid = fixture.pid();
+    let probe = Command::new(pyprobe_bin())
+        .args(["entries", "--interval", "0.2", "--pid", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(700));
+    fixture.call("321", "done 321").unwrap();
+    fixture.send("quit").unwrap();
+    let out = probe.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("every target process has exited"),
+        "{stderr}"
+    );
+    let final_part = stdout.split("final totals").nth(1).expect(&stdout);
+    let row = final_part
+        .lines()
+        .find(|l| l.contains(&pid.to_string()))
+        .expect(final_part);
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert_eq!(cells[0], pid.to_string(), "{row}");
+    assert_eq!(cells[2], "321", "{row}");
+    assert!(cells[3].ends_with("(exited)"), "{row}");
+}
+
+/// Runs pyprobe with `args`; returns (exit code, stderr).
+fn run_pyprobe(args: &[&str], as_nobody: bool) -> (i32, String) {
+    let mut cmd = Command::new(pyprobe_bin());
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    if as_nobody {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().expect("run pyprobe");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_one_line_error(
+    args: &[&str],
+    as_nobody: bool,
+    code: i32,
+    needle: &str,
+) -> anyhow::Result<()> {
+    let (status, stderr) = run_pyprobe(args, as_nobody);
+    if status != code {
+        bail!("pyprobe {args:?}: exit {status}, expected {code}; stderr: {stderr}");
+    }
+    ensure!(stderr.lines().count() == 1, "not one line: {stderr:?}");
+    ensure!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_gets_one_line_errors_and_nonzero_exit() {
+    assert_one_line_error(
+        &["entries", "--pid", "99999999"],
+        false,
+        1,
+        "no process with PID 99999999",
+    )
+    .unwrap();
+
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let result = assert_one_line_error(
+        &["entries", "--pid", &pid],
+        false,
+        1,
+        "is not a Python process",
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    result.unwrap();
+
+    // Without privileges: refused before touching the kernel, saying what to do.
+    let found = pyprobe_tests::discover();
+    let fixture = Fixture::start(&found.supported[0], "map_calls.py", &[]).unwrap();
+    let pid = fixture.pid().to_string();
+    let (status, stderr) = run_pyprobe(&["entries", "--pid", &pid], true);
+    assert_eq!(status, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("run pyprobe as root") || stderr.contains("run it with sudo"),
+        "{stderr}"
+    );
+
+    // Usage errors are clap's: exit code 2.
+    let (status, stderr) = run_pyprobe(&["entries", "--pid", "1", "--interval", "0"], false);
+    assert_eq!(status, 2, "{stderr}");
+    assert!(stderr.contains("--interval"), "{stderr}");
+}
