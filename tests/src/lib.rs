@@ -146,6 +146,7 @@ pub fn discover() -> Discovery {
             });
         }
     }
+    found.sort_by_key(|i| (i.version, i.origin == Origin::System));
     let (supported, unsupported) = found.into_iter().partition(Interpreter::supported);
     Discovery {
         supported,

@@ -1,1 +1,62 @@
-fn main() {}
+//! `cargo xtask`: pyprobe's developer tasks. Runs on stable Rust.
+//!
+//! - `setup`: installs what building pyprobe needs (nightly `rust-src`,
+//!   `bpf-linker` built against rustc's own LLVM), idempotently.
+//! - `test`: setup, lint, unprivileged tests, then the privileged
+//!   integration tests as root, and a summary naming every interpreter.
+//! - `demo`: setup, build, run pyprobe against a bundled fixture.
+
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "pyprobe developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing to build pyprobe (idempotent; minutes the first time, seconds after).
+    Setup,
+    /// Set up, lint, run the unprivileged tests, then the privileged integration tests (needs root).
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only run privileged tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Set up, build, and run pyprobe against a live demo fixture.
+    Demo {
+        /// Python interpreter to run the fixture with (default: the system python3).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Seconds to watch the fixture.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::setup().map(|_| ()),
+        Task::Test { no_lint, filter } => test::test(!no_lint, filter.as_deref()),
+        Task::Demo { python, duration } => demo::demo(python, duration),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

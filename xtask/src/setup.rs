@@ -1,0 +1,226 @@
+//! `cargo xtask setup`: installs what building pyprobe needs, idempotently.
+//!
+//! 1. The nightly toolchain with `rust-src` (the eBPF crate is built with
+//!    `-Z build-std=core` for `bpfel-unknown-none`).
+//! 2. `bpf-linker` 0.13, built against the LLVM that nightly rustc itself
+//!    ships (`cargo install bpf-linker` with default features wants a system
+//!    LLVM this machine does not have). The LLVM library is copied out of the
+//!    rustup tree, which rustup prunes on updates, into
+//!    `~/.local/share/pyprobe/`, and the linker is linked against that copy.
+//!
+//! A stamp file records what was built; a second run only checks and takes
+//! seconds.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, bail};
+
+use crate::util::{self, cargo_home, home, run, stdout_of};
+
+/// bpf-linker version known to work with aya 0.14 and LLVM 22 here.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// LLVM majors bpf-linker 0.13 has a feature for.
+const SUPPORTED_LLVM: &[u32] = &[20, 21, 22];
+
+/// Runs every step; returns the wall time it took.
+pub fn setup() -> anyhow::Result<f64> {
+    let started = Instant::now();
+    println!(
+        "xtask setup: checking the build toolchain (first run builds bpf-linker: a few minutes)"
+    );
+    step("nightly toolchain", ensure_nightly)?;
+    step("nightly rust-src", ensure_rust_src)?;
+    step("bpf-linker", ensure_bpf_linker)?;
+    let secs = started.elapsed().as_secs_f64();
+    println!("xtask setup: done in {secs:.1}s");
+    Ok(secs)
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let what = f().with_context(|| format!("setup step `{name}`"))?;
+    println!(
+        "  {name:<18} {what} ({:.1}s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn rustup() -> Command {
+    Command::new("rustup")
+}
+
+fn ensure_nightly() -> anyhow::Result<String> {
+    let list = stdout_of(rustup().args(["toolchain", "list"]))
+        .context("rustup is required (https://rustup.rs)")?;
+    if list.lines().any(|l| l.starts_with("nightly")) {
+        return Ok("present".into());
+    }
+    println!("  installing the nightly toolchain (minimal profile)...");
+    run(rustup().args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))?;
+    Ok("installed".into())
+}
+
+fn ensure_rust_src() -> anyhow::Result<String> {
+    let installed =
+        stdout_of(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok("present".into());
+    }
+    run(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    Ok("installed".into())
+}
+
+/// What the nightly toolchain's LLVM is.
+struct NightlyLlvm {
+    major: u32,
+    /// The real shared library in the nightly sysroot, e.g.
+    /// `libLLVM.so.22.1-rust-1.97.0-nightly`.
+    library: PathBuf,
+}
+
+fn nightly_llvm() -> anyhow::Result<NightlyLlvm> {
+    let version = stdout_of(rustup().args(["run", "nightly", "rustc", "-vV"]))?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .context("`rustc +nightly -vV` reports no LLVM version")?
+        .trim()
+        .to_owned();
+    let major: u32 = llvm
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot parse LLVM version {llvm}"))?;
+    let sysroot = stdout_of(rustup().args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let lib_dir = Path::new(sysroot.trim()).join("lib");
+    // The real library is libLLVM.so.<ver>-rust-<ver>; libLLVM-NN-rust-*.so
+    // is only a linker script.
+    let library = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib_dir.display()))?;
+    Ok(NightlyLlvm { major, library })
+}
+
+fn data_dir() -> anyhow::Result<PathBuf> {
+    Ok(match std::env::var_os("XDG_DATA_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => home()?.join(".local").join("share"),
+    }
+    .join("pyprobe"))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<String> {
+    let llvm = nightly_llvm()?;
+    if !SUPPORTED_LLVM.contains(&llvm.major) {
+        bail!(
+            "nightly rustc uses LLVM {}, but bpf-linker {BPF_LINKER_VERSION} supports LLVM {:?}; \
+             install a nightly with one of those",
+            llvm.major,
+            SUPPORTED_LLVM
+        );
+    }
+    let lib_name = llvm
+        .library
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("LLVM library name")?
+        .to_owned();
+    let prefix = data_dir()?.join("llvm").join(&lib_name);
+    let stamp_path = data_dir()?.join("bpf-linker.stamp");
+    let stamp = format!(
+        "bpf-linker {BPF_LINKER_VERSION} llvm-{} {lib_name}\n",
+        llvm.major
+    );
+    let linker = cargo_home()?.join("bin").join("bpf-linker");
+
+    let stamp_ok = std::fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str());
+    let lib_ok = prefix.join("lib").join(&lib_name).is_file();
+    if stamp_ok && lib_ok && linker_runs(&linker) {
+        return Ok(format!(
+            "{BPF_LINKER_VERSION} (LLVM {}) present",
+            llvm.major
+        ));
+    }
+
+    // Copy rustc's LLVM out of the rustup tree (rustup removes it on update).
+    let lib_dir = prefix.join("lib");
+    if !lib_ok {
+        std::fs::create_dir_all(&lib_dir)?;
+        let tmp = lib_dir.join(format!("{lib_name}.tmp"));
+        std::fs::copy(&llvm.library, &tmp)
+            .with_context(|| format!("copying {}", llvm.library.display()))?;
+        std::fs::rename(&tmp, lib_dir.join(&lib_name))?;
+    }
+    let link = lib_dir.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&lib_name, &link)?;
+
+    println!(
+        "  building bpf-linker {BPF_LINKER_VERSION} against rustc's LLVM {} (about a minute)...",
+        llvm.major
+    );
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+        "--force",
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{}", llvm.major),
+    ])
+    .env("LLVM_PREFIX", &prefix)
+    // Build with the default toolchain even if xtask runs under another.
+    .env_remove("RUSTUP_TOOLCHAIN")
+    .env_remove("CARGO_TARGET_DIR");
+    let log = data_dir()?.join("bpf-linker-build.log");
+    let out = util::output(&mut cmd)?;
+    std::fs::write(&log, [&out.stdout[..], &out.stderr[..]].concat())?;
+    if !out.status.success() {
+        bail!(
+            "building bpf-linker failed ({}); full log in {}",
+            out.status,
+            log.display()
+        );
+    }
+    if !linker_runs(&linker) {
+        bail!(
+            "{} was installed but does not run; log in {}",
+            linker.display(),
+            log.display()
+        );
+    }
+    std::fs::write(&stamp_path, stamp)?;
+    Ok(format!("{BPF_LINKER_VERSION} (LLVM {}) built", llvm.major))
+}
+
+fn linker_runs(linker: &Path) -> bool {
+    Command::new(linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
