@@ -6,7 +6,7 @@
 use std::{
     io::{BufRead, BufReader},
     os::unix::process::CommandExt,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
@@ -15,43 +15,65 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use pyprobe_tests::{Fixture, for_each_interpreter, pyprobe_bin};
 
+/// A running `pyprobe` whose stderr is read line by line on a thread.
+struct Probe {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Probe {
+    /// Starts `pyprobe args...` and waits until it says it is attached, so
+    /// everything the fixture does afterwards is counted.
+    fn attach(args: &[&str]) -> anyhow::Result<Probe> {
+        let mut child = Command::new(pyprobe_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pyprobe")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let probe = Probe { child, stderr: rx };
+        let first = probe
+            .stderr
+            .recv_timeout(Duration::from_secs(30))
+            .context("pyprobe printed nothing on stderr")?;
+        ensure!(first.contains("attached to PID"), "unexpected: {first}");
+        Ok(probe)
+    }
+
+    /// Waits for pyprobe to exit; returns (success, stdout, rest of stderr).
+    fn finish(self) -> anyhow::Result<(bool, String, String)> {
+        let out = self.child.wait_with_output()?;
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            stderr.join("\n"),
+        ))
+    }
+}
+
 #[test]
 fn entries_json_total_is_exact_and_ctrl_c_prints_it() {
     for_each_interpreter(
         "entries_json_total_is_exact_and_ctrl_c_prints_it",
         |interp| {
             let mut fixture = Fixture::start(interp, "map_calls.py", &[])?;
-            let mut probe = Command::new(pyprobe_bin())
-                .args(["entries", "--json", "--interval", "0.2", "--pid"])
-                .arg(fixture.pid().to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting pyprobe")?;
-            // Wait for pyprobe to say it is attached before the fixture calls.
-            let stderr = probe.stderr.take().unwrap();
-            let (tx, rx) = mpsc::channel();
-            thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-            let attached = rx
-                .recv_timeout(Duration::from_secs(30))
-                .context("pyprobe printed nothing on stderr")?;
-            ensure!(
-                attached.contains("attached to PID"),
-                "unexpected: {attached}"
-            );
-
+            let pid = fixture.pid().to_string();
+            let probe = Probe::attach(&["entries", "--json", "--interval", "0.2", "--pid", &pid])?;
             fixture.call("2500", "done 2500")?;
             // Let at least one interval report pass, then Ctrl-C.
             thread::sleep(Duration::from_millis(500));
             // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
-            let out = probe.wait_with_output()?;
-            ensure!(out.status.success(), "pyprobe exited with {:?}", out.status);
-            let stdout = String::from_utf8(out.stdout)?;
+            unsafe { libc::kill(probe.child.id() as i32, libc::SIGINT) };
+            let (ok, stdout, stderr) = probe.finish()?;
+            ensure!(ok, "pyprobe failed: {stderr}");
             let docs: Vec<serde_json::Value> = stdout
                 .lines()
                 .map(serde_json::from_str)
@@ -89,20 +111,12 @@ fn entries_table_stops_when_the_target_exits() {
     let found = pyprobe_tests::discover();
     let interp = &found.supported[0];
     let mut fixture = Fixture::start(interp, "map_calls.py", &[]).unwrap();
-    let pid = fixture.pid();
-    let probe = Command::new(pyprobe_bin())
-        .args(["entries", "--interval", "0.2", "--pid", &pid.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    thread::sleep(Duration::from_millis(700));
+    let pid = fixture.pid().to_string();
+    let probe = Probe::attach(&["entries", "--interval", "0.2", "--pid", &pid]).unwrap();
     fixture.call("321", "done 321").unwrap();
     fixture.send("quit").unwrap();
-    let out = probe.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (ok, stdout, stderr) = probe.finish().unwrap();
+    assert!(ok, "{stderr}");
     assert!(
         stderr.contains("every target process has exited"),
         "{stderr}"
@@ -110,10 +124,10 @@ fn entries_table_stops_when_the_target_exits() {
     let final_part = stdout.split("final totals").nth(1).expect(&stdout);
     let row = final_part
         .lines()
-        .find(|l| l.contains(&pid.to_string()))
+        .find(|l| l.contains(&pid))
         .expect(final_part);
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    assert_eq!(cells[0], pid.to_string(), "{row}");
+    assert_eq!(cells[0], pid, "{row}");
     assert_eq!(cells[2], "321", "{row}");
     assert!(cells[3].ends_with("(exited)"), "{row}");
 }
