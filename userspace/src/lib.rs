@@ -10,3 +10,4 @@ pub mod elf;
 pub mod entries;
 pub mod privileges;
 pub mod process;
+pub mod python;
