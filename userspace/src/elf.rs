@@ -181,6 +181,11 @@ impl ElfImage {
         })
     }
 
+    /// The whole file.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Bytes of the file at `offset`, if in range.
     pub fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let start = usize::try_from(offset).ok()?;

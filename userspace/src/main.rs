@@ -3,7 +3,11 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use pyprobe::entries::{self, EntriesOptions};
+use pyprobe::{
+    dump::{self, DumpOptions},
+    entries::{self, EntriesOptions},
+    python::values::Bounds,
+};
 
 /// Trace live CPython 3.8-3.14 processes from the kernel, without stopping
 /// them or running code inside them.
@@ -16,6 +20,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print every thread's Python stack of a running process, like `py-spy dump`.
+    ///
+    /// Reads the process's memory from outside (/proc/PID/mem): the target is
+    /// not stopped and none of its code runs. Values of locals are decoded
+    /// from raw memory (None, bool, int, float, str, bytes, tuple, list,
+    /// dict; other objects show as <type at address>), bounded in size, and
+    /// names that look secret (password, token, key, ...) are redacted.
+    ///
+    /// Needs root or CAP_SYS_PTRACE.
+    Dump {
+        /// Process to read.
+        #[arg(short, long)]
+        pid: u32,
+        /// Also show arguments and local variables.
+        #[arg(short, long)]
+        locals: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Show values of secret-looking names instead of <redacted>.
+        #[arg(long)]
+        no_redact: bool,
+        /// Save the memory that was read to this file (for offline tests).
+        #[arg(long, hide = true, value_name = "FILE")]
+        save_snapshot: Option<std::path::PathBuf>,
+    },
     /// Count entries into the CPython eval loop (_PyEval_EvalFrameDefault), live.
     ///
     /// On CPython 3.8-3.10 every Python function call and generator resumption
@@ -69,6 +99,22 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Dump {
+                pid,
+                locals,
+                json,
+                no_redact,
+                save_snapshot,
+            } => dump::run(&DumpOptions {
+                pid,
+                locals,
+                json,
+                bounds: Bounds {
+                    redact: !no_redact,
+                    ..Bounds::default()
+                },
+                save_snapshot,
+            }),
             Command::Entries {
                 pids,
                 interval,

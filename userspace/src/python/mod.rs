@@ -3,3 +3,8 @@
 
 pub mod dwarf;
 pub mod linetable;
+pub mod memory;
+pub mod offsets;
+pub mod reader;
+pub mod values;
+pub mod version;
