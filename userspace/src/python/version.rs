@@ -102,6 +102,23 @@ pub fn detect(image: &ElfImage) -> Result<PythonVersion, VersionError> {
             9
         } else if image.has_symbol("PyVectorcall_Call") {
             8
+        } else if image.has_symbol("Py_GetVersion") {
+            // A CPython older than 3.8: name it if its version string says.
+            let old = (0..8)
+                .find_map(|minor| find_micro(image.data(), minor).map(|micro| (minor, micro)));
+            return Err(match old {
+                Some((minor, micro)) => VersionError::Unsupported {
+                    version: PythonVersion {
+                        major: 3,
+                        minor,
+                        micro: Some(micro),
+                        hex: None,
+                    },
+                },
+                None => VersionError::Unknown {
+                    path: image.path().display().to_string(),
+                },
+            });
         } else {
             return Err(VersionError::Unknown {
                 path: image.path().display().to_string(),
