@@ -255,3 +255,41 @@ fn dump_errors_say_what_to_do() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Regenerates `userspace/tests/data/snapshots/`: for every interpreter, the
+/// memory `pyprobe dump --locals` read from the parked `stacks.py` fixture,
+/// and the stacks the fixture itself reported at the same moment. The
+/// userspace unit tests replay them without root. Run through
+/// `cargo xtask snapshots`.
+#[test]
+#[ignore = "writes test data; run by `cargo xtask snapshots`"]
+fn save_snapshots_for_offline_tests() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../userspace/tests/data/snapshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    for_each_interpreter("save_snapshots_for_offline_tests", |interp| {
+        let mut fixture = Fixture::start(interp, "stacks.py", &[])?;
+        let frames = fixture.call("frames", "{")?;
+        let slug: String = interp
+            .label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .trim_matches('-')
+            .replace("--", "-");
+        let snapshot = dir.join(format!("{slug}.snapshot.json"));
+        dump::read(&DumpOptions {
+            save_snapshot: Some(snapshot.clone()),
+            ..options(fixture.pid(), true)
+        })?;
+        std::fs::write(dir.join(format!("{slug}.frames.json")), frames)?;
+        eprintln!("wrote {}", snapshot.display());
+        Ok(())
+    });
+}

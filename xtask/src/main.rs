@@ -34,6 +34,8 @@ enum Task {
         /// Only run privileged tests whose name contains this.
         filter: Option<String>,
     },
+    /// Regenerate the memory snapshots the offline tests replay (needs root).
+    Snapshots,
     /// Set up, build, and run pyprobe against a live demo fixture.
     Demo {
         /// Python interpreter to run the fixture with (default: the system python3).
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup().map(|_| ()),
         Task::Test { no_lint, filter } => test::test(!no_lint, filter.as_deref()),
         Task::Demo { python, duration } => demo::demo(python, duration),
+        Task::Snapshots => test::snapshots(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -159,6 +159,26 @@ pub fn test(lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Regenerates `userspace/tests/data/snapshots` from live fixtures.
+pub fn snapshots() -> anyhow::Result<()> {
+    setup::setup()?;
+    if let Some(reason) = privileged_blocker() {
+        bail!("cannot take snapshots: {reason}");
+    }
+    run(cargo()?.args([
+        "test",
+        "-p",
+        "pyprobe-tests",
+        "--test",
+        "dump",
+        "--",
+        "--ignored",
+        "--exact",
+        "save_snapshots_for_offline_tests",
+        "--nocapture",
+    ]))
+}
+
 /// Prints, per interpreter, how many per-interpreter tests passed on it;
 /// returns how many supported interpreters were covered.
 fn print_coverage(path: &Path) -> anyhow::Result<usize> {

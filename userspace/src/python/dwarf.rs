@@ -446,37 +446,42 @@ impl DwarfInfo {
             let UnitSectionOffset::DebugInfoOffset(start) = header.offset() else {
                 continue;
             };
-            if let Some(signature) = unit_signature(&header, &mut skeletons) {
-                let unit = dwarf.unit(header)?;
-                let idx = units.len();
-                info_units.push((start.0, idx));
-                index_unit(&dwarf, &unit, idx, Some(start.0), &mut index)?;
-                if let Some((sig, offset)) = signature {
-                    index
-                        .signatures
-                        .entry(sig)
-                        .or_insert(DieRef { unit: idx, offset });
-                }
-                if unit.dwo_id.is_some() {
-                    skeletons += 1;
-                }
-                units.push(unit);
+            let UnitRole::Index(signature) = unit_role(&header) else {
+                skeletons += 1;
+                continue;
+            };
+            let unit = dwarf.unit(header)?;
+            let idx = units.len();
+            info_units.push((start.0, idx));
+            index_unit(&dwarf, &unit, idx, Some(start.0), &mut index)?;
+            if let Some((sig, offset)) = signature {
+                index
+                    .signatures
+                    .entry(sig)
+                    .or_insert(DieRef { unit: idx, offset });
             }
+            if unit.dwo_id.is_some() {
+                // GNU split-DWARF extension to DWARF 4: a skeleton compile unit.
+                skeletons += 1;
+            }
+            units.push(unit);
         }
         let mut type_headers = dwarf.type_units();
         while let Some(header) = type_headers.next()? {
-            if let Some(signature) = unit_signature(&header, &mut skeletons) {
-                let unit = dwarf.unit(header)?;
-                let idx = units.len();
-                index_unit(&dwarf, &unit, idx, None, &mut index)?;
-                if let Some((sig, offset)) = signature {
-                    index
-                        .signatures
-                        .entry(sig)
-                        .or_insert(DieRef { unit: idx, offset });
-                }
-                units.push(unit);
+            let UnitRole::Index(signature) = unit_role(&header) else {
+                skeletons += 1;
+                continue;
+            };
+            let unit = dwarf.unit(header)?;
+            let idx = units.len();
+            index_unit(&dwarf, &unit, idx, None, &mut index)?;
+            if let Some((sig, offset)) = signature {
+                index
+                    .signatures
+                    .entry(sig)
+                    .or_insert(DieRef { unit: idx, offset });
             }
+            units.push(unit);
         }
 
         let no_types = index.tags.is_empty() && index.typedefs.is_empty();
@@ -936,22 +941,24 @@ fn load_section(
     Ok(SectionReader::new(Arc::from(data.as_ref()), endian))
 }
 
-/// `Some(type signature)` for units to index, `None` (counting it) for
-/// split-DWARF units, whose DIEs live elsewhere.
-#[allow(clippy::option_option)]
-fn unit_signature(
-    header: &gimli::UnitHeader<R>,
-    skeletons: &mut usize,
-) -> Option<Option<(u64, UnitOffset<usize>)>> {
+/// How the index pass treats a unit.
+enum UnitRole {
+    /// Index its DIEs; for a type unit, also register its signature and the
+    /// offset of the type it defines.
+    Index(Option<(u64, UnitOffset<usize>)>),
+    /// A split-DWARF unit whose DIEs live in a `.dwo` file.
+    Skip,
+}
+
+fn unit_role(header: &gimli::UnitHeader<R>) -> UnitRole {
     match header.type_() {
-        UnitType::Compilation | UnitType::Partial => Some(None),
+        UnitType::Compilation | UnitType::Partial => UnitRole::Index(None),
         UnitType::Type {
             type_signature,
             type_offset,
-        } => Some(Some((type_signature.0, type_offset))),
+        } => UnitRole::Index(Some((type_signature.0, type_offset))),
         UnitType::Skeleton(_) | UnitType::SplitCompilation(_) | UnitType::SplitType { .. } => {
-            *skeletons += 1;
-            None
+            UnitRole::Skip
         }
     }
 }
@@ -1413,8 +1420,10 @@ mod tests {
             assert_eq!(info.offset_of("PyObject", "ob_type").unwrap(), 8);
             assert_eq!(info.size_of("PyObject").unwrap(), 16);
             assert_eq!(info.offset_of("_object", "ob_type").unwrap(), 8);
-            assert_eq!(info.offset_of("PyInterpreterState", "next").unwrap(), 0);
-            assert_eq!(info.offset_of("_is", "next").unwrap(), 0);
+            // 3.13 moved `struct _ceval_state ceval` to the front of _is.
+            let next = if version == "3.13.0" { 7264 } else { 0 };
+            assert_eq!(info.offset_of("PyInterpreterState", "next").unwrap(), next);
+            assert_eq!(info.offset_of("_is", "next").unwrap(), next);
             assert_eq!(info.size_of("int").unwrap(), 4);
             assert_eq!(info.size_of("Py_ssize_t").unwrap(), 8);
         }
@@ -1422,16 +1431,54 @@ mod tests {
 
     #[test]
     fn anonymous_members_are_transparent() {
-        // 3.12's PyASCIIObject.state is a struct of bit-fields; 3.13's
-        // _PyRuntimeState embeds anonymous members? The generic checks:
-        // a struct member of a named struct is reachable with a dotted path
-        // and a bit-field reports BitField.
+        for version in VERSIONS {
+            let info = info(version);
+            // glibc's struct rusage wraps each long in an anonymous union:
+            // `__extension__ union { long ru_maxrss; __syscall_slong_t __ru_maxrss_word; };`
+            assert_eq!(info.offset_of("rusage", "ru_maxrss").unwrap(), 32);
+            assert_eq!(info.offset_of("rusage", "ru_nivcsw").unwrap(), 136);
+            assert_eq!(info.offset_of("rusage", "__ru_nivcsw_word").unwrap(), 136);
+            assert_eq!(info.size_of("rusage").unwrap(), 144);
+            assert_eq!(info.offset_of("PyObject", "ob_refcnt").unwrap(), 0);
+        }
+        // 3.12+: `union { Py_ssize_t ob_refcnt; uint32_t ob_refcnt_split[2]; };`
+        for version in ["3.12.1", "3.13.0"] {
+            assert_eq!(
+                info(version)
+                    .offset_of("PyObject", "ob_refcnt_split")
+                    .unwrap(),
+                0
+            );
+        }
+        assert!(matches!(
+            info("3.11.7").offset_of("PyObject", "ob_refcnt_split"),
+            Err(DwarfError::MemberNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn nested_struct_members_and_bit_fields() {
         let info = info("3.12.1");
-        assert_eq!(info.offset_of("PyASCIIObject", "state").unwrap(), 32);
-        match info.offset_of("PyASCIIObject", "state.kind") {
-            Err(DwarfError::BitField { member, .. }) => assert_eq!(member, "state.kind"),
+        // PyThreadState._status is a struct of bit-fields.
+        assert_eq!(info.offset_of("PyThreadState", "_status").unwrap(), 24);
+        match info.offset_of("PyThreadState", "_status.finalized") {
+            Err(DwarfError::BitField { type_name, member }) => {
+                assert_eq!(type_name, "PyThreadState");
+                assert_eq!(member, "_status.finalized");
+            }
             other => panic!("expected BitField, got {other:?}"),
         }
+        assert_eq!(
+            info.offset_of("PyThreadState", "trash.delete_later")
+                .unwrap(),
+            160
+        );
+        assert_eq!(
+            info.offset_of("PyThreadState", "root_cframe.current_frame")
+                .unwrap(),
+            272
+        );
+        assert_eq!(info.size_of("_PyCFrame").unwrap(), 16);
     }
 
     #[test]

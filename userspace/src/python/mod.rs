@@ -8,3 +8,6 @@ pub mod offsets;
 pub mod reader;
 pub mod values;
 pub mod version;
+
+#[cfg(test)]
+mod replay_tests;
