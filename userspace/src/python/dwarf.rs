@@ -544,7 +544,7 @@ impl DwarfInfo {
                 None => return Err(not_a_struct()),
             };
             let member = self
-                .find_member(aggregate, component.as_bytes(), 0)?
+                .find_member(aggregate, component.as_bytes(), 0, &mut HashSet::new())?
                 .ok_or_else(|| DwarfError::MemberNotFound {
                     type_name: type_name.to_string(),
                     member: path.to_string(),
@@ -737,12 +737,18 @@ impl DwarfInfo {
 
     /// Finds member `name` in the struct/union `aggregate` (already
     /// stripped), searching anonymous struct/union members recursively.
+    /// `visited` holds the aggregates searched so far, so malformed DWARF
+    /// whose anonymous members share or cycle through types cannot blow up.
     fn find_member(
         &self,
         aggregate: DieRef,
         name: &[u8],
         depth: usize,
+        visited: &mut HashSet<DieRef>,
     ) -> Result<Option<Member>, DwarfError> {
+        if !visited.insert(aggregate) {
+            return Ok(None);
+        }
         if depth > MAX_ANON_DEPTH {
             return Err(DwarfError::Malformed(format!(
                 "anonymous members nested deeper than {MAX_ANON_DEPTH}"
@@ -783,7 +789,7 @@ impl DwarfInfo {
                     if !is_aggregate(tag) {
                         continue;
                     }
-                    if let Some(found) = self.find_member(inner, name, depth + 1)? {
+                    if let Some(found) = self.find_member(inner, name, depth + 1, visited)? {
                         let base = member_offset(unit, entry)?.ok_or_else(|| {
                             DwarfError::Malformed("anonymous member is a bit-field".into())
                         })?;

@@ -311,13 +311,13 @@ impl<M: Memory> Target<M> {
         let mut out = Vec::new();
         let mut interp = self
             .mem
-            .read_u64(self.runtime + o.runtime_interpreters_head)?;
+            .read_u64(self.runtime.wrapping_add(o.runtime_interpreters_head))?;
         while interp != 0 && out.len() < MAX_INTERPRETERS {
             if out.contains(&interp) {
                 return Err(ReadError::Corrupt("interpreter list loops"));
             }
             out.push(interp);
-            interp = self.mem.read_u64(interp + o.interp_next)?;
+            interp = self.mem.read_u64(interp.wrapping_add(o.interp_next))?;
         }
         // The list is newest first; the main interpreter is the oldest.
         out.reverse();
@@ -329,13 +329,15 @@ impl<M: Memory> Target<M> {
         let o = &self.info.offsets;
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        let mut tstate = self.mem.read_u64(interp + o.interp_threads_head)?;
+        let mut tstate = self
+            .mem
+            .read_u64(interp.wrapping_add(o.interp_threads_head))?;
         while tstate != 0 && out.len() < MAX_THREADS {
             if !seen.insert(tstate) {
                 return Err(ReadError::Corrupt("thread list loops"));
             }
             out.push(tstate);
-            tstate = self.mem.read_u64(tstate + o.tstate_next)?;
+            tstate = self.mem.read_u64(tstate.wrapping_add(o.tstate_next))?;
         }
         out.reverse();
         Ok(out)
@@ -345,7 +347,7 @@ impl<M: Memory> Target<M> {
     pub fn gil_holder(&self, interp: u64) -> Result<Option<u64>, ReadError> {
         let o = &self.info.offsets;
         if let Some(current) = o.runtime_tstate_current {
-            let t = self.mem.read_u64(self.runtime + current)?;
+            let t = self.mem.read_u64(self.runtime.wrapping_add(current))?;
             return Ok((t != 0).then_some(t));
         }
         let (gil, last_holder, locked) = match o.gil {
@@ -357,12 +359,16 @@ impl<M: Memory> Target<M> {
                 pointer,
                 last_holder,
                 locked,
-            } => (self.mem.read_u64(interp + pointer)?, last_holder, locked),
+            } => (
+                self.mem.read_u64(interp.wrapping_add(pointer))?,
+                last_holder,
+                locked,
+            ),
         };
-        if gil == 0 || self.mem.read_i32(gil + locked)? == 0 {
+        if gil == 0 || self.mem.read_i32(gil.wrapping_add(locked))? == 0 {
             return Ok(None);
         }
-        let holder = self.mem.read_u64(gil + last_holder)?;
+        let holder = self.mem.read_u64(gil.wrapping_add(last_holder))?;
         Ok((holder != 0).then_some(holder))
     }
 
@@ -386,9 +392,9 @@ impl<M: Memory> Target<M> {
         locals: Option<&Bounds>,
     ) -> Result<Thread, ReadError> {
         let o = &self.info.offsets;
-        let thread_id = self.mem.read_u64(tstate + o.tstate_thread_id)?;
+        let thread_id = self.mem.read_u64(tstate.wrapping_add(o.tstate_thread_id))?;
         let native_id = match o.tstate_native_thread_id {
-            Some(off) => Some(self.mem.read_u32(tstate + off)?),
+            Some(off) => Some(self.mem.read_u32(tstate.wrapping_add(off))?),
             None => None,
         };
         let (frames, truncated) = match self.frames(tstate, locals) {
@@ -408,16 +414,16 @@ impl<M: Memory> Target<M> {
     /// The current frame of a thread state (0 if none).
     fn current_frame(&self, tstate: u64) -> Result<u64, ReadError> {
         Ok(match self.info.offsets.tstate_frame {
-            FrameLink::Direct(off) => self.mem.read_u64(tstate + off)?,
+            FrameLink::Direct(off) => self.mem.read_u64(tstate.wrapping_add(off))?,
             FrameLink::ViaCFrame {
                 cframe,
                 current_frame,
             } => {
-                let cf = self.mem.read_u64(tstate + cframe)?;
+                let cf = self.mem.read_u64(tstate.wrapping_add(cframe))?;
                 if cf == 0 {
                     0
                 } else {
-                    self.mem.read_u64(cf + current_frame)?
+                    self.mem.read_u64(cf.wrapping_add(current_frame))?
                 }
             }
         })
@@ -466,14 +472,14 @@ impl<M: Memory> Target<M> {
     ) -> Result<(Option<Frame>, u64), ReadError> {
         let o = &self.info.offsets;
         let layout = &self.info.layout;
-        let previous = self.mem.read_u64(frame + o.frame_previous)?;
+        let previous = self.mem.read_u64(frame.wrapping_add(o.frame_previous))?;
         if let (EntryFrames::OwnerAtLeast(min), Some(owner_off)) =
             (layout.entry_frames, o.frame_owner)
-            && self.mem.read_u8(frame + owner_off)? >= min
+            && self.mem.read_u8(frame.wrapping_add(owner_off))? >= min
         {
             return Ok((None, previous));
         }
-        let code_addr = self.mem.read_u64(frame + o.frame_code)? & layout.stackref_mask;
+        let code_addr = self.mem.read_u64(frame.wrapping_add(o.frame_code))? & layout.stackref_mask;
         if code_addr == 0 || !self.is_code(code_addr)? {
             return Ok((None, previous));
         }
@@ -486,14 +492,14 @@ impl<M: Memory> Target<M> {
         }
         let instruction = match layout.instruction {
             InstructionModel::LastiBytes => {
-                i64::from(self.mem.read_i32(frame + o.frame_instruction)?) / 2
+                i64::from(self.mem.read_i32(frame.wrapping_add(o.frame_instruction))?) / 2
             }
             InstructionModel::LastiUnits => {
-                i64::from(self.mem.read_i32(frame + o.frame_instruction)?)
+                i64::from(self.mem.read_i32(frame.wrapping_add(o.frame_instruction))?)
             }
             InstructionModel::PrevInstr | InstructionModel::InstrPtr => {
-                let ptr = self.mem.read_u64(frame + o.frame_instruction)?;
-                let base = code_addr + o.code_code_adaptive.unwrap_or(0);
+                let ptr = self.mem.read_u64(frame.wrapping_add(o.frame_instruction))?;
+                let base = code_addr.wrapping_add(o.code_code_adaptive.unwrap_or(0));
                 (ptr as i64).wrapping_sub(base as i64) / 2
             }
         };
@@ -533,10 +539,11 @@ impl<M: Memory> Target<M> {
             if kind & CO_FAST_HIDDEN != 0 {
                 continue;
             }
-            let slot = self
-                .mem
-                .read_u64(frame + o.frame_localsplus + 8 * i as u64)?
-                & self.info.layout.stackref_mask;
+            let slot = self.mem.read_u64(
+                frame
+                    .wrapping_add(o.frame_localsplus)
+                    .wrapping_add(8 * i as u64),
+            )? & self.info.layout.stackref_mask;
             if slot == 0 {
                 continue; // unbound
             }
@@ -546,7 +553,7 @@ impl<M: Memory> Target<M> {
                 if self.type_kind_of(slot).ok() == Some(TypeKind::Other)
                     && self.type_name_of(slot).ok().as_deref() == Some("cell")
                 {
-                    addr = self.mem.read_u64(slot + CELL_REF)?;
+                    addr = self.mem.read_u64(slot.wrapping_add(CELL_REF))?;
                     if addr == 0 {
                         continue;
                     }
@@ -567,7 +574,7 @@ impl<M: Memory> Target<M> {
     }
 
     fn is_code(&self, addr: u64) -> Result<bool, ReadError> {
-        let ty = self.mem.read_u64(addr + common::OB_TYPE)?;
+        let ty = self.mem.read_u64(addr.wrapping_add(common::OB_TYPE))?;
         Ok(match self.known.types.get("PyCode_Type") {
             Some(&code_type) => ty == code_type,
             None => self.type_name(ty)? == "code",
@@ -580,30 +587,36 @@ impl<M: Memory> Target<M> {
             return Ok(c.clone());
         }
         let o = &self.info.offsets;
-        let name = self.read_str(self.mem.read_u64(addr + o.code_name)?)?;
+        let name = self.read_str(self.mem.read_u64(addr.wrapping_add(o.code_name))?)?;
         let qualname = match o.code_qualname {
-            Some(off) => self.read_str(self.mem.read_u64(addr + off)?)?,
+            Some(off) => self.read_str(self.mem.read_u64(addr.wrapping_add(off))?)?,
             None => name.clone(),
         };
-        let filename = self.read_str(self.mem.read_u64(addr + o.code_filename)?)?;
-        let first_line = self.mem.read_i32(addr + o.code_firstlineno)?;
-        let argcount = self.mem.read_u32(addr + o.code_argcount)?;
-        let flags = self.mem.read_u32(addr + o.code_flags)?;
-        let line_table =
-            self.read_bytes_object(self.mem.read_u64(addr + o.code_linetable)?, 1 << 20)?;
-        let names_tuple = self.mem.read_u64(addr + o.code_varnames)?;
+        let filename = self.read_str(self.mem.read_u64(addr.wrapping_add(o.code_filename))?)?;
+        let first_line = self.mem.read_i32(addr.wrapping_add(o.code_firstlineno))?;
+        let argcount = self.mem.read_u32(addr.wrapping_add(o.code_argcount))?;
+        let flags = self.mem.read_u32(addr.wrapping_add(o.code_flags))?;
+        let line_table = self.read_bytes_object(
+            self.mem.read_u64(addr.wrapping_add(o.code_linetable))?,
+            1 << 20,
+        )?;
+        let names_tuple = self.mem.read_u64(addr.wrapping_add(o.code_varnames))?;
         let count = self.read_size_checked(names_tuple, 1 << 16)?;
         let nlocals = match o.code_nlocalsplus {
             Some(_) => count,
-            None => u64::from(self.mem.read_u32(addr + o.code_nlocals)?).min(count),
+            None => u64::from(self.mem.read_u32(addr.wrapping_add(o.code_nlocals))?).min(count),
         };
         let mut local_names = Vec::with_capacity(nlocals as usize);
         for i in 0..nlocals {
-            let item = self.mem.read_u64(names_tuple + o.tuple_items + 8 * i)?;
+            let item = self
+                .mem
+                .read_u64(names_tuple.wrapping_add(o.tuple_items).wrapping_add(8 * i))?;
             local_names.push(self.read_str(item)?);
         }
         let local_kinds = match o.code_localspluskinds {
-            Some(off) => self.read_bytes_object(self.mem.read_u64(addr + off)?, 1 << 16)?,
+            Some(off) => {
+                self.read_bytes_object(self.mem.read_u64(addr.wrapping_add(off))?, 1 << 16)?
+            }
             None => Vec::new(),
         };
         let info = std::rc::Rc::new(CodeInfo {
@@ -623,7 +636,7 @@ impl<M: Memory> Target<M> {
     }
 
     fn read_size_checked(&self, addr: u64, max: u64) -> Result<u64, ReadError> {
-        let size = self.mem.read_i64(addr + common::OB_SIZE)?;
+        let size = self.mem.read_i64(addr.wrapping_add(common::OB_SIZE))?;
         match u64::try_from(size) {
             Ok(s) if s <= max => Ok(s),
             _ => Err(ReadError::Corrupt("object size out of range")),
@@ -632,7 +645,9 @@ impl<M: Memory> Target<M> {
 
     fn read_bytes_object(&self, addr: u64, max: u64) -> Result<Vec<u8>, ReadError> {
         let len = self.read_size_checked(addr, max)?;
-        Ok(self.mem.read_vec(addr + common::BYTES_DATA, len as usize)?)
+        Ok(self
+            .mem
+            .read_vec(addr.wrapping_add(common::BYTES_DATA), len as usize)?)
     }
 
     /// Reads a whole `str` (up to an internal bound).
@@ -649,18 +664,21 @@ impl<M: Memory> Target<M> {
     ) -> Result<(String, u64), ReadError> {
         let o = &self.info.offsets;
         let len = self.read_size_at_unicode(addr)?;
-        let state = self.mem.read_u32(addr + common::UNICODE_STATE)?;
+        let state = self
+            .mem
+            .read_u32(addr.wrapping_add(common::UNICODE_STATE))?;
         let kind = (state >> 2) & 7;
         let compact = state & (1 << 5) != 0;
         let ascii = state & (1 << 6) != 0;
         let data = if compact {
-            addr + if ascii {
+            addr.wrapping_add(if ascii {
                 o.unicode_ascii_data
             } else {
                 o.unicode_compact_data
-            }
+            })
         } else {
-            self.mem.read_u64(addr + o.unicode_compact_data)?
+            self.mem
+                .read_u64(addr.wrapping_add(o.unicode_compact_data))?
         };
         let n = len.min(max_chars as u64) as usize;
         let text = match kind {
@@ -696,18 +714,24 @@ impl<M: Memory> Target<M> {
     }
 
     fn read_size_at_unicode(&self, addr: u64) -> Result<u64, ReadError> {
-        let len = self.mem.read_i64(addr + common::UNICODE_LENGTH)?;
+        let len = self
+            .mem
+            .read_i64(addr.wrapping_add(common::UNICODE_LENGTH))?;
         u64::try_from(len).map_err(|_| ReadError::Corrupt("negative str length"))
     }
 
     /// `tp_name` of a type object.
     pub fn type_name(&self, ty: u64) -> Result<String, ReadError> {
-        let name = self.mem.read_u64(ty + common::TP_NAME)?;
+        let name = self.mem.read_u64(ty.wrapping_add(common::TP_NAME))?;
         // Read up to 128 bytes, stopping at NUL; tolerate a short mapping.
         let mut out = Vec::new();
         for chunk in 0..8u64 {
             let mut buf = [0u8; 16];
-            if self.mem.read(name + chunk * 16, &mut buf).is_err() {
+            if self
+                .mem
+                .read(name.wrapping_add(chunk * 16), &mut buf)
+                .is_err()
+            {
                 break;
             }
             if let Some(end) = buf.iter().position(|&b| b == 0) {
@@ -723,11 +747,11 @@ impl<M: Memory> Target<M> {
     }
 
     fn type_name_of(&self, obj: u64) -> Result<String, ReadError> {
-        self.type_name(self.mem.read_u64(obj + common::OB_TYPE)?)
+        self.type_name(self.mem.read_u64(obj.wrapping_add(common::OB_TYPE))?)
     }
 
     fn type_kind_of(&self, obj: u64) -> Result<TypeKind, ReadError> {
-        self.type_kind(self.mem.read_u64(obj + common::OB_TYPE)?)
+        self.type_kind(self.mem.read_u64(obj.wrapping_add(common::OB_TYPE))?)
     }
 
     /// Which value decoder applies to objects of type `ty`.

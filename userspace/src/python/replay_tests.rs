@@ -119,7 +119,7 @@ fn replayed_stacks_equal_what_python_reported() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(512))]
 
     /// Random byte flips anywhere in the saved memory: the reader returns
     /// (possibly with errors or truncated stacks) and never panics.

@@ -175,7 +175,7 @@ impl<M: Memory> Target<M> {
         if addr == known.false_ {
             return Ok(Value::Bool { value: false });
         }
-        let ty = self.mem.read_u64(addr + common::OB_TYPE)?;
+        let ty = self.mem.read_u64(addr.wrapping_add(common::OB_TYPE))?;
         let kind = self.type_kind(ty)?;
         let container = matches!(kind, TypeKind::Tuple | TypeKind::List | TypeKind::Dict);
         if container && depth >= bounds.depth {
@@ -189,7 +189,7 @@ impl<M: Memory> Target<M> {
                 value: self.read_int(addr)? != "0",
             },
             TypeKind::Float => Value::Float {
-                value: f64::from_bits(self.mem.read_u64(addr + common::FLOAT_VALUE)?),
+                value: f64::from_bits(self.mem.read_u64(addr.wrapping_add(common::FLOAT_VALUE))?),
             },
             TypeKind::Str => {
                 let (value, len) = self.read_str_bounded(addr, bounds.string_len)?;
@@ -199,13 +199,15 @@ impl<M: Memory> Target<M> {
                 let len = self.read_size(addr)?;
                 let shown = len.min(bounds.string_len as u64) as usize;
                 Value::Bytes {
-                    value: self.mem.read_vec(addr + common::BYTES_DATA, shown)?,
+                    value: self
+                        .mem
+                        .read_vec(addr.wrapping_add(common::BYTES_DATA), shown)?,
                     len,
                 }
             }
             TypeKind::Tuple => {
                 let len = self.read_size(addr)?;
-                let base = addr + self.info.offsets.tuple_items;
+                let base = addr.wrapping_add(self.info.offsets.tuple_items);
                 Value::Tuple {
                     items: self.items(base, len, bounds, depth)?,
                     len,
@@ -213,7 +215,7 @@ impl<M: Memory> Target<M> {
             }
             TypeKind::List => {
                 let len = self.read_size(addr)?;
-                let base = self.mem.read_u64(addr + common::LIST_ITEMS)?;
+                let base = self.mem.read_u64(addr.wrapping_add(common::LIST_ITEMS))?;
                 Value::List {
                     items: self.items(base, len, bounds, depth)?,
                     len,
@@ -231,7 +233,7 @@ impl<M: Memory> Target<M> {
     }
 
     fn read_size(&self, addr: u64) -> Result<u64, ReadError> {
-        let size = self.mem.read_i64(addr + common::OB_SIZE)?;
+        let size = self.mem.read_i64(addr.wrapping_add(common::OB_SIZE))?;
         u64::try_from(size).map_err(|_| ReadError::Corrupt("negative ob_size"))
     }
 
@@ -245,7 +247,7 @@ impl<M: Memory> Target<M> {
         let shown = len.min(bounds.items as u64);
         let mut out = Vec::with_capacity(shown as usize);
         for i in 0..shown {
-            let item = self.mem.read_u64(base + 8 * i)?;
+            let item = self.mem.read_u64(base.wrapping_add(8 * i))?;
             out.push(self.value_at_depth(item, bounds, depth + 1));
         }
         Ok(out)
@@ -253,7 +255,7 @@ impl<M: Memory> Target<M> {
 
     /// Decodes an int of any size to decimal.
     pub fn read_int(&self, addr: u64) -> Result<String, ReadError> {
-        let tag = self.mem.read_i64(addr + common::LONG_SIZE)?;
+        let tag = self.mem.read_i64(addr.wrapping_add(common::LONG_SIZE))?;
         let (negative, ndigits) = match self.info.layout.long {
             LongModel::ObSize => (tag < 0, tag.unsigned_abs()),
             LongModel::LvTag => {
@@ -266,11 +268,11 @@ impl<M: Memory> Target<M> {
         };
         const MAX_DIGITS: u64 = 1000;
         if ndigits > MAX_DIGITS {
-            return Ok(format!("<int of {} bits>", ndigits * 30));
+            return Ok(format!("<int of {} bits>", ndigits.saturating_mul(30)));
         }
         let bytes = self
             .mem
-            .read_vec(addr + common::LONG_DIGITS, ndigits as usize * 4)?;
+            .read_vec(addr.wrapping_add(common::LONG_DIGITS), ndigits as usize * 4)?;
         let digits: Vec<u32> = bytes
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) & 0x3fff_ffff)
@@ -288,36 +290,41 @@ impl<M: Memory> Target<M> {
         bounds: &Bounds,
         depth: u32,
     ) -> Result<(Vec<(Value, Value)>, u64), ReadError> {
-        let used = self.read_size_at(addr + common::DICT_USED)?;
-        let keys = self.mem.read_u64(addr + common::DICT_KEYS)?;
-        let values = self.mem.read_u64(addr + common::DICT_VALUES)?;
+        let used = self.read_size_at(addr.wrapping_add(common::DICT_USED))?;
+        let keys = self.mem.read_u64(addr.wrapping_add(common::DICT_KEYS))?;
+        let values = self.mem.read_u64(addr.wrapping_add(common::DICT_VALUES))?;
         if values != 0 {
             // Split table (instance __dict__): not decoded yet.
             return Ok((Vec::new(), used));
         }
         let (nentries, entries, entry_size, has_hash) = match self.info.layout.dict_keys {
             DictKeysModel::Sized => {
-                let size = self.read_size_at(keys + 8)?;
-                let nentries = self.read_size_at(keys + 32)?;
+                let size = self.read_size_at(keys.wrapping_add(8))?;
+                let nentries = self.read_size_at(keys.wrapping_add(32))?;
                 let width = match size {
                     0..=0xff => 1,
                     0x100..=0xffff => 2,
                     0x1_0000..=0xffff_ffff => 4,
                     _ => 8,
                 };
-                (nentries, keys + 40 + size * width, 24, true)
+                (
+                    nentries,
+                    keys.wrapping_add(40).wrapping_add(size.wrapping_mul(width)),
+                    24,
+                    true,
+                )
             }
             DictKeysModel::Log2 => {
-                let log2_index_bytes = u32::from(self.mem.read_u8(keys + 9)?);
-                let kind = self.mem.read_u8(keys + 10)?;
-                let nentries = self.read_size_at(keys + 24)?;
+                let log2_index_bytes = u32::from(self.mem.read_u8(keys.wrapping_add(9))?);
+                let kind = self.mem.read_u8(keys.wrapping_add(10))?;
+                let nentries = self.read_size_at(keys.wrapping_add(24))?;
                 if log2_index_bytes > 40 {
                     return Err(ReadError::Corrupt("dict index size"));
                 }
                 let general = kind == 0;
                 (
                     nentries,
-                    keys + 32 + (1u64 << log2_index_bytes),
+                    keys.wrapping_add(32).wrapping_add(1u64 << log2_index_bytes),
                     if general { 24 } else { 16 },
                     general,
                 )
@@ -329,10 +336,10 @@ impl<M: Memory> Target<M> {
             if items.len() >= bounds.items {
                 break;
             }
-            let entry = entries + i * entry_size;
-            let key_at = entry + if has_hash { 8 } else { 0 };
+            let entry = entries.wrapping_add(i * entry_size);
+            let key_at = entry.wrapping_add(if has_hash { 8 } else { 0 });
             let key = self.mem.read_u64(key_at)?;
-            let value = self.mem.read_u64(key_at + 8)?;
+            let value = self.mem.read_u64(key_at.wrapping_add(8))?;
             if key == 0 || value == 0 {
                 continue;
             }
