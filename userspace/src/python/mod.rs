@@ -11,3 +11,6 @@ pub mod version;
 
 #[cfg(test)]
 mod replay_tests;
+
+#[cfg(test)]
+mod offsets_check;
