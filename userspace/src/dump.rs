@@ -6,13 +6,10 @@ use std::{io::Write, path::PathBuf};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::{
-    process,
-    python::{
-        memory::{Memory, ProcessMemory, Recorder},
-        reader::{Target, Thread},
-        values::Bounds,
-    },
+use crate::python::{
+    memory::{Memory, ProcessMemory, Recorder},
+    reader::{Target, Thread},
+    values::Bounds,
 };
 
 /// Options of `pyprobe dump`.
@@ -59,26 +56,32 @@ pub struct DumpThread {
 
 /// Reads the process and builds a [`Dump`]. Also used by tests.
 pub fn read(opts: &DumpOptions) -> anyhow::Result<Dump> {
-    let interp = process::find_interpreter(opts.pid)?;
     let bounds = opts.locals.then_some(&opts.bounds);
-    let (version, offsets, threads) = match &opts.save_snapshot {
+    let (version, offsets, interp, threads) = match &opts.save_snapshot {
         None => {
             let target = Target::attach(opts.pid)?;
             let threads = target.threads(bounds)?;
-            (target.version, target.offsets_source, threads)
+            (
+                target.version,
+                target.offsets_source,
+                target.interpreter,
+                threads,
+            )
         }
         Some(path) => {
             let target = Target::attach_with(opts.pid, Recorder::new)?;
             let threads = target.threads(bounds)?;
             let meta = target.snapshot_meta(&format!("pyprobe dump of PID {}", opts.pid));
-            let (version, source) = (target.version, target.offsets_source);
+            let (version, source, interp) =
+                (target.version, target.offsets_source, target.interpreter);
             let mut snapshot = target.mem.into_snapshot();
             snapshot.meta = meta;
             std::fs::write(path, serde_json::to_vec(&snapshot)?)
                 .with_context(|| format!("writing {}", path.display()))?;
-            (version, source, threads)
+            (version, source, interp, threads)
         }
     };
+    let interp = interp.context("a live target knows its interpreter")?;
     let threads = threads
         .into_iter()
         .map(|mut thread| {

@@ -6,6 +6,7 @@
 //!   integration tests as root, and a summary naming every interpreter.
 //! - `demo`: setup, build, run pyprobe against a bundled fixture.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -34,6 +35,12 @@ enum Task {
         /// Only run privileged tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmarks, measured side by side in one run (needs root).
+    Bench {
+        /// Runs per measurement.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// Regenerate the memory snapshots the offline tests replay (needs root).
     Snapshots,
     /// Set up, build, and run pyprobe against a live demo fixture.
@@ -54,6 +61,7 @@ fn main() -> ExitCode {
         Task::Test { no_lint, filter } => test::test(!no_lint, filter.as_deref()),
         Task::Demo { python, duration } => demo::demo(python, duration),
         Task::Snapshots => test::snapshots(),
+        Task::Bench { runs } => bench::bench(runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

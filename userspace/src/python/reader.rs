@@ -105,6 +105,8 @@ pub struct Target<M> {
     pub runtime: u64,
     /// Known object and type addresses.
     pub known: KnownObjects,
+    /// The interpreter file, when reading a live process.
+    pub interpreter: Option<process::Interpreter>,
     code_cache: RefCell<HashMap<u64, std::rc::Rc<CodeInfo>>>,
 }
 
@@ -218,7 +220,9 @@ impl<M: Memory> Target<M> {
                 known.types.insert((*name).to_owned(), addr);
             }
         }
-        Self::new(mem, file_version, runtime, known)
+        let mut target = Self::new(mem, file_version, runtime, known)?;
+        target.interpreter = Some(interp);
+        Ok(target)
     }
 }
 
@@ -287,6 +291,7 @@ impl<M: Memory> Target<M> {
             offsets_source,
             runtime,
             known,
+            interpreter: None,
             code_cache: RefCell::new(HashMap::new()),
         })
     }
