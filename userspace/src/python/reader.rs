@@ -313,36 +313,41 @@ impl<M: Memory> Target<M> {
     /// Interpreter states, main interpreter first.
     pub fn interpreters(&self) -> Result<Vec<u64>, ReadError> {
         let o = &self.info.offsets;
-        let mut out = Vec::new();
-        let mut interp = self
-            .mem
-            .read_u64(self.runtime.wrapping_add(o.runtime_interpreters_head))?;
-        while interp != 0 && out.len() < MAX_INTERPRETERS {
-            if out.contains(&interp) {
-                return Err(ReadError::Corrupt("interpreter list loops"));
-            }
-            out.push(interp);
-            interp = self.mem.read_u64(interp.wrapping_add(o.interp_next))?;
-        }
-        // The list is newest first; the main interpreter is the oldest.
-        out.reverse();
-        Ok(out)
+        let head = self.runtime.wrapping_add(o.runtime_interpreters_head);
+        self.oldest_first(
+            head,
+            o.interp_next,
+            MAX_INTERPRETERS,
+            "interpreter list loops",
+        )
     }
 
     /// Thread states of an interpreter, oldest (main thread) first.
     pub fn thread_states(&self, interp: u64) -> Result<Vec<u64>, ReadError> {
         let o = &self.info.offsets;
+        let head = interp.wrapping_add(o.interp_threads_head);
+        self.oldest_first(head, o.tstate_next, MAX_THREADS, "thread list loops")
+    }
+
+    /// Walks a CPython list whose head pointer is at `head` and whose nodes
+    /// link through `next`. CPython prepends, so the list is reversed to
+    /// put the oldest node first. At most `max` nodes; a loop is an error.
+    fn oldest_first(
+        &self,
+        head: u64,
+        next: u64,
+        max: usize,
+        looped: &'static str,
+    ) -> Result<Vec<u64>, ReadError> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        let mut tstate = self
-            .mem
-            .read_u64(interp.wrapping_add(o.interp_threads_head))?;
-        while tstate != 0 && out.len() < MAX_THREADS {
-            if !seen.insert(tstate) {
-                return Err(ReadError::Corrupt("thread list loops"));
+        let mut node = self.mem.read_u64(head)?;
+        while node != 0 && out.len() < max {
+            if !seen.insert(node) {
+                return Err(ReadError::Corrupt(looped));
             }
-            out.push(tstate);
-            tstate = self.mem.read_u64(tstate.wrapping_add(o.tstate_next))?;
+            out.push(node);
+            node = self.mem.read_u64(node.wrapping_add(next))?;
         }
         out.reverse();
         Ok(out)
