@@ -9,7 +9,7 @@ use std::{
     io::{BufRead, BufReader},
     os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Instant,
 };
 
@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 
 use crate::{
     setup,
-    util::{cargo, run, workspace_root},
+    util::{KillOnDrop, cargo, run, workspace_root},
 };
 
 /// Resources one child process used, from `wait4`.
@@ -85,14 +85,6 @@ fn interpreters() -> Vec<PathBuf> {
         }
     }
     out
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn start_fixture(python: &Path, script: &str) -> anyhow::Result<KillOnDrop> {

@@ -4,25 +4,15 @@
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context, bail};
 
 use crate::{
     setup,
-    util::{self, cargo, run, workspace_root},
+    util::{self, KillOnDrop, cargo, run, workspace_root},
 };
-
-/// Kills the fixture however the demo ends.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn default_python() -> PathBuf {
     // Debian's own python3 is a stripped build with libpython linked in:
