@@ -1,5 +1,5 @@
-//! `cargo xtask demo`: build pyprobe, start `fixtures/demo_app.py`, and watch
-//! it live with `pyprobe entries`.
+//! `cargo xtask demo`: build pyprobe, start `fixtures/demo_app.py`, watch it
+//! live with `pyprobe entries`, then print its stacks with `pyprobe dump`.
 
 use std::{
     io::{BufRead, BufReader},
@@ -53,23 +53,23 @@ pub fn demo(python: Option<PathBuf>, duration: u64) -> anyhow::Result<()> {
         "\nxtask demo: fixtures/demo_app.py runs under {} as PID {pid}",
         python.display()
     );
-    let args = [
-        "entries",
-        "--pid",
-        &pid,
-        "--duration",
-        &duration.to_string(),
+    let duration = duration.to_string();
+    let runs: [&[&str]; 2] = [
+        &["entries", "--pid", &pid, "--duration", &duration],
+        &["dump", "--pid", &pid, "--locals"],
     ];
-    println!("$ pyprobe {}\n", args.join(" "));
-    let mut cmd = if util::is_root() {
-        Command::new(&pyprobe)
-    } else {
-        println!("(not root: running pyprobe through sudo)");
-        let mut sudo = Command::new("sudo");
-        sudo.arg(&pyprobe);
-        sudo
-    };
-    run(cmd.args(args))?;
+    for args in runs {
+        println!("\n$ pyprobe {}\n", args.join(" "));
+        let mut cmd = if util::is_root() {
+            Command::new(&pyprobe)
+        } else {
+            println!("(not root: running pyprobe through sudo)");
+            let mut sudo = Command::new("sudo");
+            sudo.arg(&pyprobe);
+            sudo
+        };
+        run(cmd.args(args))?;
+    }
     drop(fixture);
     Ok(())
 }
