@@ -204,6 +204,12 @@ pub struct Interpreter {
 /// Finds the CPython interpreter of process `pid`: the executable or a mapped
 /// `libpython*` that defines `_PyEval_EvalFrameDefault`.
 pub fn find_interpreter(pid: u32) -> Result<Interpreter, ProcessError> {
+    find_interpreter_image(pid).map(|(interp, _)| interp)
+}
+
+/// Like [`find_interpreter`], also returning the parsed ELF file, so callers
+/// that need more symbols do not read the (often 10-30 MB) file again.
+pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), ProcessError> {
     let maps = read_maps(pid)?;
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
         .map_err(|e| ProcessError::from_io(pid, "exe", e))?;
@@ -250,7 +256,7 @@ pub fn find_interpreter(pid: u32) -> Result<Interpreter, ProcessError> {
                 pid,
                 path: binary.clone(),
             })?;
-        return Ok(Interpreter {
+        let interp = Interpreter {
             pid,
             binary,
             host_path,
@@ -258,7 +264,8 @@ pub fn find_interpreter(pid: u32) -> Result<Interpreter, ProcessError> {
             load_bias,
             eval_frame,
             eval_frame_offset,
-        });
+        };
+        return Ok((interp, image));
     }
     Err(ProcessError::NotPython { pid, exe: exe_str })
 }

@@ -22,10 +22,7 @@ use super::{
     values::{Bounds, TypeKind, Value, is_secret_name},
     version::{self, PythonVersion, VersionError},
 };
-use crate::{
-    elf::ElfImage,
-    process::{self, ProcessError},
-};
+use crate::process::{self, ProcessError};
 
 /// Most frames walked per thread.
 pub const MAX_FRAMES: usize = 4096;
@@ -197,9 +194,7 @@ impl<M: Memory> Target<M> {
     /// Like [`Target::attach`], reading memory through `wrap(process memory)`
     /// (e.g. a [`super::memory::Recorder`] to save a snapshot).
     pub fn attach_with(pid: u32, wrap: impl FnOnce(ProcessMemory) -> M) -> Result<Self, ReadError> {
-        let interp = process::find_interpreter(pid)?;
-        let image = ElfImage::open(&interp.host_path)
-            .map_err(|source| ProcessError::Elf { pid, source })?;
+        let (interp, image) = process::find_interpreter_image(pid)?;
         let file_version = version::detect(&image)?;
         let mem = wrap(ProcessMemory::open(pid)?);
         let sym = |name: &'static str| -> Result<u64, ReadError> {
