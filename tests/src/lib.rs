@@ -1,8 +1,9 @@
 //! The harness shared by pyprobe's integration tests (and usable by anything
 //! that needs a live Python process with known behaviour):
 //!
-//! - [`discover`] finds every interpreter on the machine: each pyenv version
-//!   and the distribution's own `/usr/bin/python3.X`.
+//! - [`discover`] finds every interpreter on the machine: each pyenv version,
+//!   the distribution's own `/usr/bin/python3.X`, and the private Debian sid
+//!   3.14 that `cargo xtask setup` installs.
 //! - [`Fixture`] starts a program from `fixtures/` under one interpreter,
 //!   waits for its `ready` line (never a sleep), talks to it over
 //!   stdin/stdout, and kills it on drop.
@@ -29,7 +30,7 @@ pub const SUPPORTED: ((u32, u32), (u32, u32)) = ((3, 8), (3, 14));
 pub const FIXTURE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where an interpreter comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Origin {
     /// A pyenv build (`$PYENV_ROOT/versions/X.Y.Z`): shared libpython with
     /// DWARF.
@@ -37,6 +38,10 @@ pub enum Origin {
     /// The distribution's `/usr/bin/python3.X` (Debian: stripped, libpython
     /// linked into the executable).
     System,
+    /// Installed by `cargo xtask setup` in pyprobe's data directory: Debian
+    /// sid's stripped 3.14, started by a wrapper through sid's own dynamic
+    /// loader (so the process's exe is the loader).
+    Private,
 }
 
 /// A Python interpreter found on the machine.
@@ -44,8 +49,11 @@ pub enum Origin {
 pub struct Interpreter {
     /// Human-readable name used in reports, e.g. `pyenv 3.11.7`.
     pub label: String,
-    /// Executable to run.
+    /// Executable to run (for [`Origin::Private`], a wrapper script).
     pub path: PathBuf,
+    /// The ELF file that holds the interpreter loop, as pyprobe should
+    /// report it: `sys.executable`, symlinks resolved.
+    pub binary: PathBuf,
     /// `sys.version_info[:3]`, as reported by the interpreter itself.
     pub version: (u32, u32, u32),
     /// Where it comes from.
@@ -75,7 +83,8 @@ pub struct Discovery {
     pub unsupported: Vec<Interpreter>,
 }
 
-/// Finds every pyenv version and every `/usr/bin/python3.N`.
+/// Finds every pyenv version, every `/usr/bin/python3.N` and every wrapper in
+/// [`private_dir`]`/bin`.
 pub fn discover() -> Discovery {
     let mut found: Vec<Interpreter> = Vec::new();
     let pyenv_root = std::env::var_os("PYENV_ROOT")
@@ -100,10 +109,11 @@ pub fn discover() -> Discovery {
                 continue;
             };
             let exe = dir.join("bin").join(format!("python{major}.{minor}"));
-            if let Some(version) = query_version(&exe) {
+            if let Some((version, binary)) = query(&exe) {
                 found.push(Interpreter {
                     label: format!("pyenv {}.{}.{}", version.0, version.1, version.2),
                     path: exe,
+                    binary,
                     version,
                     origin: Origin::Pyenv,
                 });
@@ -131,8 +141,9 @@ pub fn discover() -> Discovery {
         {
             continue;
         }
-        if let Some(version) = query_version(&exe) {
+        if let Some((version, binary)) = query(&exe) {
             found.push(Interpreter {
+                binary,
                 label: format!(
                     "system {} ({}.{}.{})",
                     exe.display(),
@@ -146,7 +157,26 @@ pub fn discover() -> Discovery {
             });
         }
     }
-    found.sort_by_key(|i| (i.version, i.origin == Origin::System));
+    let private = private_dir().join("bin");
+    let mut wrappers: Vec<PathBuf> = std::fs::read_dir(&private)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    wrappers.sort();
+    for exe in wrappers {
+        if let Some((version, binary)) = query(&exe) {
+            found.push(Interpreter {
+                label: format!("debian-sid {}.{}.{}", version.0, version.1, version.2),
+                path: exe,
+                binary,
+                version,
+                origin: Origin::Private,
+            });
+        }
+    }
+    found.sort_by_key(|i| (i.version, i.origin));
     let (supported, unsupported) = found.into_iter().partition(Interpreter::supported);
     Discovery {
         supported,
@@ -154,18 +184,36 @@ pub fn discover() -> Discovery {
     }
 }
 
-fn query_version(exe: &Path) -> Option<(u32, u32, u32)> {
+/// Where `cargo xtask setup` puts private interpreters:
+/// `${XDG_DATA_HOME:-~/.local/share}/pyprobe/debian-sid`.
+pub fn private_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_default()
+        .join("pyprobe")
+        .join("debian-sid")
+}
+
+/// `sys.version_info[:3]` and the real path of `sys.executable`.
+fn query(exe: &Path) -> Option<((u32, u32, u32), PathBuf)> {
     let out = Command::new(exe)
-        .args(["-c", "import sys; print('%d %d %d' % sys.version_info[:3])"])
+        .args([
+            "-c",
+            "import sys; print('%d %d %d' % sys.version_info[:3]); print(sys.executable)",
+        ])
         .stderr(Stdio::null())
         .output()
         .ok()?;
     let text = String::from_utf8(out.stdout).ok()?;
-    let mut it = text.split_whitespace().map(|s| s.parse::<u32>());
-    match (it.next(), it.next(), it.next()) {
-        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Some((a, b, c)),
-        _ => None,
-    }
+    let mut lines = text.lines();
+    let mut it = lines.next()?.split_whitespace().map(|s| s.parse::<u32>());
+    let version = match (it.next(), it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => (a, b, c),
+        _ => return None,
+    };
+    let binary = std::fs::canonicalize(lines.next()?).ok()?;
+    Some((version, binary))
 }
 
 /// Path of a program in `fixtures/`.

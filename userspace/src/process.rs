@@ -220,11 +220,16 @@ pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), Proce
     for m in &maps {
         if let Some(path) = &m.path {
             let name = path.rsplit('/').next().unwrap_or(path);
-            if name.starts_with("libpython")
-                && name.contains(".so")
-                && !candidates.iter().any(|(p, _)| p == path)
-            {
+            if candidates.iter().any(|(p, _)| p == path) {
+                continue;
+            }
+            if name.starts_with("libpython") && name.contains(".so") {
                 candidates.push((path.clone(), Linkage::SharedLibrary));
+            } else if name.starts_with("python") && !name.contains(".so") {
+                // A program started through the dynamic loader
+                // (`ld-linux-x86-64.so.2 /usr/bin/python3.14 ...`) has the
+                // loader as its exe and maps the interpreter like a library.
+                candidates.push((path.clone(), Linkage::Executable));
             }
         }
     }

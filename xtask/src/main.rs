@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod python314;
 mod setup;
 mod test;
 mod util;

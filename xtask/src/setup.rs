@@ -8,6 +8,8 @@
 //!    rustup tree, which rustup prunes on updates, into
 //!    `~/.local/share/pyprobe/`, and the linker is linked against that copy.
 //!
+//! 3. A private Debian sid CPython 3.14 for the tests (see `python314`).
+//!
 //! A stamp file records what was built; a second run only checks and takes
 //! seconds.
 
@@ -19,7 +21,10 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use crate::util::{self, cargo_home, home, run, stdout_of};
+use crate::{
+    python314,
+    util::{self, cargo_home, home, run, stdout_of},
+};
 
 /// bpf-linker version known to work with aya 0.14 and LLVM 22 here.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -35,6 +40,12 @@ pub fn setup() -> anyhow::Result<f64> {
     step("nightly toolchain", ensure_nightly)?;
     step("nightly rust-src", ensure_rust_src)?;
     step("bpf-linker", ensure_bpf_linker)?;
+    // Only the tests need 3.14; without it they still run (and say 3.14 was
+    // not covered), so a failed download warns instead of stopping setup.
+    let data = data_dir()?;
+    if let Err(e) = step("python3.14 (tests)", || python314::ensure(&data)) {
+        println!("  python3.14 (tests) NOT AVAILABLE, tests will not cover 3.14: {e:#}");
+    }
     let secs = started.elapsed().as_secs_f64();
     println!("xtask setup: done in {secs:.1}s");
     Ok(secs)

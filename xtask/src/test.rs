@@ -215,6 +215,20 @@ fn print_coverage(path: &Path) -> anyhow::Result<usize> {
         let status = if *failed == 0 { "ok" } else { "FAILED" };
         println!("  {interp:<40} {ok} passed, {failed} failed  {status}");
     }
+    let missing: Vec<String> = (8..=14)
+        .filter(|minor| {
+            !table
+                .iter()
+                .any(|(interp, _)| label_minor(interp) == Some(*minor))
+        })
+        .map(|minor| format!("3.{minor}"))
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "supported versions with no interpreter here, NOT covered: {} (cargo xtask setup installs 3.14)",
+            missing.join(", ")
+        );
+    }
     if !unsupported.is_empty() {
         println!(
             "found but outside pyprobe's 3.8-3.14 range, not tested: {}",
@@ -222,6 +236,23 @@ fn print_coverage(path: &Path) -> anyhow::Result<usize> {
         );
     }
     Ok(table.len())
+}
+
+/// The minor version in an interpreter label such as `pyenv 3.11.7` or
+/// `system /usr/bin/python3.11 (3.11.2)`: the last `3.N.M` in it.
+fn label_minor(label: &str) -> Option<u32> {
+    label
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|word| {
+            let mut parts = word.split('.');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some("3"), Some(minor), Some(micro), None) if !micro.is_empty() => {
+                    minor.parse().ok()
+                }
+                _ => None,
+            }
+        })
+        .next_back()
 }
 
 #[cfg(test)]
@@ -236,5 +267,13 @@ mod tests {
         .unwrap();
         assert_eq!((t.passed, t.failed, t.ignored), (17, 2, 1));
         assert!(parse_result_line("running 3 tests").is_none());
+    }
+
+    #[test]
+    fn finds_the_minor_version_in_interpreter_labels() {
+        assert_eq!(label_minor("pyenv 3.11.7"), Some(11));
+        assert_eq!(label_minor("system /usr/bin/python3.11 (3.11.2)"), Some(11));
+        assert_eq!(label_minor("debian-sid 3.14.10"), Some(14));
+        assert_eq!(label_minor("something else"), None);
     }
 }

@@ -532,44 +532,140 @@ pub enum DebugOffsetsError {
 /// The cookie at the start of `_Py_DebugOffsets`.
 pub const DEBUG_OFFSETS_COOKIE: &[u8; 8] = b"xdebugpy";
 
-/// Bytes of `_Py_DebugOffsets` to read from the start of `_PyRuntime`.
-pub const DEBUG_OFFSETS_SIZE: usize = 8 + 8 * 72;
+/// Bytes of `_Py_DebugOffsets` that hold the cookie and the version.
+pub const DEBUG_OFFSETS_HEADER: usize = 16;
 
-/// Field positions (u64 index after the cookie) in the 3.13 `_Py_DebugOffsets`.
-mod debug313 {
-    pub const VERSION: usize = 0;
-    pub const FREE_THREADED: usize = 1;
-    pub const RUNTIME_INTERPRETERS_HEAD: usize = 4;
-    pub const INTERP_NEXT: usize = 7;
-    pub const INTERP_THREADS_HEAD: usize = 8;
-    pub const INTERP_CEVAL_GIL: usize = 13;
-    pub const INTERP_GIL_RUNTIME_STATE: usize = 14;
-    pub const INTERP_GIL_LOCKED: usize = 16;
-    pub const INTERP_GIL_HOLDER: usize = 17;
-    pub const TSTATE_NEXT: usize = 20;
-    pub const TSTATE_INTERP: usize = 21;
-    pub const TSTATE_CURRENT_FRAME: usize = 22;
-    pub const TSTATE_THREAD_ID: usize = 23;
-    pub const TSTATE_NATIVE_THREAD_ID: usize = 24;
-    pub const FRAME_PREVIOUS: usize = 28;
-    pub const FRAME_EXECUTABLE: usize = 29;
-    pub const FRAME_INSTR_PTR: usize = 30;
-    pub const FRAME_LOCALSPLUS: usize = 31;
-    pub const FRAME_OWNER: usize = 32;
-    pub const CODE_FILENAME: usize = 34;
-    pub const CODE_NAME: usize = 35;
-    pub const CODE_QUALNAME: usize = 36;
-    pub const CODE_LINETABLE: usize = 37;
-    pub const CODE_FIRSTLINENO: usize = 38;
-    pub const CODE_ARGCOUNT: usize = 39;
-    pub const CODE_LOCALSPLUSNAMES: usize = 40;
-    pub const CODE_LOCALSPLUSKINDS: usize = 41;
-    pub const CODE_CODE_ADAPTIVE: usize = 42;
-    pub const TUPLE_OB_ITEM: usize = 50;
-    pub const UNICODE_ASCIIOBJECT_SIZE: usize = 69;
-    /// Number of u64 words.
-    pub const WORDS: usize = 72;
+/// Bytes of `_Py_DebugOffsets` to read from the start of `_PyRuntime` for a
+/// version (read [`DEBUG_OFFSETS_HEADER`] bytes first to learn it): the
+/// length of its field list, or the longest known one.
+pub fn debug_offsets_size(version: &PythonVersion) -> usize {
+    let words = match version.minor_version() {
+        (3, 13) => DEBUG313.words,
+        _ => DEBUG314.words,
+    };
+    8 + 8 * words
 }
+
+/// Where each field pyprobe uses sits in one version's `_Py_DebugOffsets`,
+/// as a u64 index after the cookie. The struct only grows between minor
+/// versions, but fields are inserted in the middle, so each minor has its
+/// own list. `pyobject_ob_type`, `list_ob_item` and `float_ob_fval` have the
+/// same value in every build and serve to check the list fits the bytes.
+struct DebugFieldIndex {
+    runtime_interpreters_head: usize,
+    interp_next: usize,
+    interp_threads_head: usize,
+    interp_ceval_gil: usize,
+    interp_gil_runtime_state: usize,
+    interp_gil_locked: usize,
+    interp_gil_holder: usize,
+    tstate_next: usize,
+    tstate_interp: usize,
+    tstate_current_frame: usize,
+    tstate_thread_id: usize,
+    tstate_native_thread_id: usize,
+    frame_previous: usize,
+    frame_executable: usize,
+    frame_instr_ptr: usize,
+    frame_localsplus: usize,
+    frame_owner: usize,
+    code_filename: usize,
+    code_name: usize,
+    code_qualname: usize,
+    code_linetable: usize,
+    code_firstlineno: usize,
+    code_argcount: usize,
+    code_localsplusnames: usize,
+    code_localspluskinds: usize,
+    code_code_adaptive: usize,
+    pyobject_ob_type: usize,
+    tuple_ob_item: usize,
+    list_ob_item: usize,
+    float_ob_fval: usize,
+    unicode_asciiobject_size: usize,
+    /// Number of u64 words after the cookie.
+    words: usize,
+}
+
+/// Word 0 is `version`, word 1 `free_threaded` in every version.
+const DEBUG_VERSION: usize = 0;
+const DEBUG_FREE_THREADED: usize = 1;
+
+/// CPython 3.13's field list.
+const DEBUG313: DebugFieldIndex = DebugFieldIndex {
+    runtime_interpreters_head: 4,
+    interp_next: 7,
+    interp_threads_head: 8,
+    interp_ceval_gil: 13,
+    interp_gil_runtime_state: 14,
+    interp_gil_locked: 16,
+    interp_gil_holder: 17,
+    tstate_next: 20,
+    tstate_interp: 21,
+    tstate_current_frame: 22,
+    tstate_thread_id: 23,
+    tstate_native_thread_id: 24,
+    frame_previous: 28,
+    frame_executable: 29,
+    frame_instr_ptr: 30,
+    frame_localsplus: 31,
+    frame_owner: 32,
+    code_filename: 34,
+    code_name: 35,
+    code_qualname: 36,
+    code_linetable: 37,
+    code_firstlineno: 38,
+    code_argcount: 39,
+    code_localsplusnames: 40,
+    code_localspluskinds: 41,
+    code_code_adaptive: 42,
+    pyobject_ob_type: 44,
+    tuple_ob_item: 50,
+    list_ob_item: 53,
+    float_ob_fval: 59,
+    unicode_asciiobject_size: 69,
+    words: 72,
+};
+
+/// CPython 3.14's field list: `interpreter_state` gains `threads_main`
+/// (after `threads_head`), `code_object_generation` and `tlbc_generation`;
+/// `interpreter_frame` gains `stackpointer` and `tlbc_index`; `code_object`
+/// gains `co_tlbc`; `set_object` appears before `dict_object`; `gen_object`,
+/// `llist_node` and `debugger_support` are appended.
+const DEBUG314: DebugFieldIndex = DebugFieldIndex {
+    runtime_interpreters_head: 4,
+    interp_next: 7,
+    interp_threads_head: 8,
+    interp_ceval_gil: 14,
+    interp_gil_runtime_state: 15,
+    interp_gil_locked: 17,
+    interp_gil_holder: 18,
+    tstate_next: 23,
+    tstate_interp: 24,
+    tstate_current_frame: 25,
+    tstate_thread_id: 26,
+    tstate_native_thread_id: 27,
+    frame_previous: 31,
+    frame_executable: 32,
+    frame_instr_ptr: 33,
+    frame_localsplus: 34,
+    frame_owner: 35,
+    code_filename: 39,
+    code_name: 40,
+    code_qualname: 41,
+    code_linetable: 42,
+    code_firstlineno: 43,
+    code_argcount: 44,
+    code_localsplusnames: 45,
+    code_localspluskinds: 46,
+    code_code_adaptive: 47,
+    pyobject_ob_type: 50,
+    tuple_ob_item: 56,
+    list_ob_item: 59,
+    float_ob_fval: 69,
+    unicode_asciiobject_size: 79,
+    words: 94,
+};
 
 /// Reads the version and offsets from the `_Py_DebugOffsets` structure at the
 /// start of `_PyRuntime` (CPython 3.13+). Fields the structure does not
@@ -585,50 +681,58 @@ pub fn from_debug_offsets(bytes: &[u8]) -> Result<(PythonVersion, VersionInfo), 
             .get(at..at + 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
     };
-    let version = PythonVersion::from_hex(word(debug313::VERSION).unwrap_or(0) as u32);
-    match version.minor_version() {
-        (3, 13) => {}
+    let version = PythonVersion::from_hex(word(DEBUG_VERSION).unwrap_or(0) as u32);
+    let (index, mut info) = match version.minor_version() {
+        (3, 13) => (&DEBUG313, PY313),
+        (3, 14) => (&DEBUG314, PY314),
         _ => return Err(DebugOffsetsError::UnknownLayout(version.to_string())),
-    }
-    if bytes.len() < 8 + debug313::WORDS * 8 {
+    };
+    if bytes.len() < 8 + index.words * 8 {
         return Err(DebugOffsetsError::Truncated(bytes.len()));
     }
     let w = |i| word(i).expect("length checked");
-    if w(debug313::FREE_THREADED) != 0 {
+    if w(DEBUG_FREE_THREADED) != 0 {
         return Err(DebugOffsetsError::FreeThreaded);
     }
-    let mut info = PY313;
+    if (
+        w(index.pyobject_ob_type),
+        w(index.list_ob_item),
+        w(index.float_ob_fval),
+    ) != (8, 24, 16)
+    {
+        return Err(DebugOffsetsError::UnknownLayout(version.to_string()));
+    }
     let o = &mut info.offsets;
-    o.runtime_interpreters_head = w(debug313::RUNTIME_INTERPRETERS_HEAD);
-    o.interp_next = w(debug313::INTERP_NEXT);
-    o.interp_threads_head = w(debug313::INTERP_THREADS_HEAD);
-    let gil_struct = w(debug313::INTERP_GIL_RUNTIME_STATE);
+    o.runtime_interpreters_head = w(index.runtime_interpreters_head);
+    o.interp_next = w(index.interp_next);
+    o.interp_threads_head = w(index.interp_threads_head);
+    let gil_struct = w(index.interp_gil_runtime_state);
     o.gil = GilLocation::InterpPointer {
-        pointer: w(debug313::INTERP_CEVAL_GIL),
-        last_holder: w(debug313::INTERP_GIL_HOLDER).wrapping_sub(gil_struct),
-        locked: w(debug313::INTERP_GIL_LOCKED).wrapping_sub(gil_struct),
+        pointer: w(index.interp_ceval_gil),
+        last_holder: w(index.interp_gil_holder).wrapping_sub(gil_struct),
+        locked: w(index.interp_gil_locked).wrapping_sub(gil_struct),
     };
-    o.tstate_next = w(debug313::TSTATE_NEXT);
-    o.tstate_interp = w(debug313::TSTATE_INTERP);
-    o.tstate_frame = FrameLink::Direct(w(debug313::TSTATE_CURRENT_FRAME));
-    o.tstate_thread_id = w(debug313::TSTATE_THREAD_ID);
-    o.tstate_native_thread_id = Some(w(debug313::TSTATE_NATIVE_THREAD_ID));
-    o.frame_previous = w(debug313::FRAME_PREVIOUS);
-    o.frame_code = w(debug313::FRAME_EXECUTABLE);
-    o.frame_instruction = w(debug313::FRAME_INSTR_PTR);
-    o.frame_localsplus = w(debug313::FRAME_LOCALSPLUS);
-    o.frame_owner = Some(w(debug313::FRAME_OWNER));
-    o.code_filename = w(debug313::CODE_FILENAME);
-    o.code_name = w(debug313::CODE_NAME);
-    o.code_qualname = Some(w(debug313::CODE_QUALNAME));
-    o.code_linetable = w(debug313::CODE_LINETABLE);
-    o.code_firstlineno = w(debug313::CODE_FIRSTLINENO);
-    o.code_argcount = w(debug313::CODE_ARGCOUNT);
-    o.code_varnames = w(debug313::CODE_LOCALSPLUSNAMES);
-    o.code_localspluskinds = Some(w(debug313::CODE_LOCALSPLUSKINDS));
-    o.code_code_adaptive = Some(w(debug313::CODE_CODE_ADAPTIVE));
-    o.tuple_items = w(debug313::TUPLE_OB_ITEM);
-    let ascii = w(debug313::UNICODE_ASCIIOBJECT_SIZE);
+    o.tstate_next = w(index.tstate_next);
+    o.tstate_interp = w(index.tstate_interp);
+    o.tstate_frame = FrameLink::Direct(w(index.tstate_current_frame));
+    o.tstate_thread_id = w(index.tstate_thread_id);
+    o.tstate_native_thread_id = Some(w(index.tstate_native_thread_id));
+    o.frame_previous = w(index.frame_previous);
+    o.frame_code = w(index.frame_executable);
+    o.frame_instruction = w(index.frame_instr_ptr);
+    o.frame_localsplus = w(index.frame_localsplus);
+    o.frame_owner = Some(w(index.frame_owner));
+    o.code_filename = w(index.code_filename);
+    o.code_name = w(index.code_name);
+    o.code_qualname = Some(w(index.code_qualname));
+    o.code_linetable = w(index.code_linetable);
+    o.code_firstlineno = w(index.code_firstlineno);
+    o.code_argcount = w(index.code_argcount);
+    o.code_varnames = w(index.code_localsplusnames);
+    o.code_localspluskinds = Some(w(index.code_localspluskinds));
+    o.code_code_adaptive = Some(w(index.code_code_adaptive));
+    o.tuple_items = w(index.tuple_ob_item);
+    let ascii = w(index.unicode_asciiobject_size);
     o.unicode_ascii_data = ascii;
     o.unicode_compact_data = ascii + 16;
     Ok((version, info))
@@ -647,6 +751,16 @@ mod tests {
         32, 40, 24, 16, 32, 16, 24, 40, 16, 32, 64, 32, 16, 40, 240, 200,
     ];
 
+    /// The 3.14.10 `_Py_DebugOffsets` words as read from Debian sid's
+    /// stripped python3.14 (after the cookie).
+    const PY31410_WORDS: [u64; 94] = [
+        0x030e0af0, 0, 316616, 784, 808, 225864, 7280, 7272, 7344, 7360, 7408, 7688, 7672, 7680,
+        16, 7784, 0, 7800, 7792, 7992, 0, 832, 0, 8, 16, 72, 152, 160, 232, 32, 88, 8, 0, 56, 80,
+        74, 64, 0, 216, 112, 120, 128, 136, 68, 52, 96, 104, 208, 0, 16, 8, 416, 24, 88, 168, 40,
+        32, 16, 40, 24, 16, 200, 24, 40, 32, 48, 32, 40, 24, 16, 32, 16, 24, 40, 16, 32, 64, 32,
+        16, 40, 264, 192, 160, 24, 72, 67, 0, 8, 24, 304, 8076, 0, 4, 512,
+    ];
+
     fn debug_bytes(words: &[u64]) -> Vec<u8> {
         let mut bytes = DEBUG_OFFSETS_COOKIE.to_vec();
         for w in words {
@@ -660,6 +774,24 @@ mod tests {
         let (version, info) = from_debug_offsets(&debug_bytes(&PY3130_WORDS)).unwrap();
         assert_eq!(version.to_string(), "3.13.0");
         assert_eq!(info, PY313);
+    }
+
+    #[test]
+    fn debug_offsets_of_31410_agree_with_the_builtin_table() {
+        let (version, info) = from_debug_offsets(&debug_bytes(&PY31410_WORDS)).unwrap();
+        assert_eq!(version.to_string(), "3.14.10");
+        assert_eq!(info, PY314);
+    }
+
+    #[test]
+    fn a_field_list_that_does_not_fit_is_refused() {
+        // 3.14 bytes announced as 3.13: the check fields do not line up.
+        let mut words = PY31410_WORDS;
+        words[0] = 0x030d00f0;
+        assert!(matches!(
+            from_debug_offsets(&debug_bytes(&words)),
+            Err(DebugOffsetsError::UnknownLayout(_))
+        ));
     }
 
     #[test]
@@ -679,7 +811,7 @@ mod tests {
             from_debug_offsets(&debug_bytes(&words)),
             Err(DebugOffsetsError::FreeThreaded)
         );
-        words[0] = 0x030e00f0;
+        words[0] = 0x030f00f0;
         assert!(matches!(
             from_debug_offsets(&debug_bytes(&words)),
             Err(DebugOffsetsError::UnknownLayout(_))

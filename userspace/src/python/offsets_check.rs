@@ -370,7 +370,12 @@ fn debug_offsets_of_313_agree_with_table_and_dwarf() {
     // the _Py_DebugOffsets the process starts with.
     let runtime = image.symbol("_PyRuntime").unwrap();
     let at = image.vaddr_to_file_offset(runtime.vaddr).unwrap();
-    let raw = image.bytes_at(at, offsets::DEBUG_OFFSETS_SIZE).unwrap();
+    let raw = image
+        .bytes_at(
+            at,
+            offsets::debug_offsets_size(&version::detect(&image).unwrap()),
+        )
+        .unwrap();
     let (version, from_debug) = offsets::from_debug_offsets(raw).unwrap();
     assert_eq!(version.to_string(), "3.13.0");
     assert_eq!(

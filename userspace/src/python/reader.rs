@@ -263,7 +263,10 @@ impl<M: Memory> Target<M> {
         known: KnownObjects,
     ) -> Result<Self, ReadError> {
         let (version, info, offsets_source) = if version.minor_version() >= (3, 13) {
-            let bytes = mem.read_vec(runtime, offsets::DEBUG_OFFSETS_SIZE)?;
+            let header = mem.read_vec(runtime, offsets::DEBUG_OFFSETS_HEADER)?;
+            let hex = u64::from_le_bytes(header[8..16].try_into().expect("16 bytes"));
+            let size = offsets::debug_offsets_size(&PythonVersion::from_hex(hex as u32));
+            let bytes = mem.read_vec(runtime, size)?;
             match offsets::from_debug_offsets(&bytes) {
                 Ok((v, info)) => (v, info, "_Py_DebugOffsets"),
                 Err(_) => (
