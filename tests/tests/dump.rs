@@ -12,7 +12,7 @@ use pyprobe::{
     dump::{self, DumpOptions},
     python::values::Bounds,
 };
-use pyprobe_tests::{Fixture, fixture_path, for_each_interpreter, pyprobe_bin};
+use pyprobe_tests::{Fixture, Origin, fixture_path, for_each_interpreter, pyprobe_bin};
 
 fn options(pid: u32, locals: bool) -> DumpOptions {
     DumpOptions {
@@ -53,6 +53,16 @@ fn dump_matches_sys_current_frames_and_locals() {
         let mut fixture = Fixture::start(interp, "stacks.py", &[])?;
         let expected: serde_json::Value = serde_json::from_str(&fixture.call("frames", "{")?)?;
         let dump = dump::read(&options(fixture.pid(), true))?;
+        // Offsets come from the best source the build has: what the process
+        // publishes (3.13+), else DWARF (pyenv), else the built-in table.
+        let source = if interp.minor() >= (3, 13) {
+            "_Py_DebugOffsets"
+        } else if interp.origin == Origin::Pyenv {
+            "DWARF"
+        } else {
+            "built-in table"
+        };
+        ensure!(dump.offsets == source, "offsets from {}", dump.offsets);
         ensure!(
             dump.threads.len() == 4,
             "expected 4 threads, got {}",

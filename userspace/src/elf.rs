@@ -88,6 +88,27 @@ pub struct LoadSegment {
     pub memsz: u64,
 }
 
+/// One section header (`Elf64_Shdr`), decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    /// Section name, e.g. `.rodata` (lossy UTF-8; empty if unreadable).
+    pub name: String,
+    /// `sh_addr`: link-time virtual address (0 if not loaded).
+    pub vaddr: u64,
+    /// `sh_offset`.
+    pub offset: u64,
+    /// `sh_size`.
+    pub size: u64,
+    /// `SHF_ALLOC`: occupies memory at run time.
+    pub alloc: bool,
+    /// `SHF_EXECINSTR`: machine code.
+    pub exec: bool,
+    /// `SHF_WRITE`.
+    pub write: bool,
+    /// Whether the bytes are in the file (not `SHT_NOBITS`, i.e. not `.bss`).
+    pub file_backed: bool,
+}
+
 /// An ELF file read into memory, with its load segments indexed.
 pub struct ElfImage {
     path: PathBuf,
@@ -179,6 +200,162 @@ impl ElfImage {
             vaddr,
             path: self.path.clone(),
         })
+    }
+
+    /// The GNU build-id (the `NT_GNU_BUILD_ID` note), if the file has a
+    /// non-empty one.
+    pub fn build_id(&self) -> Option<&[u8]> {
+        let elf = parse(&self.path, &self.data).ok()?;
+        elf.build_id().ok().flatten().filter(|id| !id.is_empty())
+    }
+
+    /// `e_machine` (62 is `EM_X86_64`).
+    pub fn machine(&self) -> u16 {
+        use object::read::elf::FileHeader as _;
+        parse(&self.path, &self.data)
+            .map(|elf| elf.elf_header().e_machine(elf.endian()))
+            .unwrap_or(object::elf::EM_NONE)
+    }
+
+    /// Every section header, in file order.
+    pub fn sections(&self) -> Result<Vec<Section>, ElfError> {
+        use object::read::elf::SectionHeader as _;
+        let elf = parse(&self.path, &self.data)?;
+        let endian = elf.endian();
+        let table = elf.elf_section_table();
+        Ok(table
+            .iter()
+            .map(|sh| {
+                let flags = sh.sh_flags(endian);
+                Section {
+                    name: table
+                        .section_name(endian, sh)
+                        .map(|n| String::from_utf8_lossy(n).into_owned())
+                        .unwrap_or_default(),
+                    vaddr: sh.sh_addr(endian),
+                    offset: sh.sh_offset(endian),
+                    size: sh.sh_size(endian),
+                    alloc: flags & u64::from(object::elf::SHF_ALLOC) != 0,
+                    exec: flags & u64::from(object::elf::SHF_EXECINSTR) != 0,
+                    write: flags & u64::from(object::elf::SHF_WRITE) != 0,
+                    file_backed: sh.sh_type(endian) != object::elf::SHT_NOBITS,
+                }
+            })
+            .collect())
+    }
+
+    /// Every defined symbol of `.dynsym` then `.symtab` whose name satisfies
+    /// `keep` (a name in both tables appears twice).
+    pub fn symbols_where(
+        &self,
+        mut keep: impl FnMut(&str) -> bool,
+    ) -> Result<Vec<Symbol>, ElfError> {
+        let elf = parse(&self.path, &self.data)?;
+        let tables = [
+            (SymbolSource::Dynsym, elf.dynamic_symbols()),
+            (SymbolSource::Symtab, elf.symbols()),
+        ];
+        let mut found = Vec::new();
+        for (source, symbols) in tables {
+            for sym in symbols {
+                if sym.is_undefined() || sym.kind() == SymbolKind::Section {
+                    continue;
+                }
+                if let Ok(name) = sym.name()
+                    && keep(name)
+                {
+                    found.push(Symbol {
+                        name: name.to_owned(),
+                        vaddr: sym.address(),
+                        size: sym.size(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The x86-64 `R_X86_64_RELATIVE` dynamic relocations, as
+    /// `(r_offset, r_addend)` sorted by offset: in a PIE or shared object, a
+    /// pointer stored in data is zero in the file and its link-time value is
+    /// the addend. Read from every allocated `SHT_RELA` section (`.rela.dyn`).
+    /// Packed `.relr.dyn` relocations are not listed: they keep the
+    /// link-time value in the file itself.
+    pub fn relative_relocations(&self) -> Result<Vec<(u64, u64)>, ElfError> {
+        use object::read::elf::{Rela as _, SectionHeader as _};
+        let elf = parse(&self.path, &self.data)?;
+        let endian = elf.endian();
+        let mut relocations = Vec::new();
+        for sh in elf.elf_section_table().iter() {
+            if sh.sh_flags(endian) & u64::from(object::elf::SHF_ALLOC) == 0 {
+                continue;
+            }
+            let entries =
+                sh.rela(endian, self.data.as_slice())
+                    .map_err(|source| ElfError::Parse {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+            let Some((entries, _symbols)) = entries else {
+                continue;
+            };
+            relocations.extend(
+                entries
+                    .iter()
+                    .filter(|r| r.r_type(endian, false) == object::elf::R_X86_64_RELATIVE)
+                    .map(|r| (r.r_offset(endian), r.r_addend(endian) as u64)),
+            );
+        }
+        relocations.sort_unstable();
+        Ok(relocations)
+    }
+
+    /// The code ranges `[start, end)` of the `.eh_frame` FDEs, sorted: one per
+    /// contiguous piece of a function (GCC gives a function's `.cold` part its
+    /// own FDE). Best effort: parsing stops at the first malformed entry, and
+    /// a file without `.eh_frame` yields an empty list.
+    pub fn unwind_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        use gimli::UnwindSection as _;
+        let Ok(sections) = self.sections() else {
+            return Vec::new();
+        };
+        let find = |name: &str| sections.iter().find(|s| s.name == name && s.file_backed);
+        let Some(eh) = find(".eh_frame") else {
+            return Vec::new();
+        };
+        let Some(data) = usize::try_from(eh.size)
+            .ok()
+            .and_then(|len| self.bytes_at(eh.offset, len))
+        else {
+            return Vec::new();
+        };
+        let endian = match parse(&self.path, &self.data).map(|e| e.is_little_endian()) {
+            Ok(false) => gimli::RunTimeEndian::Big,
+            _ => gimli::RunTimeEndian::Little,
+        };
+        let eh_frame = gimli::EhFrame::new(data, endian);
+        let mut bases = gimli::BaseAddresses::default().set_eh_frame(eh.vaddr);
+        if let Some(text) = find(".text") {
+            bases = bases.set_text(text.vaddr);
+        }
+        let mut ranges = Vec::new();
+        let mut entries = eh_frame.entries(&bases);
+        while let Ok(Some(entry)) = entries.next() {
+            if let gimli::CieOrFde::Fde(partial) = entry {
+                let Ok(fde) = partial.parse(gimli::EhFrame::cie_from_offset) else {
+                    break;
+                };
+                let start = fde.initial_address();
+                if let Some(end) = start.checked_add(fde.len())
+                    && end > start
+                {
+                    ranges.push(start..end);
+                }
+            }
+        }
+        ranges.sort_unstable_by_key(|r| (r.start, r.end));
+        ranges
     }
 
     /// The whole file.

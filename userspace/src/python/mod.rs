@@ -5,7 +5,9 @@ pub mod dwarf;
 pub mod linetable;
 pub mod memory;
 pub mod offsets;
+pub mod offsets_dwarf;
 pub mod reader;
+pub mod start_sites;
 pub mod values;
 pub mod version;
 

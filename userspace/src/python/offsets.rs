@@ -15,7 +15,7 @@
 use super::version::PythonVersion;
 
 /// How a thread state reaches its current frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum FrameLink {
     /// `tstate->frame` / `tstate->current_frame` at this offset.
     Direct(u64),
@@ -30,7 +30,7 @@ pub enum FrameLink {
 }
 
 /// Where the GIL's state lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum GilLocation {
     /// Inside `_PyRuntime` (`ceval.gil`, up to 3.11): absolute offsets of
     /// `last_holder` and `locked` from `_PyRuntime`.
@@ -105,6 +105,39 @@ pub enum DictKeysModel {
     Log2,
 }
 
+/// Opcode numbers of the instructions that start a Python function (3.11+):
+/// where `start_sites` attaches, in the computed-goto dispatch table.
+/// Names are CPython's opcode names; verified against each build's `opcode`
+/// module by `python::start_sites`' tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeOpcodes {
+    /// `RESUME`: the first instruction of every function (and of each
+    /// generator resumption).
+    pub resume: u8,
+    /// `RESUME_QUICK` (3.11 only): what `RESUME` becomes once the code is
+    /// quickened.
+    pub quick: Option<u8>,
+    /// `RESUME_CHECK` (3.13+): the specialized `RESUME`.
+    pub check: Option<u8>,
+    /// `INSTRUMENTED_RESUME` (3.12+): replaces `RESUME` only while
+    /// `sys.monitoring` or `sys.settrace` is active.
+    pub instrumented: Option<u8>,
+}
+
+impl ResumeOpcodes {
+    /// `(opcode name, number)` of every member, `RESUME` first.
+    pub fn all(&self) -> impl Iterator<Item = (&'static str, u8)> + use<> {
+        [
+            ("RESUME", Some(self.resume)),
+            ("RESUME_QUICK", self.quick),
+            ("RESUME_CHECK", self.check),
+            ("INSTRUMENTED_RESUME", self.instrumented),
+        ]
+        .into_iter()
+        .filter_map(|(name, opcode)| Some((name, opcode?)))
+    }
+}
+
 /// Behaviour flags that are not plain offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -124,11 +157,14 @@ pub struct Layout {
     /// Whether the line table is `co_lnotab` (≤3.9), the 3.10 table, or the
     /// 3.11+ location table.
     pub line_table: super::linetable::LineTableFormat,
+    /// The RESUME-family opcodes (3.11+); `None` for 3.8-3.10, where every
+    /// function start enters `_PyEval_EvalFrameDefault`.
+    pub resume_opcodes: Option<ResumeOpcodes>,
 }
 
 /// Field offsets, named after CPython's fields. `None` where a version does
 /// not have the field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Offsets {
     /// `_PyRuntime.interpreters.head`.
     pub runtime_interpreters_head: u64,
@@ -254,6 +290,7 @@ const fn layout_38_310(instruction: InstructionModel, line_table: LineTableForma
         dict_keys: DictKeysModel::Sized,
         stackref_mask: !0,
         line_table,
+        resume_opcodes: None,
     }
 }
 
@@ -262,6 +299,7 @@ const fn layout_311_plus(
     entry_frames: EntryFrames,
     long: LongModel,
     stackref_mask: u64,
+    resume_opcodes: ResumeOpcodes,
 ) -> Layout {
     Layout {
         frame_model: FrameModel::Interpreter,
@@ -271,6 +309,7 @@ const fn layout_311_plus(
         dict_keys: DictKeysModel::Log2,
         stackref_mask,
         line_table: LineTableFormat::Locations,
+        resume_opcodes: Some(resume_opcodes),
     }
 }
 
@@ -417,6 +456,12 @@ pub const PY311: VersionInfo = VersionInfo {
         EntryFrames::None,
         LongModel::ObSize,
         !0,
+        ResumeOpcodes {
+            resume: 151,
+            quick: Some(150),
+            check: None,
+            instrumented: None,
+        },
     ),
 };
 
@@ -443,6 +488,12 @@ pub const PY312: VersionInfo = VersionInfo {
         EntryFrames::OwnerAtLeast(3),
         LongModel::LvTag,
         !0,
+        ResumeOpcodes {
+            resume: 151,
+            quick: None,
+            check: None,
+            instrumented: Some(240),
+        },
     ),
 };
 
@@ -468,6 +519,12 @@ pub const PY313: VersionInfo = VersionInfo {
         EntryFrames::OwnerAtLeast(3),
         LongModel::LvTag,
         !0,
+        ResumeOpcodes {
+            resume: 149,
+            quick: None,
+            check: Some(207),
+            instrumented: Some(236),
+        },
     ),
 };
 
@@ -495,6 +552,12 @@ pub const PY314: VersionInfo = VersionInfo {
         EntryFrames::OwnerAtLeast(3),
         LongModel::LvTag,
         !3,
+        ResumeOpcodes {
+            resume: 128,
+            quick: None,
+            check: Some(196),
+            instrumented: Some(245),
+        },
     ),
 };
 

@@ -19,10 +19,14 @@ use super::{
         self, EntryFrames, FrameLink, FrameModel, GilLocation, InstructionModel, VersionInfo,
         common,
     },
+    offsets_dwarf,
     values::{Bounds, TypeKind, Value, is_secret_name},
     version::{self, PythonVersion, VersionError},
 };
-use crate::process::{self, ProcessError};
+use crate::{
+    elf::ElfImage,
+    process::{self, ProcessError},
+};
 
 /// Most frames walked per thread.
 pub const MAX_FRAMES: usize = 4096;
@@ -96,7 +100,8 @@ pub struct Target<M> {
     pub version: PythonVersion,
     /// Offsets and layout flags.
     pub info: VersionInfo,
-    /// Where the offsets came from (`_Py_DebugOffsets` or built-in table).
+    /// Where the offsets came from (`_Py_DebugOffsets`, DWARF or built-in
+    /// table).
     pub offsets_source: &'static str,
     /// Runtime address of `_PyRuntime`.
     pub runtime: u64,
@@ -131,6 +136,17 @@ pub struct CodeInfo {
     /// Raw line table.
     #[serde(skip)]
     pub line_table: Vec<u8>,
+}
+
+/// The names of a code object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CodeSummary {
+    /// `co_qualname` (3.11+), else `co_name`.
+    pub qualname: String,
+    /// `co_filename`.
+    pub filename: String,
+    /// `co_firstlineno`.
+    pub first_line: i32,
 }
 
 /// One Python frame.
@@ -194,6 +210,15 @@ impl<M: Memory> Target<M> {
     /// Like [`Target::attach`], reading memory through `wrap(process memory)`
     /// (e.g. a [`super::memory::Recorder`] to save a snapshot).
     pub fn attach_with(pid: u32, wrap: impl FnOnce(ProcessMemory) -> M) -> Result<Self, ReadError> {
+        Self::attach_with_image(pid, wrap).map(|(target, _)| target)
+    }
+
+    /// Like [`Target::attach_with`], also returning the interpreter's parsed
+    /// ELF file for callers that need more from it (probe sites).
+    pub fn attach_with_image(
+        pid: u32,
+        wrap: impl FnOnce(ProcessMemory) -> M,
+    ) -> Result<(Self, ElfImage), ReadError> {
         let (interp, image) = process::find_interpreter_image(pid)?;
         let file_version = version::detect(&image)?;
         let mem = wrap(ProcessMemory::open(pid)?);
@@ -215,9 +240,26 @@ impl<M: Memory> Target<M> {
                 known.types.insert((*name).to_owned(), addr);
             }
         }
-        let mut target = Self::new(mem, file_version, runtime, known)?;
+        // DWARF (when the build has it) is read once per build: the result
+        // is cached by build-id. A DWARF that lacks a field is not fatal:
+        // the built-in table is used and the reason logged.
+        let dwarf = if file_version.minor_version() >= (3, 13) {
+            None // _Py_DebugOffsets comes first; do not parse DWARF for nothing.
+        } else {
+            match offsets_dwarf::cached_from_elf(&image, &file_version) {
+                Ok(info) => info,
+                Err(e) => {
+                    log::warn!(
+                        "not using DWARF offsets of {}: {e}",
+                        interp.binary.display()
+                    );
+                    None
+                }
+            }
+        };
+        let mut target = Self::new_with_dwarf(mem, file_version, runtime, known, dwarf)?;
         target.interpreter = Some(interp);
-        Ok(target)
+        Ok((target, image))
     }
 }
 
@@ -262,6 +304,29 @@ impl<M: Memory> Target<M> {
         runtime: u64,
         known: KnownObjects,
     ) -> Result<Self, ReadError> {
+        Self::new_with_dwarf(mem, version, runtime, known, None)
+    }
+
+    /// Like [`Target::new`], with offsets read from the binary's DWARF (if
+    /// it has any) preferred over the built-in table. `_Py_DebugOffsets`,
+    /// which the running process itself publishes, still comes first.
+    pub fn new_with_dwarf(
+        mem: M,
+        version: PythonVersion,
+        runtime: u64,
+        known: KnownObjects,
+        dwarf: Option<VersionInfo>,
+    ) -> Result<Self, ReadError> {
+        let fallback = |version: PythonVersion| -> Result<_, ReadError> {
+            Ok(match dwarf {
+                Some(info) => (version, info, "DWARF"),
+                None => (
+                    version,
+                    offsets::builtin(&version).ok_or(VersionError::Unsupported { version })?,
+                    "built-in table",
+                ),
+            })
+        };
         let (version, info, offsets_source) = if version.minor_version() >= (3, 13) {
             let header = mem.read_vec(runtime, offsets::DEBUG_OFFSETS_HEADER)?;
             let hex = u64::from_le_bytes(header[8..16].try_into().expect("16 bytes"));
@@ -269,18 +334,13 @@ impl<M: Memory> Target<M> {
             let bytes = mem.read_vec(runtime, size)?;
             match offsets::from_debug_offsets(&bytes) {
                 Ok((v, info)) => (v, info, "_Py_DebugOffsets"),
-                Err(_) => (
-                    version,
-                    offsets::builtin(&version).ok_or(VersionError::Unsupported { version })?,
-                    "built-in table",
-                ),
+                Err(offsets::DebugOffsetsError::FreeThreaded) => {
+                    return Err(VersionError::FreeThreaded { version }.into());
+                }
+                Err(_) => fallback(version)?,
             }
         } else {
-            (
-                version,
-                offsets::builtin(&version).ok_or(VersionError::Unsupported { version })?,
-                "built-in table",
-            )
+            fallback(version)?
         };
         Ok(Target {
             mem,
@@ -586,6 +646,25 @@ impl<M: Memory> Target<M> {
         Ok(match self.known.types.get("PyCode_Type") {
             Some(&code_type) => ty == code_type,
             None => self.type_name(ty)? == "code",
+        })
+    }
+
+    /// Reads what names a code object (qualified name, file, first line),
+    /// without caching: callers that see code objects come and go keep their
+    /// own cache keyed by more than the address.
+    pub fn code_summary(&self, addr: u64) -> Result<CodeSummary, ReadError> {
+        let o = &self.info.offsets;
+        let name = self.read_str(self.mem.read_u64(addr.wrapping_add(o.code_name))?)?;
+        let qualname = match o.code_qualname {
+            Some(off) => self.read_str(self.mem.read_u64(addr.wrapping_add(off))?)?,
+            None => name,
+        };
+        let filename = self.read_str(self.mem.read_u64(addr.wrapping_add(o.code_filename))?)?;
+        let first_line = self.mem.read_i32(addr.wrapping_add(o.code_firstlineno))?;
+        Ok(CodeSummary {
+            qualname,
+            filename,
+            first_line,
         })
     }
 

@@ -89,6 +89,16 @@ pub enum VersionError {
         /// The version found.
         version: PythonVersion,
     },
+    /// A free-threaded (no-GIL) build, whose objects and threads pyprobe
+    /// cannot read yet.
+    #[error(
+        "CPython {version} is a free-threaded (no-GIL) build, which pyprobe does not support yet; \
+         use a default (GIL) build"
+    )]
+    FreeThreaded {
+        /// The version found.
+        version: PythonVersion,
+    },
 }
 
 /// Detects the CPython version of an interpreter binary.
