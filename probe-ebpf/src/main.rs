@@ -9,12 +9,16 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::ProbeContext,
 };
-use pyprobe_common::{MAX_PROCESSES, stats};
+use pyprobe_common::{
+    MAX_PROCESSES,
+    calls::{self, CallCounts, CodeKey, ProcessConfig},
+    stats,
+};
 
 /// Entries into `_PyEval_EvalFrameDefault`, per process (tgid), per CPU.
 #[map(name = "EVAL_ENTRIES")]
@@ -61,6 +65,183 @@ pub fn eval_entry(_ctx: ProbeContext) -> u32 {
         }
     }
     count_error(stats::EVAL_MAP_FULL);
+    0
+}
+
+/// Per-process knowledge for `call_start`, written by userspace.
+#[map(name = "CALL_CONFIG")]
+static CALL_CONFIG: HashMap<u32, ProcessConfig> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// Function starts and resumptions per code object, per CPU.
+#[map(name = "CALL_COUNTS")]
+static CALL_COUNTS: PerCpuHashMap<CodeKey, CallCounts> =
+    PerCpuHashMap::with_max_entries(calls::MAX_CODES, 0);
+
+/// Reads a `T` from the traced process. `None` if the address is not
+/// mapped (the kernel never faults on our behalf).
+#[inline(always)]
+fn read<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_user copies from user memory and fails cleanly
+    // on bad addresses; the pointer is never dereferenced directly.
+    unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// The first three integer arguments (rdi, rsi, rdx) at a function entry.
+/// Read with constant offsets, each volatile: the verifier rejects a context
+/// access whose offset is computed, which is what the compiler makes of
+/// `ctx.arg(n)` with `n` chosen at run time.
+#[inline(always)]
+fn args(ctx: &ProbeContext) -> (u64, u64, u64) {
+    let regs = ctx.regs;
+    // SAFETY: `regs` is the probe's pt_regs, valid for the whole run.
+    unsafe {
+        (
+            core::ptr::read_volatile(&(*regs).rdi),
+            core::ptr::read_volatile(&(*regs).rsi),
+            core::ptr::read_volatile(&(*regs).rdx),
+        )
+    }
+}
+
+/// The frame whose function is starting, found as the process config says.
+#[inline(always)]
+fn starting_frame(ctx: &ProbeContext, config: &ProcessConfig) -> Option<u64> {
+    match config.frame_mode {
+        calls::FRAME_ARG0 => Some(args(ctx).0),
+        calls::FRAME_ARG1 => Some(args(ctx).1),
+        _ => {
+            let tstate: u64 = if config.tstate_mode == calls::TSTATE_RUNTIME_CURRENT {
+                read(config.runtime.wrapping_add(config.runtime_tstate_current))?
+            } else {
+                let interp: u64 = read(
+                    config
+                        .runtime
+                        .wrapping_add(config.runtime_interpreters_head),
+                )?;
+                let gil: u64 = read(interp.wrapping_add(config.interp_gil))?;
+                read(gil.wrapping_add(config.gil_last_holder))?
+            };
+            let at: u64 = read(tstate.wrapping_add(config.tstate_frame))?;
+            if config.cframe_current_frame == u64::MAX {
+                Some(at)
+            } else {
+                read(at.wrapping_add(config.cframe_current_frame))
+            }
+        }
+    }
+}
+
+/// Reads the starting frame's code object and whether this is a start (as
+/// opposed to a resumption), then counts it.
+#[inline(always)]
+fn count_call(ctx: &ProbeContext) -> Result<(), u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the value is only read while this program runs; userspace
+    // replaces whole entries, never part of one.
+    let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
+    let frame = starting_frame(ctx, config).ok_or(stats::CALLS_UNREADABLE)?;
+    count_frame(tgid, config, frame, None)
+}
+
+/// Counts one start or resumption of `frame`'s code object; `resume` forces
+/// the kind, else the frame's instruction position decides.
+#[inline(always)]
+fn count_frame(
+    tgid: u32,
+    config: &ProcessConfig,
+    frame: u64,
+    resume: Option<bool>,
+) -> Result<(), u32> {
+    let code_word: u64 =
+        read(frame.wrapping_add(config.frame_code)).ok_or(stats::CALLS_UNREADABLE)?;
+    let code = code_word & config.code_mask;
+    let name: u64 = read(code.wrapping_add(config.code_name)).ok_or(stats::CALLS_UNREADABLE)?;
+    let firstlineno: u32 =
+        read(code.wrapping_add(config.code_firstlineno)).ok_or(stats::CALLS_UNREADABLE)?;
+    let start = if let Some(resume) = resume {
+        !resume
+    } else if config.start_mode == calls::START_LASTI_NEGATIVE {
+        let lasti: i32 =
+            read(frame.wrapping_add(config.frame_instruction)).ok_or(stats::CALLS_UNREADABLE)?;
+        lasti < 0
+    } else {
+        let ptr: u64 =
+            read(frame.wrapping_add(config.frame_instruction)).ok_or(stats::CALLS_UNREADABLE)?;
+        let first: i32 =
+            read(code.wrapping_add(config.code_firsttraceable)).ok_or(stats::CALLS_UNREADABLE)?;
+        let units = (ptr
+            .wrapping_add(config.instruction_bias)
+            .wrapping_sub(code.wrapping_add(config.code_adaptive)) as i64)
+            / 2;
+        units <= first as i64
+    };
+    let key = CodeKey {
+        tgid,
+        firstlineno,
+        code,
+        name,
+    };
+    for _ in 0..2 {
+        if let Some(counts) = CALL_COUNTS.get_ptr_mut(&key) {
+            // SAFETY: a per-CPU value of a successful lookup, valid and
+            // exclusively ours for this run (see `bump`).
+            unsafe {
+                if start {
+                    (*counts).starts += 1;
+                } else {
+                    (*counts).resumes += 1;
+                }
+            }
+            return Ok(());
+        }
+        let first = CallCounts {
+            starts: start as u64,
+            resumes: !start as u64,
+        };
+        if CALL_COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(stats::CALLS_MAP_FULL)
+}
+
+/// Uprobe at a site where Python functions start: `_PyEval_EvalFrameDefault`
+/// up to 3.10, the RESUME-family opcode handlers from 3.11. Counts one start
+/// or resumption for the starting frame's code object.
+#[uprobe]
+pub fn call_start(ctx: ProbeContext) -> u32 {
+    if let Err(index) = count_call(&ctx) {
+        count_error(index);
+    }
+    0
+}
+
+/// Uprobe on the entry of `_PyEval_EvalFrameDefault`, 3.11+: a generator
+/// or coroutine resumed by `throw()` or `close()` (throwflag set) continues
+/// in its exception handling without running a RESUME instruction, so it is
+/// counted here as a resumption. Other entries are left to `call_start`.
+#[uprobe]
+pub fn call_throw(ctx: ProbeContext) -> u32 {
+    let (_, frame, throwflag) = args(&ctx);
+    if throwflag as u32 == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: see `count_call`.
+    let Some(config) = (unsafe { CALL_CONFIG.get(&tgid) }) else {
+        count_error(stats::CALLS_NO_CONFIG);
+        return 0;
+    };
+    if let Err(index) = count_frame(tgid, config, frame, Some(true)) {
+        count_error(index);
+    }
+    0
+}
+
+/// An empty uprobe program: `cargo xtask bench` attaches it at the same
+/// sites as `call_start` to measure what the trap alone costs.
+#[uprobe]
+pub fn call_empty(_ctx: ProbeContext) -> u32 {
     0
 }
 

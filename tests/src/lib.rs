@@ -314,6 +314,81 @@ impl Drop for Fixture {
     }
 }
 
+/// A running `pyprobe` whose stderr is read line by line on a thread.
+pub struct Probe {
+    child: Child,
+    stderr: Receiver<String>,
+}
+
+impl Probe {
+    /// Starts `pyprobe args...` and waits until it prints a stderr line
+    /// containing "attached to PID" (or, under `--all`, "watching every"),
+    /// so everything a fixture does afterwards is seen.
+    pub fn start(args: &[&str]) -> anyhow::Result<Probe> {
+        let mut child = Command::new(pyprobe_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pyprobe")?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut probe = Probe { child, stderr: rx };
+        let mut seen = Vec::new();
+        loop {
+            let line = match probe.stderr.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => line,
+                Err(_) => {
+                    let status = probe.child.try_wait().ok().flatten();
+                    bail!(
+                        "pyprobe did not say it attached (status {status:?}); stderr: {}",
+                        seen.join("\n")
+                    );
+                }
+            };
+            let ready = line.contains("attached to PID") || line.contains("watching every");
+            seen.push(line);
+            if ready {
+                return Ok(probe);
+            }
+        }
+    }
+
+    /// Process ID of pyprobe.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next stderr line, if one comes within `timeout`.
+    pub fn stderr_line(&self, timeout: Duration) -> Option<String> {
+        self.stderr.recv_timeout(timeout).ok()
+    }
+
+    /// Sends SIGINT (Ctrl-C).
+    pub fn interrupt(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+    }
+
+    /// Waits for pyprobe to exit; returns (success, stdout, rest of stderr).
+    pub fn finish(self) -> anyhow::Result<(bool, String, String)> {
+        let out = self.child.wait_with_output()?;
+        let stderr: Vec<String> = self.stderr.try_iter().collect();
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            stderr.join("\n"),
+        ))
+    }
+}
+
 /// The `pyprobe` executable to test: `$PYPROBE_BIN` (set by `cargo xtask
 /// test`), else the one beside the test binary in the target directory.
 pub fn pyprobe_bin() -> PathBuf {

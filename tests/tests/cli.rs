@@ -4,60 +4,14 @@
 //! Needs root (run through `cargo xtask test`).
 
 use std::{
-    io::{BufRead, BufReader},
     os::unix::process::CommandExt,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     thread,
     time::Duration,
 };
 
 use anyhow::{Context, bail, ensure};
-use pyprobe_tests::{Fixture, for_each_interpreter, pyprobe_bin};
-
-/// A running `pyprobe` whose stderr is read line by line on a thread.
-struct Probe {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Probe {
-    /// Starts `pyprobe args...` and waits until it says it is attached, so
-    /// everything the fixture does afterwards is counted.
-    fn attach(args: &[&str]) -> anyhow::Result<Probe> {
-        let mut child = Command::new(pyprobe_bin())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting pyprobe")?;
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let probe = Probe { child, stderr: rx };
-        let first = probe
-            .stderr
-            .recv_timeout(Duration::from_secs(30))
-            .context("pyprobe printed nothing on stderr")?;
-        ensure!(first.contains("attached to PID"), "unexpected: {first}");
-        Ok(probe)
-    }
-
-    /// Waits for pyprobe to exit; returns (success, stdout, rest of stderr).
-    fn finish(self) -> anyhow::Result<(bool, String, String)> {
-        let out = self.child.wait_with_output()?;
-        let stderr: Vec<String> = self.stderr.try_iter().collect();
-        Ok((
-            out.status.success(),
-            String::from_utf8(out.stdout)?,
-            stderr.join("\n"),
-        ))
-    }
-}
+use pyprobe_tests::{Fixture, Probe, for_each_interpreter, pyprobe_bin};
 
 #[test]
 fn entries_json_total_is_exact_and_ctrl_c_prints_it() {
@@ -66,12 +20,12 @@ fn entries_json_total_is_exact_and_ctrl_c_prints_it() {
         |interp| {
             let mut fixture = Fixture::start(interp, "map_calls.py", &[])?;
             let pid = fixture.pid().to_string();
-            let probe = Probe::attach(&["entries", "--json", "--interval", "0.2", "--pid", &pid])?;
+            let probe = Probe::start(&["entries", "--json", "--interval", "0.2", "--pid", &pid])?;
             fixture.call("2500", "done 2500")?;
             // Let at least one interval report pass, then Ctrl-C.
             thread::sleep(Duration::from_millis(500));
             // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(probe.child.id() as i32, libc::SIGINT) };
+            unsafe { libc::kill(probe.pid() as i32, libc::SIGINT) };
             let (ok, stdout, stderr) = probe.finish()?;
             ensure!(ok, "pyprobe failed: {stderr}");
             let docs: Vec<serde_json::Value> = stdout
@@ -112,7 +66,7 @@ fn entries_table_stops_when_the_target_exits() {
     let interp = &found.supported[0];
     let mut fixture = Fixture::start(interp, "map_calls.py", &[]).unwrap();
     let pid = fixture.pid().to_string();
-    let probe = Probe::attach(&["entries", "--interval", "0.2", "--pid", &pid]).unwrap();
+    let probe = Probe::start(&["entries", "--interval", "0.2", "--pid", &pid]).unwrap();
     fixture.call("321", "done 321").unwrap();
     fixture.send("quit").unwrap();
     let (ok, stdout, stderr) = probe.finish().unwrap();

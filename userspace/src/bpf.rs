@@ -11,10 +11,13 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{UProbe, uprobe::UProbeScope},
 };
-use pyprobe_common::{names, stats};
+use pyprobe_common::{
+    calls::{CallCounts, CodeKey, ProcessConfig},
+    names, stats,
+};
 
 use crate::{privileges, process::Interpreter};
 
@@ -170,40 +173,212 @@ impl EvalEntryCounter {
 
     /// What could not be counted so far.
     pub fn losses(&self) -> Result<Losses, BpfError> {
-        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+        Ok(Losses {
+            map_full: read_stat(&self.ebpf, stats::EVAL_MAP_FULL)?,
+            recursion_misses: recursion_misses(&self.ebpf, names::PROG_EVAL_ENTRY),
+        })
+    }
+}
+
+/// What the call counter could not count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CallLosses {
+    /// Starts not counted because the per-code map was full.
+    pub map_full: u64,
+    /// Starts in processes not (yet) configured, e.g. started a moment ago
+    /// under `--all`.
+    pub unconfigured: u64,
+    /// Starts whose frame or code object could not be read.
+    pub unreadable: u64,
+    /// Program runs the kernel skipped (another BPF program was running on
+    /// that CPU).
+    pub recursion_misses: u64,
+}
+
+impl CallLosses {
+    /// Sum of all losses.
+    pub fn total(&self) -> u64 {
+        self.map_full + self.unconfigured + self.unreadable + self.recursion_misses
+    }
+}
+
+/// The programs of the call counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallProgram {
+    /// `call_start`: at every function-start site.
+    Start,
+    /// `call_throw`: at the entry of `_PyEval_EvalFrameDefault` (3.11+),
+    /// for generators resumed by `throw()`/`close()`.
+    Throw,
+    /// `call_empty`: does nothing (benchmarks: the cost of the trap alone).
+    Empty,
+}
+
+/// Counts Python function starts per code object, in the kernel.
+pub struct CallCounter {
+    ebpf: Ebpf,
+}
+
+impl CallCounter {
+    /// Checks privileges and loads the `call_start` program (not attached).
+    pub fn load() -> Result<Self, BpfError> {
+        privileges::check()?;
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(BpfError::Load)?;
+        for name in [
+            names::PROG_CALL_START,
+            names::PROG_CALL_THROW,
+            names::PROG_CALL_EMPTY,
+        ] {
+            uprobe_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Tells the program how to read process `pid` (replaces any earlier
+    /// configuration).
+    pub fn configure(&mut self, pid: u32, config: &ProcessConfig) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> = BpfHashMap::try_from(
             self.ebpf
-                .map(names::MAP_STATS)
-                .ok_or(BpfError::Missing("STATS map"))?,
+                .map_mut(names::MAP_CALL_CONFIG)
+                .ok_or(BpfError::Missing("CALL_CONFIG map"))?,
         )
         .map_err(|source| BpfError::Map {
-            name: names::MAP_STATS,
+            name: names::MAP_CALL_CONFIG,
             source,
         })?;
-        let map_full = map
-            .get(&stats::EVAL_MAP_FULL, 0)
-            .map_err(|source| BpfError::Map {
-                name: names::MAP_STATS,
-                source,
-            })?
-            .iter()
-            .sum();
-        Ok(Losses {
-            map_full,
-            recursion_misses: self.recursion_misses(),
+        map.insert(pid, config, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_CALL_CONFIG,
+            source,
         })
     }
 
-    fn recursion_misses(&self) -> u64 {
-        let Some(program) = self.ebpf.program(names::PROG_EVAL_ENTRY) else {
-            return 0;
-        };
-        let Ok(fd) = program.fd() else { return 0 };
-        let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| fdinfo_field(&text, "recursion_misses"))
-            .unwrap_or(0)
+    /// Forgets a process that exited.
+    pub fn forget(&mut self, pid: u32) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut(names::MAP_CALL_CONFIG)
+                .ok_or(BpfError::Missing("CALL_CONFIG map"))?,
+        )
+        .map_err(|source| BpfError::Map {
+            name: names::MAP_CALL_CONFIG,
+            source,
+        })?;
+        let _ = map.remove(&pid);
+        Ok(())
     }
+
+    /// Attaches `program` at `file_offset` of `interp`'s ELF file, for one
+    /// process (`Some(pid)`) or for every process that maps the file,
+    /// including ones started later (`None`).
+    pub fn attach(
+        &mut self,
+        program: CallProgram,
+        interp: &Interpreter,
+        file_offset: u64,
+        pid: Option<u32>,
+    ) -> Result<(), BpfError> {
+        let scope = match pid {
+            Some(pid) => UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?),
+            None => UProbeScope::AllProcesses,
+        };
+        let name = match program {
+            CallProgram::Start => names::PROG_CALL_START,
+            CallProgram::Throw => names::PROG_CALL_THROW,
+            CallProgram::Empty => names::PROG_CALL_EMPTY,
+        };
+        uprobe_mut(&mut self.ebpf, name)?
+            .attach(file_offset, &interp.host_path, scope)
+            .map_err(|source| BpfError::Attach {
+                target: interp.host_path.display().to_string(),
+                pid: pid.unwrap_or(0),
+                offset: file_offset,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Counts so far, per code object (summed over CPUs): (starts, resumes).
+    pub fn counts(&self) -> Result<BTreeMap<CodeKey, CallCounts>, BpfError> {
+        let map: PerCpuHashMap<&MapData, CodeKey, CallCounts> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(names::MAP_CALL_COUNTS)
+                .ok_or(BpfError::Missing("CALL_COUNTS map"))?,
+        )
+        .map_err(|source| BpfError::Map {
+            name: names::MAP_CALL_COUNTS,
+            source,
+        })?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (key, per_cpu) = item.map_err(|source| BpfError::Map {
+                name: names::MAP_CALL_COUNTS,
+                source,
+            })?;
+            let mut sum = CallCounts::default();
+            for c in per_cpu.iter() {
+                sum.starts += c.starts;
+                sum.resumes += c.resumes;
+            }
+            out.insert(key, sum);
+        }
+        Ok(out)
+    }
+
+    /// What could not be counted so far.
+    pub fn losses(&self) -> Result<CallLosses, BpfError> {
+        let stat = |index| read_stat(&self.ebpf, index);
+        Ok(CallLosses {
+            map_full: stat(stats::CALLS_MAP_FULL)?,
+            unconfigured: stat(stats::CALLS_NO_CONFIG)?,
+            unreadable: stat(stats::CALLS_UNREADABLE)?,
+            recursion_misses: recursion_misses(&self.ebpf, names::PROG_CALL_START)
+                + recursion_misses(&self.ebpf, names::PROG_CALL_THROW),
+        })
+    }
+}
+
+fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program { name, source })
+}
+
+/// Sums one `STATS` counter over CPUs.
+fn read_stat(ebpf: &Ebpf, index: u32) -> Result<u64, BpfError> {
+    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+        ebpf.map(names::MAP_STATS)
+            .ok_or(BpfError::Missing("STATS map"))?,
+    )
+    .map_err(|source| BpfError::Map {
+        name: names::MAP_STATS,
+        source,
+    })?;
+    Ok(map
+        .get(&index, 0)
+        .map_err(|source| BpfError::Map {
+            name: names::MAP_STATS,
+            source,
+        })?
+        .iter()
+        .sum())
+}
+
+/// `recursion_misses` of a loaded program, from its fdinfo (aya does not
+/// expose it).
+fn recursion_misses(ebpf: &Ebpf, program: &str) -> u64 {
+    let Some(program) = ebpf.program(program) else {
+        return 0;
+    };
+    let Ok(fd) = program.fd() else { return 0 };
+    let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| fdinfo_field(&text, "recursion_misses"))
+        .unwrap_or(0)
 }
 
 /// Reads a numeric `name:\tvalue` line from an fdinfo text.

@@ -143,7 +143,7 @@ impl Reporter {
                     } else {
                         0.0
                     },
-                    alive: is_alive(t.pid),
+                    alive: process::is_alive(t.pid),
                 }
             })
             .collect();
@@ -158,16 +158,6 @@ impl Reporter {
         self.last_at = now;
         Ok(report)
     }
-}
-
-fn is_alive(pid: u32) -> bool {
-    // A zombie still has /proc/PID; its state letter is after the comm field.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-        })
-        .unwrap_or(false)
 }
 
 fn emit(report: &Report, json: bool) -> anyhow::Result<()> {
@@ -298,11 +288,5 @@ mod tests {
         assert_eq!(v["lost"]["map_full"], 0);
         assert_eq!(v["lost"]["recursion_misses"], 0);
         assert!(v["processes"].as_array().unwrap().is_empty());
-    }
-
-    #[test]
-    fn own_process_is_alive_and_unknown_pid_is_not() {
-        assert!(is_alive(std::process::id()));
-        assert!(!is_alive(99_999_999));
     }
 }

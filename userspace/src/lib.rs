@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod bpf;
+pub mod calls;
 pub mod dump;
 pub mod elf;
 pub mod entries;

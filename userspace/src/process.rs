@@ -201,6 +201,18 @@ pub struct Interpreter {
     pub eval_frame_offset: u64,
 }
 
+/// Whether a process is running (a zombie still has `/proc/PID` but is
+/// not).
+pub fn is_alive(pid: u32) -> bool {
+    // The state letter follows the comm field, which may contain ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+        })
+        .unwrap_or(false)
+}
+
 /// Finds the CPython interpreter of process `pid`: the executable or a mapped
 /// `libpython*` that defines `_PyEval_EvalFrameDefault`.
 pub fn find_interpreter(pid: u32) -> Result<Interpreter, ProcessError> {
@@ -289,6 +301,12 @@ fn host_view(pid: u32, path: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn own_process_is_alive_and_unknown_pid_is_not() {
+        assert!(super::is_alive(std::process::id()));
+        assert!(!super::is_alive(99_999_999));
+    }
+
     use super::*;
 
     #[test]

@@ -132,7 +132,8 @@ fn nightly_llvm() -> anyhow::Result<NightlyLlvm> {
     Ok(NightlyLlvm { major, library })
 }
 
-fn data_dir() -> anyhow::Result<PathBuf> {
+/// pyprobe's data directory: `${XDG_DATA_HOME:-~/.local/share}/pyprobe`.
+pub fn data_dir() -> anyhow::Result<PathBuf> {
     Ok(match std::env::var_os("XDG_DATA_HOME") {
         Some(dir) => PathBuf::from(dir),
         None => home()?.join(".local").join("share"),

@@ -1,0 +1,163 @@
+//! `pyprobe calls` against cProfile: for the same deterministic workload,
+//! run once under cProfile in a separate process and once in a process
+//! pyprobe watches, every function's count must equal cProfile's `ncalls`.
+//!
+//! Needs root (run through `cargo xtask test`).
+
+use std::{collections::BTreeMap, process::Command, thread, time::Duration};
+
+use anyhow::{Context, bail, ensure};
+use pyprobe_tests::{Fixture, Interpreter, Probe, fixture_path, for_each_interpreter};
+use serde_json::Value;
+
+/// cProfile's `[first_line, co_name, ncalls]` rows for the fixture's
+/// functions, from a separate run.
+fn cprofile_counts(interp: &Interpreter) -> anyhow::Result<BTreeMap<i64, (String, u64)>> {
+    let out = Command::new(&interp.path)
+        .arg(fixture_path("calls_workload.py"))
+        .arg("--profile")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .context("running the workload under cProfile")?;
+    ensure!(
+        out.status.success(),
+        "cProfile run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(i64, String, u64)> = serde_json::from_slice(&out.stdout)?;
+    Ok(rows.into_iter().map(|(l, n, c)| (l, (n, c))).collect())
+}
+
+/// Counts of the fixture's functions in pyprobe's final JSON report:
+/// first line -> (qualified name, calls, starts, resumes).
+type Counted = BTreeMap<i64, (String, u64, u64, u64)>;
+
+fn final_report(stdout: &str) -> anyhow::Result<Value> {
+    let docs: Vec<Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("every stdout line is one JSON document")?;
+    let last = docs.last().context("no report")?.clone();
+    ensure!(last["kind"] == "final", "last report is not final: {last}");
+    Ok(last)
+}
+
+fn fixture_rows(report: &Value, pid: u32) -> anyhow::Result<Counted> {
+    let mut counted = Counted::new();
+    for row in report["rows"].as_array().context("rows")? {
+        if row["pid"] != pid
+            || !row["file"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("fixtures/calls_workload.py")
+        {
+            continue;
+        }
+        let line = row["line"].as_i64().context("line")?;
+        let get = |k: &str| row[k].as_u64().with_context(|| format!("{k} in {row}"));
+        let previous = counted.insert(
+            line,
+            (
+                row["function"].as_str().unwrap_or("").to_owned(),
+                get("calls")?,
+                get("starts")?,
+                get("resumes")?,
+            ),
+        );
+        ensure!(previous.is_none(), "two rows for line {line}: {report}");
+    }
+    Ok(counted)
+}
+
+#[test]
+fn calls_equal_cprofile_ncalls() {
+    for_each_interpreter("calls_equal_cprofile_ncalls", |interp| {
+        let expected = cprofile_counts(interp)?;
+        ensure!(
+            expected.get(&27).map(|(n, c)| (n.as_str(), *c)) == Some(("fib", 2073)),
+            "the cProfile reference itself is off: {expected:?}"
+        );
+        let mut fixture = Fixture::start(interp, "calls_workload.py", &[])?;
+        let pid = fixture.pid().to_string();
+        let probe = Probe::start(&["calls", "--json", "--interval", "0.3", "--pid", &pid])?;
+        fixture.call("run", "done")?;
+        thread::sleep(Duration::from_millis(400));
+        probe.interrupt();
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "pyprobe failed: {stderr}");
+        let report = final_report(&stdout)?;
+        let lost = &report["lost"];
+        for field in ["map_full", "unconfigured", "unreadable", "recursion_misses"] {
+            ensure!(lost[field] == 0, "lost {field}: {lost}");
+        }
+        let counted = fixture_rows(&report, fixture.pid())?;
+
+        let mut mismatches = Vec::new();
+        for (line, (name, ncalls)) in &expected {
+            match counted.get(line) {
+                Some((function, calls, _, _)) if function.rsplit('.').next() == Some(name) => {
+                    if calls != ncalls {
+                        mismatches.push(format!(
+                            "{name} (line {line}): pyprobe {calls}, cProfile {ncalls}"
+                        ));
+                    }
+                }
+                Some((function, ..)) => mismatches.push(format!(
+                    "line {line}: pyprobe names it {function}, cProfile {name}"
+                )),
+                None => mismatches.push(format!(
+                    "{name} (line {line}): pyprobe has no count, cProfile {ncalls}"
+                )),
+            }
+        }
+        for (line, (function, calls, ..)) in &counted {
+            if !expected.contains_key(line) {
+                mismatches.push(format!(
+                    "{function} (line {line}): pyprobe {calls}, cProfile has no such function"
+                ));
+            }
+        }
+        if !mismatches.is_empty() {
+            bail!("{}", mismatches.join("; "));
+        }
+
+        // Starts and resumptions apart: plain functions only start; each
+        // generator object starts once and resumes at every later next().
+        let split = |line: i64| counted.get(&line).map(|(_, _, s, r)| (*s, *r));
+        ensure!(split(27) == Some((2073, 0)), "fib: {:?}", split(27));
+        ensure!(split(64) == Some((1, 6)), "coro_work: {:?}", split(64));
+        ensure!(split(60) == Some((6, 6)), "__await__: {:?}", split(60));
+        let (starts, _) = split(53).context("countdown")?;
+        ensure!(starts == 2, "countdown starts: {:?}", split(53));
+        Ok(())
+    });
+}
+
+#[test]
+fn calls_all_picks_up_a_process_started_later() {
+    for_each_interpreter("calls_all_picks_up_a_process_started_later", |interp| {
+        let probe = Probe::start(&["calls", "--all", "--json", "--interval", "0.2"])?;
+        let mut fixture = Fixture::start(interp, "calls_workload.py", &[])?;
+        let wanted = format!("watching PID {}:", fixture.pid());
+        loop {
+            let line = probe
+                .stderr_line(Duration::from_secs(10))
+                .with_context(|| format!("pyprobe never said {wanted:?}"))?;
+            if line.contains(&wanted) {
+                break;
+            }
+        }
+        fixture.call("run", "done")?;
+        thread::sleep(Duration::from_millis(300));
+        probe.interrupt();
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "pyprobe failed: {stderr}");
+        let counted = fixture_rows(&final_report(&stdout)?, fixture.pid())?;
+        let fib = counted
+            .get(&27)
+            .map(|(name, calls, ..)| (name.as_str(), *calls));
+        ensure!(fib == Some(("fib", 2073)), "fib: {fib:?}");
+        Ok(())
+    });
+}

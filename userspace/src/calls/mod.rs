@@ -1,0 +1,252 @@
+//! `pyprobe calls`: live, exact counts of Python function calls, counted in
+//! the kernel.
+//!
+//! A uprobe program (`call_start` in probe-ebpf) runs at every site where a
+//! Python function starts ([`crate::python::start_sites`]) and counts per
+//! (process, code object) in a per-CPU map. This module sets it up for each
+//! target ([`config`]), reads the aggregates every interval, names the code
+//! objects ([`symbols`]), and prints tables or JSON ([`report`]).
+
+pub mod config;
+pub mod report;
+pub mod symbols;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+
+use crate::{
+    bpf::{CallCounter, CallProgram},
+    process::{self, ProcessError},
+    python::{
+        offsets::FrameModel,
+        reader::{ReadError, Target},
+        start_sites,
+    },
+};
+
+use report::{Reporter, emit};
+use symbols::Symbols;
+
+/// How often new code objects are named (at most; reports may be rarer).
+const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Options of `pyprobe calls`.
+#[derive(Debug, Clone)]
+pub struct CallsOptions {
+    /// Processes to watch.
+    pub pids: Vec<u32>,
+    /// Watch every Python process, including ones started later.
+    pub all: bool,
+    /// Time between two reports.
+    pub interval: Duration,
+    /// Stop after this long; `None` runs until Ctrl-C (or, without `--all`,
+    /// until every target has exited).
+    pub duration: Option<Duration>,
+    /// Rows per report (`None`: all).
+    pub top: Option<usize>,
+    /// Only functions whose file or qualified name contains this.
+    pub filter: Option<String>,
+    /// One JSON document per report instead of tables.
+    pub json: bool,
+    /// Attach an empty program instead of the counter (benchmarks only:
+    /// measures the cost of the trap alone; counts stay zero).
+    pub empty_program: bool,
+}
+
+/// The processes being watched and the probes set up for them.
+struct Session {
+    counter: CallCounter,
+    symbols: Symbols,
+    /// Interpreter files probed for every process (`--all`).
+    probed_files: BTreeSet<std::path::PathBuf>,
+    /// PIDs that are not Python (or could not be read), not to retry.
+    ignored: BTreeSet<u32>,
+    all: bool,
+    empty_program: bool,
+}
+
+impl Session {
+    /// Sets up one process: offsets into the config map, probes on its
+    /// start sites (for this PID only, or for its interpreter file when
+    /// watching every process). Returns a line describing what was done.
+    fn add(&mut self, pid: u32) -> anyhow::Result<String> {
+        let (target, image) = Target::attach_with_image(pid, |m| m)?;
+        let interp = target
+            .interpreter
+            .clone()
+            .expect("a live target knows its interpreter");
+        let cfg = config::process_config(&target.version, &target.info, target.runtime)?;
+        let sites = start_sites::find_start_sites(&image, &target.version, &target.info.layout)
+            .with_context(|| {
+                format!(
+                    "finding function-start sites in {}",
+                    interp.binary.display()
+                )
+            })?;
+        self.counter.configure(pid, &cfg)?;
+        let scope = if self.all { None } else { Some(pid) };
+        // From 3.11 a generator resumed by throw()/close() runs no RESUME;
+        // it enters the eval loop with throwflag set.
+        let throw_site = target.info.layout.frame_model == FrameModel::Interpreter;
+        if !self.all || self.probed_files.insert(interp.host_path.clone()) {
+            let start = if self.empty_program {
+                CallProgram::Empty
+            } else {
+                CallProgram::Start
+            };
+            for site in &sites {
+                self.counter
+                    .attach(start, &interp, site.file_offset, scope)?;
+            }
+            if throw_site && !self.empty_program {
+                self.counter.attach(
+                    CallProgram::Throw,
+                    &interp,
+                    interp.eval_frame_offset,
+                    scope,
+                )?;
+            }
+        }
+        let line = format!(
+            "PID {pid}: CPython {} ({}), {} start site{} ({}), offsets from {}",
+            target.version,
+            interp.binary.display(),
+            sites.len(),
+            if sites.len() == 1 { "" } else { "s" },
+            sites
+                .iter()
+                .map(|s| s.describe())
+                .collect::<Vec<_>>()
+                .join(", "),
+            target.offsets_source,
+        );
+        self.symbols.add_process(pid, target);
+        Ok(line)
+    }
+
+    /// Under `--all`: sets up Python processes not seen before.
+    fn scan(&mut self) {
+        for pid in all_pids() {
+            if pid == std::process::id()
+                || self.ignored.contains(&pid)
+                || self.symbols.has_process(pid)
+            {
+                continue;
+            }
+            match self.add(pid) {
+                Ok(line) => eprintln!("pyprobe: watching {line}"),
+                Err(e) => {
+                    let quiet = e.downcast_ref::<ReadError>().is_some_and(|r| {
+                        matches!(
+                            r,
+                            ReadError::Process(
+                                ProcessError::NotPython { .. } | ProcessError::NoSuchProcess { .. }
+                            )
+                        )
+                    });
+                    if !quiet {
+                        eprintln!("pyprobe: not watching PID {pid}: {e:#}");
+                    }
+                    self.ignored.insert(pid);
+                }
+            }
+        }
+    }
+}
+
+/// Every PID in /proc.
+fn all_pids() -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Runs `pyprobe calls` until Ctrl-C, SIGTERM, the duration, or (without
+/// `--all`) the exit of every target; then prints the final totals.
+pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
+    // Check the targets before loading anything, so a bad PID gets its own
+    // one-line error.
+    for &pid in &opts.pids {
+        process::find_interpreter(pid)?;
+    }
+    let mut session = Session {
+        counter: CallCounter::load()?,
+        symbols: Symbols::default(),
+        probed_files: BTreeSet::new(),
+        ignored: BTreeSet::new(),
+        all: opts.all,
+        empty_program: opts.empty_program,
+    };
+    for &pid in &opts.pids {
+        let line = session
+            .add(pid)
+            .with_context(|| format!("setting up PID {pid}"))?;
+        eprintln!("pyprobe: attached to {line}");
+    }
+    if opts.all {
+        session.scan();
+        eprintln!("pyprobe: watching every Python process (new ones are picked up every interval)");
+    }
+    eprintln!("pyprobe: counting calls; Ctrl-C to stop");
+
+    let started = Instant::now();
+    let mut reporter = Reporter::new(started, opts.top, opts.filter.clone());
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
+    let deadline = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Code objects are named while they (and their process) still exist:
+    // more often than reports, so short-lived ones get names too.
+    let resolve_every = opts.interval.min(RESOLVE_INTERVAL);
+    let mut resolver =
+        tokio::time::interval_at(tokio::time::Instant::now() + resolve_every, resolve_every);
+
+    loop {
+        tokio::select! {
+            _ = resolver.tick() => {
+                let counts = session.counter.counts()?;
+                session.symbols.resolve(counts.keys());
+            }
+            _ = ticker.tick() => {
+                let counts = session.counter.counts()?;
+                session.symbols.resolve(counts.keys());
+                let report = reporter.report(&counts, &session.symbols, session.counter.losses()?, "interval");
+                emit(&report, opts.json)?;
+                if opts.all {
+                    session.scan();
+                } else if !session.symbols.any_alive() {
+                    eprintln!("pyprobe: every target process has exited");
+                    break;
+                }
+            }
+            _ = &mut deadline => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    let counts: BTreeMap<_, _> = session.counter.counts()?;
+    session.symbols.resolve(counts.keys());
+    let report = reporter.report(
+        &counts,
+        &session.symbols,
+        session.counter.losses()?,
+        "final",
+    );
+    emit(&report, opts.json)?;
+    Ok(())
+}

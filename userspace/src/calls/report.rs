@@ -1,0 +1,326 @@
+//! Reports of `pyprobe calls`: rows per function, as a table for people or
+//! one JSON document per report for machines.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    time::Instant,
+};
+
+use pyprobe_common::calls::{CallCounts, CodeKey};
+use serde::Serialize;
+use tabled::{Table, Tabled, settings::Style};
+
+use super::symbols::{Resolved, Symbols};
+use crate::bpf::CallLosses;
+
+/// One function of one process.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionRow {
+    /// Process ID.
+    pub pid: u32,
+    /// Qualified name (`co_qualname` on 3.11+, else `co_name`), or
+    /// `<unknown>` when the code object could not be read.
+    pub function: String,
+    /// Source file.
+    pub file: String,
+    /// First line of the function.
+    pub line: i64,
+    /// Starts plus resumptions (what cProfile reports as `ncalls`).
+    pub calls: u64,
+    /// Frames started: calls proper.
+    pub starts: u64,
+    /// Generator and coroutine resumptions.
+    pub resumes: u64,
+    /// Calls per second over the last interval.
+    pub calls_per_s: f64,
+    /// Address of the code object.
+    pub code: u64,
+    /// Why the function has no name, when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
+}
+
+/// One report: printed every interval, and once more at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallsReport {
+    /// `"interval"` or `"final"`.
+    pub kind: &'static str,
+    /// Seconds since counting started.
+    pub elapsed_s: f64,
+    /// Length of the interval the rates cover, in seconds.
+    pub interval_s: f64,
+    /// Calls counted in all processes (all functions, before `--top` and
+    /// `--filter`).
+    pub total_calls: u64,
+    /// Functions with at least one call, before `--top` and `--filter`.
+    pub functions: usize,
+    /// The rows shown, most calls first.
+    pub rows: Vec<FunctionRow>,
+    /// Calls that could not be counted or attributed.
+    pub lost: CallLosses,
+}
+
+#[derive(Tabled)]
+struct TableRow {
+    #[tabled(rename = "CALLS/S")]
+    rate: String,
+    #[tabled(rename = "CALLS")]
+    calls: u64,
+    #[tabled(rename = "RESUMES")]
+    resumes: u64,
+    #[tabled(rename = "FUNCTION")]
+    function: String,
+    #[tabled(rename = "FILE:LINE")]
+    location: String,
+    #[tabled(rename = "PID")]
+    pid: u32,
+}
+
+impl CallsReport {
+    /// Renders the report as a table for people.
+    pub fn to_table(&self) -> String {
+        let rows = self.rows.iter().map(|r| TableRow {
+            rate: format!("{:.0}", r.calls_per_s),
+            calls: r.calls,
+            resumes: r.resumes,
+            function: r.function.clone(),
+            location: format!("{}:{}", r.file, r.line),
+            pid: r.pid,
+        });
+        let title = if self.kind == "final" {
+            "final totals"
+        } else {
+            "Python function calls"
+        };
+        let l = &self.lost;
+        let lost = if l.total() == 0 {
+            "lost: 0".to_owned()
+        } else {
+            format!(
+                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {})",
+                l.total(),
+                l.map_full,
+                l.unconfigured,
+                l.unreadable,
+                l.recursion_misses
+            )
+        };
+        format!(
+            "[{:7.1}s] {title}: {} calls in {} functions, {lost}\n{}\n",
+            self.elapsed_s,
+            self.total_calls,
+            self.functions,
+            Table::new(rows).with(Style::psql())
+        )
+    }
+}
+
+/// Turns successive totals into reports with rates.
+pub struct Reporter {
+    started: Instant,
+    last_at: Instant,
+    last: HashMap<CodeKey, u64>,
+    top: Option<usize>,
+    filter: Option<String>,
+}
+
+impl Reporter {
+    /// A reporter whose clock starts at `started`.
+    pub fn new(started: Instant, top: Option<usize>, filter: Option<String>) -> Self {
+        Self {
+            started,
+            last_at: started,
+            last: HashMap::new(),
+            top,
+            filter,
+        }
+    }
+
+    /// Builds a report from the totals read from the kernel.
+    pub fn report(
+        &mut self,
+        counts: &BTreeMap<CodeKey, CallCounts>,
+        symbols: &Symbols,
+        lost: CallLosses,
+        kind: &'static str,
+    ) -> CallsReport {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.started).as_secs_f64();
+        let interval = if kind == "final" {
+            elapsed
+        } else {
+            now.duration_since(self.last_at).as_secs_f64()
+        };
+        let mut rows: Vec<FunctionRow> = counts
+            .iter()
+            .map(|(key, c)| {
+                let calls = c.starts + c.resumes;
+                let before = if kind == "final" {
+                    0
+                } else {
+                    self.last.get(key).copied().unwrap_or(0)
+                };
+                let (function, file, line, unknown) = match symbols.get(key) {
+                    Some(Resolved::Code(code)) => (
+                        code.qualname.clone(),
+                        code.filename.clone(),
+                        i64::from(code.first_line),
+                        None,
+                    ),
+                    Some(Resolved::Unknown(why)) => (
+                        "<unknown>".to_owned(),
+                        "?".to_owned(),
+                        i64::from(key.firstlineno),
+                        Some(why.clone()),
+                    ),
+                    None => (
+                        "<unknown>".to_owned(),
+                        "?".to_owned(),
+                        i64::from(key.firstlineno),
+                        Some("not read yet".to_owned()),
+                    ),
+                };
+                FunctionRow {
+                    pid: key.tgid,
+                    function,
+                    file,
+                    line,
+                    calls,
+                    starts: c.starts,
+                    resumes: c.resumes,
+                    calls_per_s: if interval > 0.0 {
+                        calls.saturating_sub(before) as f64 / interval
+                    } else {
+                        0.0
+                    },
+                    code: key.code,
+                    unknown,
+                }
+            })
+            .collect();
+        let total_calls = rows.iter().map(|r| r.calls).sum();
+        let functions = rows.len();
+        if let Some(filter) = &self.filter {
+            rows.retain(|r| {
+                r.function.contains(filter.as_str()) || r.file.contains(filter.as_str())
+            });
+        }
+        rows.sort_by(|a, b| {
+            b.calls
+                .cmp(&a.calls)
+                .then_with(|| a.function.cmp(&b.function))
+                .then_with(|| a.pid.cmp(&b.pid))
+        });
+        if let Some(top) = self.top {
+            rows.truncate(top);
+        }
+        self.last = counts
+            .iter()
+            .map(|(k, c)| (*k, c.starts + c.resumes))
+            .collect();
+        self.last_at = now;
+        CallsReport {
+            kind,
+            elapsed_s: elapsed,
+            interval_s: interval,
+            total_calls,
+            functions,
+            rows,
+            lost,
+        }
+    }
+}
+
+/// Prints a report to stdout.
+pub fn emit(report: &CallsReport, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.to_table())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(code: u64) -> CodeKey {
+        CodeKey {
+            tgid: 7,
+            firstlineno: 3,
+            code,
+            name: 0,
+        }
+    }
+
+    #[test]
+    fn rows_are_sorted_filtered_truncated_and_unknowns_say_why() {
+        let mut counts = BTreeMap::new();
+        counts.insert(
+            key(1),
+            CallCounts {
+                starts: 5,
+                resumes: 0,
+            },
+        );
+        counts.insert(
+            key(2),
+            CallCounts {
+                starts: 1,
+                resumes: 9,
+            },
+        );
+        counts.insert(
+            key(3),
+            CallCounts {
+                starts: 1,
+                resumes: 0,
+            },
+        );
+        let symbols = Symbols::default();
+        let mut reporter = Reporter::new(Instant::now(), Some(2), None);
+        let r = reporter.report(&counts, &symbols, CallLosses::default(), "final");
+        assert_eq!(r.total_calls, 16);
+        assert_eq!(r.functions, 3);
+        assert_eq!(
+            r.rows.iter().map(|r| (r.code, r.calls)).collect::<Vec<_>>(),
+            vec![(2, 10), (1, 5)]
+        );
+        assert_eq!(r.rows[0].unknown.as_deref(), Some("not read yet"));
+        let text = r.to_table();
+        assert!(text.contains("16 calls in 3 functions, lost: 0"), "{text}");
+
+        let mut filtered = Reporter::new(Instant::now(), None, Some("nomatch".into()));
+        let r = filtered.report(&counts, &symbols, CallLosses::default(), "interval");
+        assert!(r.rows.is_empty());
+        assert_eq!(r.total_calls, 16);
+    }
+
+    #[test]
+    fn losses_are_spelled_out() {
+        let r = CallsReport {
+            kind: "interval",
+            elapsed_s: 1.0,
+            interval_s: 1.0,
+            total_calls: 0,
+            functions: 0,
+            rows: vec![],
+            lost: CallLosses {
+                map_full: 1,
+                unconfigured: 2,
+                unreadable: 3,
+                recursion_misses: 4,
+            },
+        };
+        assert!(r.to_table().contains(
+            "lost: 10 (map full: 1, process not set up: 2, unreadable frame: 3, recursion misses: 4)"
+        ));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["lost"]["unconfigured"], 2);
+    }
+}

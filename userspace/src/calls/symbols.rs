@@ -1,0 +1,77 @@
+//! Names of the code objects the kernel counted.
+//!
+//! The kernel keys counts by (process, code address, `co_name` address,
+//! first line), so a code object freed and replaced by another at the same
+//! address gets a new key. Each key is named once, when first seen, by
+//! reading the code object from the live process; the name stays valid after
+//! the code object is gone.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pyprobe_common::calls::CodeKey;
+
+use crate::python::{
+    memory::ProcessMemory,
+    reader::{CodeSummary, Target},
+};
+
+/// What is known about a counted code object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// Named from the live process.
+    Code(CodeSummary),
+    /// Could not be named (the process exited, or the code object was freed
+    /// before pyprobe read it); the reason says which.
+    Unknown(String),
+}
+
+/// Readers of the watched processes and the names found so far.
+#[derive(Default)]
+pub struct Symbols {
+    processes: BTreeMap<u32, Target<ProcessMemory>>,
+    names: HashMap<CodeKey, Resolved>,
+}
+
+impl Symbols {
+    /// Adds a process to read names from.
+    pub fn add_process(&mut self, pid: u32, target: Target<ProcessMemory>) {
+        self.processes.insert(pid, target);
+    }
+
+    /// Whether `pid` was added.
+    pub fn has_process(&self, pid: u32) -> bool {
+        self.processes.contains_key(&pid)
+    }
+
+    /// Whether any added process is still running.
+    pub fn any_alive(&self) -> bool {
+        self.processes
+            .keys()
+            .any(|&pid| crate::process::is_alive(pid))
+    }
+
+    /// Names every key not named yet.
+    pub fn resolve<'a>(&mut self, keys: impl IntoIterator<Item = &'a CodeKey>) {
+        for key in keys {
+            if self.names.contains_key(key) {
+                continue;
+            }
+            let resolved = match self.processes.get(&key.tgid) {
+                None => Resolved::Unknown("process not set up".into()),
+                Some(target) => match target.code_summary(key.code) {
+                    // The first line is part of the key: a mismatch means
+                    // the code object was replaced since it was counted.
+                    Ok(code) if code.first_line as u32 == key.firstlineno => Resolved::Code(code),
+                    Ok(_) => Resolved::Unknown("code object freed".into()),
+                    Err(e) => Resolved::Unknown(e.to_string()),
+                },
+            };
+            self.names.insert(*key, resolved);
+        }
+    }
+
+    /// The name of a key, if [`Symbols::resolve`] has seen it.
+    pub fn get(&self, key: &CodeKey) -> Option<&Resolved> {
+        self.names.get(key)
+    }
+}
