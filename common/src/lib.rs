@@ -83,7 +83,8 @@ pub mod calls {
     /// A frame starts when its `f_lasti` (int) is negative (3.8-3.10).
     pub const START_LASTI_NEGATIVE: u8 = 0;
     /// A frame starts when the instruction about to run is at or before
-    /// `_co_firsttraceable`: the code-unit index is
+    /// `_co_firsttraceable` + 1 (the handler may have stored the RESUME's own
+    /// position already): the code-unit index is
     /// `(ptr + instruction_bias - (code + code_adaptive)) / 2` (3.11+).
     pub const START_INDEX_FIRST_TRACEABLE: u8 = 1;
 

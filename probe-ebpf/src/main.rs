@@ -173,7 +173,11 @@ fn count_frame(
             .wrapping_add(config.instruction_bias)
             .wrapping_sub(code.wrapping_add(config.code_adaptive)) as i64)
             / 2;
-        units <= first as i64
+        // A start runs RESUME at `_co_firsttraceable`; depending on where in
+        // the handler the probe sits, the frame's pointer may already have
+        // been advanced to the RESUME itself (one unit further). A resumption
+        // runs a RESUME after a yield, at least three units further.
+        units <= first as i64 + 1
     };
     let key = CodeKey {
         tgid,

@@ -1,5 +1,5 @@
-//! `cargo xtask demo`: build pyprobe, start `fixtures/demo_app.py`, watch it
-//! live with `pyprobe entries`, then print its stacks with `pyprobe dump`.
+//! `cargo xtask demo`: build pyprobe, start `fixtures/demo_app.py`, watch its
+//! calls live with `pyprobe calls`, then print its stacks with `pyprobe dump`.
 
 use std::{
     io::{BufRead, BufReader},
@@ -55,7 +55,15 @@ pub fn demo(python: Option<PathBuf>, duration: u64) -> anyhow::Result<()> {
     );
     let duration = duration.to_string();
     let runs: [&[&str]; 2] = [
-        &["entries", "--pid", &pid, "--duration", &duration],
+        &[
+            "calls",
+            "--pid",
+            &pid,
+            "--duration",
+            &duration,
+            "--top",
+            "12",
+        ],
         &["dump", "--pid", &pid, "--locals"],
     ];
     for args in runs {
