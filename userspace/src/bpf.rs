@@ -98,38 +98,16 @@ pub struct EvalEntryCounter {
 impl EvalEntryCounter {
     /// Checks privileges and loads the eBPF programs (not yet attached).
     pub fn load() -> Result<Self, BpfError> {
-        privileges::check()?;
-        raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(BpfError::Load)?;
-        let program: &mut UProbe = ebpf
-            .program_mut(names::PROG_EVAL_ENTRY)
-            .ok_or(BpfError::Missing("eval_entry program"))?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: names::PROG_EVAL_ENTRY,
-                source,
-            })?;
-        program.load().map_err(|source| BpfError::Program {
-            name: names::PROG_EVAL_ENTRY,
-            source,
-        })?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf: load_programs(&[names::PROG_EVAL_ENTRY])?,
+        })
     }
 
     /// Attaches the counter to the interpreter of one process. Only that
     /// process's entries are counted (the kernel filters by PID).
     pub fn attach(&mut self, interp: &Interpreter) -> Result<(), BpfError> {
         let pid = NonZeroU32::new(interp.pid).ok_or(BpfError::ZeroPid)?;
-        let program: &mut UProbe = self
-            .ebpf
-            .program_mut(names::PROG_EVAL_ENTRY)
-            .ok_or(BpfError::Missing("eval_entry program"))?
-            .try_into()
-            .map_err(|source| BpfError::Program {
-                name: names::PROG_EVAL_ENTRY,
-                source,
-            })?;
-        program
+        uprobe_mut(&mut self.ebpf, names::PROG_EVAL_ENTRY)?
             .attach(
                 interp.eval_frame_offset,
                 &interp.host_path,
@@ -220,44 +198,38 @@ pub struct CallCounter {
 }
 
 impl CallCounter {
-    /// Checks privileges and loads the `call_start` program (not attached).
+    /// Checks privileges and loads the call-counting programs (not
+    /// attached).
     pub fn load() -> Result<Self, BpfError> {
-        privileges::check()?;
-        raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(BpfError::Load)?;
-        for name in [
-            names::PROG_CALL_START,
-            names::PROG_CALL_THROW,
-            names::PROG_CALL_EMPTY,
-        ] {
-            uprobe_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|source| BpfError::Program { name, source })?;
-        }
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf: load_programs(&[
+                names::PROG_CALL_START,
+                names::PROG_CALL_THROW,
+                names::PROG_CALL_EMPTY,
+            ])?,
+        })
     }
 
     /// Tells the program how to read process `pid` (replaces any earlier
     /// configuration).
     pub fn configure(&mut self, pid: u32, config: &ProcessConfig) -> Result<(), BpfError> {
-        let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut(names::MAP_CALL_CONFIG)
-                .ok_or(BpfError::Missing("CALL_CONFIG map"))?,
-        )
-        .map_err(|source| BpfError::Map {
-            name: names::MAP_CALL_CONFIG,
-            source,
-        })?;
-        map.insert(pid, config, 0).map_err(|source| BpfError::Map {
-            name: names::MAP_CALL_CONFIG,
-            source,
-        })
+        self.config_map()?
+            .insert(pid, config, 0)
+            .map_err(|source| BpfError::Map {
+                name: names::MAP_CALL_CONFIG,
+                source,
+            })
     }
 
     /// Forgets a process that exited.
     pub fn forget(&mut self, pid: u32) -> Result<(), BpfError> {
-        let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> = BpfHashMap::try_from(
+        // A PID that was never configured is not an error.
+        let _ = self.config_map()?.remove(&pid);
+        Ok(())
+    }
+
+    fn config_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, ProcessConfig>, BpfError> {
+        BpfHashMap::try_from(
             self.ebpf
                 .map_mut(names::MAP_CALL_CONFIG)
                 .ok_or(BpfError::Missing("CALL_CONFIG map"))?,
@@ -265,9 +237,7 @@ impl CallCounter {
         .map_err(|source| BpfError::Map {
             name: names::MAP_CALL_CONFIG,
             source,
-        })?;
-        let _ = map.remove(&pid);
-        Ok(())
+        })
     }
 
     /// Attaches `program` at `file_offset` of `interp`'s ELF file, for one
@@ -338,6 +308,20 @@ impl CallCounter {
                 + recursion_misses(&self.ebpf, names::PROG_CALL_THROW),
         })
     }
+}
+
+/// Checks privileges, loads the embedded object and loads `programs` into
+/// the kernel (none attached yet).
+fn load_programs(programs: &[&'static str]) -> Result<Ebpf, BpfError> {
+    privileges::check()?;
+    raise_memlock_limit();
+    let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(BpfError::Load)?;
+    for &name in programs {
+        uprobe_mut(&mut ebpf, name)?
+            .load()
+            .map_err(|source| BpfError::Program { name, source })?;
+    }
+    Ok(ebpf)
 }
 
 fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, BpfError> {

@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     time::{Duration, Instant},
 };
 
@@ -17,6 +16,7 @@ use tabled::{Table, Tabled, settings::Style};
 
 use crate::{
     bpf::{EvalEntryCounter, Losses},
+    live,
     process::{self, Interpreter, Linkage},
 };
 
@@ -161,15 +161,7 @@ impl Reporter {
 }
 
 fn emit(report: &Report, json: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut out, report)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", report.to_table())?;
-    }
-    out.flush()?;
-    Ok(())
+    live::emit(report, json, Report::to_table)
 }
 
 /// Runs `pyprobe entries` until Ctrl-C, SIGTERM, the duration, or the exit of
@@ -200,16 +192,9 @@ pub async fn run(opts: EntriesOptions) -> anyhow::Result<()> {
         last_at: started,
         last: BTreeMap::new(),
     };
-    let mut ticker =
-        tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
-    let deadline = async {
-        match opts.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = live::ticker(opts.interval);
+    let stop = live::stop_requested(opts.duration);
+    tokio::pin!(stop);
 
     loop {
         tokio::select! {
@@ -221,9 +206,10 @@ pub async fn run(opts: EntriesOptions) -> anyhow::Result<()> {
                     break;
                 }
             }
-            _ = &mut deadline => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            r = &mut stop => {
+                r?;
+                break;
+            }
         }
     }
     let mut final_report = reporter.report(&counter, "final")?;

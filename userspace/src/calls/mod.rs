@@ -20,6 +20,7 @@ use anyhow::Context;
 
 use crate::{
     bpf::{CallCounter, CallProgram},
+    live,
     process::{self, ProcessError},
     python::{
         offsets::FrameModel,
@@ -200,21 +201,13 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let mut reporter = Reporter::new(started, opts.top, opts.filter.clone());
-    let mut ticker =
-        tokio::time::interval_at(tokio::time::Instant::now() + opts.interval, opts.interval);
-    let deadline = async {
-        match opts.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut ticker = live::ticker(opts.interval);
+    let stop = live::stop_requested(opts.duration);
+    tokio::pin!(stop);
     // Code objects are named while they (and their process) still exist:
     // more often than reports, so short-lived ones get names too.
     let resolve_every = opts.interval.min(RESOLVE_INTERVAL);
-    let mut resolver =
-        tokio::time::interval_at(tokio::time::Instant::now() + resolve_every, resolve_every);
+    let mut resolver = live::ticker(resolve_every);
 
     loop {
         tokio::select! {
@@ -234,9 +227,10 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
                     break;
                 }
             }
-            _ = &mut deadline => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            r = &mut stop => {
+                r?;
+                break;
+            }
         }
     }
     let counts: BTreeMap<_, _> = session.counter.counts()?;

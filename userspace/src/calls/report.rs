@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::Write,
     time::Instant,
 };
 
@@ -234,15 +233,7 @@ impl Reporter {
 
 /// Prints a report to stdout.
 pub fn emit(report: &CallsReport, json: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut out, report)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", report.to_table())?;
-    }
-    out.flush()?;
-    Ok(())
+    crate::live::emit(report, json, CallsReport::to_table)
 }
 
 #[cfg(test)]
