@@ -378,14 +378,24 @@ impl Probe {
     }
 
     /// Waits for pyprobe to exit; returns (success, stdout, rest of stderr).
-    pub fn finish(self) -> anyhow::Result<(bool, String, String)> {
-        let out = self.child.wait_with_output()?;
+    pub fn finish(mut self) -> anyhow::Result<(bool, String, String)> {
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            use std::io::Read;
+            pipe.read_to_string(&mut stdout)?;
+        }
+        let status = self.child.wait()?;
         let stderr: Vec<String> = self.stderr.try_iter().collect();
-        Ok((
-            out.status.success(),
-            String::from_utf8(out.stdout)?,
-            stderr.join("\n"),
-        ))
+        Ok((status.success(), stdout, stderr.join("\n")))
+    }
+}
+
+impl Drop for Probe {
+    /// A pyprobe left running would keep its uprobes in place (and, with
+    /// `--all`, slow every Python process on the machine): kill it.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
