@@ -368,6 +368,21 @@ impl ElfImage {
         let start = usize::try_from(offset).ok()?;
         self.data.get(start..start.checked_add(len)?)
     }
+
+    /// The file's bytes that are loaded at the link-time virtual addresses
+    /// `vaddr..vaddr + len`, if one `PT_LOAD` segment maps all of them from
+    /// the file (none of them in its memory-only tail).
+    pub fn bytes_at_vaddr(&self, vaddr: u64, len: usize) -> Option<&[u8]> {
+        let segment = self
+            .segments
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.filesz)?;
+        let start = vaddr - segment.vaddr;
+        if start.checked_add(u64::try_from(len).ok()?)? > segment.filesz {
+            return None;
+        }
+        self.bytes_at(segment.offset.checked_add(start)?, len)
+    }
 }
 
 fn parse<'d>(path: &Path, data: &'d [u8]) -> Result<ElfFile64<'d, Endianness>, ElfError> {
@@ -440,6 +455,28 @@ mod tests {
         let bias = crate::process::load_bias(&maps, &exe, &image).unwrap();
         let live = crate::process::read_memory(std::process::id(), bias + sym.vaddr, 16).unwrap();
         assert_eq!(file_bytes, live);
+    }
+
+    #[test]
+    fn bytes_at_vaddr_reads_through_the_segment() {
+        let exe = std::env::current_exe().unwrap();
+        let image = ElfImage::open(&exe).unwrap();
+        let sym = image.symbol("main").unwrap();
+        let offset = image.vaddr_to_file_offset(sym.vaddr).unwrap();
+        assert_eq!(
+            image.bytes_at_vaddr(sym.vaddr, 16),
+            image.bytes_at(offset, 16)
+        );
+        // Not across the end of the segment's file-backed part.
+        let segment = *image
+            .load_segments()
+            .iter()
+            .find(|s| (s.vaddr..s.vaddr + s.filesz).contains(&sym.vaddr))
+            .unwrap();
+        let end = segment.vaddr + segment.filesz;
+        assert!(image.bytes_at_vaddr(end - 4, 4).is_some());
+        assert!(image.bytes_at_vaddr(end - 4, 5).is_none());
+        assert!(image.bytes_at_vaddr(u64::MAX, 1).is_none());
     }
 
     #[test]

@@ -33,8 +33,38 @@
 //! at the start). In Debian's 3.14 nearly the whole interpreter loop lives in
 //! that cold part. If no table fits those bounds, the search is repeated with
 //! the bounds of the executable sections, and then must find exactly one.
+//!
+//! ## Where in a handler the probe goes
+//!
+//! On x86-64 the kernel *emulates* a few probed instructions (`jmp`/`jcc`
+//! rel8/rel32, `call` rel32, `push` of a 64-bit register: see
+//! `branch_setup_xol_ops` and `push_setup_xol_ops` in
+//! `arch/x86/kernel/uprobes.c`) and single-steps every other one out of line,
+//! which costs a debug trap more per hit (about 5 µs instead of well under
+//! 1 µs on a VM). A handler usually starts with a few plain `mov`s and reaches
+//! a `jcc` soon after, so each table-found handler's probe is moved
+//! ([`Placement`]) onto the first instruction of its first basic block that
+//! the kernel emulates, when that is safe: every instruction before it falls
+//! through to the next, and nothing in `_PyEval_EvalFrameDefault` may jump
+//! between the handler's start (excluded) and the new site (included), so the
+//! new site runs exactly once each time the handler starts, and never
+//! otherwise. "May jump" is decided on a linear-sweep decoding (iced-x86) of
+//! all the function's code (`CodeMap`): direct branch targets, the 256
+//! table entries, code addresses the code itself takes (RIP-relative operands,
+//! immediates), code pointers anywhere in the loaded data (absolute pointers
+//! and `R_X86_64_RELATIVE` addends: switch tables of a non-PIE build), the
+//! entries of relative switch tables the code points at, and whatever decodes
+//! as a rel32 `jmp`/`jcc`/`call` at any byte of any executable section (code
+//! the sweep did not cover). If the sweep meets bytes that are no instruction,
+//! or a branch target or table entry falls inside an instruction, or a table
+//! entry is outside the delimited code, no probe moves ([`Unmoved`]). The
+//! probed instruction itself has not run yet when the BPF program runs,
+//! which only reads memory; a moved probe runs after the handler's first
+//! instructions, e.g. after it stored the frame's instruction pointer.
 
 use std::{fmt, ops::Range, path::PathBuf};
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
 
 use super::{
     dwarf::{DwarfError, DwarfInfo},
@@ -59,6 +89,13 @@ const MAX_FUNCTION_BYTES: u64 = 16 << 20;
 /// Distinct places inside an FDE that `_PyEval_EvalFrameDefault` must jump
 /// to for the FDE to count as its split-off part.
 const MIN_COLD_ENTRIES: usize = 2;
+
+/// Most instructions decoded from a handler's start when looking for one the
+/// kernel emulates.
+pub const MAX_WALK: usize = 64;
+
+/// Most entries read from one candidate relative switch table.
+const MAX_SWITCH_TABLE: u64 = 4096;
 
 /// What runs at a site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -103,27 +140,251 @@ pub enum SiteSource {
     DwarfLabel,
 }
 
+/// An x86-64 instruction that the kernel's uprobe code emulates instead of
+/// single-stepping it out of line, in the exact encodings accepted here (no
+/// prefix, except REX.B `41` on `push`; the kernel refuses a branch with a
+/// `66` prefix outright).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Emulated {
+    /// `jcc rel8` (`70`-`7f`) or `jcc rel32` (`0f 80`-`0f 8f`).
+    Jcc,
+    /// `jmp rel8` (`eb`) or `jmp rel32` (`e9`).
+    Jmp,
+    /// `call rel32` (`e8`).
+    Call,
+    /// `push r64` (`50`-`57`, or `41 50`-`41 57` for `r8`-`r15`).
+    Push,
+}
+
+impl Emulated {
+    /// The kind of the one instruction whose whole encoding is `bytes`, if
+    /// the kernel emulates it.
+    pub fn of(bytes: &[u8]) -> Option<Self> {
+        match *bytes {
+            [0x70..=0x7f, _] | [0x0f, 0x80..=0x8f, _, _, _, _] => Some(Self::Jcc),
+            [0xeb, _] | [0xe9, _, _, _, _] => Some(Self::Jmp),
+            [0xe8, _, _, _, _] => Some(Self::Call),
+            [0x50..=0x57] | [0x41, 0x50..=0x57] => Some(Self::Push),
+            _ => None,
+        }
+    }
+
+    /// Lower-case name: `jcc`, `jmp`, `call` or `push`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Jcc => "jcc",
+            Self::Jmp => "jmp",
+            Self::Call => "call",
+            Self::Push => "push",
+        }
+    }
+}
+
+impl fmt::Display for Emulated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where the probe of a site is, relative to the code it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Placement {
+    /// At the first instruction of the handler (or function).
+    Start {
+        /// Why it is not moved.
+        reason: Unmoved,
+    },
+    /// Moved into the handler's first basic block, onto the first
+    /// instruction there that the kernel emulates (see the module docs).
+    Moved {
+        /// That instruction.
+        instruction: Emulated,
+        /// How many instructions of the handler run before it.
+        skipped: usize,
+    },
+}
+
+/// Why a probe stays at the start of its handler (or function).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Unmoved {
+    /// It is a function's entry, not an opcode handler (3.8-3.10).
+    FunctionEntry,
+    /// The handler was found through a DWARF label: without the dispatch
+    /// table not every address the code jumps to is known.
+    NoDispatchTable,
+    /// A table entry, at `entry`, is outside the code delimited as
+    /// `_PyEval_EvalFrameDefault`'s, so the branches into the handler are
+    /// not all known.
+    UnknownCode {
+        /// The entry.
+        entry: u64,
+    },
+    /// The file's section headers or relocations could not be read, so the
+    /// code pointers in its data are not known.
+    DataUnreadable,
+    /// The function's code does not decode consistently at `at`: bytes that
+    /// are no instruction, or a branch target or table entry inside an
+    /// instruction.
+    Undecodable {
+        /// Where.
+        at: u64,
+    },
+    /// The handler's first instruction is emulated already.
+    StartEmulated {
+        /// That instruction.
+        instruction: Emulated,
+    },
+    /// The handler's first basic block ends at `at` (an indirect jump, a
+    /// return, a branch the kernel does not emulate, or the end of the code)
+    /// before any emulated instruction.
+    BlockEnds {
+        /// Where.
+        at: u64,
+    },
+    /// None of the handler's first [`MAX_WALK`] instructions is emulated.
+    TooFar,
+    /// The first emulated instruction is at `site`, but the code may jump to
+    /// `target`, after the handler's start and not after `site`: a probe
+    /// there could run without a start, or twice for one.
+    BranchTarget {
+        /// The first such address.
+        target: u64,
+        /// The instruction the probe would have moved to.
+        site: u64,
+    },
+}
+
+impl Unmoved {
+    /// A few words for one-line reports; addresses are given relative to
+    /// `handler` (the handler's virtual address) when they follow it, e.g.
+    /// `branch target +0x8`.
+    pub fn short(&self, handler: u64) -> String {
+        let at = |address: u64| match address.checked_sub(handler) {
+            Some(offset) => format!("+{offset:#x}"),
+            None => format!("vaddr {address:#x}"),
+        };
+        match *self {
+            Unmoved::FunctionEntry => "function entry".into(),
+            Unmoved::NoDispatchTable => "no table".into(),
+            Unmoved::UnknownCode { .. } => "code bounds unknown".into(),
+            Unmoved::DataUnreadable => "data unreadable".into(),
+            Unmoved::Undecodable { at: address } => format!("undecodable at {}", at(address)),
+            Unmoved::StartEmulated { instruction } => instruction.name().into(),
+            Unmoved::BlockEnds { at: address } => format!("block ends at {}", at(address)),
+            Unmoved::TooFar => format!("no emulated instruction in {MAX_WALK}"),
+            Unmoved::BranchTarget { target, .. } => format!("branch target {}", at(target)),
+        }
+    }
+}
+
+impl fmt::Display for Unmoved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unmoved::FunctionEntry => write!(f, "a function entry"),
+            Unmoved::NoDispatchTable => write!(
+                f,
+                "found through DWARF, without the dispatch table, so not every branch target is known"
+            ),
+            Unmoved::UnknownCode { entry } => write!(
+                f,
+                "the table entry {entry:#x} is outside the code delimited as {EVAL_FRAME}'s"
+            ),
+            Unmoved::DataUnreadable => write!(
+                f,
+                "the file's sections or relocations are unreadable, so the code pointers in \
+                 its data are not known"
+            ),
+            Unmoved::Undecodable { at } => {
+                write!(
+                    f,
+                    "{EVAL_FRAME}'s code does not decode consistently at {at:#x}"
+                )
+            }
+            Unmoved::StartEmulated { instruction } => {
+                write!(
+                    f,
+                    "its first instruction ({instruction}) is emulated already"
+                )
+            }
+            Unmoved::BlockEnds { at } => write!(
+                f,
+                "its first basic block ends at {at:#x} before any emulated instruction"
+            ),
+            Unmoved::TooFar => write!(f, "none of its first {MAX_WALK} instructions is emulated"),
+            Unmoved::BranchTarget { target, site } => write!(
+                f,
+                "the code may jump to {target:#x}, between its start and the first emulated \
+                 instruction at {site:#x}"
+            ),
+        }
+    }
+}
+
 /// A code address where Python function starts execute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct StartSite {
-    /// Link-time virtual address.
+    /// Link-time virtual address of the probe.
     pub vaddr: u64,
-    /// Offset in the ELF file: where a uprobe attaches.
+    /// Offset in the ELF file of the probe: where a uprobe attaches.
     pub file_offset: u64,
+    /// Link-time virtual address of the handler (or function) the probe is
+    /// in: where the probe would be without [`Placement::Moved`].
+    pub handler_vaddr: u64,
+    /// Offset in the ELF file of `handler_vaddr`.
+    pub handler_file_offset: u64,
     /// What runs there.
     pub kind: SiteKind,
-    /// How the address was found.
+    /// How the handler's address was found.
     pub source: SiteSource,
+    /// Where in the handler the probe is.
+    pub placement: Placement,
 }
 
 impl StartSite {
-    /// A short description for one-line reports, e.g. `RESUME_CHECK(207)@0x1d4f2a`
-    /// (the file offset).
+    /// A site at the start of its code.
+    fn at_start(
+        vaddr: u64,
+        file_offset: u64,
+        kind: SiteKind,
+        source: SiteSource,
+        reason: Unmoved,
+    ) -> Self {
+        Self {
+            vaddr,
+            file_offset,
+            handler_vaddr: vaddr,
+            handler_file_offset: file_offset,
+            kind,
+            source,
+            placement: Placement::Start { reason },
+        }
+    }
+
+    /// Whether the probe was moved off the handler's start.
+    pub fn moved(&self) -> bool {
+        matches!(self.placement, Placement::Moved { .. })
+    }
+
+    /// A short description for one-line reports (file offsets), e.g.
+    /// `RESUME_CHECK(207)@0x90a87→0x90aa2(jcc)` for a probe moved onto a
+    /// `jcc`, `RESUME(149)@0x90a49(branch target +0x8)` for one left at the
+    /// handler's start (addresses in the reason are relative to the handler).
     pub fn describe(&self) -> String {
-        match self.kind {
-            SiteKind::EvalEntry => format!("{EVAL_FRAME}@{:#x}", self.file_offset),
-            SiteKind::Resume { opcode, name } => {
-                format!("{name}({opcode})@{:#x}", self.file_offset)
+        let name = match self.kind {
+            SiteKind::EvalEntry => return format!("{EVAL_FRAME}@{:#x}", self.file_offset),
+            SiteKind::Resume { opcode, name } => format!("{name}({opcode})"),
+        };
+        match self.placement {
+            Placement::Moved { instruction, .. } => format!(
+                "{name}@{:#x}→{:#x}({instruction})",
+                self.handler_file_offset, self.file_offset
+            ),
+            Placement::Start { reason } => {
+                format!(
+                    "{name}@{:#x}({})",
+                    self.file_offset,
+                    reason.short(self.handler_vaddr)
+                )
             }
         }
     }
@@ -138,12 +399,27 @@ impl fmt::Display for StartSite {
         write!(
             f,
             " at {:#x} (file offset {:#x}, from ",
-            self.vaddr, self.file_offset
+            self.handler_vaddr, self.handler_file_offset
         )?;
         match self.source {
-            SiteSource::Symbol => write!(f, "the symbol table)"),
-            SiteSource::OpcodeTable { table } => write!(f, "the opcode table at {table:#x})"),
-            SiteSource::DwarfLabel => write!(f, "a DWARF label)"),
+            SiteSource::Symbol => write!(f, "the symbol table)")?,
+            SiteSource::OpcodeTable { table } => write!(f, "the opcode table at {table:#x})")?,
+            SiteSource::DwarfLabel => write!(f, "a DWARF label)")?,
+        }
+        match self.placement {
+            Placement::Start {
+                reason: Unmoved::FunctionEntry,
+            } => Ok(()),
+            Placement::Start { reason } => write!(f, "; probed at its start: {reason}"),
+            Placement::Moved {
+                instruction,
+                skipped,
+            } => write!(
+                f,
+                "; probed {skipped} instructions in, at the {instruction} at {:#x} (file offset \
+                 {:#x})",
+                self.vaddr, self.file_offset
+            ),
         }
     }
 }
@@ -181,6 +457,9 @@ pub struct OpcodeTable {
     pub origin: TableOrigin,
     /// What the entries were checked against.
     pub bounds: CodeBounds,
+    /// The code ranges of `_PyEval_EvalFrameDefault` (its symbol's, then its
+    /// split-off parts'), as delimited when the table was searched.
+    pub code: Vec<Range<u64>>,
 }
 
 impl OpcodeTable {
@@ -331,12 +610,13 @@ pub fn find_start_sites(
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let Some(opcodes) = layout.resume_opcodes else {
         let eval = eval_symbol(image)?;
-        return Ok(vec![StartSite {
-            vaddr: eval.vaddr,
-            file_offset: image.vaddr_to_file_offset(eval.vaddr)?,
-            kind: SiteKind::EvalEntry,
-            source: SiteSource::Symbol,
-        }]);
+        return Ok(vec![StartSite::at_start(
+            eval.vaddr,
+            image.vaddr_to_file_offset(eval.vaddr)?,
+            SiteKind::EvalEntry,
+            SiteSource::Symbol,
+            Unmoved::FunctionEntry,
+        )]);
     };
     let table_error = match find_opcode_table(image) {
         Ok(table) => return sites_from_table(image, &table, &opcodes, version),
@@ -365,9 +645,10 @@ pub fn find_start_sites(
     }
 }
 
-/// The handlers of `opcodes` in `table`, as sites. Fails if one of them is
-/// the catch-all handler of undefined opcodes (the numbers do not fit the
-/// build).
+/// The handlers of `opcodes` in `table`, as sites, each probe moved onto an
+/// emulated instruction when that is safe ([`Placement`]). Fails if one of
+/// them is the catch-all handler of undefined opcodes (the numbers do not fit
+/// the build).
 pub fn sites_from_table(
     image: &ElfImage,
     table: &OpcodeTable,
@@ -392,14 +673,39 @@ pub fn sites_from_table(
                 target,
             });
         }
-        sites.push(StartSite {
-            vaddr: target,
-            file_offset: image.vaddr_to_file_offset(target)?,
-            kind: SiteKind::Resume { opcode, name },
-            source: SiteSource::OpcodeTable { table: table.vaddr },
-        });
+        sites.push(StartSite::at_start(
+            target,
+            image.vaddr_to_file_offset(target)?,
+            SiteKind::Resume { opcode, name },
+            SiteSource::OpcodeTable { table: table.vaddr },
+            Unmoved::NoDispatchTable,
+        ));
     }
-    Ok(dedup(sites))
+    let sites = dedup(sites);
+    let mut code = match CodeMap::new(image, table) {
+        Ok(code) => code,
+        Err(reason) => {
+            return Ok(sites
+                .into_iter()
+                .map(|site| StartSite {
+                    placement: Placement::Start { reason },
+                    ..site
+                })
+                .collect());
+        }
+    };
+    let windows: Vec<Range<u64>> = sites
+        .iter()
+        .filter_map(|site| {
+            let (at, _, _) = code.candidate(site.handler_vaddr).ok()?;
+            Some(site.handler_vaddr + 1..at + 1)
+        })
+        .collect();
+    code.add_far_branches(image, &windows);
+    sites
+        .into_iter()
+        .map(|site| code.place(image, site))
+        .collect()
 }
 
 /// The handlers of `opcodes` from the DWARF labels `TARGET_<name>` in
@@ -420,12 +726,13 @@ pub fn sites_from_dwarf(
         let label = format!("TARGET_{name}");
         let before = sites.len();
         for &(_, vaddr) in labels.iter().filter(|(n, _)| *n == label) {
-            sites.push(StartSite {
+            sites.push(StartSite::at_start(
                 vaddr,
-                file_offset: image.vaddr_to_file_offset(vaddr)?,
-                kind: SiteKind::Resume { opcode, name },
-                source: SiteSource::DwarfLabel,
-            });
+                image.vaddr_to_file_offset(vaddr)?,
+                SiteKind::Resume { opcode, name },
+                SiteSource::DwarfLabel,
+                Unmoved::NoDispatchTable,
+            ));
         }
         if sites.len() == before {
             return Err(StartSitesError::LabelNotFound {
@@ -437,11 +744,11 @@ pub fn sites_from_dwarf(
     Ok(dedup(sites))
 }
 
-/// Keeps the first site of each address, in order.
+/// Keeps the first site of each handler address, in order.
 fn dedup(sites: Vec<StartSite>) -> Vec<StartSite> {
     let mut out: Vec<StartSite> = Vec::with_capacity(sites.len());
     for site in sites {
-        if !out.iter().any(|s| s.vaddr == site.vaddr) {
+        if !out.iter().any(|s| s.handler_vaddr == site.handler_vaddr) {
             out.push(site);
         }
     }
@@ -504,6 +811,7 @@ fn search_opcode_table(image: &ElfImage, use_symbol: bool) -> Result<OpcodeTable
                             name: sym.name.clone(),
                         },
                         bounds,
+                        code: function.clone(),
                     });
                 }
                 _ => tried.push(format!(
@@ -527,6 +835,7 @@ fn search_opcode_table(image: &ElfImage, use_symbol: bool) -> Result<OpcodeTable
                     targets,
                     origin: TableOrigin::Scan,
                     bounds,
+                    code: function.clone(),
                 });
             }
             _ => {
@@ -644,6 +953,305 @@ fn direct_branch_targets(code: &[u8], vaddr: u64) -> Vec<u64> {
     targets.sort_unstable();
     targets.dedup();
     targets
+}
+
+/// `_PyEval_EvalFrameDefault`'s code decoded by a linear sweep, with every
+/// address in it that control may reach other than by falling through from
+/// the instruction before: what decides whether a probe may move
+/// ([`CodeMap::place`]).
+struct CodeMap<'a> {
+    /// The code ranges and their bytes, sorted by address.
+    parts: Vec<(Range<u64>, &'a [u8])>,
+    /// The address of every decoded instruction, sorted.
+    starts: Vec<u64>,
+    /// Every address inside `parts` that may be jumped to, sorted, unique.
+    targets: Vec<u64>,
+}
+
+impl<'a> CodeMap<'a> {
+    /// Decodes `table.code` and gathers the addresses that may be jumped to
+    /// (see the module docs). Fails, with the reason to give every site, if
+    /// the code is not known or not decoded consistently: then no probe
+    /// moves.
+    fn new(image: &'a ElfImage, table: &OpcodeTable) -> Result<Self, Unmoved> {
+        let mut ranges = table.code.clone();
+        ranges.sort_unstable_by_key(|r| (r.start, r.end));
+        let mut parts = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            let bytes = range
+                .end
+                .checked_sub(range.start)
+                .filter(|&len| len <= MAX_FUNCTION_BYTES)
+                .and_then(|len| usize::try_from(len).ok())
+                .and_then(|len| image.bytes_at_vaddr(range.start, len))
+                .ok_or(Unmoved::Undecodable { at: range.start })?;
+            if parts
+                .last()
+                .is_some_and(|(last, _): &(Range<u64>, &[u8])| last.end > range.start)
+            {
+                return Err(Unmoved::Undecodable { at: range.start });
+            }
+            parts.push((range, bytes));
+        }
+        let mut map = CodeMap {
+            parts,
+            starts: Vec::new(),
+            targets: Vec::new(),
+        };
+        if let Some(&entry) = table.targets.iter().find(|&&t| !map.contains(t)) {
+            return Err(Unmoved::UnknownCode { entry });
+        }
+
+        // The sweep: every instruction, the direct branch targets, and the
+        // addresses the code takes (RIP-relative operands, immediates).
+        let mut direct = Vec::new();
+        let mut taken = Vec::new();
+        let mut insn = Instruction::default();
+        for (range, bytes) in &map.parts {
+            let mut decoder = Decoder::with_ip(64, bytes, range.start, DecoderOptions::NONE);
+            while decoder.can_decode() {
+                decoder.decode_out(&mut insn);
+                if insn.is_invalid() {
+                    return Err(Unmoved::Undecodable { at: insn.ip() });
+                }
+                map.starts.push(insn.ip());
+                match insn.near_branch_target() {
+                    0 => {}
+                    target => direct.push(target),
+                }
+                if insn.is_ip_rel_memory_operand() {
+                    taken.push(insn.ip_rel_memory_address());
+                }
+                for operand in 0..insn.op_count() {
+                    match insn.op_kind(operand) {
+                        OpKind::Immediate32 => taken.push(u64::from(insn.immediate32())),
+                        OpKind::Immediate32to64 => taken.push(insn.immediate32to64() as u64),
+                        OpKind::Immediate64 => taken.push(insn.immediate64()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // Exact targets must be instructions of the sweep, or the sweep is
+        // out of step somewhere and may have missed branches.
+        direct.retain(|&t| map.contains(t));
+        for &target in direct.iter().chain(&table.targets) {
+            if map.starts.binary_search(&target).is_err() {
+                return Err(Unmoved::Undecodable { at: target });
+            }
+        }
+
+        let sections = image.sections().map_err(|_| Unmoved::DataUnreadable)?;
+        let data: Vec<&Section> = sections
+            .iter()
+            .filter(|s| s.alloc && !s.exec && s.file_backed && s.vaddr != 0)
+            .collect();
+        let mut targets = direct;
+        targets.extend_from_slice(&table.targets);
+        for &address in &taken {
+            if map.contains(address) {
+                targets.push(address);
+            } else if data
+                .iter()
+                .any(|s| (s.vaddr..s.vaddr.saturating_add(s.size)).contains(&address))
+            {
+                map.switch_table_targets(image, address, &mut targets);
+            }
+        }
+        // Code pointers in the data: absolute (non-PIE switch tables, the
+        // opcode table of a non-PIE build) and relocation addends (PIE).
+        for section in &data {
+            let bytes = usize::try_from(section.size)
+                .ok()
+                .and_then(|len| image.bytes_at(section.offset, len))
+                .unwrap_or_default();
+            let skip = section
+                .vaddr
+                .checked_next_multiple_of(POINTER)
+                .map_or(0, |start| start - section.vaddr);
+            let words = bytes.get(skip as usize..).unwrap_or_default();
+            for word in words.chunks_exact(POINTER as usize) {
+                let value = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
+                if map.contains(value) {
+                    targets.push(value);
+                }
+            }
+        }
+        let relocations = image
+            .relative_relocations()
+            .map_err(|_| Unmoved::DataUnreadable)?;
+        targets.extend(
+            relocations
+                .iter()
+                .map(|&(_, addend)| addend)
+                .filter(|&a| map.contains(a)),
+        );
+        targets.sort_unstable();
+        targets.dedup();
+        map.targets = targets;
+        Ok(map)
+    }
+
+    /// Whether `address` is in the function's code.
+    fn contains(&self, address: u64) -> bool {
+        self.part_of(address).is_some()
+    }
+
+    /// The code range holding `address`, with its bytes.
+    fn part_of(&self, address: u64) -> Option<&(Range<u64>, &'a [u8])> {
+        let i = self
+            .parts
+            .partition_point(|(r, _)| r.start <= address)
+            .checked_sub(1)?;
+        self.parts.get(i).filter(|(r, _)| r.contains(&address))
+    }
+
+    /// Reads a switch table as GCC emits it for position-independent code
+    /// (`lea table(%rip)`; entries `target - table` as 32-bit integers) at
+    /// `table`, adding the targets in the code, up to the first entry that
+    /// does not point into it. Data that is no switch table rarely yields
+    /// any; if it does, a probe only moves less.
+    fn switch_table_targets(&self, image: &ElfImage, table: u64, targets: &mut Vec<u64>) {
+        for i in 0..MAX_SWITCH_TABLE {
+            let Some(entry) = table
+                .checked_add(i * 4)
+                .and_then(|at| image.bytes_at_vaddr(at, 4))
+            else {
+                return;
+            };
+            let offset = i32::from_le_bytes(entry.try_into().expect("4 bytes"));
+            let target = table.wrapping_add_signed(i64::from(offset));
+            if !self.contains(target) {
+                return;
+            }
+            targets.push(target);
+        }
+    }
+
+    /// The first address in `after + 1 ..= last` that may be jumped to.
+    fn first_target(&self, after: u64, last: u64) -> Option<u64> {
+        let i = self.targets.partition_point(|&t| t <= after);
+        self.targets.get(i).copied().filter(|&t| t <= last)
+    }
+
+    /// Adds the targets in `windows` of what decodes as `call`/`jmp`/`jcc`
+    /// rel32 at any byte of any executable section: a branch from code the
+    /// sweep did not cover (a split-off part of the function that was not
+    /// recognized) still keeps a probe in place. Bytes that only look like
+    /// such a branch rarely hit a window of a few dozen bytes; if they do, a
+    /// probe only moves less.
+    fn add_far_branches(&mut self, image: &ElfImage, windows: &[Range<u64>]) {
+        if windows.is_empty() {
+            return;
+        }
+        let sections = image.sections().unwrap_or_default();
+        for section in sections
+            .iter()
+            .filter(|s| s.alloc && s.exec && s.file_backed)
+        {
+            let Some(code) = usize::try_from(section.size)
+                .ok()
+                .and_then(|len| image.bytes_at(section.offset, len))
+            else {
+                continue;
+            };
+            for i in 0..code.len() {
+                let (len, at) = match (code[i], code.get(i + 1)) {
+                    (0xe8 | 0xe9, _) => (5, i + 1),
+                    (0x0f, Some(&op)) if op & 0xf0 == 0x80 => (6, i + 2),
+                    _ => continue,
+                };
+                let Some(rel) = code.get(at..at + 4) else {
+                    continue;
+                };
+                let rel = i32::from_le_bytes(rel.try_into().expect("4 bytes"));
+                let target = section
+                    .vaddr
+                    .wrapping_add(i as u64 + len)
+                    .wrapping_add_signed(i64::from(rel));
+                if windows.iter().any(|w| w.contains(&target)) {
+                    self.targets.push(target);
+                }
+            }
+        }
+        self.targets.sort_unstable();
+        self.targets.dedup();
+    }
+
+    /// Where the probe of the handler at `handler` could move, before
+    /// branch targets are considered: see [`first_emulated`].
+    fn candidate(&self, handler: u64) -> Result<(u64, Emulated, usize), Unmoved> {
+        let Some((range, bytes)) = self.part_of(handler) else {
+            return Err(Unmoved::UnknownCode { entry: handler });
+        };
+        if self.starts.binary_search(&handler).is_err() {
+            return Err(Unmoved::Undecodable { at: handler });
+        }
+        first_emulated(&bytes[(handler - range.start) as usize..], handler)
+    }
+
+    /// `site` (a handler's start) with its probe moved onto the first
+    /// emulated instruction of the handler's first basic block, if that is
+    /// safe; else with the reason it stays.
+    fn place(&self, image: &ElfImage, site: StartSite) -> Result<StartSite, StartSitesError> {
+        let handler = site.handler_vaddr;
+        let stay = |reason| {
+            Ok(StartSite {
+                placement: Placement::Start { reason },
+                ..site
+            })
+        };
+        let (at, instruction, skipped) = match self.candidate(handler) {
+            Ok(found) => found,
+            Err(reason) => return stay(reason),
+        };
+        if let Some(target) = self.first_target(handler, at) {
+            return stay(Unmoved::BranchTarget { target, site: at });
+        }
+        Ok(StartSite {
+            vaddr: at,
+            file_offset: image.vaddr_to_file_offset(at)?,
+            placement: Placement::Moved {
+                instruction,
+                skipped,
+            },
+            ..site
+        })
+    }
+}
+
+/// The first instruction the kernel emulates in the straight-line code at
+/// the start of `code` (loaded at `vaddr`), after at least one other: its
+/// address, kind, and the number of instructions before it. Fails if the
+/// first instruction is emulated itself, or control may leave the straight
+/// line first, or after [`MAX_WALK`] instructions. Branch targets are the
+/// caller's business.
+fn first_emulated(code: &[u8], vaddr: u64) -> Result<(u64, Emulated, usize), Unmoved> {
+    let mut decoder = Decoder::with_ip(64, code, vaddr, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    for skipped in 0..MAX_WALK {
+        if !decoder.can_decode() {
+            return Err(Unmoved::BlockEnds {
+                at: vaddr.wrapping_add(code.len() as u64),
+            });
+        }
+        decoder.decode_out(&mut insn);
+        let at = insn.ip();
+        if insn.is_invalid() {
+            return Err(Unmoved::Undecodable { at });
+        }
+        let offset = (at - vaddr) as usize;
+        if let Some(instruction) = Emulated::of(&code[offset..offset + insn.len()]) {
+            if skipped == 0 {
+                return Err(Unmoved::StartEmulated { instruction });
+            }
+            return Ok((at, instruction, skipped));
+        }
+        if insn.flow_control() != FlowControl::Next {
+            return Err(Unmoved::BlockEnds { at });
+        }
+    }
+    Err(Unmoved::TooFar)
 }
 
 /// Reads link-time pointer values from the loaded data: the addend of an

@@ -5,12 +5,14 @@
 //! to install it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    path::PathBuf,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
     process::Command,
     sync::{Arc, Mutex, OnceLock},
     time::Instant,
 };
+
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction};
 
 use super::*;
 use crate::python::{offsets, version};
@@ -262,7 +264,7 @@ fn pyenv_table_handlers_equal_dwarf_labels() {
         let addresses = |sites: &[StartSite]| -> Vec<(SiteKind, u64, u64)> {
             sites
                 .iter()
-                .map(|s| (s.kind, s.vaddr, s.file_offset))
+                .map(|s| (s.kind, s.handler_vaddr, s.handler_file_offset))
                 .collect()
         };
         assert_eq!(
@@ -459,8 +461,12 @@ fn without_a_table_pyenv_falls_back_to_dwarf_labels() {
     ));
     let sites = find_start_sites(&damaged, &detected, &layout).unwrap();
     assert!(sites.iter().all(|s| s.source == SiteSource::DwarfLabel));
-    let addresses =
-        |sites: &[StartSite]| sites.iter().map(|s| (s.kind, s.vaddr)).collect::<Vec<_>>();
+    let addresses = |sites: &[StartSite]| {
+        sites
+            .iter()
+            .map(|s| (s.kind, s.handler_vaddr))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(addresses(&sites), addresses(&expected));
 }
 
@@ -650,6 +656,7 @@ fn catch_all_is_the_most_shared_handler() {
         targets,
         origin: TableOrigin::Scan,
         bounds: CodeBounds::Function,
+        code: Vec::new(),
     };
     assert_eq!(table.catch_all(), Some(7));
     let unique = OpcodeTable {
@@ -753,5 +760,484 @@ fn stripped_pie_libraries_still_have_their_table() {
             "start_sites: stripped {}: table at {:#x} found by scanning, bounds {:?}",
             build.label, table.vaddr, table.bounds
         );
+        // Probes move as in the unstripped file, except where the code is
+        // not all known: then every table entry outside the delimited code
+        // keeps them at the handlers' starts.
+        let (detected, layout) = version_and_layout(&build, &original);
+        let Some(opcodes) = layout.resume_opcodes else {
+            continue;
+        };
+        let sites = sites_from_table(&stripped, &table, &opcodes, &detected).unwrap();
+        let unstripped = find_start_sites(&original, &detected, &layout).unwrap();
+        let outside = table
+            .targets
+            .iter()
+            .find(|t| !table.code.iter().any(|r| r.contains(t)));
+        for (site, expected) in sites.iter().zip(&unstripped) {
+            eprintln!("start_sites: stripped {}: {}", build.label, site.describe());
+            assert_eq!(site.handler_vaddr, expected.handler_vaddr);
+            match outside {
+                Some(&entry) => assert_eq!(
+                    site.placement,
+                    Placement::Start {
+                        reason: Unmoved::UnknownCode { entry }
+                    },
+                    "{}",
+                    build.label
+                ),
+                None => assert_eq!(site, expected, "{}", build.label),
+            }
+        }
     }
+}
+
+/// An independent look at `_PyEval_EvalFrameDefault`'s code: a linear sweep
+/// written here with iced-x86, and objdump's disassembly when installed.
+struct Disassembly {
+    /// Address of every instruction of the sweep.
+    starts: BTreeSet<u64>,
+    /// Targets of the sweep's direct branches and calls.
+    targets: BTreeSet<u64>,
+    /// objdump's branch and call targets and instruction text by address,
+    /// if objdump ran.
+    objdump: Option<(BTreeSet<u64>, BTreeMap<u64, String>)>,
+}
+
+fn disassemble(path: &Path, image: &ElfImage, code: &[Range<u64>]) -> Disassembly {
+    let mut starts = BTreeSet::new();
+    let mut targets = BTreeSet::new();
+    for range in code {
+        let offset = image.vaddr_to_file_offset(range.start).unwrap();
+        let bytes = image
+            .bytes_at(offset, (range.end - range.start) as usize)
+            .unwrap();
+        let mut decoder = Decoder::with_ip(64, bytes, range.start, DecoderOptions::NONE);
+        for insn in &mut decoder {
+            assert!(
+                !insn.is_invalid(),
+                "invalid instruction at {:#x}",
+                insn.ip()
+            );
+            starts.insert(insn.ip());
+            if matches!(
+                insn.flow_control(),
+                FlowControl::ConditionalBranch
+                    | FlowControl::UnconditionalBranch
+                    | FlowControl::Call
+            ) && insn.near_branch_target() != 0
+            {
+                targets.insert(insn.near_branch_target());
+            }
+        }
+    }
+    Disassembly {
+        starts,
+        targets,
+        objdump: objdump(path, code),
+    }
+}
+
+/// objdump's direct branch/call targets in `code`, and its text of each
+/// instruction; `None` (with a note) if objdump is not installed.
+fn objdump(path: &Path, code: &[Range<u64>]) -> Option<(BTreeSet<u64>, BTreeMap<u64, String>)> {
+    let mut targets = BTreeSet::new();
+    let mut text = BTreeMap::new();
+    for range in code {
+        let out = match Command::new("objdump")
+            .args([
+                "-d",
+                "--no-show-raw-insn",
+                &format!("--start-address={:#x}", range.start),
+                &format!("--stop-address={:#x}", range.end),
+            ])
+            .arg(path)
+            .output()
+        {
+            Ok(out) if out.status.success() => out,
+            other => {
+                eprintln!("start_sites: objdump unavailable ({other:?}): cross-check skipped");
+                return None;
+            }
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some((address, insn)) = line.trim_start().split_once(":\t") else {
+                continue;
+            };
+            let Ok(address) = u64::from_str_radix(address, 16) else {
+                continue;
+            };
+            let mut words = insn.split_whitespace();
+            let mnemonic = words.next().unwrap_or_default();
+            let operand = words.next().unwrap_or_default();
+            if (mnemonic.starts_with('j') || mnemonic.starts_with("call"))
+                && let Ok(target) = u64::from_str_radix(operand, 16)
+            {
+                targets.insert(target);
+            }
+            text.insert(address, insn.split(" <").next().unwrap_or(insn).to_owned());
+        }
+    }
+    Some((targets, text))
+}
+
+/// The opcode whose handler runs at every call once the code is warm: the
+/// probe that matters for speed.
+fn hot_resume(version: &str) -> &'static str {
+    match version {
+        v if v.starts_with("3.11.") => "RESUME_QUICK",
+        v if v.starts_with("3.12.") => "RESUME",
+        _ => "RESUME_CHECK",
+    }
+}
+
+#[test]
+fn resume_probes_move_only_where_safe() {
+    let mut report = Vec::new();
+    for build in builds() {
+        let image = image(&build);
+        let (detected, layout) = version_and_layout(&build, &image);
+        if layout.resume_opcodes.is_none() {
+            continue;
+        }
+        let sites = find_start_sites(&image, &detected, &layout).unwrap();
+        let table = find_opcode_table(&image).unwrap();
+        let eval = image.symbol(EVAL_FRAME).unwrap();
+        let code = function_code(&image, &eval);
+        assert_eq!(code, table.code, "{}", build.label);
+        let seen = disassemble(&build.binary, &image, &code);
+        // DWARF labels (pyenv builds) are places the code may jump to, too.
+        let labels: Vec<u64> = match build.origin {
+            Origin::Pyenv => dwarf(&build)
+                .labels_in(EVAL_FRAME)
+                .unwrap()
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect(),
+            Origin::Debian => Vec::new(),
+        };
+        let text = |address: u64| -> String {
+            seen.objdump
+                .as_ref()
+                .and_then(|(_, text)| text.get(&address).cloned())
+                .unwrap_or_default()
+        };
+
+        for site in &sites {
+            let SiteKind::Resume { name, .. } = site.kind else {
+                panic!("{}: {site:?}", build.label);
+            };
+            let handler = site.handler_vaddr;
+            assert!(seen.starts.contains(&handler), "{}: {site}", build.label);
+            assert_eq!(
+                image.vaddr_to_file_offset(handler).unwrap(),
+                site.handler_file_offset
+            );
+            assert_eq!(
+                image.vaddr_to_file_offset(site.vaddr).unwrap(),
+                site.file_offset
+            );
+            let Placement::Moved {
+                instruction,
+                skipped,
+            } = site.placement
+            else {
+                assert_eq!(site.vaddr, handler, "{}: {site}", build.label);
+                let Placement::Start { reason } = site.placement else {
+                    unreachable!()
+                };
+                let why = match reason {
+                    Unmoved::BranchTarget { target, site: at } => {
+                        let direct = seen.targets.contains(&target);
+                        format!(
+                            "not moved: {} jumps to {target:#x}, before the {} at {at:#x}",
+                            if direct {
+                                "a direct branch"
+                            } else {
+                                "data or code"
+                            },
+                            text(at)
+                        )
+                    }
+                    other => format!("not moved: {other}"),
+                };
+                report.push(format!(
+                    "{:<20} {:<20} {handler:#10x}  {why}",
+                    build.label, name
+                ));
+                continue;
+            };
+            // Straight-line from the handler's start to the site.
+            let offset = image.vaddr_to_file_offset(handler).unwrap();
+            let bytes = image.bytes_at(offset, 16 * (MAX_WALK + 1)).unwrap();
+            let mut decoder = Decoder::with_ip(64, bytes, handler, DecoderOptions::NONE);
+            let mut insn = Instruction::default();
+            let mut before = 0;
+            loop {
+                decoder.decode_out(&mut insn);
+                assert!(!insn.is_invalid(), "{}: {site}", build.label);
+                assert!(insn.ip() <= site.vaddr, "{}: {site}: overshot", build.label);
+                if insn.ip() == site.vaddr {
+                    break;
+                }
+                assert_eq!(
+                    insn.flow_control(),
+                    FlowControl::Next,
+                    "{}: {site}: control may leave at {:#x}",
+                    build.label,
+                    insn.ip()
+                );
+                before += 1;
+                assert!(before <= MAX_WALK, "{}: {site}", build.label);
+            }
+            assert!(before > 0, "{}: {site}", build.label);
+            assert_eq!(before, skipped, "{}: {site}", build.label);
+            assert!(seen.starts.contains(&site.vaddr), "{}: {site}", build.label);
+            // The site's instruction is one the kernel emulates, exactly
+            // encoded as branch_setup_xol_ops/push_setup_xol_ops accept it.
+            let encoding = &bytes[(site.vaddr - handler) as usize..][..insn.len()];
+            let kind = if insn.is_jcc_short_or_near()
+                && matches!(encoding, [0x70..=0x7f, _] | [0x0f, 0x80..=0x8f, _, _, _, _])
+            {
+                Emulated::Jcc
+            } else if insn.is_jmp_short_or_near()
+                && matches!(encoding, [0xeb, _] | [0xe9, _, _, _, _])
+            {
+                Emulated::Jmp
+            } else if insn.is_call_near() && matches!(encoding, [0xe8, _, _, _, _]) {
+                Emulated::Call
+            } else if insn.code() == Code::Push_r64 && matches!(encoding, [_] | [0x41, _]) {
+                Emulated::Push
+            } else {
+                panic!(
+                    "{}: {site}: {encoding:02x?} is not emulated by the kernel",
+                    build.label
+                );
+            };
+            assert_eq!(kind, instruction, "{}: {site}", build.label);
+            // Nothing jumps between the handler's start and the site.
+            let window = handler + 1..=site.vaddr;
+            let mut sources: Vec<(&str, Vec<u64>)> = vec![
+                (
+                    "direct branch",
+                    seen.targets.range(window.clone()).copied().collect(),
+                ),
+                (
+                    "opcode table entry",
+                    table
+                        .targets
+                        .iter()
+                        .copied()
+                        .filter(|t| window.contains(t))
+                        .collect(),
+                ),
+                (
+                    "DWARF label",
+                    labels
+                        .iter()
+                        .copied()
+                        .filter(|t| window.contains(t))
+                        .collect(),
+                ),
+            ];
+            if let Some((targets, _)) = &seen.objdump {
+                sources.push((
+                    "objdump branch",
+                    targets.range(window.clone()).copied().collect(),
+                ));
+            }
+            for (what, hits) in sources {
+                assert!(
+                    hits.is_empty(),
+                    "{}: {site}: {what} into the skipped instructions: {hits:x?}",
+                    build.label
+                );
+            }
+            report.push(format!(
+                "{:<20} {:<20} {handler:#10x}  → {:#x} (+{:#x}, {skipped} instructions skipped): \
+                 {instruction} `{}`",
+                build.label,
+                name,
+                site.vaddr,
+                site.vaddr - handler,
+                text(site.vaddr)
+            ));
+        }
+        // The probe that runs at every warm call moved.
+        let hot = hot_resume(build.version);
+        assert!(
+            sites.iter().any(
+                |s| matches!(s.kind, SiteKind::Resume { name, .. } if name == hot) && s.moved()
+            ),
+            "{}: the {hot} probe did not move: {sites:#?}",
+            build.label
+        );
+    }
+    eprintln!("start_sites: probe placement (virtual addresses):");
+    for line in report {
+        eprintln!("  {line}");
+    }
+}
+
+#[test]
+fn emulated_encodings() {
+    let cases: &[(&[u8], Option<Emulated>)] = &[
+        (&[0x74, 0x05], Some(Emulated::Jcc)),
+        (&[0x7f, 0xfe], Some(Emulated::Jcc)),
+        (&[0x0f, 0x85, 1, 2, 3, 4], Some(Emulated::Jcc)),
+        (&[0xeb, 0x10], Some(Emulated::Jmp)),
+        (&[0xe9, 1, 2, 3, 4], Some(Emulated::Jmp)),
+        (&[0xe8, 1, 2, 3, 4], Some(Emulated::Call)),
+        (&[0x55], Some(Emulated::Push)),
+        (&[0x41, 0x57], Some(Emulated::Push)),
+        // A 0x66 prefix makes the kernel refuse the probe.
+        (&[0x66, 0x74, 0x05], None),
+        (&[0x66, 0x0f, 0x85, 1, 2, 3, 4], None),
+        // Other REX prefixes on push are single-stepped.
+        (&[0x48, 0x55], None),
+        (&[0x49, 0x57], None),
+        // Indirect jumps and calls, ret, loop, jrcxz, mov.
+        (&[0xff, 0xe0], None),
+        (&[0xff, 0xd0], None),
+        (&[0xc3], None),
+        (&[0xe2, 0xfe], None),
+        (&[0xe3, 0xfe], None),
+        (&[0x48, 0x89, 0xf8], None),
+        // Truncated or padded encodings.
+        (&[0x0f, 0x85, 1, 2, 3], None),
+        (&[0x74], None),
+        (&[0x55, 0x90], None),
+    ];
+    for &(bytes, expected) in cases {
+        assert_eq!(Emulated::of(bytes), expected, "{bytes:02x?}");
+    }
+}
+
+#[test]
+fn first_emulated_walks_straight_line_code_only() {
+    const BASE: u64 = 0x1000;
+    const MOV: [u8; 3] = [0x48, 0x89, 0xf8]; // mov %rdi,%rax
+    const ADD: [u8; 4] = [0x48, 0x83, 0xc0, 0x01]; // add $1,%rax
+    let code = |parts: &[&[u8]]| parts.concat();
+    let walk = |bytes: Vec<u8>| first_emulated(&bytes, BASE);
+
+    assert_eq!(
+        walk(code(&[&MOV, &ADD, &[0x74, 0x05]])),
+        Ok((BASE + 7, Emulated::Jcc, 2))
+    );
+    assert_eq!(
+        walk(code(&[&MOV, &[0x0f, 0x84, 0, 1, 0, 0]])),
+        Ok((BASE + 3, Emulated::Jcc, 1))
+    );
+    assert_eq!(
+        walk(code(&[&MOV, &[0xe9, 0, 0, 0, 0]])),
+        Ok((BASE + 3, Emulated::Jmp, 1))
+    );
+    assert_eq!(
+        walk(code(&[&MOV, &[0xe8, 0, 0, 0, 0]])),
+        Ok((BASE + 3, Emulated::Call, 1))
+    );
+    assert_eq!(
+        walk(code(&[&MOV, &[0x41, 0x57]])),
+        Ok((BASE + 3, Emulated::Push, 1))
+    );
+    // The first instruction is emulated already.
+    assert_eq!(
+        walk(code(&[&[0x74, 0x05], &MOV])),
+        Err(Unmoved::StartEmulated {
+            instruction: Emulated::Jcc
+        })
+    );
+    // Control leaves before an emulated instruction: indirect jump, ret,
+    // ud2, a jcc the kernel refuses (0x66 prefix), the end of the code.
+    for end in [
+        &[0xff, 0xe0][..],
+        &[0xc3],
+        &[0x0f, 0x0b],
+        &[0x66, 0x74, 0x05],
+    ] {
+        assert_eq!(
+            walk(code(&[&MOV, end, &[0x74, 0x05]])),
+            Err(Unmoved::BlockEnds { at: BASE + 3 }),
+            "{end:02x?}"
+        );
+    }
+    assert_eq!(
+        walk(code(&[&MOV, &ADD])),
+        Err(Unmoved::BlockEnds { at: BASE + 7 })
+    );
+    // Bytes that are no instruction.
+    assert_eq!(
+        walk(code(&[&MOV, &[0x48]])),
+        Err(Unmoved::Undecodable { at: BASE + 3 })
+    );
+    // Too far.
+    let far: Vec<&[u8]> = std::iter::repeat_n(&MOV[..], MAX_WALK)
+        .chain([&[0x74, 0x05][..]])
+        .collect();
+    assert_eq!(walk(code(&far)), Err(Unmoved::TooFar));
+    let near: Vec<&[u8]> = std::iter::repeat_n(&MOV[..], MAX_WALK - 1)
+        .chain([&[0x74, 0x05][..]])
+        .collect();
+    assert_eq!(
+        walk(code(&near)),
+        Ok((
+            BASE + 3 * (MAX_WALK as u64 - 1),
+            Emulated::Jcc,
+            MAX_WALK - 1
+        ))
+    );
+}
+
+#[test]
+fn branch_targets_after_the_start_up_to_the_site_count() {
+    let map = CodeMap {
+        parts: Vec::new(),
+        starts: Vec::new(),
+        targets: vec![0x10, 0x20, 0x30],
+    };
+    // The handler's own start is a target (the table's entry): fine.
+    assert_eq!(map.first_target(0x10, 0x1f), None);
+    assert_eq!(map.first_target(0x10, 0x20), Some(0x20));
+    assert_eq!(map.first_target(0x0f, 0x10), Some(0x10));
+    assert_eq!(map.first_target(0x20, 0x2f), None);
+    assert_eq!(map.first_target(0x30, u64::MAX), None);
+}
+
+#[test]
+fn site_descriptions() {
+    let moved = StartSite {
+        vaddr: 0x90aa2,
+        file_offset: 0x90aa2,
+        handler_vaddr: 0x90a87,
+        handler_file_offset: 0x90a87,
+        kind: SiteKind::Resume {
+            opcode: 207,
+            name: "RESUME_CHECK",
+        },
+        source: SiteSource::OpcodeTable { table: 0x4000 },
+        placement: Placement::Moved {
+            instruction: Emulated::Jcc,
+            skipped: 6,
+        },
+    };
+    assert_eq!(moved.describe(), "RESUME_CHECK(207)@0x90a87→0x90aa2(jcc)");
+    assert!(moved.to_string().contains("6 instructions in"), "{moved}");
+    let kept = StartSite {
+        vaddr: 0x90a49,
+        handler_vaddr: 0x90a49,
+        file_offset: 0x90a49,
+        handler_file_offset: 0x90a49,
+        placement: Placement::Start {
+            reason: Unmoved::BranchTarget {
+                target: 0x90a51,
+                site: 0x90a5e,
+            },
+        },
+        ..moved
+    };
+    assert_eq!(
+        kept.describe(),
+        "RESUME_CHECK(207)@0x90a49(branch target +0x8)"
+    );
+    assert!(kept.to_string().contains("0x90a51"), "{kept}");
 }
