@@ -57,10 +57,10 @@ enum Command {
     /// apart (CALLS includes them, as cProfile's ncalls does).
     ///
     /// Cost: every Python call in a watched process traps into the kernel,
-    /// about 0.5 µs on a VM (a call-heavy program can run several times
-    /// slower, like under a sys.settrace call tracer; see `cargo xtask
-    /// bench`). Code that makes no Python calls is not slowed. For a cheap
-    /// view of where time goes, sample instead.
+    /// about 0.7-0.8 µs per call measured on a VM (fib(25), nothing but
+    /// tiny calls, ran 10-28 times slower; see `cargo xtask bench`). Code
+    /// that makes no Python calls is not slowed. For a cheap view of where
+    /// time goes, sample instead.
     ///
     /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
     Calls {
