@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context, bail, ensure};
 use pyprobe::{
     dump::{self, DumpOptions},
-    python::values::Bounds,
+    python::{reader::Location, values::Bounds},
 };
 use pyprobe_tests::{Fixture, Origin, fixture_path, for_each_interpreter, pyprobe_bin};
 
@@ -83,30 +83,8 @@ fn dump_matches_sys_current_frames_and_locals() {
                 .iter()
                 .find(|t| t.thread.thread_id == ident)
                 .with_context(|| format!("no thread {ident:#x} in the dump"))?;
-            let got: Vec<(String, String, i64)> = thread
-                .thread
-                .frames
-                .iter()
-                .map(|f| {
-                    (
-                        f.function.clone(),
-                        f.filename.clone(),
-                        f.line.map_or(-1, i64::from),
-                    )
-                })
-                .collect();
-            let want: Vec<(String, String, i64)> = frames
-                .as_array()
-                .context("frames")?
-                .iter()
-                .map(|f| {
-                    (
-                        f[0].as_str().unwrap().to_owned(),
-                        f[1].as_str().unwrap().to_owned(),
-                        f[2].as_i64().unwrap(),
-                    )
-                })
-                .collect();
+            let got = thread.thread.locations();
+            let want: Vec<Location> = serde_json::from_value(frames.clone()).context("frames")?;
             ensure!(
                 got == want,
                 "thread {ident:#x}:\n pyprobe {got:?}\n python  {want:?}"

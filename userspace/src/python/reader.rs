@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     linetable,
@@ -180,6 +180,13 @@ pub struct Local {
     pub argument: bool,
 }
 
+/// Where a frame is: function, file, line. Serialized as a
+/// `[function, file, line]` array (line `null` when unknown), the shape a
+/// Python program can produce from `sys._current_frames()`, so stacks read by
+/// pyprobe and stacks a program reports about itself compare directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location(pub String, pub String, pub Option<i32>);
+
 /// One thread.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Thread {
@@ -196,6 +203,16 @@ pub struct Thread {
     /// Set when the frame chain could not be read to its end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncated: Option<String>,
+}
+
+impl Thread {
+    /// Each frame's [`Location`], innermost first.
+    pub fn locations(&self) -> Vec<Location> {
+        self.frames
+            .iter()
+            .map(|f| Location(f.function.clone(), f.filename.clone(), f.line))
+            .collect()
+    }
 }
 
 impl Target<ProcessMemory> {

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 
 use proptest::prelude::*;
 
-use super::{memory::Snapshot, reader::Target, values::Bounds};
+use super::{
+    memory::Snapshot,
+    reader::{Location, Target},
+    values::Bounds,
+};
 
 fn snapshot_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/snapshots")
@@ -62,29 +66,8 @@ fn replayed_stacks_equal_what_python_reported() {
         for (ident, frames) in expected["threads"].as_object().unwrap() {
             let ident: u64 = ident.parse().unwrap();
             let thread = threads.iter().find(|t| t.thread_id == ident).unwrap();
-            let got: Vec<(String, String, i64)> = thread
-                .frames
-                .iter()
-                .map(|f| {
-                    (
-                        f.function.clone(),
-                        f.filename.clone(),
-                        f.line.map_or(-1, i64::from),
-                    )
-                })
-                .collect();
-            let want: Vec<(String, String, i64)> = frames
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| {
-                    (
-                        f[0].as_str().unwrap().into(),
-                        f[1].as_str().unwrap().into(),
-                        f[2].as_i64().unwrap(),
-                    )
-                })
-                .collect();
+            let got = thread.locations();
+            let want: Vec<Location> = serde_json::from_value(frames.clone()).unwrap();
             assert_eq!(got, want, "{name}, thread {ident:#x}");
         }
         let innermost = threads
