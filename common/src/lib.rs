@@ -48,6 +48,8 @@ pub mod names {
     /// Per-CPU hash map: [`super::calls::CodeKey`] ->
     /// [`super::calls::CallCounts`].
     pub const MAP_CALL_COUNTS: &str = "CALL_COUNTS";
+    /// Per-CPU array of [`super::calls::CacheSlot`].
+    pub const MAP_CALL_CACHE: &str = "CALL_CACHE";
 }
 
 /// Counting Python function starts (`pyprobe calls`).
@@ -72,14 +74,6 @@ pub mod calls {
     /// nothing known).
     pub const FRAME_FROM_TSTATE: u8 = 2;
 
-    /// The running thread's state is `*(runtime + runtime_tstate_current)`
-    /// (3.11: `_PyRuntime.gilstate.tstate_current`).
-    pub const TSTATE_RUNTIME_CURRENT: u8 = 0;
-    /// The running thread's state is the GIL's last holder: the thread
-    /// running bytecode holds the GIL, and took it by writing itself there
-    /// (3.12+: `interp->ceval.gil->last_holder` of the main interpreter).
-    pub const TSTATE_GIL_HOLDER: u8 = 1;
-
     /// A frame starts when its `f_lasti` (int) is negative (3.8-3.10).
     pub const START_LASTI_NEGATIVE: u8 = 0;
     /// A frame starts when the instruction about to run is at or before
@@ -88,52 +82,65 @@ pub mod calls {
     /// `(ptr + instruction_bias - (code + code_adaptive)) / 2` (3.11+).
     pub const START_INDEX_FIRST_TRACEABLE: u8 = 1;
 
+    /// Bytes read at once from a frame and from a code object: the fields
+    /// the program needs from each lie in one window of this size, so each
+    /// object costs one read of the target's memory.
+    pub const WINDOW: u64 = 256;
+
     /// What the program needs to know about one process, built by userspace
     /// from the process model (offsets are data; the program branches on the
     /// mode fields, never on version numbers).
+    ///
+    /// Fields named `*_at` are offsets inside the object's window, which
+    /// starts `frame_window` (or `code_window`) bytes into the object; each
+    /// is 4-byte aligned and at most [`WINDOW`] - 8.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct ProcessConfig {
-        /// Runtime address of `_PyRuntime`.
-        pub runtime: u64,
-        /// `_PyRuntime.gilstate.tstate_current` offset ([`TSTATE_RUNTIME_CURRENT`]).
-        pub runtime_tstate_current: u64,
-        /// `_PyRuntime.interpreters.head` offset ([`TSTATE_GIL_HOLDER`]).
-        pub runtime_interpreters_head: u64,
-        /// `PyInterpreterState.ceval.gil` (pointer) offset.
-        pub interp_gil: u64,
-        /// `last_holder` offset in the GIL structure.
-        pub gil_last_holder: u64,
+        /// [`FRAME_FROM_TSTATE`]: address of the word holding the running
+        /// thread's state, computed once per process by userspace (3.11:
+        /// `&_PyRuntime.gilstate.tstate_current`; 3.12+: the main
+        /// interpreter's `&gil->last_holder`, since the thread running
+        /// bytecode holds the GIL and wrote itself there when taking it).
+        pub tstate_slot: u64,
         /// Offset of the current frame (or of `cframe`) in the thread state.
         pub tstate_frame: u64,
         /// `_PyCFrame.current_frame` offset, or `u64::MAX` when
         /// `tstate_frame` points at the frame directly.
         pub cframe_current_frame: u64,
-        /// `f_code` / `f_executable` offset in the frame.
-        pub frame_code: u64,
-        /// `f_lasti` / `prev_instr` / `instr_ptr` offset in the frame.
-        pub frame_instruction: u64,
+        /// Start of the frame window in the frame.
+        pub frame_window: u64,
+        /// Bytes of the frame window: up to the end of its last field, so the
+        /// read never goes past the object.
+        pub frame_window_len: u64,
+        /// `f_code` / `f_executable` in the frame window.
+        pub frame_code_at: u64,
+        /// `f_lasti` / `prev_instr` / `instr_ptr` in the frame window.
+        pub frame_instruction_at: u64,
+        /// Start of the code window in the code object.
+        pub code_window: u64,
+        /// Bytes of the code window.
+        pub code_window_len: u64,
+        /// `co_name` in the code window.
+        pub code_name_at: u64,
+        /// `co_firstlineno` (int) in the code window.
+        pub code_firstlineno_at: u64,
+        /// `_co_firsttraceable` (int, 3.11+) in the code window.
+        pub code_firsttraceable_at: u64,
+        /// `co_code_adaptive` offset in the code object (3.11+; an address
+        /// computation, not a read).
+        pub code_adaptive: u64,
         /// Mask applied to the frame's code word (`_PyStackRef` in 3.14).
         pub code_mask: u64,
-        /// `co_code_adaptive` offset (3.11+).
-        pub code_adaptive: u64,
-        /// `_co_firsttraceable` offset (3.11+, int).
-        pub code_firsttraceable: u64,
-        /// `co_firstlineno` offset (int).
-        pub code_firstlineno: u64,
-        /// `co_name` offset.
-        pub code_name: u64,
         /// Added to the instruction pointer before computing its index: 2
         /// when it points at the previous code unit (`prev_instr`), else 0.
         pub instruction_bias: u64,
         /// One of `FRAME_*`.
         pub frame_mode: u8,
-        /// One of `TSTATE_*`.
-        pub tstate_mode: u8,
         /// One of `START_*`.
         pub start_mode: u8,
         /// Padding, zero.
-        pub _pad: [u8; 5],
+        pub _pad: [u8; 6],
     }
 
     /// Key of a count: a code object of a process. `name` and `firstlineno`
@@ -151,6 +158,31 @@ pub mod calls {
         pub code: u64,
         /// Address of its `co_name` string.
         pub name: u64,
+    }
+
+    /// Slots in the per-CPU count cache (a power of two).
+    pub const CACHE_SLOTS: u32 = 4096;
+
+    /// One slot of the per-CPU count cache: the program counts a code
+    /// object in the slot its address picks (an array lookup, far cheaper
+    /// than a hash lookup), and only when another code object already owns
+    /// that slot in the per-CPU hash map instead. A slot with `key.code ==
+    /// 0` is free. Userspace adds the two.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct CacheSlot {
+        /// Owner of the slot.
+        pub key: CodeKey,
+        /// Its counts on this CPU.
+        pub counts: CallCounts,
+    }
+
+    /// The cache slot of a code object: address bits above the allocator's
+    /// 16-byte alignment, mixed with the process.
+    #[inline(always)]
+    pub fn cache_slot(tgid: u32, code: u64) -> u32 {
+        let h = (code >> 4) ^ (code >> 17) ^ (tgid as u64).wrapping_mul(0x9e37);
+        (h as u32) & (CACHE_SLOTS - 1)
     }
 
     /// Counts of one code object on one CPU.
@@ -174,8 +206,11 @@ mod pod {
     unsafe impl aya::Pod for super::calls::CodeKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::CallCounts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::calls::CacheSlot {}
 
     const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 15 * 8 + 8);
     const _: () = assert!(core::mem::size_of::<super::calls::CodeKey>() == 24);
     const _: () = assert!(core::mem::size_of::<super::calls::CallCounts>() == 16);
+    const _: () = assert!(core::mem::size_of::<super::calls::CacheSlot>() == 40);
 }

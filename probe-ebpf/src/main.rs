@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use pyprobe_common::{
     MAX_PROCESSES,
-    calls::{self, CallCounts, CodeKey, ProcessConfig},
+    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig},
     stats,
 };
 
@@ -77,6 +77,10 @@ static CALL_CONFIG: HashMap<u32, ProcessConfig> = HashMap::with_max_entries(MAX_
 static CALL_COUNTS: PerCpuHashMap<CodeKey, CallCounts> =
     PerCpuHashMap::with_max_entries(calls::MAX_CODES, 0);
 
+/// Per-CPU count cache, see [`calls::CacheSlot`].
+#[map(name = "CALL_CACHE")]
+static CALL_CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(calls::CACHE_SLOTS, 0);
+
 /// Reads a `T` from the traced process. `None` if the address is not
 /// mapped (the kernel never faults on our behalf).
 #[inline(always)]
@@ -110,17 +114,7 @@ fn starting_frame(ctx: &ProbeContext, config: &ProcessConfig) -> Option<u64> {
         calls::FRAME_ARG0 => Some(args(ctx).0),
         calls::FRAME_ARG1 => Some(args(ctx).1),
         _ => {
-            let tstate: u64 = if config.tstate_mode == calls::TSTATE_RUNTIME_CURRENT {
-                read(config.runtime.wrapping_add(config.runtime_tstate_current))?
-            } else {
-                let interp: u64 = read(
-                    config
-                        .runtime
-                        .wrapping_add(config.runtime_interpreters_head),
-                )?;
-                let gil: u64 = read(interp.wrapping_add(config.interp_gil))?;
-                read(gil.wrapping_add(config.gil_last_holder))?
-            };
+            let tstate: u64 = read(config.tstate_slot)?;
             let at: u64 = read(tstate.wrapping_add(config.tstate_frame))?;
             if config.cframe_current_frame == u64::MAX {
                 Some(at)
@@ -128,6 +122,58 @@ fn starting_frame(ctx: &ProbeContext, config: &ProcessConfig) -> Option<u64> {
                 read(at.wrapping_add(config.cframe_current_frame))
             }
         }
+    }
+}
+
+/// [`calls::WINDOW`] bytes of a frame or code object, read at once, with
+/// accessors for the fields inside it.
+#[repr(C)]
+pub struct Window([u32; (calls::WINDOW / 4) as usize]);
+
+/// Scratch space for the two windows (frame, code): too big for the BPF
+/// stack together.
+#[map(name = "WINDOWS")]
+static WINDOWS: PerCpuArray<Window> = PerCpuArray::with_max_entries(2, 0);
+
+impl Window {
+    /// Reads `len` bytes (at most [`calls::WINDOW`]) starting at `addr`
+    /// into scratch slot `slot`.
+    #[inline(always)]
+    fn read(slot: u32, addr: u64, len: u64) -> Option<&'static Self> {
+        let len = if len > calls::WINDOW {
+            calls::WINDOW
+        } else {
+            len
+        };
+        let buf = WINDOWS.get_ptr_mut(slot)?;
+        // SAFETY: the per-CPU scratch value is ours for this run (see
+        // `bump`); bpf_probe_read_user fills it (zeroes it on failure).
+        unsafe {
+            let ret = aya_ebpf::helpers::generated::bpf_probe_read_user(
+                buf.cast(),
+                len as u32,
+                addr as *const core::ffi::c_void,
+            );
+            if ret < 0 {
+                return None;
+            }
+            Some(&*buf)
+        }
+    }
+
+    /// The 4-byte-aligned int at `at` (bounded: the verifier sees the index
+    /// masked into the array).
+    #[inline(always)]
+    fn u32_at(&self, at: u64) -> u32 {
+        let i = ((at >> 2) as usize) & ((calls::WINDOW / 4) as usize - 1);
+        self.0[i]
+    }
+
+    /// The 8-byte-aligned pointer at `at`.
+    #[inline(always)]
+    fn u64_at(&self, at: u64) -> u64 {
+        let i = ((at >> 2) as usize) & ((calls::WINDOW / 4) as usize - 2);
+        (self.0[i] as u64) | ((self.0[i + 1] as u64) << 32)
     }
 }
 
@@ -144,7 +190,8 @@ fn count_call(ctx: &ProbeContext) -> Result<(), u32> {
 }
 
 /// Counts one start or resumption of `frame`'s code object; `resume` forces
-/// the kind, else the frame's instruction position decides.
+/// the kind, else the frame's instruction position decides. Two reads of
+/// the target: the frame's window and the code object's window.
 #[inline(always)]
 fn count_frame(
     tgid: u32,
@@ -152,23 +199,26 @@ fn count_frame(
     frame: u64,
     resume: Option<bool>,
 ) -> Result<(), u32> {
-    let code_word: u64 =
-        read(frame.wrapping_add(config.frame_code)).ok_or(stats::CALLS_UNREADABLE)?;
-    let code = code_word & config.code_mask;
-    let name: u64 = read(code.wrapping_add(config.code_name)).ok_or(stats::CALLS_UNREADABLE)?;
-    let firstlineno: u32 =
-        read(code.wrapping_add(config.code_firstlineno)).ok_or(stats::CALLS_UNREADABLE)?;
+    let f = Window::read(
+        0,
+        frame.wrapping_add(config.frame_window),
+        config.frame_window_len,
+    )
+    .ok_or(stats::CALLS_UNREADABLE)?;
+    let code = f.u64_at(config.frame_code_at) & config.code_mask;
+    let c = Window::read(
+        1,
+        code.wrapping_add(config.code_window),
+        config.code_window_len,
+    )
+    .ok_or(stats::CALLS_UNREADABLE)?;
     let start = if let Some(resume) = resume {
         !resume
     } else if config.start_mode == calls::START_LASTI_NEGATIVE {
-        let lasti: i32 =
-            read(frame.wrapping_add(config.frame_instruction)).ok_or(stats::CALLS_UNREADABLE)?;
-        lasti < 0
+        (f.u32_at(config.frame_instruction_at) as i32) < 0
     } else {
-        let ptr: u64 =
-            read(frame.wrapping_add(config.frame_instruction)).ok_or(stats::CALLS_UNREADABLE)?;
-        let first: i32 =
-            read(code.wrapping_add(config.code_firsttraceable)).ok_or(stats::CALLS_UNREADABLE)?;
+        let ptr = f.u64_at(config.frame_instruction_at);
+        let first = c.u32_at(config.code_firsttraceable_at) as i32;
         let units = (ptr
             .wrapping_add(config.instruction_bias)
             .wrapping_sub(code.wrapping_add(config.code_adaptive)) as i64)
@@ -181,14 +231,30 @@ fn count_frame(
     };
     let key = CodeKey {
         tgid,
-        firstlineno,
+        firstlineno: c.u32_at(config.code_firstlineno_at),
         code,
-        name,
+        name: c.u64_at(config.code_name_at),
     };
+    if let Some(slot) = CALL_CACHE.get_ptr_mut(calls::cache_slot(tgid, code)) {
+        // SAFETY: a per-CPU value of a successful lookup, valid and
+        // exclusively ours for this run (see `bump`).
+        let slot = unsafe { &mut *slot };
+        if slot.key.code == 0 {
+            slot.key = key;
+            slot.counts = CallCounts::default();
+        }
+        if slot.key == key {
+            if start {
+                slot.counts.starts += 1;
+            } else {
+                slot.counts.resumes += 1;
+            }
+            return Ok(());
+        }
+    }
     for _ in 0..2 {
         if let Some(counts) = CALL_COUNTS.get_ptr_mut(&key) {
-            // SAFETY: a per-CPU value of a successful lookup, valid and
-            // exclusively ours for this run (see `bump`).
+            // SAFETY: as above.
             unsafe {
                 if start {
                     (*counts).starts += 1;

@@ -15,7 +15,7 @@ use aya::{
     programs::{UProbe, uprobe::UProbeScope},
 };
 use pyprobe_common::{
-    calls::{CallCounts, CodeKey, ProcessConfig},
+    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig},
     names, stats,
 };
 
@@ -287,12 +287,31 @@ impl CallCounter {
                 name: names::MAP_CALL_COUNTS,
                 source,
             })?;
-            let mut sum = CallCounts::default();
+            let sum: &mut CallCounts = out.entry(key).or_default();
             for c in per_cpu.iter() {
                 sum.starts += c.starts;
                 sum.resumes += c.resumes;
             }
-            out.insert(key, sum);
+        }
+        let cache: PerCpuArray<&MapData, CacheSlot> = PerCpuArray::try_from(
+            self.ebpf
+                .map(names::MAP_CALL_CACHE)
+                .ok_or(BpfError::Missing("CALL_CACHE map"))?,
+        )
+        .map_err(|source| BpfError::Map {
+            name: names::MAP_CALL_CACHE,
+            source,
+        })?;
+        for index in 0..calls::CACHE_SLOTS {
+            let per_cpu = cache.get(&index, 0).map_err(|source| BpfError::Map {
+                name: names::MAP_CALL_CACHE,
+                source,
+            })?;
+            for slot in per_cpu.iter().filter(|s| s.key.code != 0) {
+                let sum = out.entry(slot.key).or_default();
+                sum.starts += slot.counts.starts;
+                sum.resumes += slot.counts.resumes;
+            }
         }
         Ok(out)
     }

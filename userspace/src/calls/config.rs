@@ -21,13 +21,53 @@ pub enum ConfigError {
         /// Name of the field.
         field: &'static str,
     },
+    /// The fields the program reads from one object do not fit in one
+    /// window (a layout this program was not built for).
+    #[error("CPython {version}: {object} fields {offsets:?} do not fit in one {window}-byte read")]
+    Window {
+        /// Version of the target.
+        version: String,
+        /// "frame" or "code".
+        object: &'static str,
+        /// The offsets.
+        offsets: Vec<u64>,
+        /// [`calls::WINDOW`].
+        window: u64,
+    },
+    /// The process's memory could not be read where its running thread is
+    /// published (e.g. the GIL not created yet: the process is starting).
+    #[error("cannot read where the running thread is published ({0}); is the process starting?")]
+    Unreadable(&'static str),
 }
 
-/// Builds the configuration of a process whose `_PyRuntime` is at `runtime`.
+/// A window of an object: where it starts, how long it is (to the end of
+/// the last field, read as 8 bytes), and where each field is in it.
+fn window(
+    version: &PythonVersion,
+    object: &'static str,
+    offsets: &[u64],
+) -> Result<(u64, u64, Vec<u64>), ConfigError> {
+    let base = offsets.iter().copied().min().unwrap_or(0) & !7;
+    let at: Vec<u64> = offsets.iter().map(|o| o - base).collect();
+    if at.iter().any(|&a| a > calls::WINDOW - 8 || a % 4 != 0) {
+        return Err(ConfigError::Window {
+            version: version.to_string(),
+            object,
+            offsets: offsets.to_vec(),
+            window: calls::WINDOW,
+        });
+    }
+    let len = at.iter().max().map_or(8, |a| a + 8);
+    Ok((base, len, at))
+}
+
+/// Builds the configuration of a process whose `_PyRuntime` is at `runtime`;
+/// `read_u64` reads the process's memory (3.12+ need the GIL's address).
 pub fn process_config(
     version: &PythonVersion,
     info: &VersionInfo,
     runtime: u64,
+    read_u64: impl Fn(u64) -> Option<u64>,
 ) -> Result<ProcessConfig, ConfigError> {
     let o = &info.offsets;
     let layout = &info.layout;
@@ -35,16 +75,29 @@ pub fn process_config(
         version: version.to_string(),
         field,
     };
+    let (frame_window, frame_window_len, at) =
+        window(version, "frame", &[o.frame_code, o.frame_instruction])?;
     let mut c = ProcessConfig {
-        runtime,
-        frame_code: o.frame_code,
-        frame_instruction: o.frame_instruction,
+        frame_window,
+        frame_window_len,
+        frame_code_at: at[0],
+        frame_instruction_at: at[1],
         code_mask: layout.stackref_mask,
-        code_firstlineno: o.code_firstlineno,
-        code_name: o.code_name,
         cframe_current_frame: u64::MAX,
         ..ProcessConfig::default()
     };
+    let code_fields = [
+        o.code_name,
+        o.code_firstlineno,
+        o.code_firsttraceable.unwrap_or(o.code_firstlineno),
+    ];
+    let (code_window, code_window_len, at) = window(version, "code", &code_fields)?;
+    (c.code_window, c.code_window_len) = (code_window, code_window_len);
+    (
+        c.code_name_at,
+        c.code_firstlineno_at,
+        c.code_firsttraceable_at,
+    ) = (at[0], at[1], at[2]);
     match layout.frame_model {
         FrameModel::FrameObject => {
             // The site is the entry of _PyEval_EvalFrameDefault; the frame
@@ -61,11 +114,8 @@ pub fn process_config(
         }
         FrameModel::Interpreter => {
             c.frame_mode = calls::FRAME_FROM_TSTATE;
-            match (o.runtime_tstate_current, o.gil) {
-                (Some(current), _) => {
-                    c.tstate_mode = calls::TSTATE_RUNTIME_CURRENT;
-                    c.runtime_tstate_current = current;
-                }
+            c.tstate_slot = match (o.runtime_tstate_current, o.gil) {
+                (Some(current), _) => runtime.wrapping_add(current),
                 (
                     None,
                     GilLocation::InterpPointer {
@@ -74,15 +124,21 @@ pub fn process_config(
                         ..
                     },
                 ) => {
-                    c.tstate_mode = calls::TSTATE_GIL_HOLDER;
-                    c.runtime_interpreters_head = o.runtime_interpreters_head;
-                    c.interp_gil = pointer;
-                    c.gil_last_holder = last_holder;
+                    // The GIL structure is created once, at start-up, and
+                    // never moves: its address is read here rather than on
+                    // every call.
+                    let interp = read_u64(runtime.wrapping_add(o.runtime_interpreters_head))
+                        .filter(|&a| a != 0)
+                        .ok_or(ConfigError::Unreadable("_PyRuntime.interpreters.head"))?;
+                    let gil = read_u64(interp.wrapping_add(pointer))
+                        .filter(|&a| a != 0)
+                        .ok_or(ConfigError::Unreadable("interp->ceval.gil"))?;
+                    gil.wrapping_add(last_holder)
                 }
                 (None, GilLocation::Runtime { .. }) => {
                     return Err(missing("gilstate.tstate_current"));
                 }
-            }
+            };
             match o.tstate_frame {
                 FrameLink::Direct(at) => c.tstate_frame = at,
                 FrameLink::ViaCFrame {
@@ -97,9 +153,9 @@ pub fn process_config(
             c.code_adaptive = o
                 .code_code_adaptive
                 .ok_or_else(|| missing("co_code_adaptive"))?;
-            c.code_firsttraceable = o
-                .code_firsttraceable
-                .ok_or_else(|| missing("_co_firsttraceable"))?;
+            if o.code_firsttraceable.is_none() {
+                return Err(missing("_co_firsttraceable"));
+            }
             c.instruction_bias = match layout.instruction {
                 // prev_instr points one code unit before the instruction
                 // about to run.
@@ -125,39 +181,86 @@ mod tests {
         }
     }
 
+    /// Memory of a 3.12+ process: every word of `_PyRuntime` (at 0x1000)
+    /// points at the interpreter 0x5000, every word of which points at the
+    /// GIL structure 0x9000.
+    fn memory(addr: u64) -> Option<u64> {
+        match addr {
+            0x1000..0x2000 => Some(0x5000),
+            0x5000..0x6000 => Some(0x9000),
+            _ => None,
+        }
+    }
+
     #[test]
     fn frame_object_versions_take_the_frame_from_the_eval_arguments() {
-        let c = process_config(&version(8), &offsets::PY38, 0x1000).unwrap();
+        let c = process_config(&version(8), &offsets::PY38, 0x1000, |_| None).unwrap();
         assert_eq!(c.frame_mode, calls::FRAME_ARG0);
         assert_eq!(c.start_mode, calls::START_LASTI_NEGATIVE);
-        assert_eq!((c.frame_code, c.frame_instruction), (32, 104));
+        // f_code at 32 and f_lasti at 104: one window from 32.
+        assert_eq!((c.frame_window, c.frame_window_len), (32, 80));
+        assert_eq!((c.frame_code_at, c.frame_instruction_at), (0, 72));
+        // co_firstlineno at 40, co_name at 112: one window from 40.
+        assert_eq!(c.code_window, 40);
+        assert_eq!((c.code_name_at, c.code_firstlineno_at), (72, 0));
         for (minor, info) in [(9, offsets::PY39), (10, offsets::PY310)] {
-            let c = process_config(&version(minor), &info, 0x1000).unwrap();
+            let c = process_config(&version(minor), &info, 0x1000, |_| None).unwrap();
             assert_eq!(c.frame_mode, calls::FRAME_ARG1, "3.{minor}");
         }
     }
 
     #[test]
     fn py311_reads_the_current_tstate_from_the_runtime_and_goes_through_cframe() {
-        let c = process_config(&version(11), &offsets::PY311, 0x1000).unwrap();
+        let c = process_config(&version(11), &offsets::PY311, 0x1000, |_| None).unwrap();
         assert_eq!(c.frame_mode, calls::FRAME_FROM_TSTATE);
-        assert_eq!(c.tstate_mode, calls::TSTATE_RUNTIME_CURRENT);
-        assert_eq!(c.runtime_tstate_current, 576);
+        assert_eq!(c.tstate_slot, 0x1000 + 576);
         assert_eq!((c.tstate_frame, c.cframe_current_frame), (56, 8));
         assert_eq!(c.instruction_bias, 2);
-        assert_eq!((c.code_adaptive, c.code_firsttraceable), (184, 168));
+        assert_eq!(c.code_adaptive, 184);
+        // co_firstlineno 72, co_name 120, _co_firsttraceable 168.
+        assert_eq!((c.code_window, c.code_window_len), (72, 104));
+        assert_eq!(
+            (
+                c.code_firstlineno_at,
+                c.code_name_at,
+                c.code_firsttraceable_at
+            ),
+            (0, 48, 96)
+        );
     }
 
     #[test]
-    fn py312_and_later_take_the_gil_holder() {
-        let c = process_config(&version(12), &offsets::PY312, 0x1000).unwrap();
-        assert_eq!(c.tstate_mode, calls::TSTATE_GIL_HOLDER);
-        assert_eq!((c.interp_gil, c.gil_last_holder), (384, 8));
+    fn py312_and_later_take_the_gil_holder_at_an_address_read_once() {
+        let c = process_config(&version(12), &offsets::PY312, 0x1000, memory).unwrap();
+        assert_eq!(c.tstate_slot, 0x9000 + 8);
         assert_eq!((c.tstate_frame, c.cframe_current_frame), (56, 0));
-        let c = process_config(&version(13), &offsets::PY313, 0x1000).unwrap();
+        let c = process_config(&version(13), &offsets::PY313, 0x1000, memory).unwrap();
         assert_eq!((c.tstate_frame, c.cframe_current_frame), (72, u64::MAX));
         assert_eq!(c.instruction_bias, 0);
-        let c = process_config(&version(14), &offsets::PY314, 0x1000).unwrap();
+        let c = process_config(&version(14), &offsets::PY314, 0x1000, memory).unwrap();
         assert_eq!(c.code_mask, !3);
+    }
+
+    #[test]
+    fn a_process_whose_gil_is_not_created_yet_is_refused() {
+        let e = process_config(&version(12), &offsets::PY312, 0x1000, |_| Some(0)).unwrap_err();
+        assert_eq!(e, ConfigError::Unreadable("_PyRuntime.interpreters.head"));
+    }
+
+    #[test]
+    fn every_known_version_fits_its_windows() {
+        let known = [
+            (8, offsets::PY38),
+            (9, offsets::PY39),
+            (10, offsets::PY310),
+            (11, offsets::PY311),
+            (12, offsets::PY312),
+            (13, offsets::PY313),
+            (14, offsets::PY314),
+        ];
+        for (minor, info) in &known {
+            process_config(&version(*minor), info, 0x1000, memory)
+                .unwrap_or_else(|e| panic!("3.{minor}: {e}"));
+        }
     }
 }

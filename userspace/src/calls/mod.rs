@@ -80,7 +80,9 @@ impl Session {
             .interpreter
             .clone()
             .expect("a live target knows its interpreter");
-        let cfg = config::process_config(&target.version, &target.info, target.runtime)?;
+        let cfg = config::process_config(&target.version, &target.info, target.runtime, |a| {
+            crate::python::memory::Memory::read_u64(&target.mem, a).ok()
+        })?;
         let sites = start_sites::find_start_sites(&image, &target.version, &target.info.layout)
             .with_context(|| {
                 format!(
