@@ -50,6 +50,8 @@ pub mod names {
     pub const MAP_CALL_COUNTS: &str = "CALL_COUNTS";
     /// Per-CPU array of [`super::calls::CacheSlot`].
     pub const MAP_CALL_CACHE: &str = "CALL_CACHE";
+    /// Array of [`super::calls::SkipSet`]: code objects `--filter` excludes.
+    pub const MAP_CALL_SKIP: &str = "CALL_SKIP";
 }
 
 /// Counting Python function starts (`pyprobe calls`).
@@ -185,6 +187,20 @@ pub mod calls {
         (h as u32) & (CACHE_SLOTS - 1)
     }
 
+    /// Sets in the skip array.
+    pub const SKIP_SETS: u32 = 1024;
+    /// Code objects per set.
+    pub const SKIP_WAYS: usize = 4;
+
+    /// Code objects that `--filter` excludes, whose [`cache_slot`] modulo
+    /// [`SKIP_SETS`] picks this set; free entries have `code == 0`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct SkipSet {
+        /// The excluded code objects.
+        pub keys: [CodeKey; SKIP_WAYS],
+    }
+
     /// Counts of one code object on one CPU.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -208,6 +224,8 @@ mod pod {
     unsafe impl aya::Pod for super::calls::CallCounts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::CacheSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::calls::SkipSet {}
 
     const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 15 * 8 + 8);
     const _: () = assert!(core::mem::size_of::<super::calls::CodeKey>() == 24);

@@ -11,12 +11,12 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::ProbeContext,
 };
 use pyprobe_common::{
     MAX_PROCESSES,
-    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig},
+    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
     stats,
 };
 
@@ -80,6 +80,11 @@ static CALL_COUNTS: PerCpuHashMap<CodeKey, CallCounts> =
 /// Per-CPU count cache, see [`calls::CacheSlot`].
 #[map(name = "CALL_CACHE")]
 static CALL_CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(calls::CACHE_SLOTS, 0);
+
+/// Code objects that `--filter` excludes, written by userspace once it has
+/// named them (see [`calls::SkipSet`]).
+#[map(name = "CALL_SKIP")]
+static CALL_SKIP: Array<SkipSet> = Array::with_max_entries(calls::SKIP_SETS, 0);
 
 /// Reads a `T` from the traced process. `None` if the address is not
 /// mapped (the kernel never faults on our behalf).
@@ -235,7 +240,13 @@ fn count_frame(
         code,
         name: c.u64_at(config.code_name_at),
     };
-    if let Some(slot) = CALL_CACHE.get_ptr_mut(calls::cache_slot(tgid, code)) {
+    let index = calls::cache_slot(tgid, code);
+    if let Some(set) = CALL_SKIP.get(index & (calls::SKIP_SETS - 1))
+        && set.keys.contains(&key)
+    {
+        return Ok(());
+    }
+    if let Some(slot) = CALL_CACHE.get_ptr_mut(index) {
         // SAFETY: a per-CPU value of a successful lookup, valid and
         // exclusively ours for this run (see `bump`).
         let slot = unsafe { &mut *slot };

@@ -161,3 +161,63 @@ fn calls_all_picks_up_a_process_started_later() {
         Ok(())
     });
 }
+
+#[test]
+fn calls_filter_stops_counting_other_functions_in_the_kernel() {
+    for_each_interpreter(
+        "calls_filter_stops_counting_other_functions_in_the_kernel",
+        |interp| {
+            let mut fixture = Fixture::start(interp, "calls_workload.py", &[])?;
+            let pid = fixture.pid().to_string();
+            let probe = Probe::start(&[
+                "calls",
+                "--json",
+                "--interval",
+                "0.2",
+                "--filter",
+                "fib",
+                "--pid",
+                &pid,
+            ])?;
+            fixture.call("run", "done")?;
+            // Idle: every function of the first run gets named, and those
+            // that do not match are excluded in the kernel.
+            thread::sleep(Duration::from_millis(1200));
+            fixture.call("run", "done")?;
+            thread::sleep(Duration::from_millis(300));
+            probe.interrupt();
+            let (ok, stdout, stderr) = probe.finish()?;
+            ensure!(ok, "pyprobe failed: {stderr}");
+            let docs: Vec<Value> = stdout
+                .lines()
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()?;
+            let totals: Vec<u64> = docs
+                .iter()
+                .map(|d| d["total_calls"].as_u64().unwrap_or(0))
+                .collect();
+            // The idle second: several reports with the same total, that of
+            // the first run.
+            let after_first = totals
+                .windows(3)
+                .find(|w| w[0] > 0 && w[0] == w[1] && w[1] == w[2])
+                .map(|w| w[0])
+                .with_context(|| format!("no idle stretch in totals {totals:?}"))?;
+            let report = final_report(&stdout)?;
+            let rows = fixture_rows(&report, fixture.pid())?;
+            let only: Vec<_> = rows
+                .iter()
+                .map(|(line, (f, calls, ..))| (*line, f.as_str(), *calls))
+                .collect();
+            ensure!(only == [(27, "fib", 4146)], "rows: {only:?}");
+            // Second run: only fib's 2073 calls were counted.
+            let total = report["total_calls"].as_u64().context("total_calls")?;
+            ensure!(
+                total == after_first + 2073,
+                "total after the second run {total}, after the first {after_first}: \
+                 functions excluded by --filter were still counted"
+            );
+            Ok(())
+        },
+    );
+}

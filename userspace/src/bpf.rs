@@ -11,11 +11,11 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{UProbe, uprobe::UProbeScope},
 };
 use pyprobe_common::{
-    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig},
+    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
     names, stats,
 };
 
@@ -147,6 +147,38 @@ impl EvalEntryCounter {
     /// Entries counted so far for one PID.
     pub fn count(&self, pid: u32) -> Result<u64, BpfError> {
         Ok(self.counts()?.get(&pid).copied().unwrap_or(0))
+    }
+
+    /// Stops counting `key` in the kernel (`--filter` excludes it), if its
+    /// set in the skip array has a free entry (or one of a process that
+    /// exited). Returns whether it was written; a key that finds its set
+    /// full stays counted (and is dropped from reports by userspace).
+    pub fn skip(&mut self, key: &CodeKey) -> Result<bool, BpfError> {
+        let map_error = |source| BpfError::Map {
+            name: names::MAP_CALL_SKIP,
+            source,
+        };
+        let mut skip: Array<&mut MapData, SkipSet> = Array::try_from(
+            self.ebpf
+                .map_mut(names::MAP_CALL_SKIP)
+                .ok_or(BpfError::Missing("CALL_SKIP map"))?,
+        )
+        .map_err(map_error)?;
+        let index = calls::cache_slot(key.tgid, key.code) & (calls::SKIP_SETS - 1);
+        let mut set = skip.get(&index, 0).map_err(map_error)?;
+        if set.keys.contains(key) {
+            return Ok(true);
+        }
+        let Some(free) = set
+            .keys
+            .iter_mut()
+            .find(|k| k.code == 0 || !crate::process::is_alive(k.tgid))
+        else {
+            return Ok(false);
+        };
+        *free = *key;
+        skip.set(index, set, 0).map_err(map_error)?;
+        Ok(true)
     }
 
     /// What could not be counted so far.
@@ -314,6 +346,38 @@ impl CallCounter {
             }
         }
         Ok(out)
+    }
+
+    /// Stops counting `key` in the kernel (`--filter` excludes it), if its
+    /// set in the skip array has a free entry (or one of a process that
+    /// exited). Returns whether it was written; a key that finds its set
+    /// full stays counted (and is dropped from reports by userspace).
+    pub fn skip(&mut self, key: &CodeKey) -> Result<bool, BpfError> {
+        let map_error = |source| BpfError::Map {
+            name: names::MAP_CALL_SKIP,
+            source,
+        };
+        let mut skip: Array<&mut MapData, SkipSet> = Array::try_from(
+            self.ebpf
+                .map_mut(names::MAP_CALL_SKIP)
+                .ok_or(BpfError::Missing("CALL_SKIP map"))?,
+        )
+        .map_err(map_error)?;
+        let index = calls::cache_slot(key.tgid, key.code) & (calls::SKIP_SETS - 1);
+        let mut set = skip.get(&index, 0).map_err(map_error)?;
+        if set.keys.contains(key) {
+            return Ok(true);
+        }
+        let Some(free) = set
+            .keys
+            .iter_mut()
+            .find(|k| k.code == 0 || !crate::process::is_alive(k.tgid))
+        else {
+            return Ok(false);
+        };
+        *free = *key;
+        skip.set(index, set, 0).map_err(map_error)?;
+        Ok(true)
     }
 
     /// What could not be counted so far.

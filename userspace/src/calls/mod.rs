@@ -29,8 +29,9 @@ use crate::{
     },
 };
 
+use pyprobe_common::calls::CodeKey;
 use report::{Reporter, emit};
-use symbols::Symbols;
+use symbols::{Resolved, Symbols};
 
 /// How often new code objects are named (at most; reports may be rarer).
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
@@ -131,6 +132,27 @@ impl Session {
         Ok(line)
     }
 
+    /// Names the code objects counted for the first time; with `--filter`,
+    /// tells the kernel to stop counting those that do not match.
+    fn resolve<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a CodeKey>,
+        filter: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let new = self.symbols.resolve(keys);
+        let Some(filter) = filter else {
+            return Ok(());
+        };
+        for key in new {
+            if let Some(Resolved::Code(code)) = self.symbols.get(&key)
+                && !report::matches_filter(filter, &code.qualname, &code.filename)
+            {
+                self.counter.skip(&key)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Under `--all`: sets up Python processes not seen before.
     fn scan(&mut self) {
         for pid in all_pids() {
@@ -215,11 +237,11 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = resolver.tick() => {
                 let counts = session.counter.counts()?;
-                session.symbols.resolve(counts.keys());
+                session.resolve(counts.keys(), opts.filter.as_deref())?;
             }
             _ = ticker.tick() => {
                 let counts = session.counter.counts()?;
-                session.symbols.resolve(counts.keys());
+                session.resolve(counts.keys(), opts.filter.as_deref())?;
                 let report = reporter.report(&counts, &session.symbols, session.counter.losses()?, "interval");
                 emit(&report, opts.json)?;
                 if opts.all {

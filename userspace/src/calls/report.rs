@@ -40,6 +40,12 @@ pub struct FunctionRow {
     pub unknown: Option<String>,
 }
 
+/// Whether a function passes `--filter`: the text occurs in its qualified
+/// name or its file name.
+pub fn matches_filter(filter: &str, function: &str, file: &str) -> bool {
+    function.contains(filter) || file.contains(filter)
+}
+
 /// One report: printed every interval, and once more at the end.
 #[derive(Debug, Clone, Serialize)]
 pub struct CallsReport {
@@ -201,9 +207,7 @@ impl Reporter {
         let total_calls = rows.iter().map(|r| r.calls).sum();
         let functions = rows.len();
         if let Some(filter) = &self.filter {
-            rows.retain(|r| {
-                r.function.contains(filter.as_str()) || r.file.contains(filter.as_str())
-            });
+            rows.retain(|r| matches_filter(filter, &r.function, &r.file));
         }
         rows.sort_by(|a, b| {
             b.calls

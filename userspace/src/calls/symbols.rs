@@ -50,12 +50,14 @@ impl Symbols {
             .any(|&pid| crate::process::is_alive(pid))
     }
 
-    /// Names every key not named yet.
-    pub fn resolve<'a>(&mut self, keys: impl IntoIterator<Item = &'a CodeKey>) {
+    /// Names every key not named yet; returns the keys named now.
+    pub fn resolve<'a>(&mut self, keys: impl IntoIterator<Item = &'a CodeKey>) -> Vec<CodeKey> {
+        let mut new = Vec::new();
         for key in keys {
             if self.names.contains_key(key) {
                 continue;
             }
+            new.push(*key);
             let resolved = match self.processes.get(&key.tgid) {
                 None => Resolved::Unknown("process not set up".into()),
                 Some(target) => match target.code_summary(key.code) {
@@ -68,6 +70,7 @@ impl Symbols {
             };
             self.names.insert(*key, resolved);
         }
+        new
     }
 
     /// The name of a key, if [`Symbols::resolve`] has seen it.
