@@ -50,6 +50,13 @@ pub mod names {
     pub const MAP_CALL_COUNTS: &str = "CALL_COUNTS";
     /// Per-CPU array of [`super::calls::CacheSlot`].
     pub const MAP_CALL_CACHE: &str = "CALL_CACHE";
+    /// Uprobe program counting calls of `builtin_function_or_method`
+    /// objects (at their vectorcall and `tp_call` entry points).
+    pub const PROG_BUILTIN_FUNCTION: &str = "builtin_function";
+    /// Uprobe program counting calls through `method_descriptor` objects.
+    pub const PROG_BUILTIN_METHOD: &str = "builtin_method";
+    /// Per-CPU hash map: [`super::calls::BuiltinKey`] -> calls (`u64`).
+    pub const MAP_BUILTIN_COUNTS: &str = "BUILTIN_COUNTS";
     /// Array of [`super::calls::SkipSet`]: code objects `--filter` excludes.
     pub const MAP_CALL_SKIP: &str = "CALL_SKIP";
 }
@@ -137,6 +144,26 @@ pub mod calls {
         /// Added to the instruction pointer before computing its index: 2
         /// when it points at the previous code unit (`prev_instr`), else 0.
         pub instruction_bias: u64,
+        /// Start of the window read from a `builtin_function_or_method`
+        /// (`PyCFunctionObject`) at a builtin call site.
+        pub cfunction_window: u64,
+        /// Bytes of that window.
+        pub cfunction_window_len: u64,
+        /// `m_ml` (the `PyMethodDef`) in the window.
+        pub cfunction_ml_at: u64,
+        /// `m_self` in the window.
+        pub cfunction_self_at: u64,
+        /// `m_module` in the window.
+        pub cfunction_module_at: u64,
+        /// Start of the window read from a `method_descriptor`
+        /// (`PyMethodDescrObject`).
+        pub descr_window: u64,
+        /// Bytes of that window.
+        pub descr_window_len: u64,
+        /// `d_common.d_type` in the window.
+        pub descr_type_at: u64,
+        /// `d_method` (the `PyMethodDef`) in the window.
+        pub descr_method_at: u64,
         /// One of `FRAME_*`.
         pub frame_mode: u8,
         /// One of `START_*`.
@@ -201,6 +228,33 @@ pub mod calls {
         pub keys: [CodeKey; SKIP_WAYS],
     }
 
+    /// A builtin called as a `builtin_function_or_method` (`len`,
+    /// `time.sleep`, a bound method of a C object).
+    pub const BUILTIN_FUNCTION: u32 = 0;
+    /// A builtin called through a `method_descriptor` (`list.append` called
+    /// as `xs.append(v)`).
+    pub const BUILTIN_METHOD: u32 = 1;
+
+    /// Entries the builtin count map can hold.
+    pub const MAX_BUILTINS: u32 = 16384;
+
+    /// Key of a builtin's count.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct BuiltinKey {
+        /// Process.
+        pub tgid: u32,
+        /// [`BUILTIN_FUNCTION`] or [`BUILTIN_METHOD`].
+        pub kind: u32,
+        /// Address of the `PyMethodDef` (static in the C module: it names
+        /// the builtin and outlives its callers).
+        pub method_def: u64,
+        /// What qualifies the name: a function's `m_module` (the module's
+        /// name, a `str`) or, when that is NULL, the type of its `m_self`
+        /// (0 without one); a method descriptor's `d_type`.
+        pub owner: u64,
+    }
+
     /// Counts of one code object on one CPU.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -226,8 +280,10 @@ mod pod {
     unsafe impl aya::Pod for super::calls::CacheSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::SkipSet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::calls::BuiltinKey {}
 
-    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 15 * 8 + 8);
+    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 24 * 8 + 8);
     const _: () = assert!(core::mem::size_of::<super::calls::CodeKey>() == 24);
     const _: () = assert!(core::mem::size_of::<super::calls::CallCounts>() == 16);
     const _: () = assert!(core::mem::size_of::<super::calls::CacheSlot>() == 40);

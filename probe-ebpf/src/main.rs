@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use pyprobe_common::{
     MAX_PROCESSES,
-    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
+    calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
     stats,
 };
 
@@ -314,6 +314,100 @@ pub fn call_throw(ctx: ProbeContext) -> u32 {
         return 0;
     };
     if let Err(index) = count_frame(tgid, config, frame, Some(true)) {
+        count_error(index);
+    }
+    0
+}
+
+/// Builtin calls per (process, `PyMethodDef`, owner), per CPU.
+#[map(name = "BUILTIN_COUNTS")]
+static BUILTIN_COUNTS: PerCpuHashMap<BuiltinKey, u64> =
+    PerCpuHashMap::with_max_entries(calls::MAX_BUILTINS, 0);
+
+/// Counts one call of the builtin `key`.
+#[inline(always)]
+fn count_builtin(key: &BuiltinKey) -> Result<(), u32> {
+    for _ in 0..2 {
+        if let Some(ptr) = BUILTIN_COUNTS.get_ptr_mut(key) {
+            bump(ptr);
+            return Ok(());
+        }
+        if BUILTIN_COUNTS.insert(key, &1, BPF_NOEXIST as u64).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(stats::CALLS_MAP_FULL)
+}
+
+/// The callable (first argument) at a builtin call site, with the
+/// process's config.
+#[inline(always)]
+fn builtin_site(ctx: &ProbeContext) -> Result<(u32, &'static ProcessConfig, u64), u32> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: see `count_call`.
+    let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
+    Ok((tgid, config, args(ctx).0))
+}
+
+/// Uprobe at the entry points every call of a `builtin_function_or_method`
+/// goes through unless the 3.11+ specializing interpreter calls its C
+/// function directly (`cfunction_vectorcall_*`, `cfunction_call`): the
+/// first argument is the function object.
+#[uprobe]
+pub fn builtin_function(ctx: ProbeContext) -> u32 {
+    let run = || -> Result<(), u32> {
+        let (tgid, config, func) = builtin_site(&ctx)?;
+        let w = Window::read(
+            0,
+            func.wrapping_add(config.cfunction_window),
+            config.cfunction_window_len,
+        )
+        .ok_or(stats::CALLS_UNREADABLE)?;
+        let module = w.u64_at(config.cfunction_module_at);
+        let owner = if module != 0 {
+            module
+        } else {
+            let bound = w.u64_at(config.cfunction_self_at);
+            if bound == 0 {
+                0
+            } else {
+                // `ob_type` is at 8 in every object.
+                read::<u64>(bound.wrapping_add(8)).ok_or(stats::CALLS_UNREADABLE)?
+            }
+        };
+        count_builtin(&BuiltinKey {
+            tgid,
+            kind: calls::BUILTIN_FUNCTION,
+            method_def: w.u64_at(config.cfunction_ml_at),
+            owner,
+        })
+    };
+    if let Err(index) = run() {
+        count_error(index);
+    }
+    0
+}
+
+/// Uprobe at the entry points of calls through a `method_descriptor`
+/// (`method_vectorcall_*`): the first argument is the descriptor.
+#[uprobe]
+pub fn builtin_method(ctx: ProbeContext) -> u32 {
+    let run = || -> Result<(), u32> {
+        let (tgid, config, descr) = builtin_site(&ctx)?;
+        let w = Window::read(
+            0,
+            descr.wrapping_add(config.descr_window),
+            config.descr_window_len,
+        )
+        .ok_or(stats::CALLS_UNREADABLE)?;
+        count_builtin(&BuiltinKey {
+            tgid,
+            kind: calls::BUILTIN_METHOD,
+            method_def: w.u64_at(config.descr_method_at),
+            owner: w.u64_at(config.descr_type_at),
+        })
+    };
+    if let Err(index) = run() {
         count_error(index);
     }
     0

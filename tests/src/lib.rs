@@ -318,6 +318,7 @@ impl Drop for Fixture {
 pub struct Probe {
     child: Child,
     stderr: Receiver<String>,
+    startup: Vec<String>,
 }
 
 impl Probe {
@@ -340,7 +341,11 @@ impl Probe {
                 }
             }
         });
-        let mut probe = Probe { child, stderr: rx };
+        let mut probe = Probe {
+            child,
+            stderr: rx,
+            startup: Vec::new(),
+        };
         let mut seen = Vec::new();
         loop {
             let line = match probe.stderr.recv_timeout(Duration::from_secs(30)) {
@@ -356,9 +361,15 @@ impl Probe {
             let ready = line.contains("attached to PID") || line.contains("watching every");
             seen.push(line);
             if ready {
+                probe.startup = seen;
                 return Ok(probe);
             }
         }
+    }
+
+    /// The stderr lines printed until it attached.
+    pub fn startup(&self) -> String {
+        self.startup.join("\n")
     }
 
     /// Process ID of pyprobe.

@@ -15,7 +15,7 @@ use aya::{
     programs::{UProbe, uprobe::UProbeScope},
 };
 use pyprobe_common::{
-    calls::{self, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
+    calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
     names, stats,
 };
 
@@ -149,38 +149,6 @@ impl EvalEntryCounter {
         Ok(self.counts()?.get(&pid).copied().unwrap_or(0))
     }
 
-    /// Stops counting `key` in the kernel (`--filter` excludes it), if its
-    /// set in the skip array has a free entry (or one of a process that
-    /// exited). Returns whether it was written; a key that finds its set
-    /// full stays counted (and is dropped from reports by userspace).
-    pub fn skip(&mut self, key: &CodeKey) -> Result<bool, BpfError> {
-        let map_error = |source| BpfError::Map {
-            name: names::MAP_CALL_SKIP,
-            source,
-        };
-        let mut skip: Array<&mut MapData, SkipSet> = Array::try_from(
-            self.ebpf
-                .map_mut(names::MAP_CALL_SKIP)
-                .ok_or(BpfError::Missing("CALL_SKIP map"))?,
-        )
-        .map_err(map_error)?;
-        let index = calls::cache_slot(key.tgid, key.code) & (calls::SKIP_SETS - 1);
-        let mut set = skip.get(&index, 0).map_err(map_error)?;
-        if set.keys.contains(key) {
-            return Ok(true);
-        }
-        let Some(free) = set
-            .keys
-            .iter_mut()
-            .find(|k| k.code == 0 || !crate::process::is_alive(k.tgid))
-        else {
-            return Ok(false);
-        };
-        *free = *key;
-        skip.set(index, set, 0).map_err(map_error)?;
-        Ok(true)
-    }
-
     /// What could not be counted so far.
     pub fn losses(&self) -> Result<Losses, BpfError> {
         Ok(Losses {
@@ -222,6 +190,11 @@ pub enum CallProgram {
     Throw,
     /// `call_empty`: does nothing (benchmarks: the cost of the trap alone).
     Empty,
+    /// `builtin_function`: at an entry point of `builtin_function_or_method`
+    /// calls.
+    BuiltinFunction,
+    /// `builtin_method`: at an entry point of `method_descriptor` calls.
+    BuiltinMethod,
 }
 
 /// Counts Python function starts per code object, in the kernel.
@@ -238,6 +211,8 @@ impl CallCounter {
                 names::PROG_CALL_START,
                 names::PROG_CALL_THROW,
                 names::PROG_CALL_EMPTY,
+                names::PROG_BUILTIN_FUNCTION,
+                names::PROG_BUILTIN_METHOD,
             ])?,
         })
     }
@@ -290,6 +265,8 @@ impl CallCounter {
             CallProgram::Start => names::PROG_CALL_START,
             CallProgram::Throw => names::PROG_CALL_THROW,
             CallProgram::Empty => names::PROG_CALL_EMPTY,
+            CallProgram::BuiltinFunction => names::PROG_BUILTIN_FUNCTION,
+            CallProgram::BuiltinMethod => names::PROG_BUILTIN_METHOD,
         };
         uprobe_mut(&mut self.ebpf, name)?
             .attach(file_offset, &interp.host_path, scope)
@@ -348,6 +325,26 @@ impl CallCounter {
         Ok(out)
     }
 
+    /// Builtin calls so far (summed over CPUs).
+    pub fn builtin_counts(&self) -> Result<BTreeMap<BuiltinKey, u64>, BpfError> {
+        let map_error = |source| BpfError::Map {
+            name: names::MAP_BUILTIN_COUNTS,
+            source,
+        };
+        let map: PerCpuHashMap<&MapData, BuiltinKey, u64> = PerCpuHashMap::try_from(
+            self.ebpf
+                .map(names::MAP_BUILTIN_COUNTS)
+                .ok_or(BpfError::Missing("BUILTIN_COUNTS map"))?,
+        )
+        .map_err(map_error)?;
+        let mut out = BTreeMap::new();
+        for item in map.iter() {
+            let (key, per_cpu) = item.map_err(map_error)?;
+            out.insert(key, per_cpu.iter().sum());
+        }
+        Ok(out)
+    }
+
     /// Stops counting `key` in the kernel (`--filter` excludes it), if its
     /// set in the skip array has a free entry (or one of a process that
     /// exited). Returns whether it was written; a key that finds its set
@@ -388,7 +385,9 @@ impl CallCounter {
             unconfigured: stat(stats::CALLS_NO_CONFIG)?,
             unreadable: stat(stats::CALLS_UNREADABLE)?,
             recursion_misses: recursion_misses(&self.ebpf, names::PROG_CALL_START)
-                + recursion_misses(&self.ebpf, names::PROG_CALL_THROW),
+                + recursion_misses(&self.ebpf, names::PROG_CALL_THROW)
+                + recursion_misses(&self.ebpf, names::PROG_BUILTIN_FUNCTION)
+                + recursion_misses(&self.ebpf, names::PROG_BUILTIN_METHOD),
         })
     }
 }

@@ -56,6 +56,18 @@ enum Command {
     /// from C are both seen; generator and coroutine resumptions are counted
     /// apart (CALLS includes them, as cProfile's ncalls does).
     ///
+    /// Builtins (C functions such as len, time.sleep, list.append) are
+    /// counted too, with FILE <builtin>, where the call goes through the
+    /// interpreter's generic entry points for them (found from live objects,
+    /// so stripped builds work). From 3.11 the specializing interpreter
+    /// calls many builtins directly from bytecode (CALL_BUILTIN_O, len,
+    /// isinstance, list.append...): those calls are not seen, so builtin
+    /// counts there are lower bounds; pyprobe says so when it attaches.
+    /// Builtins called from C (map, sorted's key) are always seen.
+    ///
+    /// --filter is applied in the kernel: once a function is named and does
+    /// not match, its calls are no longer counted (they still trap).
+    ///
     /// Cost: every Python call in a watched process traps into the kernel,
     /// about 0.7-0.8 µs per call measured on a VM (fib(25), nothing but
     /// tiny calls, ran 10-28 times slower; see `cargo xtask bench`). Code
@@ -84,12 +96,15 @@ enum Command {
         /// Show only the N functions with most calls (default 20 in tables, all in JSON).
         #[arg(short = 'n', long, value_name = "N")]
         top: Option<usize>,
-        /// Show only functions whose file or qualified name contains TEXT.
+        /// Show only functions whose file or qualified name contains TEXT (applied in the kernel).
         #[arg(short, long, value_name = "TEXT")]
         filter: Option<String>,
         /// Print one JSON document per report instead of tables.
         #[arg(long)]
         json: bool,
+        /// Do not count builtin (C function) calls.
+        #[arg(long)]
+        no_builtins: bool,
         /// Attach an empty BPF program at the same sites instead of the counter (benchmarks).
         #[arg(long, hide = true)]
         bench_empty_program: bool,
@@ -171,9 +186,11 @@ fn main() -> ExitCode {
                 top,
                 filter,
                 json,
+                no_builtins,
                 bench_empty_program,
             } => {
                 calls::run(CallsOptions {
+                    builtins: !no_builtins,
                     empty_program: bench_empty_program,
                     pids,
                     all,

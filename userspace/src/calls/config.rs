@@ -98,6 +98,24 @@ pub fn process_config(
         c.code_firstlineno_at,
         c.code_firsttraceable_at,
     ) = (at[0], at[1], at[2]);
+    let (base, len, at) = window(
+        version,
+        "builtin_function_or_method",
+        &[o.cfunction_ml, o.cfunction_self, o.cfunction_module],
+    )?;
+    (c.cfunction_window, c.cfunction_window_len) = (base, len);
+    (
+        c.cfunction_ml_at,
+        c.cfunction_self_at,
+        c.cfunction_module_at,
+    ) = (at[0], at[1], at[2]);
+    let (base, len, at) = window(
+        version,
+        "method_descriptor",
+        &[o.method_descr_type, o.method_descr_method],
+    )?;
+    (c.descr_window, c.descr_window_len) = (base, len);
+    (c.descr_type_at, c.descr_method_at) = (at[0], at[1]);
     match layout.frame_model {
         FrameModel::FrameObject => {
             // The site is the entry of _PyEval_EvalFrameDefault; the frame
@@ -203,6 +221,18 @@ mod tests {
         // co_firstlineno at 40, co_name at 112: one window from 40.
         assert_eq!(c.code_window, 40);
         assert_eq!((c.code_name_at, c.code_firstlineno_at), (72, 0));
+        // m_ml, m_self, m_module at 16, 24, 32; d_type 16, d_method 40.
+        assert_eq!((c.cfunction_window, c.cfunction_window_len), (16, 24));
+        assert_eq!(
+            (
+                c.cfunction_ml_at,
+                c.cfunction_self_at,
+                c.cfunction_module_at
+            ),
+            (0, 8, 16)
+        );
+        assert_eq!((c.descr_window, c.descr_window_len), (16, 32));
+        assert_eq!((c.descr_type_at, c.descr_method_at), (0, 24));
         for (minor, info) in [(9, offsets::PY39), (10, offsets::PY310)] {
             let c = process_config(&version(minor), &info, 0x1000, |_| None).unwrap();
             assert_eq!(c.frame_mode, calls::FRAME_ARG1, "3.{minor}");

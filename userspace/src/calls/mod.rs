@@ -7,6 +7,7 @@
 //! target ([`config`]), reads the aggregates every interval, names the code
 //! objects ([`symbols`]), and prints tables or JSON ([`report`]).
 
+pub mod builtins;
 pub mod config;
 pub mod report;
 pub mod symbols;
@@ -29,9 +30,14 @@ use crate::{
     },
 };
 
-use pyprobe_common::calls::CodeKey;
+use builtins::BuiltinKind;
+use pyprobe_common::calls::{CallCounts, CodeKey};
 use report::{Reporter, emit};
 use symbols::{Resolved, Symbols};
+
+/// The `endbr64` instruction (CET landing pad) that starts functions in
+/// builds with `-fcf-protection`.
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 
 /// How often new code objects are named (at most; reports may be rarer).
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
@@ -57,6 +63,8 @@ pub struct CallsOptions {
     /// Attach an empty program instead of the counter (benchmarks only:
     /// measures the cost of the trap alone; counts stay zero).
     pub empty_program: bool,
+    /// Count calls of builtins (C functions) too.
+    pub builtins: bool,
 }
 
 /// The processes being watched and the probes set up for them.
@@ -69,6 +77,7 @@ struct Session {
     ignored: BTreeSet<u32>,
     all: bool,
     empty_program: bool,
+    builtins: bool,
 }
 
 impl Session {
@@ -91,6 +100,12 @@ impl Session {
                     interp.binary.display()
                 )
             })?;
+        let builtin_sites = if self.builtins && !self.empty_program {
+            builtins::find_builtin_sites(&target, &image, interp.load_bias)
+                .context("finding the entry points of builtin calls")?
+        } else {
+            Vec::new()
+        };
         self.counter.configure(pid, &cfg)?;
         let scope = if self.all { None } else { Some(pid) };
         // From 3.11 a generator resumed by throw()/close() runs no RESUME;
@@ -114,9 +129,37 @@ impl Session {
                     scope,
                 )?;
             }
+            for site in &builtin_sites {
+                let program = match site.kind {
+                    BuiltinKind::Function => CallProgram::BuiltinFunction,
+                    BuiltinKind::MethodDescriptor => CallProgram::BuiltinMethod,
+                };
+                // An `endbr64` first instruction is single-stepped (several
+                // µs a hit); the next one, with the argument registers
+                // still untouched, is usually emulated.
+                let at = site.file_offset as usize;
+                let skip = if image.data().get(at..at + 4) == Some(&ENDBR64[..]) {
+                    4
+                } else {
+                    0
+                };
+                self.counter
+                    .attach(program, &interp, site.file_offset + skip, scope)?;
+            }
         }
+        let builtins_line = if !self.builtins {
+            String::new()
+        } else if target.info.layout.frame_model == FrameModel::Interpreter {
+            format!(
+                "; builtins at {} entry points (calls the specializing interpreter \
+                 makes directly, e.g. len() in a hot loop, are not seen)",
+                builtin_sites.len()
+            )
+        } else {
+            format!("; builtins at {} entry points", builtin_sites.len())
+        };
         let line = format!(
-            "PID {pid}: CPython {} ({}), {} start site{} ({}), offsets from {}",
+            "PID {pid}: CPython {} ({}), {} start site{} ({}), offsets from {}{builtins_line}",
             target.version,
             interp.binary.display(),
             sites.len(),
@@ -132,6 +175,22 @@ impl Session {
         Ok(line)
     }
 
+    /// Counts so far: code objects, and builtins under
+    /// [`symbols::builtin_row_key`].
+    fn counts(&self) -> anyhow::Result<BTreeMap<CodeKey, CallCounts>> {
+        let mut counts = self.counter.counts()?;
+        for (key, calls) in self.counter.builtin_counts()? {
+            counts.insert(
+                symbols::builtin_row_key(&key),
+                CallCounts {
+                    starts: calls,
+                    resumes: 0,
+                },
+            );
+        }
+        Ok(counts)
+    }
+
     /// Names the code objects counted for the first time; with `--filter`,
     /// tells the kernel to stop counting those that do not match.
     fn resolve<'a>(
@@ -144,7 +203,8 @@ impl Session {
             return Ok(());
         };
         for key in new {
-            if let Some(Resolved::Code(code)) = self.symbols.get(&key)
+            if symbols::row_builtin(&key).is_none()
+                && let Some(Resolved::Code(code)) = self.symbols.get(&key)
                 && !report::matches_filter(filter, &code.qualname, &code.filename)
             {
                 self.counter.skip(&key)?;
@@ -210,6 +270,7 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         ignored: BTreeSet::new(),
         all: opts.all,
         empty_program: opts.empty_program,
+        builtins: opts.builtins,
     };
     for &pid in &opts.pids {
         let line = session
@@ -236,11 +297,11 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = resolver.tick() => {
-                let counts = session.counter.counts()?;
+                let counts = session.counts()?;
                 session.resolve(counts.keys(), opts.filter.as_deref())?;
             }
             _ = ticker.tick() => {
-                let counts = session.counter.counts()?;
+                let counts = session.counts()?;
                 session.resolve(counts.keys(), opts.filter.as_deref())?;
                 let report = reporter.report(&counts, &session.symbols, session.counter.losses()?, "interval");
                 emit(&report, opts.json)?;
@@ -257,7 +318,7 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
             }
         }
     }
-    let counts: BTreeMap<_, _> = session.counter.counts()?;
+    let counts: BTreeMap<_, _> = session.counts()?;
     session.symbols.resolve(counts.keys());
     let report = reporter.report(
         &counts,

@@ -90,7 +90,11 @@ impl CallsReport {
             calls: r.calls,
             resumes: r.resumes,
             function: r.function.clone(),
-            location: format!("{}:{}", r.file, r.line),
+            location: if r.file == super::symbols::BUILTIN_FILE {
+                r.file.clone()
+            } else {
+                format!("{}:{}", r.file, r.line)
+            },
             pid: r.pid,
         });
         let title = if self.kind == "final" {

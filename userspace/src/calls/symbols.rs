@@ -8,12 +8,37 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use pyprobe_common::calls::CodeKey;
+use pyprobe_common::calls::{self, BuiltinKey, CodeKey};
 
 use crate::python::{
     memory::ProcessMemory,
     reader::{CodeSummary, Target},
 };
+
+/// File name shown for builtins.
+pub const BUILTIN_FILE: &str = "<builtin>";
+
+/// The key a builtin's count is reported under, beside code objects: its
+/// first line is `u32::MAX - kind`, a line no code object starts at.
+pub fn builtin_row_key(b: &BuiltinKey) -> CodeKey {
+    CodeKey {
+        tgid: b.tgid,
+        firstlineno: u32::MAX - b.kind,
+        code: b.method_def,
+        name: b.owner,
+    }
+}
+
+/// The builtin a key made by [`builtin_row_key`] stands for.
+pub fn row_builtin(key: &CodeKey) -> Option<BuiltinKey> {
+    let kind = u32::MAX - key.firstlineno;
+    (kind == calls::BUILTIN_FUNCTION || kind == calls::BUILTIN_METHOD).then_some(BuiltinKey {
+        tgid: key.tgid,
+        kind,
+        method_def: key.code,
+        owner: key.name,
+    })
+}
 
 /// What is known about a counted code object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +85,21 @@ impl Symbols {
             new.push(*key);
             let resolved = match self.processes.get(&key.tgid) {
                 None => Resolved::Unknown("process not set up".into()),
+                Some(target) if let Some(b) = row_builtin(key) => {
+                    let kind = if b.kind == calls::BUILTIN_METHOD {
+                        super::builtins::BuiltinKind::MethodDescriptor
+                    } else {
+                        super::builtins::BuiltinKind::Function
+                    };
+                    match super::builtins::builtin_label(target, kind, b.method_def, b.owner) {
+                        Ok(label) => Resolved::Code(CodeSummary {
+                            qualname: label,
+                            filename: BUILTIN_FILE.into(),
+                            first_line: 0,
+                        }),
+                        Err(e) => Resolved::Unknown(e.to_string()),
+                    }
+                }
                 Some(target) => match target.code_summary(key.code) {
                     // The first line is part of the key: a mismatch means
                     // the code object was replaced since it was counted.

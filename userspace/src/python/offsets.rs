@@ -7,7 +7,7 @@
 //!
 //! Sources, in order of preference:
 //! 1. `_Py_DebugOffsets` published by CPython 3.13+ in the target itself
-//!    ([`Offsets::from_debug_offsets`]);
+//!    ([`from_debug_offsets`]);
 //! 2. the built-in tables below ([`builtin`]), measured on CPython builds and
 //!    checked against DWARF by the tests (`python::offsets::tests` and
 //!    `tests/tests/offsets.rs`).
@@ -236,6 +236,47 @@ pub struct Offsets {
     /// `sizeof(PyCompactUnicodeObject)`: where compact non-ASCII data starts
     /// (and where a legacy string keeps its data pointer).
     pub unicode_compact_data: u64,
+
+    /// `PyInterpreterState.sysdict`: the `sys` module's dict.
+    pub interp_sysdict: u64,
+    /// `PyInterpreterState.builtins`: the `builtins` module's dict.
+    pub interp_builtins: u64,
+    /// Where the interpreter keeps the per-interpreter state of static
+    /// builtin types (3.12+), whose `tp_dict` is then NULL:
+    /// `PyInterpreterState.types.builtins` (3.12, an array of
+    /// `static_builtin_state`) or `types.builtins.initialized` (3.13+, of
+    /// `managed_static_type_state`). A type's entry is number
+    /// `tp_subclasses - 1`, and starts with a pointer to the type.
+    pub interp_static_types: Option<u64>,
+    /// `sizeof` one entry of [`Offsets::interp_static_types`] (3.12+).
+    pub static_type_size: Option<u64>,
+    /// `tp_dict` in one entry of [`Offsets::interp_static_types`] (3.12+).
+    pub static_type_dict: Option<u64>,
+
+    /// `PyCFunctionObject.m_ml` (`builtin_function_or_method`): the
+    /// `PyMethodDef`.
+    pub cfunction_ml: u64,
+    /// `PyCFunctionObject.m_self`: the module, or the object a method is
+    /// bound to.
+    pub cfunction_self: u64,
+    /// `PyCFunctionObject.m_module`: normally the module's name (a `str`),
+    /// NULL for bound methods.
+    pub cfunction_module: u64,
+    /// `PyCFunctionObject.vectorcall` (NULL for `METH_VARARGS` functions,
+    /// which are called through `tp_call`).
+    pub cfunction_vectorcall: u64,
+    /// `PyMethodDescrObject.d_common.d_type`: the type defining the method.
+    pub method_descr_type: u64,
+    /// `PyMethodDescrObject.d_method`: the `PyMethodDef`.
+    pub method_descr_method: u64,
+    /// `PyMethodDescrObject.vectorcall`.
+    pub method_descr_vectorcall: u64,
+    /// `PyMethodDef.ml_name` (a `const char *`).
+    pub method_def_name: u64,
+    /// `PyMethodDef.ml_flags` (an `int`: `METH_O`, `METH_FASTCALL`, ...).
+    pub method_def_flags: u64,
+    /// `PyTypeObject.tp_call`.
+    pub type_call: u64,
 }
 
 /// Offsets that are the same in every supported version.
@@ -248,6 +289,19 @@ pub mod common {
     pub const OB_SIZE: u64 = 16;
     /// `PyTypeObject.tp_name`.
     pub const TP_NAME: u64 = 24;
+    /// `PyTypeObject.tp_flags` (`unsigned long`).
+    pub const TP_FLAGS: u64 = 168;
+    /// `PyTypeObject.tp_methods`: the `PyMethodDef` array a C type was
+    /// defined with (NULL for classes written in Python).
+    pub const TP_METHODS: u64 = 232;
+    /// `PyTypeObject.tp_dict` (NULL for static builtin types from 3.12: see
+    /// `Offsets::interp_static_types`).
+    pub const TP_DICT: u64 = 264;
+    /// `PyTypeObject.tp_subclasses` (from 3.12, for a static builtin type,
+    /// its index in the interpreter's static type states plus one).
+    pub const TP_SUBCLASSES: u64 = 360;
+    /// `PyModuleObject.md_dict`.
+    pub const MODULE_DICT: u64 = 16;
     /// `PyFloatObject.ob_fval`.
     pub const FLOAT_VALUE: u64 = 16;
     /// `PyListObject.ob_item` (pointer to the items).
@@ -313,6 +367,22 @@ const fn layout_311_plus(
     }
 }
 
+// `PyCFunctionObject`, `PyMethodDescrObject`, `PyMethodDef` and `tp_call`
+// have the same layout in every supported version (3.8-3.14): both helpers
+// below use these values.
+const CFUNCTION_ML: u64 = 16;
+const CFUNCTION_SELF: u64 = 24;
+const CFUNCTION_MODULE: u64 = 32;
+// After `m_weakreflist` (40).
+const CFUNCTION_VECTORCALL: u64 = 48;
+const METHOD_DESCR_TYPE: u64 = 16;
+// After `d_name` (24) and `d_qualname` (32).
+const METHOD_DESCR_METHOD: u64 = 40;
+const METHOD_DESCR_VECTORCALL: u64 = 48;
+const METHOD_DEF_NAME: u64 = 0;
+const METHOD_DEF_FLAGS: u64 = 16;
+const TYPE_CALL: u64 = 128;
+
 /// Offsets shared by 3.8-3.10, which differ only in a few fields.
 const fn offsets_38_310(
     interpreters_head: u64,
@@ -320,6 +390,7 @@ const fn offsets_38_310(
     gil_last_holder: u64,
     frame_lasti: u64,
     frame_localsplus: u64,
+    interp_sysdict: u64,
 ) -> Offsets {
     Offsets {
         runtime_interpreters_head: interpreters_head,
@@ -357,24 +428,39 @@ const fn offsets_38_310(
         tuple_items: 24,
         unicode_ascii_data: 48,
         unicode_compact_data: 72,
+        interp_sysdict,
+        interp_builtins: interp_sysdict + 8,
+        interp_static_types: None,
+        static_type_size: None,
+        static_type_dict: None,
+        cfunction_ml: CFUNCTION_ML,
+        cfunction_self: CFUNCTION_SELF,
+        cfunction_module: CFUNCTION_MODULE,
+        cfunction_vectorcall: CFUNCTION_VECTORCALL,
+        method_descr_type: METHOD_DESCR_TYPE,
+        method_descr_method: METHOD_DESCR_METHOD,
+        method_descr_vectorcall: METHOD_DESCR_VECTORCALL,
+        method_def_name: METHOD_DEF_NAME,
+        method_def_flags: METHOD_DEF_FLAGS,
+        type_call: TYPE_CALL,
     }
 }
 
 /// CPython 3.8 (measured on 3.8.18).
 pub const PY38: VersionInfo = VersionInfo {
-    offsets: offsets_38_310(32, 1368, 1160, 104, 360),
+    offsets: offsets_38_310(32, 1368, 1160, 104, 360, 72),
     layout: layout_38_310(InstructionModel::LastiBytes, LineTableFormat::Lnotab),
 };
 
 /// CPython 3.9 (measured on 3.9.18).
 pub const PY39: VersionInfo = VersionInfo {
-    offsets: offsets_38_310(32, 568, 360, 104, 360),
+    offsets: offsets_38_310(32, 568, 360, 104, 360, 872),
     layout: layout_38_310(InstructionModel::LastiBytes, LineTableFormat::Lnotab),
 };
 
 /// CPython 3.10 (measured on 3.10.13).
 pub const PY310: VersionInfo = VersionInfo {
-    offsets: offsets_38_310(32, 568, 360, 96, 352),
+    offsets: offsets_38_310(32, 568, 360, 96, 352, 872),
     layout: layout_38_310(InstructionModel::LastiUnits, LineTableFormat::Linetable310),
 };
 
@@ -425,6 +511,21 @@ const fn offsets_311_plus(
         tuple_items: 24,
         unicode_ascii_data: 40,
         unicode_compact_data: 56,
+        interp_sysdict: 0,
+        interp_builtins: 0,
+        interp_static_types: None,
+        static_type_size: None,
+        static_type_dict: None,
+        cfunction_ml: CFUNCTION_ML,
+        cfunction_self: CFUNCTION_SELF,
+        cfunction_module: CFUNCTION_MODULE,
+        cfunction_vectorcall: CFUNCTION_VECTORCALL,
+        method_descr_type: METHOD_DESCR_TYPE,
+        method_descr_method: METHOD_DESCR_METHOD,
+        method_descr_vectorcall: METHOD_DESCR_VECTORCALL,
+        method_def_name: METHOD_DEF_NAME,
+        method_def_flags: METHOD_DEF_FLAGS,
+        type_call: TYPE_CALL,
     }
 }
 
@@ -449,6 +550,8 @@ pub const PY311: VersionInfo = VersionInfo {
         frame_owner: Some(69),
         unicode_ascii_data: 48,
         unicode_compact_data: 72,
+        interp_sysdict: 904,
+        interp_builtins: 912,
         ..offsets_311_plus(56, 72, 76, 184, 168)
     },
     layout: layout_311_plus(
@@ -481,6 +584,11 @@ pub const PY312: VersionInfo = VersionInfo {
             cframe: 56,
             current_frame: 0,
         },
+        interp_sysdict: 352,
+        interp_builtins: 360,
+        interp_static_types: Some(373_704),
+        static_type_size: Some(40),
+        static_type_dict: Some(16),
         ..offsets_311_plus(52, 68, 72, 192, 176)
     },
     layout: layout_311_plus(
@@ -512,6 +620,11 @@ pub const PY313: VersionInfo = VersionInfo {
         tstate_thread_id: 152,
         tstate_native_thread_id: Some(160),
         tstate_frame: FrameLink::Direct(72),
+        interp_sysdict: 7640,
+        interp_builtins: 7648,
+        interp_static_types: Some(182_968),
+        static_type_size: Some(48),
+        static_type_dict: Some(24),
         ..offsets_311_plus(52, 68, 72, 200, 184)
     },
     layout: layout_311_plus(
@@ -545,6 +658,12 @@ pub const PY314: VersionInfo = VersionInfo {
         frame_owner: Some(74),
         frame_localsplus: 80,
         tuple_items: 32,
+        interp_sysdict: 7672,
+        interp_builtins: 7680,
+        // Measured on 3.14.10: `_Py_DebugOffsets` does not publish these.
+        interp_static_types: Some(180_240),
+        static_type_size: Some(48),
+        static_type_dict: Some(24),
         ..offsets_311_plus(52, 68, 72, 208, 192)
     },
     layout: layout_311_plus(
@@ -618,6 +737,8 @@ struct DebugFieldIndex {
     runtime_interpreters_head: usize,
     interp_next: usize,
     interp_threads_head: usize,
+    interp_sysdict: usize,
+    interp_builtins: usize,
     interp_ceval_gil: usize,
     interp_gil_runtime_state: usize,
     interp_gil_locked: usize,
@@ -659,6 +780,8 @@ const DEBUG313: DebugFieldIndex = DebugFieldIndex {
     runtime_interpreters_head: 4,
     interp_next: 7,
     interp_threads_head: 8,
+    interp_sysdict: 11,
+    interp_builtins: 12,
     interp_ceval_gil: 13,
     interp_gil_runtime_state: 14,
     interp_gil_locked: 16,
@@ -699,6 +822,8 @@ const DEBUG314: DebugFieldIndex = DebugFieldIndex {
     runtime_interpreters_head: 4,
     interp_next: 7,
     interp_threads_head: 8,
+    interp_sysdict: 12,
+    interp_builtins: 13,
     interp_ceval_gil: 14,
     interp_gil_runtime_state: 15,
     interp_gil_locked: 17,
@@ -769,6 +894,8 @@ pub fn from_debug_offsets(bytes: &[u8]) -> Result<(PythonVersion, VersionInfo), 
     o.runtime_interpreters_head = w(index.runtime_interpreters_head);
     o.interp_next = w(index.interp_next);
     o.interp_threads_head = w(index.interp_threads_head);
+    o.interp_sysdict = w(index.interp_sysdict);
+    o.interp_builtins = w(index.interp_builtins);
     let gil_struct = w(index.interp_gil_runtime_state);
     o.gil = GilLocation::InterpPointer {
         pointer: w(index.interp_ceval_gil),

@@ -82,6 +82,26 @@ fn common_fields(minor: u8) -> Vec<(&'static str, u64, &'static str, &'static st
         ("OB_TYPE", common::OB_TYPE, "PyObject", "ob_type"),
         ("OB_SIZE", common::OB_SIZE, "PyVarObject", "ob_size"),
         ("TP_NAME", common::TP_NAME, "PyTypeObject", "tp_name"),
+        ("TP_FLAGS", common::TP_FLAGS, "PyTypeObject", "tp_flags"),
+        (
+            "TP_METHODS",
+            common::TP_METHODS,
+            "PyTypeObject",
+            "tp_methods",
+        ),
+        ("TP_DICT", common::TP_DICT, "PyTypeObject", "tp_dict"),
+        (
+            "TP_SUBCLASSES",
+            common::TP_SUBCLASSES,
+            "PyTypeObject",
+            "tp_subclasses",
+        ),
+        (
+            "MODULE_DICT",
+            common::MODULE_DICT,
+            "PyModuleObject",
+            "md_dict",
+        ),
         (
             "FLOAT_VALUE",
             common::FLOAT_VALUE,

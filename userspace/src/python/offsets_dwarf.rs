@@ -334,6 +334,26 @@ pub const FIELDS: &[FieldSource] = &[
     member(ALL, plain!(tuple_items),                   "PyTupleObject", "ob_item"),
     size(ALL, plain!(unicode_ascii_data),              "PyASCIIObject"),
     size(ALL, plain!(unicode_compact_data),            "PyCompactUnicodeObject"),
+
+    member(ALL, plain!(interp_sysdict),                "PyInterpreterState", "sysdict"),
+    member(ALL, plain!(interp_builtins),               "PyInterpreterState", "builtins"),
+    member((12, 12), some!(interp_static_types),       "PyInterpreterState", "types.builtins"),
+    member((13, 14), some!(interp_static_types),       "PyInterpreterState", "types.builtins.initialized"),
+    size((12, 12), some!(static_type_size),            "static_builtin_state"),
+    size((13, 14), some!(static_type_size),            "managed_static_type_state"),
+    member((12, 12), some!(static_type_dict),          "static_builtin_state", "tp_dict"),
+    member((13, 14), some!(static_type_dict),          "managed_static_type_state", "tp_dict"),
+
+    member(ALL, plain!(cfunction_ml),                  "PyCFunctionObject", "m_ml"),
+    member(ALL, plain!(cfunction_self),                "PyCFunctionObject", "m_self"),
+    member(ALL, plain!(cfunction_module),              "PyCFunctionObject", "m_module"),
+    member(ALL, plain!(cfunction_vectorcall),          "PyCFunctionObject", "vectorcall"),
+    member(ALL, plain!(method_descr_type),             "PyMethodDescrObject", "d_common.d_type"),
+    member(ALL, plain!(method_descr_method),           "PyMethodDescrObject", "d_method"),
+    member(ALL, plain!(method_descr_vectorcall),       "PyMethodDescrObject", "vectorcall"),
+    member(ALL, plain!(method_def_name),               "PyMethodDef", "ml_name"),
+    member(ALL, plain!(method_def_flags),              "PyMethodDef", "ml_flags"),
+    member(ALL, plain!(type_call),                     "PyTypeObject", "tp_call"),
 ];
 
 /// The entries of [`FIELDS`] that apply to CPython 3.`minor`, in table order.
