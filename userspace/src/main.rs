@@ -69,7 +69,7 @@ enum Command {
     /// not match, its calls are no longer counted (they still trap).
     ///
     /// Cost: every Python call in a watched process traps into the kernel,
-    /// about 0.7-0.8 µs per call measured on a VM (fib(25), nothing but
+    /// about 0.65-0.7 µs per call measured on a VM (fib(25), nothing but
     /// tiny calls, ran 10-28 times slower; see `cargo xtask bench`). Code
     /// that makes no Python calls is not slowed. For a cheap view of where
     /// time goes, sample instead.
