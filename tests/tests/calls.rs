@@ -43,6 +43,20 @@ fn final_report(stdout: &str) -> anyhow::Result<Value> {
     Ok(last)
 }
 
+/// Watches one "run" of `fixture` with `pyprobe calls --json`; returns the
+/// final report and pyprobe's start-up lines.
+fn watch_one_run(fixture: &mut Fixture) -> anyhow::Result<(Value, String)> {
+    let pid = fixture.pid().to_string();
+    let probe = Probe::start(&["calls", "--json", "--interval", "0.3", "--pid", &pid])?;
+    let startup = probe.startup();
+    fixture.call("run", "done")?;
+    thread::sleep(Duration::from_millis(400));
+    probe.interrupt();
+    let (ok, stdout, stderr) = probe.finish()?;
+    ensure!(ok, "pyprobe failed: {stderr}");
+    Ok((final_report(&stdout)?, startup))
+}
+
 fn fixture_rows(report: &Value, pid: u32) -> anyhow::Result<Counted> {
     let mut counted = Counted::new();
     for row in report["rows"].as_array().context("rows")? {
@@ -79,14 +93,7 @@ fn calls_equal_cprofile_ncalls() {
             "the cProfile reference itself is off: {expected:?}"
         );
         let mut fixture = Fixture::start(interp, "calls_workload.py", &[])?;
-        let pid = fixture.pid().to_string();
-        let probe = Probe::start(&["calls", "--json", "--interval", "0.3", "--pid", &pid])?;
-        fixture.call("run", "done")?;
-        thread::sleep(Duration::from_millis(400));
-        probe.interrupt();
-        let (ok, stdout, stderr) = probe.finish()?;
-        ensure!(ok, "pyprobe failed: {stderr}");
-        let report = final_report(&stdout)?;
+        let (report, _) = watch_one_run(&mut fixture)?;
         let lost = &report["lost"];
         for field in ["map_full", "unconfigured", "unreadable", "recursion_misses"] {
             ensure!(lost[field] == 0, "lost {field}: {lost}");
@@ -250,15 +257,7 @@ fn calls_count_builtins() {
         ensure!(out.status.success(), "cProfile run failed");
         let cprofile: BTreeMap<String, u64> = serde_json::from_slice(&out.stdout)?;
         let mut fixture = Fixture::start(interp, "builtins_workload.py", &[])?;
-        let pid = fixture.pid().to_string();
-        let probe = Probe::start(&["calls", "--json", "--interval", "0.3", "--pid", &pid])?;
-        let startup = probe.startup();
-        fixture.call("run", "done")?;
-        thread::sleep(Duration::from_millis(400));
-        probe.interrupt();
-        let (ok, stdout, stderr) = probe.finish()?;
-        ensure!(ok, "pyprobe failed: {stderr}");
-        let report = final_report(&stdout)?;
+        let (report, startup) = watch_one_run(&mut fixture)?;
         let counted = builtin_rows(&report, fixture.pid());
         let get = |label: &str| counted.get(label).copied().unwrap_or(0);
         // Calls from C go through the generic entry points; cProfile does
