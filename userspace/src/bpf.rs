@@ -124,15 +124,7 @@ impl EvalEntryCounter {
 
     /// Entries counted so far, per PID (summed over CPUs).
     pub fn counts(&self) -> Result<BTreeMap<u32, u64>, BpfError> {
-        let map: PerCpuHashMap<&MapData, u32, u64> = PerCpuHashMap::try_from(
-            self.ebpf
-                .map(names::MAP_EVAL_ENTRIES)
-                .ok_or(BpfError::Missing("EVAL_ENTRIES map"))?,
-        )
-        .map_err(|source| BpfError::Map {
-            name: names::MAP_EVAL_ENTRIES,
-            source,
-        })?;
+        let map: PerCpuHashMap<&MapData, u32, u64> = open_map(&self.ebpf, names::MAP_EVAL_ENTRIES)?;
         let mut out = BTreeMap::new();
         for item in map.iter() {
             let (pid, per_cpu) = item.map_err(|source| BpfError::Map {
@@ -236,15 +228,7 @@ impl CallCounter {
     }
 
     fn config_map(&mut self) -> Result<BpfHashMap<&mut MapData, u32, ProcessConfig>, BpfError> {
-        BpfHashMap::try_from(
-            self.ebpf
-                .map_mut(names::MAP_CALL_CONFIG)
-                .ok_or(BpfError::Missing("CALL_CONFIG map"))?,
-        )
-        .map_err(|source| BpfError::Map {
-            name: names::MAP_CALL_CONFIG,
-            source,
-        })
+        open_map_mut(&mut self.ebpf, names::MAP_CALL_CONFIG)
     }
 
     /// Attaches `program` at `file_offset` of `interp`'s ELF file, for one
@@ -281,15 +265,8 @@ impl CallCounter {
 
     /// Counts so far, per code object (summed over CPUs): (starts, resumes).
     pub fn counts(&self) -> Result<BTreeMap<CodeKey, CallCounts>, BpfError> {
-        let map: PerCpuHashMap<&MapData, CodeKey, CallCounts> = PerCpuHashMap::try_from(
-            self.ebpf
-                .map(names::MAP_CALL_COUNTS)
-                .ok_or(BpfError::Missing("CALL_COUNTS map"))?,
-        )
-        .map_err(|source| BpfError::Map {
-            name: names::MAP_CALL_COUNTS,
-            source,
-        })?;
+        let map: PerCpuHashMap<&MapData, CodeKey, CallCounts> =
+            open_map(&self.ebpf, names::MAP_CALL_COUNTS)?;
         let mut out = BTreeMap::new();
         for item in map.iter() {
             let (key, per_cpu) = item.map_err(|source| BpfError::Map {
@@ -302,15 +279,7 @@ impl CallCounter {
                 sum.resumes += c.resumes;
             }
         }
-        let cache: PerCpuArray<&MapData, CacheSlot> = PerCpuArray::try_from(
-            self.ebpf
-                .map(names::MAP_CALL_CACHE)
-                .ok_or(BpfError::Missing("CALL_CACHE map"))?,
-        )
-        .map_err(|source| BpfError::Map {
-            name: names::MAP_CALL_CACHE,
-            source,
-        })?;
+        let cache: PerCpuArray<&MapData, CacheSlot> = open_map(&self.ebpf, names::MAP_CALL_CACHE)?;
         for index in 0..calls::CACHE_SLOTS {
             let per_cpu = cache.get(&index, 0).map_err(|source| BpfError::Map {
                 name: names::MAP_CALL_CACHE,
@@ -331,12 +300,8 @@ impl CallCounter {
             name: names::MAP_BUILTIN_COUNTS,
             source,
         };
-        let map: PerCpuHashMap<&MapData, BuiltinKey, u64> = PerCpuHashMap::try_from(
-            self.ebpf
-                .map(names::MAP_BUILTIN_COUNTS)
-                .ok_or(BpfError::Missing("BUILTIN_COUNTS map"))?,
-        )
-        .map_err(map_error)?;
+        let map: PerCpuHashMap<&MapData, BuiltinKey, u64> =
+            open_map(&self.ebpf, names::MAP_BUILTIN_COUNTS)?;
         let mut out = BTreeMap::new();
         for item in map.iter() {
             let (key, per_cpu) = item.map_err(map_error)?;
@@ -354,12 +319,8 @@ impl CallCounter {
             name: names::MAP_CALL_SKIP,
             source,
         };
-        let mut skip: Array<&mut MapData, SkipSet> = Array::try_from(
-            self.ebpf
-                .map_mut(names::MAP_CALL_SKIP)
-                .ok_or(BpfError::Missing("CALL_SKIP map"))?,
-        )
-        .map_err(map_error)?;
+        let mut skip: Array<&mut MapData, SkipSet> =
+            open_map_mut(&mut self.ebpf, names::MAP_CALL_SKIP)?;
         let index = calls::cache_slot(key.tgid, key.code) & (calls::SKIP_SETS - 1);
         let mut set = skip.get(&index, 0).map_err(map_error)?;
         if set.keys.contains(key) {
@@ -406,6 +367,24 @@ fn load_programs(programs: &[&'static str]) -> Result<Ebpf, BpfError> {
     Ok(ebpf)
 }
 
+/// Opens map `name` of the loaded object as `T` (read-only).
+fn open_map<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(ebpf.map(name).ok_or(BpfError::Missing(name))?)
+        .map_err(|source| BpfError::Map { name, source })
+}
+
+/// Opens map `name` of the loaded object as `T`, for writing.
+fn open_map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(ebpf.map_mut(name).ok_or(BpfError::Missing(name))?)
+        .map_err(|source| BpfError::Map { name, source })
+}
+
 fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, BpfError> {
     ebpf.program_mut(name)
         .ok_or(BpfError::Missing(name))?
@@ -415,14 +394,7 @@ fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UPro
 
 /// Sums one `STATS` counter over CPUs.
 fn read_stat(ebpf: &Ebpf, index: u32) -> Result<u64, BpfError> {
-    let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-        ebpf.map(names::MAP_STATS)
-            .ok_or(BpfError::Missing("STATS map"))?,
-    )
-    .map_err(|source| BpfError::Map {
-        name: names::MAP_STATS,
-        source,
-    })?;
+    let map: PerCpuArray<&MapData, u64> = open_map(ebpf, names::MAP_STATS)?;
     Ok(map
         .get(&index, 0)
         .map_err(|source| BpfError::Map {
