@@ -138,6 +138,42 @@ impl ResumeOpcodes {
     }
 }
 
+/// The opcodes that leave a frame by returning or yielding (3.11+): where
+/// `pyprobe calls --latency` ends a call's timing. A frame left by an
+/// exception runs none of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitOpcodes {
+    /// `RETURN_VALUE`.
+    pub return_value: u8,
+    /// `RETURN_CONST` (3.12, 3.13).
+    pub return_const: Option<u8>,
+    /// `YIELD_VALUE`.
+    pub yield_value: u8,
+    /// `INSTRUMENTED_RETURN_VALUE` (3.12+): replaces `RETURN_VALUE` while
+    /// `sys.monitoring` or `sys.settrace` is active.
+    pub instrumented_return_value: Option<u8>,
+    /// `INSTRUMENTED_RETURN_CONST` (3.12, 3.13).
+    pub instrumented_return_const: Option<u8>,
+    /// `INSTRUMENTED_YIELD_VALUE` (3.12+).
+    pub instrumented_yield_value: Option<u8>,
+}
+
+impl ExitOpcodes {
+    /// `(opcode name, number)` of every member.
+    pub fn all(&self) -> impl Iterator<Item = (&'static str, u8)> + use<> {
+        [
+            ("RETURN_VALUE", Some(self.return_value)),
+            ("RETURN_CONST", self.return_const),
+            ("YIELD_VALUE", Some(self.yield_value)),
+            ("INSTRUMENTED_RETURN_VALUE", self.instrumented_return_value),
+            ("INSTRUMENTED_RETURN_CONST", self.instrumented_return_const),
+            ("INSTRUMENTED_YIELD_VALUE", self.instrumented_yield_value),
+        ]
+        .into_iter()
+        .filter_map(|(name, opcode)| Some((name, opcode?)))
+    }
+}
+
 /// Behaviour flags that are not plain offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -160,6 +196,9 @@ pub struct Layout {
     /// The RESUME-family opcodes (3.11+); `None` for 3.8-3.10, where every
     /// function start enters `_PyEval_EvalFrameDefault`.
     pub resume_opcodes: Option<ResumeOpcodes>,
+    /// The opcodes that return or yield (3.11+); `None` for 3.8-3.10, where
+    /// every frame leaves by returning from `_PyEval_EvalFrameDefault`.
+    pub exit_opcodes: Option<ExitOpcodes>,
 }
 
 /// Field offsets, named after CPython's fields. `None` where a version does
@@ -345,6 +384,7 @@ const fn layout_38_310(instruction: InstructionModel, line_table: LineTableForma
         stackref_mask: !0,
         line_table,
         resume_opcodes: None,
+        exit_opcodes: None,
     }
 }
 
@@ -354,6 +394,7 @@ const fn layout_311_plus(
     long: LongModel,
     stackref_mask: u64,
     resume_opcodes: ResumeOpcodes,
+    exit_opcodes: ExitOpcodes,
 ) -> Layout {
     Layout {
         frame_model: FrameModel::Interpreter,
@@ -364,6 +405,7 @@ const fn layout_311_plus(
         stackref_mask,
         line_table: LineTableFormat::Locations,
         resume_opcodes: Some(resume_opcodes),
+        exit_opcodes: Some(exit_opcodes),
     }
 }
 
@@ -565,6 +607,14 @@ pub const PY311: VersionInfo = VersionInfo {
             check: None,
             instrumented: None,
         },
+        ExitOpcodes {
+            return_value: 83,
+            return_const: None,
+            yield_value: 86,
+            instrumented_return_value: None,
+            instrumented_return_const: None,
+            instrumented_yield_value: None,
+        },
     ),
 };
 
@@ -602,6 +652,14 @@ pub const PY312: VersionInfo = VersionInfo {
             check: None,
             instrumented: Some(240),
         },
+        ExitOpcodes {
+            return_value: 83,
+            return_const: Some(121),
+            yield_value: 150,
+            instrumented_return_value: Some(242),
+            instrumented_return_const: Some(247),
+            instrumented_yield_value: Some(243),
+        },
     ),
 };
 
@@ -637,6 +695,14 @@ pub const PY313: VersionInfo = VersionInfo {
             quick: None,
             check: Some(207),
             instrumented: Some(236),
+        },
+        ExitOpcodes {
+            return_value: 36,
+            return_const: Some(103),
+            yield_value: 118,
+            instrumented_return_value: Some(239),
+            instrumented_return_const: Some(240),
+            instrumented_yield_value: Some(241),
         },
     ),
 };
@@ -676,6 +742,14 @@ pub const PY314: VersionInfo = VersionInfo {
             quick: None,
             check: Some(196),
             instrumented: Some(245),
+        },
+        ExitOpcodes {
+            return_value: 35,
+            return_const: None,
+            yield_value: 120,
+            instrumented_return_value: Some(246),
+            instrumented_return_const: None,
+            instrumented_yield_value: Some(247),
         },
     ),
 };

@@ -110,19 +110,33 @@ pub enum SiteKind {
         /// CPython's name of the opcode, e.g. `RESUME_CHECK`.
         name: &'static str,
     },
+    /// The handler of an opcode that leaves the frame by returning or
+    /// yielding (3.11+, [`find_exit_sites`]).
+    Exit {
+        /// Opcode number.
+        opcode: u8,
+        /// CPython's name of the opcode, e.g. `RETURN_VALUE`.
+        name: &'static str,
+    },
 }
 
 impl SiteKind {
     /// Whether the site only runs while `sys.monitoring` or `sys.settrace`
     /// instruments the code (`INSTRUMENTED_RESUME`).
     pub fn only_when_instrumented(&self) -> bool {
-        matches!(
-            self,
-            SiteKind::Resume {
-                name: "INSTRUMENTED_RESUME",
-                ..
+        match self {
+            SiteKind::EvalEntry => false,
+            SiteKind::Resume { name, .. } | SiteKind::Exit { name, .. } => {
+                name.starts_with("INSTRUMENTED_")
             }
-        )
+        }
+    }
+
+    /// Whether the probe must stay before any store to memory in its
+    /// handler: an exit handler soon makes the caller the thread's current
+    /// frame, and the program reads the frame leaving from there.
+    fn before_stores(&self) -> bool {
+        matches!(self, SiteKind::Exit { .. })
     }
 }
 
@@ -243,6 +257,13 @@ pub enum Unmoved {
     },
     /// None of the handler's first [`MAX_WALK`] instructions is emulated.
     TooFar,
+    /// An instruction at `at`, before the first emulated one, may write
+    /// memory, and the site must run before any store (an exit handler,
+    /// see [`SiteKind::Exit`]).
+    Store {
+        /// Where.
+        at: u64,
+    },
     /// The first emulated instruction is at `site`, but the code may jump to
     /// `target`, after the handler's start and not after `site`: a probe
     /// there could run without a start, or twice for one.
@@ -272,6 +293,7 @@ impl Unmoved {
             Unmoved::StartEmulated { instruction } => instruction.name().into(),
             Unmoved::BlockEnds { at: address } => format!("block ends at {}", at(address)),
             Unmoved::TooFar => format!("no emulated instruction in {MAX_WALK}"),
+            Unmoved::Store { at: address } => format!("store at {}", at(address)),
             Unmoved::BranchTarget { target, .. } => format!("branch target {}", at(target)),
         }
     }
@@ -311,6 +333,10 @@ impl fmt::Display for Unmoved {
                 "its first basic block ends at {at:#x} before any emulated instruction"
             ),
             Unmoved::TooFar => write!(f, "none of its first {MAX_WALK} instructions is emulated"),
+            Unmoved::Store { at } => write!(
+                f,
+                "the instruction at {at:#x}, before the first emulated one, may write memory"
+            ),
             Unmoved::BranchTarget { target, site } => write!(
                 f,
                 "the code may jump to {target:#x}, between its start and the first emulated \
@@ -372,7 +398,9 @@ impl StartSite {
     pub fn describe(&self) -> String {
         let name = match self.kind {
             SiteKind::EvalEntry => return format!("{EVAL_FRAME}@{:#x}", self.file_offset),
-            SiteKind::Resume { opcode, name } => format!("{name}({opcode})"),
+            SiteKind::Resume { opcode, name } | SiteKind::Exit { opcode, name } => {
+                format!("{name}({opcode})")
+            }
         };
         match self.placement {
             Placement::Moved { instruction, .. } => format!(
@@ -394,7 +422,9 @@ impl fmt::Display for StartSite {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             SiteKind::EvalEntry => write!(f, "entry of {EVAL_FRAME}")?,
-            SiteKind::Resume { opcode, name } => write!(f, "handler of {name} ({opcode})")?,
+            SiteKind::Resume { opcode, name } | SiteKind::Exit { opcode, name } => {
+                write!(f, "handler of {name} ({opcode})")?
+            }
         }
         write!(
             f,
@@ -618,8 +648,45 @@ pub fn find_start_sites(
             Unmoved::FunctionEntry,
         )]);
     };
+    let resume: Vec<_> = opcodes.all().collect();
+    find_opcode_sites(image, version, &resume, resume_kind)
+}
+
+/// Finds the handlers of the opcodes that leave a frame by returning or
+/// yielding ([`Layout::exit_opcodes`], 3.11+) in `image`, like
+/// [`find_start_sites`] finds the RESUME family; none for 3.8-3.10. A probe
+/// is moved only if nothing before its new place may write memory
+/// ([`Unmoved::Store`]).
+pub fn find_exit_sites(
+    image: &ElfImage,
+    version: &PythonVersion,
+    layout: &Layout,
+) -> Result<Vec<StartSite>, StartSitesError> {
+    let Some(opcodes) = layout.exit_opcodes else {
+        return Ok(Vec::new());
+    };
+    let exits: Vec<_> = opcodes.all().collect();
+    find_opcode_sites(image, version, &exits, exit_kind)
+}
+
+fn resume_kind(opcode: u8, name: &'static str) -> SiteKind {
+    SiteKind::Resume { opcode, name }
+}
+
+fn exit_kind(opcode: u8, name: &'static str) -> SiteKind {
+    SiteKind::Exit { opcode, name }
+}
+
+/// The handlers of `opcodes`, from the opcode table when found, else from
+/// the DWARF labels; `kind` says what runs there.
+fn find_opcode_sites(
+    image: &ElfImage,
+    version: &PythonVersion,
+    opcodes: &[(&'static str, u8)],
+    kind: fn(u8, &'static str) -> SiteKind,
+) -> Result<Vec<StartSite>, StartSitesError> {
     let table_error = match find_opcode_table(image) {
-        Ok(table) => return sites_from_table(image, &table, &opcodes, version),
+        Ok(table) => return opcode_sites_from_table(image, &table, opcodes, kind, version),
         Err(
             e @ (StartSitesError::NoEvalFrame { .. } | StartSitesError::UnsupportedMachine { .. }),
         ) => {
@@ -634,7 +701,7 @@ pub fn find_start_sites(
         dwarf,
     };
     match DwarfInfo::parse(image.data()) {
-        Ok(Some(dwarf)) => match sites_from_dwarf(image, &dwarf, &opcodes) {
+        Ok(Some(dwarf)) => match opcode_sites_from_dwarf(image, &dwarf, opcodes, kind) {
             Ok(sites) => Ok(sites),
             Err(e) => Err(not_found(e.to_string())),
         },
@@ -655,9 +722,21 @@ pub fn sites_from_table(
     opcodes: &ResumeOpcodes,
     version: &PythonVersion,
 ) -> Result<Vec<StartSite>, StartSitesError> {
+    let opcodes: Vec<_> = opcodes.all().collect();
+    opcode_sites_from_table(image, table, &opcodes, resume_kind, version)
+}
+
+/// [`sites_from_table`] for any opcodes, `kind` saying what runs there.
+fn opcode_sites_from_table(
+    image: &ElfImage,
+    table: &OpcodeTable,
+    opcodes: &[(&'static str, u8)],
+    kind: fn(u8, &'static str) -> SiteKind,
+    version: &PythonVersion,
+) -> Result<Vec<StartSite>, StartSitesError> {
     let catch_all = table.catch_all();
     let mut sites = Vec::new();
-    for (name, opcode) in opcodes.all() {
+    for &(name, opcode) in opcodes {
         let Some(target) = table.target(opcode) else {
             return Err(StartSitesError::TableNotFound {
                 path: image.path().to_owned(),
@@ -676,7 +755,7 @@ pub fn sites_from_table(
         sites.push(StartSite::at_start(
             target,
             image.vaddr_to_file_offset(target)?,
-            SiteKind::Resume { opcode, name },
+            kind(opcode, name),
             SiteSource::OpcodeTable { table: table.vaddr },
             Unmoved::NoDispatchTable,
         ));
@@ -697,7 +776,9 @@ pub fn sites_from_table(
     let windows: Vec<Range<u64>> = sites
         .iter()
         .filter_map(|site| {
-            let (at, _, _) = code.candidate(site.handler_vaddr).ok()?;
+            let (at, _, _) = code
+                .candidate(site.handler_vaddr, site.kind.before_stores())
+                .ok()?;
             Some(site.handler_vaddr + 1..at + 1)
         })
         .collect();
@@ -716,20 +797,31 @@ pub fn sites_from_dwarf(
     dwarf: &DwarfInfo,
     opcodes: &ResumeOpcodes,
 ) -> Result<Vec<StartSite>, StartSitesError> {
+    let opcodes: Vec<_> = opcodes.all().collect();
+    opcode_sites_from_dwarf(image, dwarf, &opcodes, resume_kind)
+}
+
+/// [`sites_from_dwarf`] for any opcodes, `kind` saying what runs there.
+fn opcode_sites_from_dwarf(
+    image: &ElfImage,
+    dwarf: &DwarfInfo,
+    opcodes: &[(&'static str, u8)],
+    kind: fn(u8, &'static str) -> SiteKind,
+) -> Result<Vec<StartSite>, StartSitesError> {
     let dwarf_error = |source| StartSitesError::Dwarf {
         path: image.path().to_owned(),
         source,
     };
     let labels = dwarf.labels_in(EVAL_FRAME).map_err(dwarf_error)?;
     let mut sites = Vec::new();
-    for (name, opcode) in opcodes.all() {
+    for &(name, opcode) in opcodes {
         let label = format!("TARGET_{name}");
         let before = sites.len();
         for &(_, vaddr) in labels.iter().filter(|(n, _)| *n == label) {
             sites.push(StartSite::at_start(
                 vaddr,
                 image.vaddr_to_file_offset(vaddr)?,
-                SiteKind::Resume { opcode, name },
+                kind(opcode, name),
                 SiteSource::DwarfLabel,
                 Unmoved::NoDispatchTable,
             ));
@@ -1180,14 +1272,22 @@ impl<'a> CodeMap<'a> {
 
     /// Where the probe of the handler at `handler` could move, before
     /// branch targets are considered: see [`first_emulated`].
-    fn candidate(&self, handler: u64) -> Result<(u64, Emulated, usize), Unmoved> {
+    fn candidate(
+        &self,
+        handler: u64,
+        before_stores: bool,
+    ) -> Result<(u64, Emulated, usize), Unmoved> {
         let Some((range, bytes)) = self.part_of(handler) else {
             return Err(Unmoved::UnknownCode { entry: handler });
         };
         if self.starts.binary_search(&handler).is_err() {
             return Err(Unmoved::Undecodable { at: handler });
         }
-        first_emulated(&bytes[(handler - range.start) as usize..], handler)
+        first_emulated(
+            &bytes[(handler - range.start) as usize..],
+            handler,
+            before_stores,
+        )
     }
 
     /// `site` (a handler's start) with its probe moved onto the first
@@ -1201,7 +1301,7 @@ impl<'a> CodeMap<'a> {
                 ..site
             })
         };
-        let (at, instruction, skipped) = match self.candidate(handler) {
+        let (at, instruction, skipped) = match self.candidate(handler, site.kind.before_stores()) {
             Ok(found) => found,
             Err(reason) => return stay(reason),
         };
@@ -1224,9 +1324,15 @@ impl<'a> CodeMap<'a> {
 /// the start of `code` (loaded at `vaddr`), after at least one other: its
 /// address, kind, and the number of instructions before it. Fails if the
 /// first instruction is emulated itself, or control may leave the straight
-/// line first, or after [`MAX_WALK`] instructions. Branch targets are the
-/// caller's business.
-fn first_emulated(code: &[u8], vaddr: u64) -> Result<(u64, Emulated, usize), Unmoved> {
+/// line first, or after [`MAX_WALK`] instructions, or (with
+/// `before_stores`) after an instruction that may write memory (any with a
+/// memory destination operand: some only read it, which is merely
+/// cautious). Branch targets are the caller's business.
+fn first_emulated(
+    code: &[u8],
+    vaddr: u64,
+    before_stores: bool,
+) -> Result<(u64, Emulated, usize), Unmoved> {
     let mut decoder = Decoder::with_ip(64, code, vaddr, DecoderOptions::NONE);
     let mut insn = Instruction::default();
     for skipped in 0..MAX_WALK {
@@ -1250,8 +1356,28 @@ fn first_emulated(code: &[u8], vaddr: u64) -> Result<(u64, Emulated, usize), Unm
         if insn.flow_control() != FlowControl::Next {
             return Err(Unmoved::BlockEnds { at });
         }
+        if before_stores && insn.op_count() > 0 && is_memory(insn.op0_kind()) {
+            return Err(Unmoved::Store { at });
+        }
     }
     Err(Unmoved::TooFar)
+}
+
+/// Whether an operand is in memory.
+fn is_memory(kind: OpKind) -> bool {
+    matches!(
+        kind,
+        OpKind::Memory
+            | OpKind::MemorySegSI
+            | OpKind::MemorySegESI
+            | OpKind::MemorySegRSI
+            | OpKind::MemorySegDI
+            | OpKind::MemorySegEDI
+            | OpKind::MemorySegRDI
+            | OpKind::MemoryESDI
+            | OpKind::MemoryESEDI
+            | OpKind::MemoryESRDI
+    )
 }
 
 /// Reads link-time pointer values from the loaded data: the addend of an

@@ -244,6 +244,48 @@ fn resume_opcodes_match_each_interpreter() {
 }
 
 #[test]
+fn exit_opcodes_match_each_interpreter_and_their_handlers_are_found() {
+    const FAMILY: [&str; 6] = [
+        "RETURN_VALUE",
+        "RETURN_CONST",
+        "YIELD_VALUE",
+        "INSTRUMENTED_RETURN_VALUE",
+        "INSTRUMENTED_RETURN_CONST",
+        "INSTRUMENTED_YIELD_VALUE",
+    ];
+    for build in builds() {
+        let image = image(&build);
+        let (detected, layout) = version_and_layout(&build, &image);
+        let sites = find_exit_sites(&image, &detected, &layout).unwrap();
+        let Some(exits) = layout.exit_opcodes else {
+            // 3.8-3.10: frames end with the return of the eval loop.
+            assert!(sites.is_empty(), "{}", build.label);
+            assert!(layout.resume_opcodes.is_none(), "{}", build.label);
+            continue;
+        };
+        let ours: BTreeMap<String, u16> = exits
+            .all()
+            .map(|(name, opcode)| (name.to_owned(), u16::from(opcode)))
+            .collect();
+        let theirs: BTreeMap<String, u16> = interpreter_opmap(&build)
+            .into_iter()
+            .filter(|(name, _)| FAMILY.contains(&name.as_str()))
+            .collect();
+        assert_eq!(
+            ours, theirs,
+            "{}: offsets.rs vs the interpreter",
+            build.label
+        );
+        // One distinct handler per opcode, none moved past a store.
+        assert_eq!(sites.len(), ours.len(), "{}: {sites:?}", build.label);
+        for site in &sites {
+            assert!(matches!(site.kind, SiteKind::Exit { .. }), "{site}");
+            eprintln!("start_sites: {}: {site}", build.label);
+        }
+    }
+}
+
+#[test]
 fn pyenv_table_handlers_equal_dwarf_labels() {
     for version in ["3.11.7", "3.12.1", "3.13.0"] {
         let build = build(&format!("pyenv {version}"));
@@ -1118,7 +1160,7 @@ fn first_emulated_walks_straight_line_code_only() {
     const MOV: [u8; 3] = [0x48, 0x89, 0xf8]; // mov %rdi,%rax
     const ADD: [u8; 4] = [0x48, 0x83, 0xc0, 0x01]; // add $1,%rax
     let code = |parts: &[&[u8]]| parts.concat();
-    let walk = |bytes: Vec<u8>| first_emulated(&bytes, BASE);
+    let walk = |bytes: Vec<u8>| first_emulated(&bytes, BASE, false);
 
     assert_eq!(
         walk(code(&[&MOV, &ADD, &[0x74, 0x05]])),
@@ -1139,6 +1181,21 @@ fn first_emulated_walks_straight_line_code_only() {
     assert_eq!(
         walk(code(&[&MOV, &[0x41, 0x57]])),
         Ok((BASE + 3, Emulated::Push, 1))
+    );
+    // An exit site stays before stores (registers may change, memory
+    // not): `mov %rax,0x38(%rbx)` before the jcc.
+    const STORE: [u8; 4] = [0x48, 0x89, 0x43, 0x38];
+    assert_eq!(
+        first_emulated(&code(&[&MOV, &ADD, &[0x74, 0x05]]), BASE, true),
+        Ok((BASE + 7, Emulated::Jcc, 2))
+    );
+    assert_eq!(
+        first_emulated(&code(&[&MOV, &STORE, &[0x74, 0x05]]), BASE, true),
+        Err(Unmoved::Store { at: BASE + 3 })
+    );
+    assert_eq!(
+        walk(code(&[&MOV, &STORE, &[0x74, 0x05]])),
+        Ok((BASE + 7, Emulated::Jcc, 2))
     );
     // The first instruction is emulated already.
     assert_eq!(
