@@ -23,8 +23,11 @@ pub mod stats {
     pub const CALLS_NO_CONFIG: u32 = 2;
     /// A function start whose frame or code object could not be read.
     pub const CALLS_UNREADABLE: u32 = 3;
+    /// A finished call could not be timed because the per-code latency map
+    /// was full.
+    pub const LATENCY_MAP_FULL: u32 = 4;
     /// Number of counters in the `STATS` array.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Names of the maps and programs in the eBPF object, shared so a rename on one
@@ -59,6 +62,18 @@ pub mod names {
     pub const MAP_BUILTIN_COUNTS: &str = "BUILTIN_COUNTS";
     /// Array of [`super::calls::SkipSet`]: code objects `--filter` excludes.
     pub const MAP_CALL_SKIP: &str = "CALL_SKIP";
+    /// Uprobe program at the sites where Python frames return or yield
+    /// (3.11+, `--latency`).
+    pub const PROG_CALL_EXIT: &str = "call_exit";
+    /// Uretprobe program on `_PyEval_EvalFrameDefault` (3.8-3.10,
+    /// `--latency`).
+    pub const PROG_CALL_EXIT_STACK: &str = "call_exit_stack";
+    /// LRU hash map: [`super::calls::RunningKey`] ->
+    /// [`super::calls::Running`]: frames being timed.
+    pub const MAP_CALL_RUNNING: &str = "CALL_RUNNING";
+    /// Per-CPU hash map: [`super::calls::CodeKey`] ->
+    /// [`super::calls::Histogram`].
+    pub const MAP_CALL_LATENCY: &str = "CALL_LATENCY";
 }
 
 /// Counting Python function starts (`pyprobe calls`).
@@ -168,8 +183,144 @@ pub mod calls {
         pub frame_mode: u8,
         /// One of `START_*`.
         pub start_mode: u8,
+        /// One of `LATENCY_*`: whether (and how) calls are timed.
+        pub latency: u8,
         /// Padding, zero.
-        pub _pad: [u8; 6],
+        pub _pad: [u8; 5],
+    }
+
+    /// Calls are not timed.
+    pub const LATENCY_OFF: u8 = 0;
+    /// Calls are timed from their start to the return or yield that leaves
+    /// the frame, matched by the frame's address (3.11+: exits are opcode
+    /// handlers where the frame is still the thread's current frame).
+    pub const LATENCY_BY_FRAME: u8 = 1;
+    /// Calls are timed from the entry of `_PyEval_EvalFrameDefault` to its
+    /// return, matched by the stack pointer (3.8-3.10: one C call per frame;
+    /// the return lands 8 bytes above the entry's stack pointer).
+    pub const LATENCY_BY_STACK: u8 = 2;
+
+    /// Frames being timed at once (all processes); the least recently
+    /// started are dropped first, which only frames that never return
+    /// through a timed exit (exceptions on 3.11+) should be.
+    pub const MAX_RUNNING: u32 = 32768;
+
+    /// Code objects whose latency can be kept (at most; userspace may ask
+    /// for fewer on hosts with many CPUs, the map being per CPU).
+    pub const MAX_LATENCY_CODES: u32 = 4096;
+
+    /// A frame being timed: its process and its address (or, for
+    /// [`LATENCY_BY_STACK`], the stack pointer at the eval loop's entry).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct RunningKey {
+        /// Process.
+        pub tgid: u32,
+        /// Padding, zero.
+        pub _pad: u32,
+        /// Frame address or stack pointer.
+        pub at: u64,
+    }
+
+    /// When a timed frame started, and what it runs.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Running {
+        /// `bpf_ktime_get_ns` at the start.
+        pub started_ns: u64,
+        /// The frame's code object.
+        pub key: CodeKey,
+    }
+
+    /// Sub-buckets per power of two in a [`Histogram`]: each bucket is
+    /// 1/8 of its octave wide, so a value known only by its bucket is off
+    /// by at most 6.25% from the bucket's middle.
+    pub const SUB_BUCKETS: u32 = 8;
+    /// log2 of [`SUB_BUCKETS`].
+    pub const SUB_BUCKET_BITS: u32 = 3;
+    /// Buckets of a [`Histogram`]: up to 2^42 ns (73 minutes); longer
+    /// calls land in the last one (the exact maximum is kept apart).
+    pub const LATENCY_BUCKETS: usize = 320;
+
+    /// The bucket of a duration: values below [`SUB_BUCKETS`] ns have a
+    /// bucket each; above, octave `e` (2^e <= ns < 2^(e+1)) has
+    /// [`SUB_BUCKETS`] equal buckets.
+    #[inline(always)]
+    pub fn latency_bucket(ns: u64) -> u32 {
+        if ns < SUB_BUCKETS as u64 {
+            return ns as u32;
+        }
+        // Position of the highest set bit, by halving (no loop, no clz:
+        // the BPF instruction set has neither).
+        let mut e = 0u32;
+        let mut v = ns;
+        if v >> 32 != 0 {
+            v >>= 32;
+            e += 32;
+        }
+        if v >> 16 != 0 {
+            v >>= 16;
+            e += 16;
+        }
+        if v >> 8 != 0 {
+            v >>= 8;
+            e += 8;
+        }
+        if v >> 4 != 0 {
+            v >>= 4;
+            e += 4;
+        }
+        if v >> 2 != 0 {
+            v >>= 2;
+            e += 2;
+        }
+        if v >> 1 != 0 {
+            e += 1;
+        }
+        let sub = ((ns >> (e - SUB_BUCKET_BITS)) as u32) & (SUB_BUCKETS - 1);
+        let bucket = (e - SUB_BUCKET_BITS + 1) * SUB_BUCKETS + sub;
+        if bucket >= LATENCY_BUCKETS as u32 {
+            LATENCY_BUCKETS as u32 - 1
+        } else {
+            bucket
+        }
+    }
+
+    /// The durations bucket `b` holds: `lower..upper` ns.
+    pub fn latency_bucket_range(b: u32) -> (u64, u64) {
+        if b < SUB_BUCKETS {
+            return (b as u64, b as u64 + 1);
+        }
+        let e = b / SUB_BUCKETS + SUB_BUCKET_BITS - 1;
+        let sub = (b % SUB_BUCKETS) as u64;
+        let width = 1u64 << (e - SUB_BUCKET_BITS);
+        let lower = (1u64 << e) + sub * width;
+        (lower, lower + width)
+    }
+
+    /// Durations of one code object's calls on one CPU.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Histogram {
+        /// Calls per bucket (see [`latency_bucket`]).
+        pub buckets: [u32; LATENCY_BUCKETS],
+        /// Calls timed.
+        pub count: u64,
+        /// Sum of their durations, ns.
+        pub total_ns: u64,
+        /// Longest, ns.
+        pub max_ns: u64,
+    }
+
+    impl Default for Histogram {
+        fn default() -> Self {
+            Self {
+                buckets: [0; LATENCY_BUCKETS],
+                count: 0,
+                total_ns: 0,
+                max_ns: 0,
+            }
+        }
     }
 
     /// Key of a count: a code object of a process. `name` and `firstlineno`
@@ -283,7 +434,18 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::BuiltinKey {}
 
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::calls::RunningKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::calls::Running {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::calls::Histogram {}
+
     const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 24 * 8 + 8);
+    const _: () = assert!(core::mem::size_of::<super::calls::Running>() == 32);
+    const _: () = assert!(
+        core::mem::size_of::<super::calls::Histogram>() == super::calls::LATENCY_BUCKETS * 4 + 24
+    );
     const _: () = assert!(core::mem::size_of::<super::calls::CodeKey>() == 24);
     const _: () = assert!(core::mem::size_of::<super::calls::CallCounts>() == 16);
     const _: () = assert!(core::mem::size_of::<super::calls::CacheSlot>() == 40);

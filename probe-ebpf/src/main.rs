@@ -9,14 +9,17 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
-    macros::{map, uprobe},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
-    programs::ProbeContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
 };
 use pyprobe_common::{
     MAX_PROCESSES,
-    calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
+    calls::{
+        self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, Running,
+        RunningKey, SkipSet,
+    },
     stats,
 };
 
@@ -191,18 +194,39 @@ fn count_call(ctx: &ProbeContext) -> Result<(), u32> {
     // replaces whole entries, never part of one.
     let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
     let frame = starting_frame(ctx, config).ok_or(stats::CALLS_UNREADABLE)?;
-    count_frame(tgid, config, frame, None)
+    let at = if config.latency == calls::LATENCY_BY_STACK {
+        stack_pointer(ctx.regs)
+    } else {
+        frame
+    };
+    count_frame(tgid, config, frame, None, at)
+}
+
+/// The monotonic clock, ns.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The stack pointer in `regs`.
+#[inline(always)]
+fn stack_pointer(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
+    // SAFETY: `regs` is the probe's pt_regs, valid for the whole run.
+    unsafe { core::ptr::read_volatile(&(*regs).rsp) }
 }
 
 /// Counts one start or resumption of `frame`'s code object; `resume` forces
 /// the kind, else the frame's instruction position decides. Two reads of
-/// the target: the frame's window and the code object's window.
+/// the target: the frame's window and the code object's window. With
+/// `--latency`, also notes the time under `at` (see [`RunningKey`]).
 #[inline(always)]
 fn count_frame(
     tgid: u32,
     config: &ProcessConfig,
     frame: u64,
     resume: Option<bool>,
+    at: u64,
 ) -> Result<(), u32> {
     let f = Window::read(
         0,
@@ -241,9 +265,24 @@ fn count_frame(
         name: c.u64_at(config.code_name_at),
     };
     let index = calls::cache_slot(tgid, code);
-    if let Some(set) = CALL_SKIP.get(index & (calls::SKIP_SETS - 1))
-        && set.keys.contains(&key)
-    {
+    let skipped = CALL_SKIP
+        .get(index & (calls::SKIP_SETS - 1))
+        .is_some_and(|set| set.keys.contains(&key));
+    if config.latency != calls::LATENCY_OFF {
+        let running = RunningKey { tgid, _pad: 0, at };
+        if skipped {
+            // A frame or stack slot used earlier by a timed call must not
+            // be matched with this one's exit.
+            let _ = CALL_RUNNING.remove(&running);
+        } else {
+            let value = Running {
+                started_ns: now_ns(),
+                key,
+            };
+            let _ = CALL_RUNNING.insert(&running, &value, 0);
+        }
+    }
+    if skipped {
         return Ok(());
     }
     if let Some(slot) = CALL_CACHE.get_ptr_mut(index) {
@@ -313,7 +352,86 @@ pub fn call_throw(ctx: ProbeContext) -> u32 {
         count_error(stats::CALLS_NO_CONFIG);
         return 0;
     };
-    if let Err(index) = count_frame(tgid, config, frame, Some(true)) {
+    if let Err(index) = count_frame(tgid, config, frame, Some(true), frame) {
+        count_error(index);
+    }
+    0
+}
+
+/// Frames being timed (`--latency`): where each started and when.
+#[map(name = "CALL_RUNNING")]
+static CALL_RUNNING: LruHashMap<RunningKey, Running> =
+    LruHashMap::with_max_entries(calls::MAX_RUNNING, 0);
+
+/// Durations per code object, per CPU (`--latency`). Userspace shrinks the
+/// map to one entry when calls are not timed.
+#[map(name = "CALL_LATENCY")]
+static CALL_LATENCY: PerCpuHashMap<CodeKey, Histogram> =
+    PerCpuHashMap::with_max_entries(calls::MAX_LATENCY_CODES, 0);
+
+/// An all-zero histogram to insert from (too big for the BPF stack).
+#[map(name = "ZERO_HISTOGRAM")]
+static ZERO_HISTOGRAM: PerCpuArray<Histogram> = PerCpuArray::with_max_entries(1, 0);
+
+/// Ends the timing of the frame noted under `at`, if one was, adding its
+/// duration to its code object's histogram.
+#[inline(always)]
+fn time_exit(tgid: u32, at: u64) -> Result<(), u32> {
+    let now = now_ns();
+    let running = RunningKey { tgid, _pad: 0, at };
+    // SAFETY: the value is copied out at once; the entry is ours to remove.
+    let Some(started) = (unsafe { CALL_RUNNING.get(&running) }).copied() else {
+        return Ok(());
+    };
+    let _ = CALL_RUNNING.remove(&running);
+    let ns = now.wrapping_sub(started.started_ns);
+    let mut hist = CALL_LATENCY.get_ptr_mut(&started.key);
+    if hist.is_none() {
+        let zero = ZERO_HISTOGRAM.get(0).ok_or(stats::LATENCY_MAP_FULL)?;
+        let _ = CALL_LATENCY.insert(&started.key, zero, BPF_NOEXIST as u64);
+        hist = CALL_LATENCY.get_ptr_mut(&started.key);
+    }
+    let hist = hist.ok_or(stats::LATENCY_MAP_FULL)?;
+    // SAFETY: a per-CPU value of a successful lookup (see `bump`).
+    let hist = unsafe { &mut *hist };
+    if let Some(bucket) = hist.buckets.get_mut(calls::latency_bucket(ns) as usize) {
+        *bucket += 1;
+    }
+    hist.count += 1;
+    hist.total_ns += ns;
+    if ns > hist.max_ns {
+        hist.max_ns = ns;
+    }
+    Ok(())
+}
+
+/// Uprobe at the handlers of the opcodes that leave a frame by returning
+/// or yielding (3.11+, `--latency`): the frame is still the thread's
+/// current one. Frames left by an exception pass none of them and are not
+/// timed.
+#[uprobe]
+pub fn call_exit(ctx: ProbeContext) -> u32 {
+    let run = || -> Result<(), u32> {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        // SAFETY: see `count_call`.
+        let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
+        let frame = starting_frame(&ctx, config).ok_or(stats::CALLS_UNREADABLE)?;
+        time_exit(tgid, frame)
+    };
+    if let Err(index) = run() {
+        count_error(index);
+    }
+    0
+}
+
+/// Uretprobe on `_PyEval_EvalFrameDefault` (3.8-3.10, `--latency`): every
+/// frame, returned, yielded or unwound by an exception, ends here. The
+/// return lands with the stack pointer 8 bytes above the entry's (the
+/// return address is popped).
+#[uretprobe]
+pub fn call_exit_stack(ctx: RetProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if let Err(index) = time_exit(tgid, stack_pointer(ctx.regs).wrapping_sub(8)) {
         count_error(index);
     }
     0

@@ -294,3 +294,141 @@ fn calls_count_builtins() {
         Ok(())
     });
 }
+
+/// The fixture's functions in pyprobe's final report with `--latency`:
+/// name -> row.
+fn latency_rows(report: &Value, pid: u32) -> anyhow::Result<BTreeMap<String, Value>> {
+    let mut rows = BTreeMap::new();
+    for row in report["rows"].as_array().context("rows")? {
+        if row["pid"] == pid
+            && row["file"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("fixtures/latency_workload.py")
+        {
+            rows.insert(
+                row["function"].as_str().unwrap_or("").to_owned(),
+                row.clone(),
+            );
+        }
+    }
+    Ok(rows)
+}
+
+#[test]
+fn calls_latency_times_each_call() {
+    for_each_interpreter("calls_latency_times_each_call", |interp| {
+        let mut fixture = Fixture::start(interp, "latency_workload.py", &[])?;
+        let pid = fixture.pid().to_string();
+        let probe = Probe::start(&[
+            "calls",
+            "--json",
+            "--latency",
+            "--interval",
+            "0.3",
+            "--pid",
+            &pid,
+        ])?;
+        let startup = probe.startup();
+        fixture.send("run")?;
+        let measured: Value = serde_json::from_str(&fixture.expect("{")?)?;
+        fixture.expect("done")?;
+        thread::sleep(Duration::from_millis(400));
+        probe.interrupt();
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "pyprobe failed: {stderr}");
+        let report = final_report(&stdout)?;
+        for (field, lost) in report["lost"].as_object().context("lost")? {
+            ensure!(*lost == 0, "lost {field}: {}", report["lost"]);
+        }
+        let timed_line = if interp.minor() >= (3, 11) {
+            "frames left by an exception are not timed"
+        } else {
+            "timed to the return of _PyEval_EvalFrameDefault"
+        };
+        ensure!(startup.contains(timed_line), "start-up: {startup}");
+
+        let rows = latency_rows(&report, fixture.pid())?;
+        let row = |name: &str| {
+            rows.get(name)
+                .with_context(|| format!("no row {name}: {report}"))
+        };
+        let ns = |row: &Value, field: &str| {
+            row["latency"][field]
+                .as_u64()
+                .with_context(|| format!("latency.{field} in {row}"))
+        };
+
+        // nap(): 20 naps of 5 ms and one of 40 ms. The fixture's own
+        // timing wraps each call, so it is a little longer.
+        let mut naps: Vec<u64> = measured["nap_ns"]
+            .as_array()
+            .context("nap_ns")?
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        naps.sort_unstable();
+        ensure!(naps.len() == 21, "fixture measured {naps:?}");
+        let nap = row("nap")?;
+        ensure!(nap["calls"] == 21 && ns(nap, "timed")? == 21, "nap: {nap}");
+        let (outer_max, outer_median) = (naps[20], naps[10]);
+        let max = ns(nap, "max_ns")?;
+        ensure!(
+            (40_000_000..=outer_max).contains(&max),
+            "nap max {max} ns, fixture measured {outer_max} ns around the call"
+        );
+        ensure!(
+            ns(nap, "p99_ns")? == max,
+            "p99 of 21 calls is the longest: {nap}"
+        );
+        let p50 = ns(nap, "p50_ns")? as f64;
+        let median = outer_median as f64;
+        ensure!(
+            (median * 0.93..=median * 1.0625).contains(&p50),
+            "nap p50 {p50} ns vs the fixture's median {median} ns (buckets are within 6.25%)"
+        );
+
+        // quick(): 1000 tiny calls, all timed, each far below a nap.
+        let quick = row("quick")?;
+        ensure!(
+            quick["calls"] == 1000 && ns(quick, "timed")? == 1000,
+            "quick: {quick}"
+        );
+        ensure!(
+            ns(quick, "p50_ns")? < 100_000,
+            "quick is not quick: {quick}"
+        );
+
+        // steps(): each of the 5 generator steps is timed on its own; the
+        // 20 ms the generator waits between two steps is in none of them.
+        let steps = row("steps")?;
+        ensure!(
+            steps["calls"] == 5 && steps["resumes"] == 4 && ns(steps, "timed")? == 5,
+            "steps: {steps}"
+        );
+        ensure!(
+            ns(steps, "max_ns")? < 10_000_000,
+            "a step took the pause: {steps}"
+        );
+
+        // fails(): 7 frames left by an exception.
+        let fails = row("fails")?;
+        ensure!(fails["calls"] == 7, "fails: {fails}");
+        if interp.minor() >= (3, 11) {
+            ensure!(fails["latency"].is_null(), "fails timed on 3.11+: {fails}");
+        } else {
+            ensure!(ns(fails, "timed")? == 7, "fails: {fails}");
+        }
+
+        // work(): one call, longer than all its naps together.
+        let work = row("work")?;
+        let naps_total: u64 = naps.iter().sum();
+        ensure!(
+            ns(work, "timed")? == 1
+                && ns(work, "max_ns")? > naps_total
+                && ns(work, "p50_ns")? == ns(work, "max_ns")?,
+            "work: {work}, naps took {naps_total} ns"
+        );
+        Ok(())
+    });
+}

@@ -10,12 +10,12 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
     programs::{UProbe, uprobe::UProbeScope},
 };
 use pyprobe_common::{
-    calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, ProcessConfig, SkipSet},
+    calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, SkipSet},
     names, stats,
 };
 
@@ -99,7 +99,7 @@ impl EvalEntryCounter {
     /// Checks privileges and loads the eBPF programs (not yet attached).
     pub fn load() -> Result<Self, BpfError> {
         Ok(Self {
-            ebpf: load_programs(&[names::PROG_EVAL_ENTRY])?,
+            ebpf: load_programs(&[names::PROG_EVAL_ENTRY], &[])?,
         })
     }
 
@@ -160,6 +160,9 @@ pub struct CallLosses {
     pub unconfigured: u64,
     /// Starts whose frame or code object could not be read.
     pub unreadable: u64,
+    /// Calls that finished but could not be timed (`--latency`): the
+    /// per-code latency map was full.
+    pub untimed: u64,
     /// Program runs the kernel skipped (another BPF program was running on
     /// that CPU).
     pub recursion_misses: u64,
@@ -168,7 +171,7 @@ pub struct CallLosses {
 impl CallLosses {
     /// Sum of all losses.
     pub fn total(&self) -> u64 {
-        self.map_full + self.unconfigured + self.unreadable + self.recursion_misses
+        self.map_full + self.unconfigured + self.unreadable + self.untimed + self.recursion_misses
     }
 }
 
@@ -187,6 +190,50 @@ pub enum CallProgram {
     BuiltinFunction,
     /// `builtin_method`: at an entry point of `method_descriptor` calls.
     BuiltinMethod,
+    /// `call_exit`: at the handlers of the opcodes that return or yield
+    /// (3.11+, `--latency`).
+    Exit,
+    /// `call_exit_stack`: uretprobe on `_PyEval_EvalFrameDefault`
+    /// (3.8-3.10, `--latency`).
+    ExitStack,
+}
+
+impl CallProgram {
+    /// The program's name in the eBPF object.
+    fn name(self) -> &'static str {
+        match self {
+            CallProgram::Start => names::PROG_CALL_START,
+            CallProgram::Throw => names::PROG_CALL_THROW,
+            CallProgram::Empty => names::PROG_CALL_EMPTY,
+            CallProgram::BuiltinFunction => names::PROG_BUILTIN_FUNCTION,
+            CallProgram::BuiltinMethod => names::PROG_BUILTIN_METHOD,
+            CallProgram::Exit => names::PROG_CALL_EXIT,
+            CallProgram::ExitStack => names::PROG_CALL_EXIT_STACK,
+        }
+    }
+
+    /// Every program.
+    const ALL: [CallProgram; 7] = [
+        CallProgram::Start,
+        CallProgram::Throw,
+        CallProgram::Empty,
+        CallProgram::BuiltinFunction,
+        CallProgram::BuiltinMethod,
+        CallProgram::Exit,
+        CallProgram::ExitStack,
+    ];
+}
+
+/// Most memory the per-CPU latency map may take (all CPUs together).
+const LATENCY_MAP_BYTES: usize = 64 << 20;
+
+/// Entries of the per-code latency map: [`calls::MAX_LATENCY_CODES`], or
+/// fewer on hosts with so many CPUs that it would pass
+/// [`LATENCY_MAP_BYTES`] (the map holds a histogram per CPU).
+fn latency_codes() -> u32 {
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
+    let fit = LATENCY_MAP_BYTES / (std::mem::size_of::<Histogram>() * cpus);
+    (fit as u32).clamp(64, calls::MAX_LATENCY_CODES)
 }
 
 /// Counts Python function starts per code object, in the kernel.
@@ -196,16 +243,20 @@ pub struct CallCounter {
 
 impl CallCounter {
     /// Checks privileges and loads the call-counting programs (not
-    /// attached).
-    pub fn load() -> Result<Self, BpfError> {
+    /// attached). Without `latency`, the timing maps are shrunk to one
+    /// entry.
+    pub fn load(latency: bool) -> Result<Self, BpfError> {
+        let names = CallProgram::ALL.map(CallProgram::name);
+        let sizes = if latency {
+            vec![
+                (names::MAP_CALL_LATENCY, latency_codes()),
+                (names::MAP_CALL_RUNNING, calls::MAX_RUNNING),
+            ]
+        } else {
+            vec![(names::MAP_CALL_LATENCY, 1), (names::MAP_CALL_RUNNING, 1)]
+        };
         Ok(Self {
-            ebpf: load_programs(&[
-                names::PROG_CALL_START,
-                names::PROG_CALL_THROW,
-                names::PROG_CALL_EMPTY,
-                names::PROG_BUILTIN_FUNCTION,
-                names::PROG_BUILTIN_METHOD,
-            ])?,
+            ebpf: load_programs(&names, &sizes)?,
         })
     }
 
@@ -245,13 +296,7 @@ impl CallCounter {
             Some(pid) => UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?),
             None => UProbeScope::AllProcesses,
         };
-        let name = match program {
-            CallProgram::Start => names::PROG_CALL_START,
-            CallProgram::Throw => names::PROG_CALL_THROW,
-            CallProgram::Empty => names::PROG_CALL_EMPTY,
-            CallProgram::BuiltinFunction => names::PROG_BUILTIN_FUNCTION,
-            CallProgram::BuiltinMethod => names::PROG_BUILTIN_METHOD,
-        };
+        let name = program.name();
         uprobe_mut(&mut self.ebpf, name)?
             .attach(file_offset, &interp.host_path, scope)
             .map_err(|source| BpfError::Attach {
@@ -310,6 +355,30 @@ impl CallCounter {
         Ok(out)
     }
 
+    /// Call durations so far (`--latency`), per code object (summed over
+    /// CPUs; the maximum is the largest of any CPU).
+    pub fn latencies(&self) -> Result<BTreeMap<CodeKey, Histogram>, BpfError> {
+        let map: PerCpuHashMap<&MapData, CodeKey, Histogram> =
+            open_map(&self.ebpf, names::MAP_CALL_LATENCY)?;
+        let mut out: BTreeMap<CodeKey, Histogram> = BTreeMap::new();
+        for item in map.iter() {
+            let (key, per_cpu) = item.map_err(|source| BpfError::Map {
+                name: names::MAP_CALL_LATENCY,
+                source,
+            })?;
+            let sum = out.entry(key).or_default();
+            for h in per_cpu.iter() {
+                for (total, n) in sum.buckets.iter_mut().zip(h.buckets.iter()) {
+                    *total += n;
+                }
+                sum.count += h.count;
+                sum.total_ns += h.total_ns;
+                sum.max_ns = sum.max_ns.max(h.max_ns);
+            }
+        }
+        Ok(out)
+    }
+
     /// Stops counting `key` in the kernel (`--filter` excludes it), if its
     /// set in the skip array has a free entry (or one of a process that
     /// exited). Returns whether it was written; a key that finds its set
@@ -345,20 +414,29 @@ impl CallCounter {
             map_full: stat(stats::CALLS_MAP_FULL)?,
             unconfigured: stat(stats::CALLS_NO_CONFIG)?,
             unreadable: stat(stats::CALLS_UNREADABLE)?,
-            recursion_misses: recursion_misses(&self.ebpf, names::PROG_CALL_START)
-                + recursion_misses(&self.ebpf, names::PROG_CALL_THROW)
-                + recursion_misses(&self.ebpf, names::PROG_BUILTIN_FUNCTION)
-                + recursion_misses(&self.ebpf, names::PROG_BUILTIN_METHOD),
+            untimed: stat(stats::LATENCY_MAP_FULL)?,
+            recursion_misses: CallProgram::ALL
+                .iter()
+                .map(|p| recursion_misses(&self.ebpf, p.name()))
+                .sum(),
         })
     }
 }
 
-/// Checks privileges, loads the embedded object and loads `programs` into
-/// the kernel (none attached yet).
-fn load_programs(programs: &[&'static str]) -> Result<Ebpf, BpfError> {
+/// Checks privileges, loads the embedded object (with the maps in
+/// `max_entries` resized) and loads `programs` into the kernel (none
+/// attached yet).
+fn load_programs(
+    programs: &[&'static str],
+    max_entries: &[(&'static str, u32)],
+) -> Result<Ebpf, BpfError> {
     privileges::check()?;
     raise_memlock_limit();
-    let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(BpfError::Load)?;
+    let mut loader = EbpfLoader::new();
+    for &(map, entries) in max_entries {
+        loader.map_max_entries(map, entries);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
     for &name in programs {
         uprobe_mut(&mut ebpf, name)?
             .load()

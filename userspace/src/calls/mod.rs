@@ -9,6 +9,7 @@
 
 pub mod builtins;
 pub mod config;
+pub mod latency;
 pub mod report;
 pub mod symbols;
 
@@ -31,7 +32,7 @@ use crate::{
 };
 
 use builtins::BuiltinKind;
-use pyprobe_common::calls::{CallCounts, CodeKey};
+use pyprobe_common::calls::{CallCounts, CodeKey, Histogram};
 use report::{Reporter, emit};
 use symbols::{Resolved, Symbols};
 
@@ -65,6 +66,8 @@ pub struct CallsOptions {
     pub empty_program: bool,
     /// Count calls of builtins (C functions) too.
     pub builtins: bool,
+    /// Time calls too (p50/p99/max per function).
+    pub latency: bool,
 }
 
 /// The processes being watched and the probes set up for them.
@@ -78,6 +81,7 @@ struct Session {
     all: bool,
     empty_program: bool,
     builtins: bool,
+    latency: bool,
 }
 
 impl Session {
@@ -90,9 +94,29 @@ impl Session {
             .interpreter
             .clone()
             .expect("a live target knows its interpreter");
-        let cfg = config::process_config(&target.version, &target.info, target.runtime, |a| {
+        let mut cfg = config::process_config(&target.version, &target.info, target.runtime, |a| {
             crate::python::memory::Memory::read_u64(&target.mem, a).ok()
         })?;
+        // 3.11+ frames leave through opcode handlers, where the frame is
+        // known; up to 3.10 each frame is one C call of the eval loop.
+        let interpreter_frames = target.info.layout.frame_model == FrameModel::Interpreter;
+        let timed = self.latency && !self.empty_program;
+        let exit_sites = if timed {
+            cfg.latency = if interpreter_frames {
+                pyprobe_common::calls::LATENCY_BY_FRAME
+            } else {
+                pyprobe_common::calls::LATENCY_BY_STACK
+            };
+            start_sites::find_exit_sites(&image, &target.version, &target.info.layout)
+                .with_context(|| {
+                    format!(
+                        "finding return and yield sites in {}",
+                        interp.binary.display()
+                    )
+                })?
+        } else {
+            Vec::new()
+        };
         let sites = start_sites::find_start_sites(&image, &target.version, &target.info.layout)
             .with_context(|| {
                 format!(
@@ -110,7 +134,7 @@ impl Session {
         let scope = if self.all { None } else { Some(pid) };
         // From 3.11 a generator resumed by throw()/close() runs no RESUME;
         // it enters the eval loop with throwflag set.
-        let throw_site = target.info.layout.frame_model == FrameModel::Interpreter;
+        let throw_site = interpreter_frames;
         if !self.all || self.probed_files.insert(interp.host_path.clone()) {
             let start = if self.empty_program {
                 CallProgram::Empty
@@ -124,6 +148,18 @@ impl Session {
             if throw_site && !self.empty_program {
                 self.counter.attach(
                     CallProgram::Throw,
+                    &interp,
+                    interp.eval_frame_offset,
+                    scope,
+                )?;
+            }
+            for site in &exit_sites {
+                self.counter
+                    .attach(CallProgram::Exit, &interp, site.file_offset, scope)?;
+            }
+            if timed && !interpreter_frames {
+                self.counter.attach(
+                    CallProgram::ExitStack,
                     &interp,
                     interp.eval_frame_offset,
                     scope,
@@ -158,8 +194,24 @@ impl Session {
         } else {
             format!("; builtins at {} entry points", builtin_sites.len())
         };
+        let latency_line = if !timed {
+            String::new()
+        } else if interpreter_frames {
+            format!(
+                "; timed to {} return/yield site{} ({}; frames left by an exception are not timed)",
+                exit_sites.len(),
+                if exit_sites.len() == 1 { "" } else { "s" },
+                exit_sites
+                    .iter()
+                    .map(|s| s.describe())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            format!("; timed to the return of {}", start_sites::EVAL_FRAME)
+        };
         let line = format!(
-            "PID {pid}: CPython {} ({}), {} start site{} ({}), offsets from {}{builtins_line}",
+            "PID {pid}: CPython {} ({}), {} start site{} ({}), offsets from {}{builtins_line}{latency_line}",
             target.version,
             interp.binary.display(),
             sites.len(),
@@ -189,6 +241,14 @@ impl Session {
             );
         }
         Ok(counts)
+    }
+
+    /// Call durations so far, when calls are timed.
+    fn latencies(&self) -> anyhow::Result<Option<BTreeMap<CodeKey, Histogram>>> {
+        if !self.latency {
+            return Ok(None);
+        }
+        Ok(Some(self.counter.latencies()?))
     }
 
     /// Names the code objects counted for the first time; with `--filter`,
@@ -264,13 +324,14 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         process::find_interpreter(pid)?;
     }
     let mut session = Session {
-        counter: CallCounter::load()?,
+        counter: CallCounter::load(opts.latency)?,
         symbols: Symbols::default(),
         probed_files: BTreeSet::new(),
         ignored: BTreeSet::new(),
         all: opts.all,
         empty_program: opts.empty_program,
         builtins: opts.builtins,
+        latency: opts.latency,
     };
     for &pid in &opts.pids {
         let line = session
@@ -303,7 +364,8 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
             _ = ticker.tick() => {
                 let counts = session.counts()?;
                 session.resolve(counts.keys(), opts.filter.as_deref())?;
-                let report = reporter.report(&counts, &session.symbols, session.counter.losses()?, "interval");
+                let latencies = session.latencies()?;
+                let report = reporter.report(&counts, latencies.as_ref(), &session.symbols, session.counter.losses()?, "interval");
                 emit(&report, opts.json)?;
                 if opts.all {
                     session.scan();
@@ -320,8 +382,10 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     }
     let counts: BTreeMap<_, _> = session.counts()?;
     session.symbols.resolve(counts.keys());
+    let latencies = session.latencies()?;
     let report = reporter.report(
         &counts,
+        latencies.as_ref(),
         &session.symbols,
         session.counter.losses()?,
         "final",

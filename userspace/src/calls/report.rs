@@ -6,11 +6,14 @@ use std::{
     time::Instant,
 };
 
-use pyprobe_common::calls::{CallCounts, CodeKey};
+use pyprobe_common::calls::{CallCounts, CodeKey, Histogram};
 use serde::Serialize;
-use tabled::{Table, Tabled, settings::Style};
+use tabled::{builder::Builder, settings::Style};
 
-use super::symbols::{Resolved, Symbols};
+use super::{
+    latency::{Latency, human},
+    symbols::{Resolved, Symbols},
+};
 use crate::bpf::CallLosses;
 
 /// One function of one process.
@@ -38,6 +41,9 @@ pub struct FunctionRow {
     /// Why the function has no name, when it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unknown: Option<String>,
+    /// Call durations (`--latency`; `None` when none was timed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
 }
 
 /// Whether a function passes `--filter`: the text occurs in its qualified
@@ -64,39 +70,49 @@ pub struct CallsReport {
     pub rows: Vec<FunctionRow>,
     /// Calls that could not be counted or attributed.
     pub lost: CallLosses,
-}
-
-#[derive(Tabled)]
-struct TableRow {
-    #[tabled(rename = "CALLS/S")]
-    rate: String,
-    #[tabled(rename = "CALLS")]
-    calls: u64,
-    #[tabled(rename = "RESUMES")]
-    resumes: u64,
-    #[tabled(rename = "FUNCTION")]
-    function: String,
-    #[tabled(rename = "FILE:LINE")]
-    location: String,
-    #[tabled(rename = "PID")]
-    pid: u32,
+    /// Whether calls are timed (`--latency`): the table then shows TIMED,
+    /// P50, P99 and MAX.
+    pub latency: bool,
 }
 
 impl CallsReport {
     /// Renders the report as a table for people.
     pub fn to_table(&self) -> String {
-        let rows = self.rows.iter().map(|r| TableRow {
-            rate: format!("{:.0}", r.calls_per_s),
-            calls: r.calls,
-            resumes: r.resumes,
-            function: r.function.clone(),
-            location: if r.file == super::symbols::BUILTIN_FILE {
-                r.file.clone()
-            } else {
-                format!("{}:{}", r.file, r.line)
-            },
-            pid: r.pid,
-        });
+        let mut table = Builder::default();
+        let mut header = vec!["CALLS/S", "CALLS", "RESUMES"];
+        if self.latency {
+            header.extend(["TIMED", "P50", "P99", "MAX"]);
+        }
+        header.extend(["FUNCTION", "FILE:LINE", "PID"]);
+        table.push_record(header);
+        for r in &self.rows {
+            let mut row = vec![
+                format!("{:.0}", r.calls_per_s),
+                r.calls.to_string(),
+                r.resumes.to_string(),
+            ];
+            if self.latency {
+                match &r.latency {
+                    Some(l) => row.extend([
+                        l.timed.to_string(),
+                        human(l.p50_ns),
+                        human(l.p99_ns),
+                        human(l.max_ns),
+                    ]),
+                    None => row.extend(["0", "-", "-", "-"].map(String::from)),
+                }
+            }
+            row.extend([
+                r.function.clone(),
+                if r.file == super::symbols::BUILTIN_FILE {
+                    r.file.clone()
+                } else {
+                    format!("{}:{}", r.file, r.line)
+                },
+                r.pid.to_string(),
+            ]);
+            table.push_record(row);
+        }
         let title = if self.kind == "final" {
             "final totals"
         } else {
@@ -106,8 +122,13 @@ impl CallsReport {
         let lost = if l.total() == 0 {
             "lost: 0".to_owned()
         } else {
+            let untimed = if self.latency {
+                format!(", not timed (latency map full): {}", l.untimed)
+            } else {
+                String::new()
+            };
             format!(
-                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {})",
+                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {}{untimed})",
                 l.total(),
                 l.map_full,
                 l.unconfigured,
@@ -120,7 +141,7 @@ impl CallsReport {
             self.elapsed_s,
             self.total_calls,
             self.functions,
-            Table::new(rows).with(Style::psql())
+            table.build().with(Style::psql())
         )
     }
 }
@@ -146,10 +167,12 @@ impl Reporter {
         }
     }
 
-    /// Builds a report from the totals read from the kernel.
+    /// Builds a report from the totals read from the kernel, and the call
+    /// durations when they are measured.
     pub fn report(
         &mut self,
         counts: &BTreeMap<CodeKey, CallCounts>,
+        latencies: Option<&BTreeMap<CodeKey, Histogram>>,
         symbols: &Symbols,
         lost: CallLosses,
         kind: &'static str,
@@ -205,6 +228,7 @@ impl Reporter {
                     },
                     code: key.code,
                     unknown,
+                    latency: latencies.and_then(|l| l.get(key)).and_then(Latency::of),
                 }
             })
             .collect();
@@ -235,6 +259,7 @@ impl Reporter {
             functions,
             rows,
             lost,
+            latency: latencies.is_some(),
         }
     }
 }
@@ -283,7 +308,7 @@ mod tests {
         );
         let symbols = Symbols::default();
         let mut reporter = Reporter::new(Instant::now(), Some(2), None);
-        let r = reporter.report(&counts, &symbols, CallLosses::default(), "final");
+        let r = reporter.report(&counts, None, &symbols, CallLosses::default(), "final");
         assert_eq!(r.total_calls, 16);
         assert_eq!(r.functions, 3);
         assert_eq!(
@@ -295,9 +320,64 @@ mod tests {
         assert!(text.contains("16 calls in 3 functions, lost: 0"), "{text}");
 
         let mut filtered = Reporter::new(Instant::now(), None, Some("nomatch".into()));
-        let r = filtered.report(&counts, &symbols, CallLosses::default(), "interval");
+        let r = filtered.report(&counts, None, &symbols, CallLosses::default(), "interval");
         assert!(r.rows.is_empty());
         assert_eq!(r.total_calls, 16);
+    }
+
+    #[test]
+    fn latency_adds_columns_and_json_fields() {
+        let mut counts = BTreeMap::new();
+        counts.insert(
+            key(1),
+            CallCounts {
+                starts: 2,
+                resumes: 0,
+            },
+        );
+        counts.insert(
+            key(2),
+            CallCounts {
+                starts: 3,
+                resumes: 0,
+            },
+        );
+        let mut hist = Histogram::default();
+        for ns in [5_000_000u64, 40_000_000] {
+            hist.buckets[pyprobe_common::calls::latency_bucket(ns) as usize] += 1;
+            hist.count += 1;
+            hist.total_ns += ns;
+            hist.max_ns = hist.max_ns.max(ns);
+        }
+        let latencies = BTreeMap::from([(key(1), hist)]);
+        let mut reporter = Reporter::new(Instant::now(), None, None);
+        let r = reporter.report(
+            &counts,
+            Some(&latencies),
+            &Symbols::default(),
+            CallLosses::default(),
+            "final",
+        );
+        let text = r.to_table();
+        assert!(
+            text.contains("CALLS/S | CALLS | RESUMES | TIMED | P50    | P99    | MAX    |"),
+            "{text}"
+        );
+        // One call of two under each: p50 is the 5 ms bucket's middle, p99
+        // the exact maximum; key 2 was never timed.
+        assert!(
+            text.contains("| 2     | 4.98ms | 40.0ms | 40.0ms |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 0     | -      | -      | -      |"),
+            "{text}"
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        assert_eq!(rows[1]["latency"]["p99_ns"], 40_000_000);
+        assert_eq!(rows[1]["latency"]["mean_ns"], 22_500_000);
+        assert!(rows[0].get("latency").is_none());
     }
 
     #[test]
@@ -313,8 +393,10 @@ mod tests {
                 map_full: 1,
                 unconfigured: 2,
                 unreadable: 3,
+                untimed: 0,
                 recursion_misses: 4,
             },
+            latency: false,
         };
         assert!(r.to_table().contains(
             "lost: 10 (map full: 1, process not set up: 2, unreadable frame: 3, recursion misses: 4)"
