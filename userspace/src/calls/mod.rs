@@ -107,7 +107,8 @@ impl Session {
             } else {
                 pyprobe_common::calls::LATENCY_BY_STACK
             };
-            start_sites::find_exit_sites(&image, &target.version, &target.info.layout)
+            let slot = start_sites::CurrentFrameSlot::of(target.info.offsets.tstate_frame);
+            start_sites::find_exit_sites(&image, &target.version, &target.info.layout, slot)
                 .with_context(|| {
                     format!(
                         "finding return and yield sites in {}",

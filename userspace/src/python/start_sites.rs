@@ -64,11 +64,11 @@
 
 use std::{fmt, ops::Range, path::PathBuf};
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
 
 use super::{
     dwarf::{DwarfError, DwarfInfo},
-    offsets::{Layout, ResumeOpcodes},
+    offsets::{FrameLink, Layout, ResumeOpcodes},
     version::PythonVersion,
 };
 use crate::elf::{ElfError, ElfImage, Section, Symbol};
@@ -131,12 +131,49 @@ impl SiteKind {
             }
         }
     }
+}
 
-    /// Whether the probe must stay before any store to memory in its
-    /// handler: an exit handler soon makes the caller the thread's current
-    /// frame, and the program reads the frame leaving from there.
-    fn before_stores(&self) -> bool {
-        matches!(self, SiteKind::Exit { .. })
+/// Where the running thread's current frame is kept (3.11+). An exit
+/// handler soon makes the caller the current frame, and the program reads
+/// the frame that leaves from there, so an exit site's probe is not moved
+/// past a store that may be that change ([`Unmoved::Store`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CurrentFrameSlot {
+    /// `cframe.current_frame`, in a `_PyCFrame` local to the eval loop
+    /// (3.11, 3.12): any store to the stack may be it.
+    StackLocal,
+    /// `tstate->current_frame` (3.13+): any store at this displacement from
+    /// a register may be it, as may stores whose address is implicit.
+    ThreadState {
+        /// Offset of the field in the thread state.
+        offset: u64,
+    },
+}
+
+impl CurrentFrameSlot {
+    /// The slot for a version's link from thread state to frame.
+    pub fn of(link: FrameLink) -> Self {
+        match link {
+            FrameLink::ViaCFrame { .. } => CurrentFrameSlot::StackLocal,
+            FrameLink::Direct(offset) => CurrentFrameSlot::ThreadState { offset },
+        }
+    }
+
+    /// Whether `insn` (not a branch) may write the slot.
+    fn may_write(self, insn: &Instruction) -> bool {
+        if insn.op_count() == 0 {
+            return false;
+        }
+        match insn.op0_kind() {
+            OpKind::Memory => match self {
+                CurrentFrameSlot::StackLocal => matches!(
+                    insn.memory_base(),
+                    Register::RSP | Register::RBP | Register::ESP | Register::EBP
+                ),
+                CurrentFrameSlot::ThreadState { offset } => insn.memory_displacement64() == offset,
+            },
+            kind => is_memory(kind),
+        }
     }
 }
 
@@ -257,9 +294,9 @@ pub enum Unmoved {
     },
     /// None of the handler's first [`MAX_WALK`] instructions is emulated.
     TooFar,
-    /// An instruction at `at`, before the first emulated one, may write
-    /// memory, and the site must run before any store (an exit handler,
-    /// see [`SiteKind::Exit`]).
+    /// An instruction at `at`, before the first emulated one, may change
+    /// the thread's current frame, which an exit site must read before
+    /// that ([`CurrentFrameSlot`]).
     Store {
         /// Where.
         at: u64,
@@ -335,7 +372,8 @@ impl fmt::Display for Unmoved {
             Unmoved::TooFar => write!(f, "none of its first {MAX_WALK} instructions is emulated"),
             Unmoved::Store { at } => write!(
                 f,
-                "the instruction at {at:#x}, before the first emulated one, may write memory"
+                "the instruction at {at:#x}, before the first emulated one, may change the \
+                 thread's current frame"
             ),
             Unmoved::BranchTarget { target, site } => write!(
                 f,
@@ -649,24 +687,25 @@ pub fn find_start_sites(
         )]);
     };
     let resume: Vec<_> = opcodes.all().collect();
-    find_opcode_sites(image, version, &resume, resume_kind)
+    find_opcode_sites(image, version, &resume, resume_kind, None)
 }
 
 /// Finds the handlers of the opcodes that leave a frame by returning or
 /// yielding ([`Layout::exit_opcodes`], 3.11+) in `image`, like
 /// [`find_start_sites`] finds the RESUME family; none for 3.8-3.10. A probe
-/// is moved only if nothing before its new place may write memory
-/// ([`Unmoved::Store`]).
+/// is moved only if nothing before its new place may change the thread's
+/// current frame, kept in `slot` ([`Unmoved::Store`]).
 pub fn find_exit_sites(
     image: &ElfImage,
     version: &PythonVersion,
     layout: &Layout,
+    slot: CurrentFrameSlot,
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let Some(opcodes) = layout.exit_opcodes else {
         return Ok(Vec::new());
     };
     let exits: Vec<_> = opcodes.all().collect();
-    find_opcode_sites(image, version, &exits, exit_kind)
+    find_opcode_sites(image, version, &exits, exit_kind, Some(slot))
 }
 
 fn resume_kind(opcode: u8, name: &'static str) -> SiteKind {
@@ -678,15 +717,19 @@ fn exit_kind(opcode: u8, name: &'static str) -> SiteKind {
 }
 
 /// The handlers of `opcodes`, from the opcode table when found, else from
-/// the DWARF labels; `kind` says what runs there.
+/// the DWARF labels; `kind` says what runs there, `guard` what a probe
+/// must not be moved past.
 fn find_opcode_sites(
     image: &ElfImage,
     version: &PythonVersion,
     opcodes: &[(&'static str, u8)],
     kind: fn(u8, &'static str) -> SiteKind,
+    guard: Option<CurrentFrameSlot>,
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let table_error = match find_opcode_table(image) {
-        Ok(table) => return opcode_sites_from_table(image, &table, opcodes, kind, version),
+        Ok(table) => {
+            return opcode_sites_from_table(image, &table, opcodes, kind, guard, version);
+        }
         Err(
             e @ (StartSitesError::NoEvalFrame { .. } | StartSitesError::UnsupportedMachine { .. }),
         ) => {
@@ -723,15 +766,17 @@ pub fn sites_from_table(
     version: &PythonVersion,
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let opcodes: Vec<_> = opcodes.all().collect();
-    opcode_sites_from_table(image, table, &opcodes, resume_kind, version)
+    opcode_sites_from_table(image, table, &opcodes, resume_kind, None, version)
 }
 
-/// [`sites_from_table`] for any opcodes, `kind` saying what runs there.
+/// [`sites_from_table`] for any opcodes, `kind` saying what runs there;
+/// with a `guard`, no probe is moved past a store that may write it.
 fn opcode_sites_from_table(
     image: &ElfImage,
     table: &OpcodeTable,
     opcodes: &[(&'static str, u8)],
     kind: fn(u8, &'static str) -> SiteKind,
+    guard: Option<CurrentFrameSlot>,
     version: &PythonVersion,
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let catch_all = table.catch_all();
@@ -776,16 +821,14 @@ fn opcode_sites_from_table(
     let windows: Vec<Range<u64>> = sites
         .iter()
         .filter_map(|site| {
-            let (at, _, _) = code
-                .candidate(site.handler_vaddr, site.kind.before_stores())
-                .ok()?;
+            let (at, _, _) = code.candidate(site.handler_vaddr, guard).ok()?;
             Some(site.handler_vaddr + 1..at + 1)
         })
         .collect();
     code.add_far_branches(image, &windows);
     sites
         .into_iter()
-        .map(|site| code.place(image, site))
+        .map(|site| code.place(image, site, guard))
         .collect()
 }
 
@@ -1275,7 +1318,7 @@ impl<'a> CodeMap<'a> {
     fn candidate(
         &self,
         handler: u64,
-        before_stores: bool,
+        guard: Option<CurrentFrameSlot>,
     ) -> Result<(u64, Emulated, usize), Unmoved> {
         let Some((range, bytes)) = self.part_of(handler) else {
             return Err(Unmoved::UnknownCode { entry: handler });
@@ -1283,17 +1326,18 @@ impl<'a> CodeMap<'a> {
         if self.starts.binary_search(&handler).is_err() {
             return Err(Unmoved::Undecodable { at: handler });
         }
-        first_emulated(
-            &bytes[(handler - range.start) as usize..],
-            handler,
-            before_stores,
-        )
+        first_emulated(&bytes[(handler - range.start) as usize..], handler, guard)
     }
 
     /// `site` (a handler's start) with its probe moved onto the first
     /// emulated instruction of the handler's first basic block, if that is
     /// safe; else with the reason it stays.
-    fn place(&self, image: &ElfImage, site: StartSite) -> Result<StartSite, StartSitesError> {
+    fn place(
+        &self,
+        image: &ElfImage,
+        site: StartSite,
+        guard: Option<CurrentFrameSlot>,
+    ) -> Result<StartSite, StartSitesError> {
         let handler = site.handler_vaddr;
         let stay = |reason| {
             Ok(StartSite {
@@ -1301,7 +1345,7 @@ impl<'a> CodeMap<'a> {
                 ..site
             })
         };
-        let (at, instruction, skipped) = match self.candidate(handler, site.kind.before_stores()) {
+        let (at, instruction, skipped) = match self.candidate(handler, guard) {
             Ok(found) => found,
             Err(reason) => return stay(reason),
         };
@@ -1324,14 +1368,14 @@ impl<'a> CodeMap<'a> {
 /// the start of `code` (loaded at `vaddr`), after at least one other: its
 /// address, kind, and the number of instructions before it. Fails if the
 /// first instruction is emulated itself, or control may leave the straight
-/// line first, or after [`MAX_WALK`] instructions, or (with
-/// `before_stores`) after an instruction that may write memory (any with a
-/// memory destination operand: some only read it, which is merely
-/// cautious). Branch targets are the caller's business.
+/// line first, or after [`MAX_WALK`] instructions, or (with a `guard`)
+/// after an instruction that may write the current-frame slot (judged by
+/// its first operand: some such only read it, which is merely cautious).
+/// Branch targets are the caller's business.
 fn first_emulated(
     code: &[u8],
     vaddr: u64,
-    before_stores: bool,
+    guard: Option<CurrentFrameSlot>,
 ) -> Result<(u64, Emulated, usize), Unmoved> {
     let mut decoder = Decoder::with_ip(64, code, vaddr, DecoderOptions::NONE);
     let mut insn = Instruction::default();
@@ -1356,7 +1400,7 @@ fn first_emulated(
         if insn.flow_control() != FlowControl::Next {
             return Err(Unmoved::BlockEnds { at });
         }
-        if before_stores && insn.op_count() > 0 && is_memory(insn.op0_kind()) {
+        if guard.is_some_and(|slot| slot.may_write(&insn)) {
             return Err(Unmoved::Store { at });
         }
     }

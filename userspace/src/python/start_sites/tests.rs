@@ -256,7 +256,9 @@ fn exit_opcodes_match_each_interpreter_and_their_handlers_are_found() {
     for build in builds() {
         let image = image(&build);
         let (detected, layout) = version_and_layout(&build, &image);
-        let sites = find_exit_sites(&image, &detected, &layout).unwrap();
+        let info = offsets::builtin(&detected).expect("supported version");
+        let slot = CurrentFrameSlot::of(info.offsets.tstate_frame);
+        let sites = find_exit_sites(&image, &detected, &layout, slot).unwrap();
         let Some(exits) = layout.exit_opcodes else {
             // 3.8-3.10: frames end with the return of the eval loop.
             assert!(sites.is_empty(), "{}", build.label);
@@ -276,7 +278,7 @@ fn exit_opcodes_match_each_interpreter_and_their_handlers_are_found() {
             "{}: offsets.rs vs the interpreter",
             build.label
         );
-        // One distinct handler per opcode, none moved past a store.
+        // One distinct handler per opcode.
         assert_eq!(sites.len(), ours.len(), "{}: {sites:?}", build.label);
         for site in &sites {
             assert!(matches!(site.kind, SiteKind::Exit { .. }), "{site}");
@@ -1160,7 +1162,7 @@ fn first_emulated_walks_straight_line_code_only() {
     const MOV: [u8; 3] = [0x48, 0x89, 0xf8]; // mov %rdi,%rax
     const ADD: [u8; 4] = [0x48, 0x83, 0xc0, 0x01]; // add $1,%rax
     let code = |parts: &[&[u8]]| parts.concat();
-    let walk = |bytes: Vec<u8>| first_emulated(&bytes, BASE, false);
+    let walk = |bytes: Vec<u8>| first_emulated(&bytes, BASE, None);
 
     assert_eq!(
         walk(code(&[&MOV, &ADD, &[0x74, 0x05]])),
@@ -1182,20 +1184,36 @@ fn first_emulated_walks_straight_line_code_only() {
         walk(code(&[&MOV, &[0x41, 0x57]])),
         Ok((BASE + 3, Emulated::Push, 1))
     );
-    // An exit site stays before stores (registers may change, memory
-    // not): `mov %rax,0x38(%rbx)` before the jcc.
-    const STORE: [u8; 4] = [0x48, 0x89, 0x43, 0x38];
+    // An exit site stays before stores that may change the current frame:
+    // to the stack where it is a local (3.11, 3.12), at its offset in the
+    // thread state (3.13+).
+    const FRAME_STORE: [u8; 4] = [0x48, 0x89, 0x43, 0x38]; // mov %rax,0x38(%rbx)
+    const STACK_STORE: [u8; 5] = [0x48, 0x89, 0x44, 0x24, 0x10]; // mov %rax,0x10(%rsp)
+    const TSTATE_STORE: [u8; 4] = [0x48, 0x89, 0x47, 0x48]; // mov %rax,0x48(%rdi)
+    let jcc: &[u8] = &[0x74, 0x05];
+    let local = Some(CurrentFrameSlot::StackLocal);
+    let tstate = Some(CurrentFrameSlot::ThreadState { offset: 0x48 });
+    for guard in [local, tstate] {
+        assert_eq!(
+            first_emulated(&code(&[&MOV, &FRAME_STORE, jcc]), BASE, guard),
+            Ok((BASE + 7, Emulated::Jcc, 2))
+        );
+    }
     assert_eq!(
-        first_emulated(&code(&[&MOV, &ADD, &[0x74, 0x05]]), BASE, true),
-        Ok((BASE + 7, Emulated::Jcc, 2))
-    );
-    assert_eq!(
-        first_emulated(&code(&[&MOV, &STORE, &[0x74, 0x05]]), BASE, true),
+        first_emulated(&code(&[&MOV, &STACK_STORE, jcc]), BASE, local),
         Err(Unmoved::Store { at: BASE + 3 })
     );
     assert_eq!(
-        walk(code(&[&MOV, &STORE, &[0x74, 0x05]])),
-        Ok((BASE + 7, Emulated::Jcc, 2))
+        first_emulated(&code(&[&MOV, &STACK_STORE, jcc]), BASE, tstate),
+        Ok((BASE + 8, Emulated::Jcc, 2))
+    );
+    assert_eq!(
+        first_emulated(&code(&[&TSTATE_STORE, &MOV, jcc]), BASE, tstate),
+        Err(Unmoved::Store { at: BASE })
+    );
+    assert_eq!(
+        first_emulated(&code(&[&MOV, &[0x48, 0xab], jcc]), BASE, tstate), // stos
+        Err(Unmoved::Store { at: BASE + 3 })
     );
     // The first instruction is emulated already.
     assert_eq!(
