@@ -26,8 +26,11 @@ pub mod stats {
     /// A finished call could not be timed because the per-code latency map
     /// was full.
     pub const LATENCY_MAP_FULL: u32 = 4;
+    /// A sampled check found the frame register disagreeing with the
+    /// thread state's current frame (the count went to the register's).
+    pub const FRAME_REGISTER_MISMATCH: u32 = 5;
     /// Number of counters in the `STATS` array.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Names of the maps and programs in the eBPF object, shared so a rename on one
@@ -94,9 +97,15 @@ pub mod calls {
     /// (3.9, 3.10).
     pub const FRAME_ARG1: u8 = 1;
     /// The frame is the current thread state's current frame (3.11+: the
-    /// site is an opcode handler inside the eval loop, where registers hold
-    /// nothing known).
+    /// site is an opcode handler inside the eval loop whose frame register
+    /// is not known).
     pub const FRAME_FROM_TSTATE: u8 = 2;
+    /// The frame is in the callee-saved register
+    /// [`ProcessConfig::frame_register`], where the eval loop keeps its
+    /// `frame` local at every probed handler (3.11+, found from the code by
+    /// userspace). The thread-state path is kept as a check, run the first
+    /// time a code object is counted in a cache slot.
+    pub const FRAME_REGISTER: u8 = 3;
 
     /// A frame starts when its `f_lasti` (int) is negative (3.8-3.10).
     pub const START_LASTI_NEGATIVE: u8 = 0;
@@ -185,9 +194,24 @@ pub mod calls {
         pub start_mode: u8,
         /// One of `LATENCY_*`: whether (and how) calls are timed.
         pub latency: u8,
+        /// [`FRAME_REGISTER`]: one of `REG_*`.
+        pub frame_register: u8,
         /// Padding, zero.
-        pub _pad: [u8; 5],
+        pub _pad: [u8; 4],
     }
+
+    /// `rbx` (for [`ProcessConfig::frame_register`]).
+    pub const REG_RBX: u8 = 0;
+    /// `rbp`.
+    pub const REG_RBP: u8 = 1;
+    /// `r12`.
+    pub const REG_R12: u8 = 2;
+    /// `r13`.
+    pub const REG_R13: u8 = 3;
+    /// `r14`.
+    pub const REG_R14: u8 = 4;
+    /// `r15`.
+    pub const REG_R15: u8 = 5;
 
     /// Calls are not timed.
     pub const LATENCY_OFF: u8 = 0;

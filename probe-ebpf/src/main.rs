@@ -121,15 +121,48 @@ fn starting_frame(ctx: &ProbeContext, config: &ProcessConfig) -> Option<u64> {
     match config.frame_mode {
         calls::FRAME_ARG0 => Some(args(ctx).0),
         calls::FRAME_ARG1 => Some(args(ctx).1),
-        _ => {
-            let tstate: u64 = read(config.tstate_slot)?;
-            let at: u64 = read(tstate.wrapping_add(config.tstate_frame))?;
-            if config.cframe_current_frame == u64::MAX {
-                Some(at)
-            } else {
-                read(at.wrapping_add(config.cframe_current_frame))
-            }
-        }
+        calls::FRAME_REGISTER => Some(frame_register(ctx, config.frame_register)),
+        _ => current_frame(config),
+    }
+}
+
+/// The running thread's current frame, read through its thread state.
+#[inline(always)]
+fn current_frame(config: &ProcessConfig) -> Option<u64> {
+    let tstate: u64 = read(config.tstate_slot)?;
+    let at: u64 = read(tstate.wrapping_add(config.tstate_frame))?;
+    if config.cframe_current_frame == u64::MAX {
+        Some(at)
+    } else {
+        read(at.wrapping_add(config.cframe_current_frame))
+    }
+}
+
+/// The callee-saved register `reg` (`calls::REG_*`). All six are read,
+/// each with a constant offset, and then one is picked: a read through an
+/// offset chosen at run time is what the verifier rejects (see `args`),
+/// and volatile reads keep the compiler from merging them into one.
+#[inline(always)]
+fn frame_register(ctx: &ProbeContext, reg: u8) -> u64 {
+    let regs = ctx.regs;
+    // SAFETY: `regs` is the probe's pt_regs, valid for the whole run.
+    let values = unsafe {
+        [
+            core::ptr::read_volatile(&(*regs).rbx),
+            core::ptr::read_volatile(&(*regs).rbp),
+            core::ptr::read_volatile(&(*regs).r12),
+            core::ptr::read_volatile(&(*regs).r13),
+            core::ptr::read_volatile(&(*regs).r14),
+            core::ptr::read_volatile(&(*regs).r15),
+        ]
+    };
+    match reg {
+        calls::REG_RBX => values[0],
+        calls::REG_RBP => values[1],
+        calls::REG_R12 => values[2],
+        calls::REG_R13 => values[3],
+        calls::REG_R14 => values[4],
+        _ => values[5],
     }
 }
 
@@ -292,6 +325,7 @@ fn count_frame(
         if slot.key.code == 0 {
             slot.key = key;
             slot.counts = CallCounts::default();
+            check_frame_register(config, frame, resume);
         }
         if slot.key == key {
             if start {
@@ -323,6 +357,20 @@ fn count_frame(
         }
     }
     Err(stats::CALLS_MAP_FULL)
+}
+
+/// The sampled check of [`calls::FRAME_REGISTER`]: whether the thread
+/// state agrees that `frame` (from the register) is the current frame.
+/// Not for `call_throw` (`resume` forced), whose frame is an argument and
+/// not yet current.
+#[inline(always)]
+fn check_frame_register(config: &ProcessConfig, frame: u64, resume: Option<bool>) {
+    if config.frame_mode == calls::FRAME_REGISTER
+        && resume.is_none()
+        && current_frame(config) != Some(frame)
+    {
+        count_error(stats::FRAME_REGISTER_MISMATCH);
+    }
 }
 
 /// Uprobe at a site where Python functions start: `_PyEval_EvalFrameDefault`

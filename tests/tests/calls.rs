@@ -93,11 +93,18 @@ fn calls_equal_cprofile_ncalls() {
             "the cProfile reference itself is off: {expected:?}"
         );
         let mut fixture = Fixture::start(interp, "calls_workload.py", &[])?;
-        let (report, _) = watch_one_run(&mut fixture)?;
+        let (report, startup) = watch_one_run(&mut fixture)?;
         let lost = &report["lost"];
-        for field in ["map_full", "unconfigured", "unreadable", "recursion_misses"] {
-            ensure!(lost[field] == 0, "lost {field}: {lost}");
+        for (field, n) in lost.as_object().context("lost")? {
+            ensure!(*n == 0, "lost {field}: {lost}");
         }
+        // From 3.11 the frame is read from the register the eval loop
+        // keeps it in, found from the code (the sampled check against the
+        // thread state is in `lost.frame_mismatches`).
+        ensure!(
+            startup.contains("; frame from r") == (interp.minor() >= (3, 11)),
+            "start-up: {startup}"
+        );
         let counted = fixture_rows(&report, fixture.pid())?;
 
         let mut mismatches = Vec::new();

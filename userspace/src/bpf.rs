@@ -163,6 +163,10 @@ pub struct CallLosses {
     /// Calls that finished but could not be timed (`--latency`): the
     /// per-code latency map was full.
     pub untimed: u64,
+    /// Sampled checks in which the register the frame was read from
+    /// disagreed with the thread state (counts may have gone to the wrong
+    /// function; 0 unless pyprobe misjudged the build).
+    pub frame_mismatches: u64,
     /// Program runs the kernel skipped (another BPF program was running on
     /// that CPU).
     pub recursion_misses: u64,
@@ -171,7 +175,12 @@ pub struct CallLosses {
 impl CallLosses {
     /// Sum of all losses.
     pub fn total(&self) -> u64 {
-        self.map_full + self.unconfigured + self.unreadable + self.untimed + self.recursion_misses
+        self.map_full
+            + self.unconfigured
+            + self.unreadable
+            + self.untimed
+            + self.frame_mismatches
+            + self.recursion_misses
     }
 }
 
@@ -415,6 +424,7 @@ impl CallCounter {
             unconfigured: stat(stats::CALLS_NO_CONFIG)?,
             unreadable: stat(stats::CALLS_UNREADABLE)?,
             untimed: stat(stats::LATENCY_MAP_FULL)?,
+            frame_mismatches: stat(stats::FRAME_REGISTER_MISMATCH)?,
             recursion_misses: CallProgram::ALL
                 .iter()
                 .map(|p| recursion_misses(&self.ebpf, p.name()))

@@ -101,30 +101,33 @@ impl Session {
         // known; up to 3.10 each frame is one C call of the eval loop.
         let interpreter_frames = target.info.layout.frame_model == FrameModel::Interpreter;
         let timed = self.latency && !self.empty_program;
-        let exit_sites = if timed {
+        if timed {
             cfg.latency = if interpreter_frames {
                 pyprobe_common::calls::LATENCY_BY_FRAME
             } else {
                 pyprobe_common::calls::LATENCY_BY_STACK
             };
-            let slot = start_sites::CurrentFrameSlot::of(target.info.offsets.tstate_frame);
-            start_sites::find_exit_sites(&image, &target.version, &target.info.layout, slot)
-                .with_context(|| {
-                    format!(
-                        "finding return and yield sites in {}",
-                        interp.binary.display()
-                    )
-                })?
-        } else {
-            Vec::new()
-        };
-        let sites = start_sites::find_start_sites(&image, &target.version, &target.info.layout)
-            .with_context(|| {
-                format!(
-                    "finding function-start sites in {}",
-                    interp.binary.display()
-                )
-            })?;
+        }
+        let probe_sites = start_sites::find_probe_sites(
+            &image,
+            &target.version,
+            &target.info.layout,
+            target.info.offsets.frame_instruction,
+            start_sites::CurrentFrameSlot::of(target.info.offsets.tstate_frame),
+            timed,
+        )
+        .with_context(|| {
+            format!(
+                "finding function-start sites in {}",
+                interp.binary.display()
+            )
+        })?;
+        let sites = probe_sites.starts;
+        let exit_sites = probe_sites.exits;
+        if let Some(register) = probe_sites.frame_register {
+            cfg.frame_mode = pyprobe_common::calls::FRAME_REGISTER;
+            cfg.frame_register = register.bpf_index();
+        }
         let builtin_sites = if self.builtins && !self.empty_program {
             builtins::find_builtin_sites(&target, &image, interp.load_bias)
                 .context("finding the entry points of builtin calls")?
@@ -211,8 +214,12 @@ impl Session {
         } else {
             format!("; timed to the return of {}", start_sites::EVAL_FRAME)
         };
+        let frame_from = match probe_sites.frame_register {
+            Some(register) => format!("; frame from {register}"),
+            None => String::new(),
+        };
         let line = format!(
-            "PID {pid}: CPython {} ({}), {} start site{} ({}), offsets from {}{builtins_line}{latency_line}",
+            "PID {pid}: CPython {} ({}), {} start site{} ({}){frame_from}, offsets from {}{builtins_line}{latency_line}",
             target.version,
             interp.binary.display(),
             sites.len(),

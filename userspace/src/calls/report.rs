@@ -127,8 +127,13 @@ impl CallsReport {
             } else {
                 String::new()
             };
+            let mismatches = if l.frame_mismatches > 0 {
+                format!(", frame register disagreed: {}", l.frame_mismatches)
+            } else {
+                String::new()
+            };
             format!(
-                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {}{untimed})",
+                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {}{untimed}{mismatches})",
                 l.total(),
                 l.map_full,
                 l.unconfigured,
@@ -394,6 +399,7 @@ mod tests {
                 unconfigured: 2,
                 unreadable: 3,
                 untimed: 0,
+                frame_mismatches: 0,
                 recursion_misses: 4,
             },
             latency: false,

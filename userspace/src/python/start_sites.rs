@@ -64,7 +64,7 @@
 
 use std::{fmt, ops::Range, path::PathBuf};
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 use super::{
     dwarf::{DwarfError, DwarfInfo},
@@ -174,6 +174,109 @@ impl CurrentFrameSlot {
             },
             kind => is_memory(kind),
         }
+    }
+}
+
+/// A callee-saved register: where `_PyEval_EvalFrameDefault` may keep its
+/// `frame` local across the calls its handlers make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum FrameRegister {
+    /// `rbx`.
+    Rbx,
+    /// `rbp`.
+    Rbp,
+    /// `r12`.
+    R12,
+    /// `r13`.
+    R13,
+    /// `r14`.
+    R14,
+    /// `r15`.
+    R15,
+}
+
+impl FrameRegister {
+    const ALL: [FrameRegister; 6] = [
+        FrameRegister::Rbx,
+        FrameRegister::Rbp,
+        FrameRegister::R12,
+        FrameRegister::R13,
+        FrameRegister::R14,
+        FrameRegister::R15,
+    ];
+
+    fn iced(self) -> Register {
+        match self {
+            FrameRegister::Rbx => Register::RBX,
+            FrameRegister::Rbp => Register::RBP,
+            FrameRegister::R12 => Register::R12,
+            FrameRegister::R13 => Register::R13,
+            FrameRegister::R14 => Register::R14,
+            FrameRegister::R15 => Register::R15,
+        }
+    }
+
+    fn of(register: Register) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.iced() == register.full_register())
+    }
+
+    /// Its number for the BPF side (`pyprobe_common::calls::REG_*`).
+    pub fn bpf_index(self) -> u8 {
+        use pyprobe_common::calls as c;
+        match self {
+            FrameRegister::Rbx => c::REG_RBX,
+            FrameRegister::Rbp => c::REG_RBP,
+            FrameRegister::R12 => c::REG_R12,
+            FrameRegister::R13 => c::REG_R13,
+            FrameRegister::R14 => c::REG_R14,
+            FrameRegister::R15 => c::REG_R15,
+        }
+    }
+
+    /// Whether `insn` may write the register (judged by its operands, and
+    /// the few instructions that write one implicitly).
+    fn written_by(self, insn: &Instruction) -> bool {
+        let reg = self.iced();
+        let is = |i: u32| {
+            insn.op_kind(i) == OpKind::Register && insn.op_register(i).full_register() == reg
+        };
+        match insn.mnemonic() {
+            Mnemonic::Xchg | Mnemonic::Xadd => (0..insn.op_count()).any(is),
+            Mnemonic::Leave => reg == Register::RBP,
+            Mnemonic::Cpuid => reg == Register::RBX,
+            _ => insn.op_count() > 0 && is(0),
+        }
+    }
+}
+
+impl fmt::Display for FrameRegister {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrameRegister::Rbx => "rbx",
+            FrameRegister::Rbp => "rbp",
+            FrameRegister::R12 => "r12",
+            FrameRegister::R13 => "r13",
+            FrameRegister::R14 => "r14",
+            FrameRegister::R15 => "r15",
+        })
+    }
+}
+
+/// What a probe must not be moved past: a change of the thread's current
+/// frame (exit sites, [`CurrentFrameSlot`]) or of the register the frame is
+/// read from ([`FrameRegister`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Guard {
+    slot: Option<CurrentFrameSlot>,
+    register: Option<FrameRegister>,
+}
+
+impl Guard {
+    fn stops_at(&self, insn: &Instruction) -> bool {
+        self.slot.is_some_and(|slot| slot.may_write(insn))
+            || self.register.is_some_and(|reg| reg.written_by(insn))
     }
 }
 
@@ -296,7 +399,8 @@ pub enum Unmoved {
     TooFar,
     /// An instruction at `at`, before the first emulated one, may change
     /// the thread's current frame, which an exit site must read before
-    /// that ([`CurrentFrameSlot`]).
+    /// that ([`CurrentFrameSlot`]), or the register the frame is read from
+    /// ([`FrameRegister`]).
     Store {
         /// Where.
         at: u64,
@@ -373,7 +477,7 @@ impl fmt::Display for Unmoved {
             Unmoved::Store { at } => write!(
                 f,
                 "the instruction at {at:#x}, before the first emulated one, may change the \
-                 thread's current frame"
+                 thread's current frame or the register holding the frame"
             ),
             Unmoved::BranchTarget { target, site } => write!(
                 f,
@@ -687,7 +791,7 @@ pub fn find_start_sites(
         )]);
     };
     let resume: Vec<_> = opcodes.all().collect();
-    find_opcode_sites(image, version, &resume, resume_kind, None)
+    find_opcode_sites(image, version, &resume, resume_kind, Guard::default())
 }
 
 /// Finds the handlers of the opcodes that leave a frame by returning or
@@ -705,7 +809,140 @@ pub fn find_exit_sites(
         return Ok(Vec::new());
     };
     let exits: Vec<_> = opcodes.all().collect();
-    find_opcode_sites(image, version, &exits, exit_kind, Some(slot))
+    let guard = Guard {
+        slot: Some(slot),
+        register: None,
+    };
+    find_opcode_sites(image, version, &exits, exit_kind, guard)
+}
+
+/// Where `pyprobe calls` probes one interpreter, and how its programs find
+/// the frame there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSites {
+    /// Where functions start ([`find_start_sites`]).
+    pub starts: Vec<StartSite>,
+    /// Where frames return or yield ([`find_exit_sites`]; empty unless
+    /// asked for, and for 3.8-3.10).
+    pub exits: Vec<StartSite>,
+    /// The register holding the starting (or leaving) frame at every one
+    /// of those sites, when the build has one ([`find_probe_sites`]).
+    pub frame_register: Option<FrameRegister>,
+}
+
+/// The start sites, the exit sites when `exits` is set, and the register
+/// `_PyEval_EvalFrameDefault` keeps its `frame` in at them (3.11+).
+///
+/// The register is found from the code, so stripped builds have it too:
+/// nearly every opcode handler starts by storing the next instruction's
+/// address into the frame (`mov %reg, instruction_offset(%frame)`). If one
+/// callee-saved register is the base of that store in at least 90% (and at
+/// least 32) of the handlers that have one, it holds `frame` at handler
+/// entries, and no probe is moved past an instruction that may write it.
+/// `instruction_offset` is the frame's `prev_instr`/`instr_ptr` offset;
+/// `slot` is where the current frame is kept (for exit probes).
+pub fn find_probe_sites(
+    image: &ElfImage,
+    version: &PythonVersion,
+    layout: &Layout,
+    instruction_offset: u64,
+    slot: CurrentFrameSlot,
+    exits: bool,
+) -> Result<ProbeSites, StartSitesError> {
+    let (Some(resume), Ok(table)) = (layout.resume_opcodes, find_opcode_table(image)) else {
+        // 3.8-3.10, or the handlers come from DWARF: no register.
+        return Ok(ProbeSites {
+            starts: find_start_sites(image, version, layout)?,
+            exits: if exits {
+                find_exit_sites(image, version, layout, slot)?
+            } else {
+                Vec::new()
+            },
+            frame_register: None,
+        });
+    };
+    let register = detect_frame_register(image, &table, instruction_offset);
+    let resume: Vec<_> = resume.all().collect();
+    let starts = opcode_sites_from_table(
+        image,
+        &table,
+        &resume,
+        resume_kind,
+        Guard {
+            slot: None,
+            register,
+        },
+        version,
+    )?;
+    let exits = match layout.exit_opcodes {
+        Some(opcodes) if exits => {
+            let opcodes: Vec<_> = opcodes.all().collect();
+            let guard = Guard {
+                slot: Some(slot),
+                register,
+            };
+            opcode_sites_from_table(image, &table, &opcodes, exit_kind, guard, version)?
+        }
+        _ => Vec::new(),
+    };
+    Ok(ProbeSites {
+        starts,
+        exits,
+        frame_register: register,
+    })
+}
+
+/// Handlers whose instruction-pointer store names the frame register, at
+/// least.
+const MIN_FRAME_STORES: usize = 32;
+
+/// Instructions decoded from a handler's start looking for its
+/// instruction-pointer store.
+const FRAME_STORE_WALK: usize = 12;
+
+/// The register most handlers store the instruction pointer through, if
+/// it clearly is one (see [`find_probe_sites`]).
+fn detect_frame_register(
+    image: &ElfImage,
+    table: &OpcodeTable,
+    instruction_offset: u64,
+) -> Option<FrameRegister> {
+    let mut handlers: Vec<u64> = table.targets.clone();
+    handlers.sort_unstable();
+    handlers.dedup();
+    let mut bases: std::collections::BTreeMap<FrameRegister, usize> = Default::default();
+    let mut stores = 0usize;
+    for handler in handlers {
+        let Some(bytes) = image.bytes_at_vaddr(handler, FRAME_STORE_WALK * 15) else {
+            continue;
+        };
+        let mut decoder = Decoder::with_ip(64, bytes, handler, DecoderOptions::NONE);
+        let mut insn = Instruction::default();
+        for _ in 0..FRAME_STORE_WALK {
+            if !decoder.can_decode() {
+                break;
+            }
+            decoder.decode_out(&mut insn);
+            if insn.is_invalid() || insn.flow_control() != FlowControl::Next {
+                break;
+            }
+            let store = insn.mnemonic() == Mnemonic::Mov
+                && insn.op0_kind() == OpKind::Memory
+                && insn.memory_index() == Register::None
+                && insn.memory_displacement64() == instruction_offset
+                && insn.op1_kind() == OpKind::Register
+                && insn.op1_register().size() == 8;
+            if store {
+                stores += 1;
+                if let Some(base) = FrameRegister::of(insn.memory_base()) {
+                    *bases.entry(base).or_default() += 1;
+                }
+                break;
+            }
+        }
+    }
+    let (&register, &count) = bases.iter().max_by_key(|(_, n)| **n)?;
+    (count >= MIN_FRAME_STORES && count * 10 >= stores * 9).then_some(register)
 }
 
 fn resume_kind(opcode: u8, name: &'static str) -> SiteKind {
@@ -724,7 +961,7 @@ fn find_opcode_sites(
     version: &PythonVersion,
     opcodes: &[(&'static str, u8)],
     kind: fn(u8, &'static str) -> SiteKind,
-    guard: Option<CurrentFrameSlot>,
+    guard: Guard,
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let table_error = match find_opcode_table(image) {
         Ok(table) => {
@@ -766,17 +1003,24 @@ pub fn sites_from_table(
     version: &PythonVersion,
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let opcodes: Vec<_> = opcodes.all().collect();
-    opcode_sites_from_table(image, table, &opcodes, resume_kind, None, version)
+    opcode_sites_from_table(
+        image,
+        table,
+        &opcodes,
+        resume_kind,
+        Guard::default(),
+        version,
+    )
 }
 
 /// [`sites_from_table`] for any opcodes, `kind` saying what runs there;
-/// with a `guard`, no probe is moved past a store that may write it.
+/// no probe is moved past an instruction the `guard` stops at.
 fn opcode_sites_from_table(
     image: &ElfImage,
     table: &OpcodeTable,
     opcodes: &[(&'static str, u8)],
     kind: fn(u8, &'static str) -> SiteKind,
-    guard: Option<CurrentFrameSlot>,
+    guard: Guard,
     version: &PythonVersion,
 ) -> Result<Vec<StartSite>, StartSitesError> {
     let catch_all = table.catch_all();
@@ -1315,11 +1559,7 @@ impl<'a> CodeMap<'a> {
 
     /// Where the probe of the handler at `handler` could move, before
     /// branch targets are considered: see [`first_emulated`].
-    fn candidate(
-        &self,
-        handler: u64,
-        guard: Option<CurrentFrameSlot>,
-    ) -> Result<(u64, Emulated, usize), Unmoved> {
+    fn candidate(&self, handler: u64, guard: Guard) -> Result<(u64, Emulated, usize), Unmoved> {
         let Some((range, bytes)) = self.part_of(handler) else {
             return Err(Unmoved::UnknownCode { entry: handler });
         };
@@ -1336,7 +1576,7 @@ impl<'a> CodeMap<'a> {
         &self,
         image: &ElfImage,
         site: StartSite,
-        guard: Option<CurrentFrameSlot>,
+        guard: Guard,
     ) -> Result<StartSite, StartSitesError> {
         let handler = site.handler_vaddr;
         let stay = |reason| {
@@ -1368,14 +1608,13 @@ impl<'a> CodeMap<'a> {
 /// the start of `code` (loaded at `vaddr`), after at least one other: its
 /// address, kind, and the number of instructions before it. Fails if the
 /// first instruction is emulated itself, or control may leave the straight
-/// line first, or after [`MAX_WALK`] instructions, or (with a `guard`)
-/// after an instruction that may write the current-frame slot (judged by
-/// its first operand: some such only read it, which is merely cautious).
-/// Branch targets are the caller's business.
+/// line first, or after [`MAX_WALK`] instructions, or after an instruction
+/// the `guard` stops at (judged by its operands: some such only read, which
+/// is merely cautious). Branch targets are the caller's business.
 fn first_emulated(
     code: &[u8],
     vaddr: u64,
-    guard: Option<CurrentFrameSlot>,
+    guard: Guard,
 ) -> Result<(u64, Emulated, usize), Unmoved> {
     let mut decoder = Decoder::with_ip(64, code, vaddr, DecoderOptions::NONE);
     let mut insn = Instruction::default();
@@ -1400,7 +1639,7 @@ fn first_emulated(
         if insn.flow_control() != FlowControl::Next {
             return Err(Unmoved::BlockEnds { at });
         }
-        if guard.is_some_and(|slot| slot.may_write(&insn)) {
+        if guard.stops_at(&insn) {
             return Err(Unmoved::Store { at });
         }
     }

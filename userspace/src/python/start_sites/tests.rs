@@ -288,6 +288,57 @@ fn exit_opcodes_match_each_interpreter_and_their_handlers_are_found() {
 }
 
 #[test]
+fn the_frame_register_is_found_in_every_311_plus_build() {
+    // Checked by hand against DWARF (3.12.1), disassembly and a live run
+    // comparing the register with the thread state's current frame.
+    let expected = [
+        ("pyenv 3.11.7", FrameRegister::Rbp),
+        ("pyenv 3.12.1", FrameRegister::Rbx),
+        ("pyenv 3.13.0", FrameRegister::Rbp),
+        ("Debian 3.11.2", FrameRegister::Rbx),
+        ("Debian sid 3.14.10", FrameRegister::Rbx),
+    ];
+    for build in builds() {
+        let image = image(&build);
+        let (detected, layout) = version_and_layout(&build, &image);
+        let info = offsets::builtin(&detected).expect("supported version");
+        let slot = CurrentFrameSlot::of(info.offsets.tstate_frame);
+        let sites = find_probe_sites(
+            &image,
+            &detected,
+            &layout,
+            info.offsets.frame_instruction,
+            slot,
+            true,
+        )
+        .unwrap();
+        let want = expected
+            .iter()
+            .find(|(label, _)| build.label.contains(label))
+            .map(|&(_, reg)| reg);
+        eprintln!(
+            "start_sites: {}: frame register {:?}",
+            build.label, sites.frame_register
+        );
+        assert_eq!(sites.frame_register, want, "{}", build.label);
+        // The register changes nothing about where start probes go (no
+        // handler writes it before its site), and exits are found.
+        assert_eq!(
+            sites.starts,
+            find_start_sites(&image, &detected, &layout).unwrap(),
+            "{}",
+            build.label
+        );
+        assert_eq!(
+            sites.exits.len(),
+            layout.exit_opcodes.map_or(0, |e| e.all().count()),
+            "{}",
+            build.label
+        );
+    }
+}
+
+#[test]
 fn pyenv_table_handlers_equal_dwarf_labels() {
     for version in ["3.11.7", "3.12.1", "3.13.0"] {
         let build = build(&format!("pyenv {version}"));
@@ -1162,7 +1213,7 @@ fn first_emulated_walks_straight_line_code_only() {
     const MOV: [u8; 3] = [0x48, 0x89, 0xf8]; // mov %rdi,%rax
     const ADD: [u8; 4] = [0x48, 0x83, 0xc0, 0x01]; // add $1,%rax
     let code = |parts: &[&[u8]]| parts.concat();
-    let walk = |bytes: Vec<u8>| first_emulated(&bytes, BASE, None);
+    let walk = |bytes: Vec<u8>| first_emulated(&bytes, BASE, Guard::default());
 
     assert_eq!(
         walk(code(&[&MOV, &ADD, &[0x74, 0x05]])),
@@ -1191,8 +1242,14 @@ fn first_emulated_walks_straight_line_code_only() {
     const STACK_STORE: [u8; 5] = [0x48, 0x89, 0x44, 0x24, 0x10]; // mov %rax,0x10(%rsp)
     const TSTATE_STORE: [u8; 4] = [0x48, 0x89, 0x47, 0x48]; // mov %rax,0x48(%rdi)
     let jcc: &[u8] = &[0x74, 0x05];
-    let local = Some(CurrentFrameSlot::StackLocal);
-    let tstate = Some(CurrentFrameSlot::ThreadState { offset: 0x48 });
+    let local = Guard {
+        slot: Some(CurrentFrameSlot::StackLocal),
+        register: None,
+    };
+    let tstate = Guard {
+        slot: Some(CurrentFrameSlot::ThreadState { offset: 0x48 }),
+        register: None,
+    };
     for guard in [local, tstate] {
         assert_eq!(
             first_emulated(&code(&[&MOV, &FRAME_STORE, jcc]), BASE, guard),
@@ -1214,6 +1271,20 @@ fn first_emulated_walks_straight_line_code_only() {
     assert_eq!(
         first_emulated(&code(&[&MOV, &[0x48, 0xab], jcc]), BASE, tstate), // stos
         Err(Unmoved::Store { at: BASE + 3 })
+    );
+    // Nor past a write of the register the frame is read from.
+    let rbx = Guard {
+        slot: None,
+        register: Some(FrameRegister::Rbx),
+    };
+    const LOAD_RBX: [u8; 4] = [0x48, 0x8b, 0x5b, 0x08]; // mov 0x8(%rbx),%rbx
+    assert_eq!(
+        first_emulated(&code(&[&MOV, &LOAD_RBX, jcc]), BASE, rbx),
+        Err(Unmoved::Store { at: BASE + 3 })
+    );
+    assert_eq!(
+        first_emulated(&code(&[&MOV, &FRAME_STORE, jcc]), BASE, rbx),
+        Ok((BASE + 7, Emulated::Jcc, 2))
     );
     // The first instruction is emulated already.
     assert_eq!(
