@@ -838,7 +838,8 @@ pub struct ProbeSites {
 /// address into the frame (`mov %reg, instruction_offset(%frame)`). If one
 /// callee-saved register is the base of that store in at least 90% (and at
 /// least 32) of the handlers that have one, it holds `frame` at handler
-/// entries, and no probe is moved past an instruction that may write it.
+/// entries, and no probe is moved past an instruction that may write it
+/// (exit probes then need not stay before stores to the current frame).
 /// `instruction_offset` is the frame's `prev_instr`/`instr_ptr` offset;
 /// `slot` is where the current frame is kept (for exit probes).
 pub fn find_probe_sites(
@@ -877,8 +878,10 @@ pub fn find_probe_sites(
     let exits = match layout.exit_opcodes {
         Some(opcodes) if exits => {
             let opcodes: Vec<_> = opcodes.all().collect();
+            // The exit program reads the frame where the start program
+            // does: the register, else the thread's current frame.
             let guard = Guard {
-                slot: Some(slot),
+                slot: if register.is_some() { None } else { Some(slot) },
                 register,
             };
             opcode_sites_from_table(image, &table, &opcodes, exit_kind, guard, version)?
