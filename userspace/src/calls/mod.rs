@@ -205,11 +205,7 @@ impl Session {
                 "; timed to {} return/yield site{} ({}; frames left by an exception are not timed)",
                 exit_sites.len(),
                 if exit_sites.len() == 1 { "" } else { "s" },
-                exit_sites
-                    .iter()
-                    .map(|s| s.describe())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                describe_sites(&exit_sites)
             )
         } else {
             format!("; timed to the return of {}", start_sites::EVAL_FRAME)
@@ -224,11 +220,7 @@ impl Session {
             interp.binary.display(),
             sites.len(),
             if sites.len() == 1 { "" } else { "s" },
-            sites
-                .iter()
-                .map(|s| s.describe())
-                .collect::<Vec<_>>()
-                .join(", "),
+            describe_sites(&sites),
             target.offsets_source,
         );
         self.symbols.add_process(pid, target);
@@ -309,6 +301,15 @@ impl Session {
             }
         }
     }
+}
+
+/// Sites for the attach line: `RESUME(151)@0x1143d7→0x114400(jcc), ...`.
+fn describe_sites(sites: &[start_sites::StartSite]) -> String {
+    sites
+        .iter()
+        .map(|s| s.describe())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Every PID in /proc.
