@@ -217,7 +217,8 @@ pub mod calls {
     pub const LATENCY_OFF: u8 = 0;
     /// Calls are timed from their start to the return or yield that leaves
     /// the frame, matched by the frame's address (3.11+: exits are opcode
-    /// handlers where the frame is still the thread's current frame).
+    /// handlers where the frame is still in the frame register, or still the
+    /// thread's current frame).
     pub const LATENCY_BY_FRAME: u8 = 1;
     /// Calls are timed from the entry of `_PyEval_EvalFrameDefault` to its
     /// return, matched by the stack pointer (3.8-3.10: one C call per frame;

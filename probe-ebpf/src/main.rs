@@ -454,9 +454,10 @@ fn time_exit(tgid: u32, at: u64) -> Result<(), u32> {
 }
 
 /// Uprobe at the handlers of the opcodes that leave a frame by returning
-/// or yielding (3.11+, `--latency`): the frame is still the thread's
-/// current one. Frames left by an exception pass none of them and are not
-/// timed.
+/// or yielding (3.11+, `--latency`): the frame leaving is still in the
+/// frame register (no probe is moved past a write of it) or, without one,
+/// still the thread's current frame. Frames left by an exception pass none
+/// of them and are not timed.
 #[uprobe]
 pub fn call_exit(ctx: ProbeContext) -> u32 {
     let run = || -> Result<(), u32> {
