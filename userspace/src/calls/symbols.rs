@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use pyprobe_common::calls::{self, BuiltinKey, CodeKey};
 
 use crate::python::{
-    memory::ProcessMemory,
+    memory::{Memory, ProcessMemory},
     reader::{CodeSummary, Target},
 };
 
@@ -100,13 +100,24 @@ impl Symbols {
                         Err(e) => Resolved::Unknown(e.to_string()),
                     }
                 }
-                Some(target) => match target.code_summary(key.code) {
-                    // The first line is part of the key: a mismatch means
-                    // the code object was replaced since it was counted.
-                    Ok(code) if code.first_line as u32 == key.firstlineno => Resolved::Code(code),
-                    Ok(_) => Resolved::Unknown("code object freed".into()),
-                    Err(e) => Resolved::Unknown(e.to_string()),
-                },
+                Some(target) => {
+                    // The name's address and the first line are part of
+                    // the key: a mismatch means the code object was
+                    // replaced since it was counted.
+                    let name = target
+                        .mem
+                        .read_u64(key.code.wrapping_add(target.info.offsets.code_name));
+                    match (name, target.code_summary(key.code)) {
+                        (Ok(name), Ok(code))
+                            if name == key.name && code.first_line as u32 == key.firstlineno =>
+                        {
+                            Resolved::Code(code)
+                        }
+                        (Ok(_), Ok(_)) => Resolved::Unknown("code object freed".into()),
+                        (Err(e), _) => Resolved::Unknown(e.to_string()),
+                        (_, Err(e)) => Resolved::Unknown(e.to_string()),
+                    }
+                }
             };
             self.names.insert(*key, resolved);
         }
