@@ -71,6 +71,9 @@ pub mod names {
     /// Uretprobe program on `_PyEval_EvalFrameDefault` (3.8-3.10,
     /// `--latency`).
     pub const PROG_CALL_EXIT_STACK: &str = "call_exit_stack";
+    /// Uprobe program on the code object's `tp_dealloc`: bumps the
+    /// process's [`super::calls::ProcessConfig::code_epoch`].
+    pub const PROG_CODE_FREED: &str = "code_freed";
     /// LRU hash map: [`super::calls::RunningKey`] ->
     /// [`super::calls::Running`]: frames being timed.
     pub const MAP_CALL_RUNNING: &str = "CALL_RUNNING";
@@ -188,6 +191,14 @@ pub mod calls {
         pub descr_type_at: u64,
         /// `d_method` (the `PyMethodDef`) in the window.
         pub descr_method_at: u64,
+        /// Code-object generation of the process: bumped by `code_freed`
+        /// each time the process frees a code object. A cache slot filled
+        /// under the current value still names the code object at its
+        /// address (no code object was freed since, so none was replaced),
+        /// and a call found there needs no read of the code object.
+        /// Userspace starts each configured process at a value no earlier
+        /// process reached ([`epoch_base`]).
+        pub code_epoch: u64,
         /// One of `FRAME_*`.
         pub frame_mode: u8,
         /// One of `START_*`.
@@ -196,8 +207,23 @@ pub mod calls {
         pub latency: u8,
         /// [`FRAME_REGISTER`]: one of `REG_*`.
         pub frame_register: u8,
+        /// 1 when `code_freed` watches this process, so that
+        /// [`ProcessConfig::code_epoch`] can be trusted; 0 makes every call
+        /// read its code object.
+        pub epoch_watched: u8,
+        /// 1 when `--filter` may put code objects of this process in the
+        /// skip sets; 0 skips that lookup.
+        pub filtering: u8,
         /// Padding, zero.
-        pub _pad: [u8; 4],
+        pub _pad: [u8; 2],
+    }
+
+    /// The first [`ProcessConfig::code_epoch`] of the `n`th process
+    /// configured by one pyprobe run: 2^40 frees apart, so a cache slot
+    /// left by an exited process is never taken for one of a later process
+    /// that got the same PID.
+    pub const fn epoch_base(n: u64) -> u64 {
+        (n + 1) << 40
     }
 
     /// `rbx` (for [`ProcessConfig::frame_register`]).
@@ -380,6 +406,14 @@ pub mod calls {
         pub key: CodeKey,
         /// Its counts on this CPU.
         pub counts: CallCounts,
+        /// [`ProcessConfig::code_epoch`] when the owner was last read from
+        /// the code object.
+        pub epoch: u64,
+        /// The owner's `_co_firsttraceable` (3.11+), kept so that a call
+        /// found in the slot needs no read of the code object.
+        pub first_traceable: i32,
+        /// Padding, zero.
+        pub _pad: u32,
     }
 
     /// The cache slot of a code object: address bits above the allocator's
@@ -466,12 +500,12 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::Histogram {}
 
-    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 24 * 8 + 8);
+    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 25 * 8 + 8);
     const _: () = assert!(core::mem::size_of::<super::calls::Running>() == 32);
     const _: () = assert!(
         core::mem::size_of::<super::calls::Histogram>() == super::calls::LATENCY_BUCKETS * 4 + 24
     );
     const _: () = assert!(core::mem::size_of::<super::calls::CodeKey>() == 24);
     const _: () = assert!(core::mem::size_of::<super::calls::CallCounts>() == 16);
-    const _: () = assert!(core::mem::size_of::<super::calls::CacheSlot>() == 40);
+    const _: () = assert!(core::mem::size_of::<super::calls::CacheSlot>() == 56);
 }

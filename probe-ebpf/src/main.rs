@@ -250,9 +250,11 @@ fn stack_pointer(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
 }
 
 /// Counts one start or resumption of `frame`'s code object; `resume` forces
-/// the kind, else the frame's instruction position decides. Two reads of
-/// the target: the frame's window and the code object's window. With
-/// `--latency`, also notes the time under `at` (see [`RunningKey`]).
+/// the kind, else the frame's instruction position decides. One read of the
+/// target when the code object owns its cache slot and none was freed since
+/// the slot was filled (see [`ProcessConfig::code_epoch`]): the frame's
+/// window; else two, the code object's window too. With `--latency`, also
+/// notes the time under `at` (see [`RunningKey`]).
 #[inline(always)]
 fn count_frame(
     tgid: u32,
@@ -268,19 +270,57 @@ fn count_frame(
     )
     .ok_or(stats::CALLS_UNREADABLE)?;
     let code = f.u64_at(config.frame_code_at) & config.code_mask;
-    let c = Window::read(
-        1,
-        code.wrapping_add(config.code_window),
-        config.code_window_len,
-    )
-    .ok_or(stats::CALLS_UNREADABLE)?;
+    let index = calls::cache_slot(tgid, code);
+    // SAFETY: a per-CPU value of a successful lookup, valid and exclusively
+    // ours for this run (see `bump`).
+    let slot = CALL_CACHE.get_ptr_mut(index).map(|s| unsafe { &mut *s });
+    let epoch = config.code_epoch;
+    let (key, first_traceable, in_slot) = match slot {
+        Some(slot)
+            if config.epoch_watched != 0
+                && slot.epoch == epoch
+                && slot.key.code == code
+                && slot.key.tgid == tgid =>
+        {
+            (slot.key, slot.first_traceable, Some(slot))
+        }
+        slot => {
+            let c = Window::read(
+                1,
+                code.wrapping_add(config.code_window),
+                config.code_window_len,
+            )
+            .ok_or(stats::CALLS_UNREADABLE)?;
+            let key = CodeKey {
+                tgid,
+                firstlineno: c.u32_at(config.code_firstlineno_at),
+                code,
+                name: c.u64_at(config.code_name_at),
+            };
+            let first_traceable = c.u32_at(config.code_firsttraceable_at) as i32;
+            let in_slot = slot.and_then(|slot| {
+                if slot.key.code == 0 {
+                    *slot = CacheSlot {
+                        key,
+                        ..CacheSlot::default()
+                    };
+                    check_frame_register(config, frame, resume);
+                }
+                (slot.key == key).then(|| {
+                    slot.epoch = epoch;
+                    slot.first_traceable = first_traceable;
+                    slot
+                })
+            });
+            (key, first_traceable, in_slot)
+        }
+    };
     let start = if let Some(resume) = resume {
         !resume
     } else if config.start_mode == calls::START_LASTI_NEGATIVE {
         (f.u32_at(config.frame_instruction_at) as i32) < 0
     } else {
         let ptr = f.u64_at(config.frame_instruction_at);
-        let first = c.u32_at(config.code_firsttraceable_at) as i32;
         let units = (ptr
             .wrapping_add(config.instruction_bias)
             .wrapping_sub(code.wrapping_add(config.code_adaptive)) as i64)
@@ -289,18 +329,12 @@ fn count_frame(
         // the handler the probe sits, the frame's pointer may already have
         // been advanced to the RESUME itself (one unit further). A resumption
         // runs a RESUME after a yield, at least three units further.
-        units <= first as i64 + 1
+        units <= first_traceable as i64 + 1
     };
-    let key = CodeKey {
-        tgid,
-        firstlineno: c.u32_at(config.code_firstlineno_at),
-        code,
-        name: c.u64_at(config.code_name_at),
-    };
-    let index = calls::cache_slot(tgid, code);
-    let skipped = CALL_SKIP
-        .get(index & (calls::SKIP_SETS - 1))
-        .is_some_and(|set| set.keys.contains(&key));
+    let skipped = config.filtering != 0
+        && CALL_SKIP
+            .get(index & (calls::SKIP_SETS - 1))
+            .is_some_and(|set| set.keys.contains(&key));
     if config.latency != calls::LATENCY_OFF {
         let running = RunningKey { tgid, _pad: 0, at };
         if skipped {
@@ -318,23 +352,13 @@ fn count_frame(
     if skipped {
         return Ok(());
     }
-    if let Some(slot) = CALL_CACHE.get_ptr_mut(index) {
-        // SAFETY: a per-CPU value of a successful lookup, valid and
-        // exclusively ours for this run (see `bump`).
-        let slot = unsafe { &mut *slot };
-        if slot.key.code == 0 {
-            slot.key = key;
-            slot.counts = CallCounts::default();
-            check_frame_register(config, frame, resume);
+    if let Some(slot) = in_slot {
+        if start {
+            slot.counts.starts += 1;
+        } else {
+            slot.counts.resumes += 1;
         }
-        if slot.key == key {
-            if start {
-                slot.counts.starts += 1;
-            } else {
-                slot.counts.resumes += 1;
-            }
-            return Ok(());
-        }
+        return Ok(());
     }
     for _ in 0..2 {
         if let Some(counts) = CALL_COUNTS.get_ptr_mut(&key) {
@@ -380,6 +404,22 @@ fn check_frame_register(config: &ProcessConfig, frame: u64, resume: Option<bool>
 pub fn call_start(ctx: ProbeContext) -> u32 {
     if let Err(index) = count_call(&ctx) {
         count_error(index);
+    }
+    0
+}
+
+/// Uprobe on the code object type's `tp_dealloc` (`code_dealloc`): a code
+/// object of this process is being freed, and its address may soon hold
+/// another, so cache slots filled before no longer vouch for their owner
+/// ([`ProcessConfig::code_epoch`]). Frees happen under the GIL, as do the
+/// calls counted, so the plain increment is not raced by this process.
+#[uprobe]
+pub fn code_freed(_ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if let Some(config) = CALL_CONFIG.get_ptr_mut(&tgid) {
+        // SAFETY: a value of a successful lookup; userspace writes whole
+        // entries only when it sets a process up, before probing it.
+        unsafe { (*config).code_epoch = (*config).code_epoch.wrapping_add(1) };
     }
     0
 }

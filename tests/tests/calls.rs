@@ -439,3 +439,54 @@ fn calls_latency_times_each_call() {
         Ok(())
     });
 }
+
+/// A code object freed and replaced by another at the same address: each
+/// is counted under its own name. The kernel trusts a cache slot's owner
+/// only while no code object of the process was freed since the slot was
+/// filled; this catches a slot that outlives its owner.
+#[test]
+fn calls_keep_apart_code_objects_at_a_reused_address() {
+    for_each_interpreter(
+        "calls_keep_apart_code_objects_at_a_reused_address",
+        |interp| {
+            let mut fixture = Fixture::start(interp, "code_reuse.py", &[])?;
+            let pid = fixture.pid().to_string();
+            let probe = Probe::start(&["calls", "--json", "--interval", "0.3", "--pid", &pid])?;
+            fixture.send("run")?;
+            let made: Value = serde_json::from_str(&fixture.expect("{")?)?;
+            fixture.expect("done")?;
+            thread::sleep(Duration::from_millis(400));
+            probe.interrupt();
+            let (ok, stdout, stderr) = probe.finish()?;
+            ensure!(ok, "pyprobe failed: {stderr}");
+            let report = final_report(&stdout)?;
+            for (field, lost) in report["lost"].as_object().context("lost")? {
+                ensure!(*lost == 0, "lost {field}: {}", report["lost"]);
+            }
+            let reused = made["reused"].as_u64().context("reused")?;
+            ensure!(
+                reused >= 3,
+                "the fixture reused an address {reused} times: {made}"
+            );
+
+            let mut counted = BTreeMap::new();
+            for row in report["rows"].as_array().context("rows")? {
+                if row["pid"] == fixture.pid() && row["file"] == "<code_reuse>" {
+                    let function = row["function"].as_str().unwrap_or("").to_owned();
+                    counted.insert(function, (row["line"].clone(), row["calls"].clone()));
+                }
+            }
+            let mut expected = BTreeMap::new();
+            for g in made["generations"].as_array().context("generations")? {
+                let name = g[0].as_str().context("name")?.to_owned();
+                expected.insert(name, (g[1].clone(), g[2].clone()));
+            }
+            ensure!(expected.len() == 6, "fixture: {made}");
+            ensure!(
+                counted == expected,
+                "pyprobe (name: (line, calls)) {counted:?}, fixture {expected:?}"
+            );
+            Ok(())
+        },
+    );
+}

@@ -205,6 +205,8 @@ pub enum CallProgram {
     /// `call_exit_stack`: uretprobe on `_PyEval_EvalFrameDefault`
     /// (3.8-3.10, `--latency`).
     ExitStack,
+    /// `code_freed`: at the code object type's `tp_dealloc`.
+    CodeFreed,
 }
 
 impl CallProgram {
@@ -218,11 +220,12 @@ impl CallProgram {
             CallProgram::BuiltinMethod => names::PROG_BUILTIN_METHOD,
             CallProgram::Exit => names::PROG_CALL_EXIT,
             CallProgram::ExitStack => names::PROG_CALL_EXIT_STACK,
+            CallProgram::CodeFreed => names::PROG_CODE_FREED,
         }
     }
 
     /// Every program.
-    const ALL: [CallProgram; 7] = [
+    const ALL: [CallProgram; 8] = [
         CallProgram::Start,
         CallProgram::Throw,
         CallProgram::Empty,
@@ -230,6 +233,7 @@ impl CallProgram {
         CallProgram::BuiltinMethod,
         CallProgram::Exit,
         CallProgram::ExitStack,
+        CallProgram::CodeFreed,
     ];
 }
 

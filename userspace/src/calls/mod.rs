@@ -22,9 +22,11 @@ use anyhow::Context;
 
 use crate::{
     bpf::{CallCounter, CallProgram},
+    elf::ElfImage,
     live,
     process::{self, ProcessError},
     python::{
+        memory::Memory,
         offsets::FrameModel,
         reader::{ReadError, Target},
         start_sites,
@@ -39,6 +41,53 @@ use symbols::{Resolved, Symbols};
 /// The `endbr64` instruction (CET landing pad) that starts functions in
 /// builds with `-fcf-protection`.
 const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
+/// `file_offset`, or the instruction after it when it is an `endbr64`: a
+/// first instruction that is single-stepped (several µs a hit), where the
+/// next one, with the argument registers still untouched, is usually
+/// emulated.
+fn past_endbr64(image: &ElfImage, file_offset: u64) -> u64 {
+    let at = file_offset as usize;
+    if image.data().get(at..at + 4) == Some(&ENDBR64[..]) {
+        file_offset + 4
+    } else {
+        file_offset
+    }
+}
+
+/// Offset of `tp_dealloc` in `PyTypeObject`, every supported version.
+const TP_DEALLOC: u64 = 48;
+
+/// File offset in `image` of the code object type's `tp_dealloc`
+/// (`code_dealloc`, a local symbol, so found from the live type object
+/// `PyCode_Type`, which every build exports), past any `endbr64`. `None`
+/// (logged) when it cannot be found: then every call reads its code
+/// object.
+fn code_dealloc_site<M: Memory>(
+    target: &Target<M>,
+    image: &ElfImage,
+    load_bias: u64,
+) -> Option<u64> {
+    let found = || -> anyhow::Result<u64> {
+        let ty = load_bias.wrapping_add(image.symbol("PyCode_Type")?.vaddr);
+        let pointer = target.mem.read_u64(ty + TP_DEALLOC)?;
+        let vaddr = pointer.wrapping_sub(load_bias);
+        if !builtins::executable_ranges(image)?
+            .iter()
+            .any(|r| r.contains(&vaddr))
+        {
+            anyhow::bail!("PyCode_Type.tp_dealloc {pointer:#x} is not in the interpreter's code");
+        }
+        Ok(past_endbr64(image, image.vaddr_to_file_offset(vaddr)?))
+    };
+    found()
+        .inspect_err(|e| {
+            log::info!(
+                "code objects freed are not watched ({e:#}); every call reads its code object"
+            )
+        })
+        .ok()
+}
 
 /// How often new code objects are named (at most; reports may be rarer).
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
@@ -82,6 +131,10 @@ struct Session {
     empty_program: bool,
     builtins: bool,
     latency: bool,
+    /// `--filter` was given (the kernel looks up skip sets).
+    filtering: bool,
+    /// Processes configured so far (for [`calls::epoch_base`]).
+    configured: u64,
 }
 
 impl Session {
@@ -134,12 +187,27 @@ impl Session {
         } else {
             Vec::new()
         };
+        let code_freed = if self.empty_program {
+            None
+        } else {
+            code_dealloc_site(&target, &image, interp.load_bias)
+        };
+        cfg.code_epoch = pyprobe_common::calls::epoch_base(self.configured);
+        self.configured += 1;
+        cfg.epoch_watched = code_freed.is_some() as u8;
+        cfg.filtering = self.filtering as u8;
         self.counter.configure(pid, &cfg)?;
         let scope = if self.all { None } else { Some(pid) };
         // From 3.11 a generator resumed by throw()/close() runs no RESUME;
         // it enters the eval loop with throwflag set.
         let throw_site = interpreter_frames;
         if !self.all || self.probed_files.insert(interp.host_path.clone()) {
+            // Before the start sites: no cache slot may be filled while a
+            // free could go unseen.
+            if let Some(offset) = code_freed {
+                self.counter
+                    .attach(CallProgram::CodeFreed, &interp, offset, scope)?;
+            }
             let start = if self.empty_program {
                 CallProgram::Empty
             } else {
@@ -174,17 +242,12 @@ impl Session {
                     BuiltinKind::Function => CallProgram::BuiltinFunction,
                     BuiltinKind::MethodDescriptor => CallProgram::BuiltinMethod,
                 };
-                // An `endbr64` first instruction is single-stepped (several
-                // µs a hit); the next one, with the argument registers
-                // still untouched, is usually emulated.
-                let at = site.file_offset as usize;
-                let skip = if image.data().get(at..at + 4) == Some(&ENDBR64[..]) {
-                    4
-                } else {
-                    0
-                };
-                self.counter
-                    .attach(program, &interp, site.file_offset + skip, scope)?;
+                self.counter.attach(
+                    program,
+                    &interp,
+                    past_endbr64(&image, site.file_offset),
+                    scope,
+                )?;
             }
         }
         let builtins_line = if !self.builtins {
@@ -341,6 +404,8 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         empty_program: opts.empty_program,
         builtins: opts.builtins,
         latency: opts.latency,
+        filtering: opts.filter.is_some(),
+        configured: 0,
     };
     for &pid in &opts.pids {
         let line = session
