@@ -73,15 +73,16 @@ enum Command {
     /// within 6.25%) and max (exact) per function. Up to 3.10 a frame left
     /// by an exception is timed too; from 3.11 it is not, and TIMED shows
     /// how many calls were. It adds a second trap per call (the return):
-    /// about 1.5-2 µs per call in all instead of 0.65-0.7 µs, up to 6 µs
+    /// about 1.5-2 µs per call in all instead of 0.65-1 µs, up to 6 µs
     /// where a return handler can only be probed on a single-stepped
     /// instruction (RETURN_VALUE on 3.13); the attach line shows each site.
     ///
     /// Cost: every Python call in a watched process traps into the kernel,
-    /// about 0.65-0.7 µs per call measured on a VM (fib(25), nothing but
-    /// tiny calls, ran 10-28 times slower; see `cargo xtask bench`). Code
-    /// that makes no Python calls is not slowed. For a cheap view of where
-    /// time goes, sample instead.
+    /// 0.65-1 µs per call measured on a busy VM, of which pyprobe's own
+    /// program is 0.1-0.2 µs and the rest is the trap any uprobe costs
+    /// (fib(25), nothing but tiny calls, ran 8-23 times slower; see `cargo
+    /// xtask bench`). Code that makes no Python calls is not slowed. For a
+    /// cheap view of where time goes, sample instead.
     ///
     /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
     Calls {

@@ -9,7 +9,9 @@
 //!   pyprobe, with an empty BPF program on the same uprobes, under a
 //!   `sys.settrace` call tracer and (3.12+) a `sys.monitoring` PY_START
 //!   counter, as slowdown ratios; pyprobe's cost per hooked call over the
-//!   empty program's (goal: at most 1.2); pyprobe's CPU time and peak RSS.
+//!   empty program's (goal: at most 1.2), taken within interleaved rounds
+//!   in one process; the programs' in-kernel run time (`bpf_stats`);
+//!   pyprobe's CPU time and peak RSS.
 
 use std::{
     io::{BufRead, BufReader},
@@ -193,66 +195,151 @@ pub fn bench(runs: usize) -> anyhow::Result<()> {
 /// Calls in one run of `call_bench.py` (fib(25)).
 const BENCH_CALLS: f64 = 242_785.0;
 
-/// Median seconds of `runs` runs of the call benchmark in a fixture started
-/// with `mode`, optionally watched by `pyprobe calls` (extra arguments);
-/// with pyprobe's usage when it watched.
-fn calls_run(
-    python: &Path,
-    mode: &str,
-    pyprobe: Option<(&Path, &[&str])>,
-    runs: usize,
-) -> anyhow::Result<(f64, Option<Usage>)> {
-    use std::io::Write;
-    let (fixture, mut stdin, mut stdout) = start_fixture_with(python, "call_bench.py", &[mode])?;
-    let watcher = match pyprobe {
-        Some((bin, extra)) => {
-            let pid = fixture.0.id().to_string();
-            let started = Instant::now();
-            let mut child = Command::new(bin)
-                .args(["calls", "--pid", &pid, "--interval", "3600", "--json"])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            let mut err = BufReader::new(child.stderr.take().expect("piped"));
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if err.read_line(&mut line)? == 0 {
-                    bail!("pyprobe calls exited before attaching");
-                }
-                if line.contains("counting calls") {
-                    break;
-                }
-            }
-            Some((child, started))
-        }
-        None => None,
-    };
-    let mut times = Vec::new();
-    for _ in 0..runs {
-        writeln!(stdin, "go")?;
-        stdin.flush()?;
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let secs: f64 = line
-            .split_whitespace()
-            .next()
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("bad answer {line:?}"))?;
-        times.push(secs);
+/// Rounds of (bare, pyprobe, empty program) timings in one fixture process
+/// for the cost ratio: this VM's speed drifts between processes and over
+/// seconds, so the ratio is taken within each round and its median shown.
+const RATIO_ROUNDS: usize = 5;
+
+/// One `call_bench.py` process: times its workload, bare or watched.
+struct CallBench {
+    fixture: KillOnDrop,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+/// A `pyprobe calls` watching a [`CallBench`].
+struct Watcher {
+    child: std::process::Child,
+    started: Instant,
+}
+
+/// What a watcher cost: its resources, and its BPF programs' own run time
+/// per run (`bpf_stats`), when the kernel gave it.
+struct WatchCost {
+    usage: Usage,
+    prog_ns: Option<f64>,
+}
+
+impl CallBench {
+    /// Starts the fixture in `mode` (`bare`, `settrace`, `monitoring`).
+    fn start(python: &Path, mode: &str) -> anyhow::Result<Self> {
+        let (fixture, stdin, stdout) = start_fixture_with(python, "call_bench.py", &[mode])?;
+        Ok(Self {
+            fixture,
+            stdin,
+            stdout,
+        })
     }
-    times.sort_by(f64::total_cmp);
-    let usage = match watcher {
-        Some((child, started)) => {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            Some(wait_usage(child, started)?)
+
+    /// Median seconds of `runs` runs of the workload.
+    fn time(&mut self, runs: usize) -> anyhow::Result<f64> {
+        use std::io::Write;
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            writeln!(self.stdin, "go")?;
+            self.stdin.flush()?;
+            let mut line = String::new();
+            self.stdout.read_line(&mut line)?;
+            let secs: f64 = line
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("bad answer {line:?}"))?;
+            times.push(secs);
         }
-        None => None,
+        times.sort_by(f64::total_cmp);
+        Ok(percentile(&times, 0.5))
+    }
+
+    /// Starts `pyprobe calls` (plus `extra`) on the fixture; returns once
+    /// it counts.
+    fn watch(&self, pyprobe: &Path, extra: &[&str]) -> anyhow::Result<Watcher> {
+        let pid = self.fixture.0.id().to_string();
+        let started = Instant::now();
+        let mut child = Command::new(pyprobe)
+            .args(["calls", "--pid", &pid, "--interval", "3600", "--json"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut err = BufReader::new(child.stderr.take().expect("piped"));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if err.read_line(&mut line)? == 0 {
+                bail!("pyprobe calls exited before attaching");
+            }
+            if line.contains("counting calls") {
+                break;
+            }
+        }
+        Ok(Watcher { child, started })
+    }
+}
+
+impl Watcher {
+    /// Stops pyprobe (Ctrl-C) and measures what it cost.
+    fn stop(self) -> anyhow::Result<WatchCost> {
+        let prog_ns = prog_ns_per_run(self.child.id());
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        Ok(WatchCost {
+            usage: wait_usage(self.child, self.started)?,
+            prog_ns,
+        })
+    }
+}
+
+/// Run time per run of the busiest BPF program `pid` holds, from its
+/// fdinfo (`run_time_ns` / `run_cnt`, kept while `kernel.bpf_stats_enabled`
+/// is 1).
+fn prog_ns_per_run(pid: u32) -> Option<f64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?;
+    let field = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
     };
-    drop(fixture);
-    Ok((percentile(&times, 0.5), usage))
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|t| Some((field(&t, "run_cnt")?, field(&t, "run_time_ns")?)))
+        .filter(|&(cnt, _)| cnt > 0.0)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(cnt, ns)| ns / cnt)
+}
+
+/// Sets `kernel.bpf_stats_enabled` for as long as it lives, then restores
+/// it.
+struct BpfStats(Option<String>);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Self {
+        let old = std::fs::read_to_string(Self::PATH).ok();
+        if std::fs::write(Self::PATH, "1").is_err() {
+            return Self(None);
+        }
+        Self(old)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = std::fs::write(Self::PATH, old.trim());
+        }
+    }
+}
+
+/// Median of unsorted values.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    percentile(&values, 0.5)
+}
+
+/// Median seconds of `runs` runs of a fresh fixture in `mode`.
+fn mode_time(python: &Path, mode: &str, runs: usize) -> anyhow::Result<f64> {
+    CallBench::start(python, mode)?.time(runs)
 }
 
 /// Waits for a child and returns its resource usage.
@@ -275,11 +362,14 @@ fn wait_usage(child: std::process::Child, started: Instant) -> anyhow::Result<Us
 }
 
 fn bench_calls(pyprobe: &Path, runs: usize) -> anyhow::Result<()> {
+    let _stats = BpfStats::enable();
     println!(
-        "\n== pyprobe calls on fib(25) ({BENCH_CALLS} Python calls), median of {runs} runs, release build =="
+        "\n== pyprobe calls on fib(25) ({BENCH_CALLS} Python calls), release build ==\n\
+         bare, pyprobe and empty BPF: {RATIO_ROUNDS} interleaved rounds in one process, each the median of {runs} runs; \
+         settrace and monitoring: median of {runs} runs"
     );
     println!(
-        "{:<44} {:>8} {:>15} {:>15} {:>15} {:>15} {:>9} {:>9} {:>7} {:>16}",
+        "{:<44} {:>8} {:>15} {:>15} {:>15} {:>15} {:>8} {:>6} {:>13} {:>11} {:>16}",
         "interpreter",
         "bare",
         "pyprobe",
@@ -288,49 +378,76 @@ fn bench_calls(pyprobe: &Path, runs: usize) -> anyhow::Result<()> {
         "monitoring",
         "ns/call",
         "empty",
-        "ratio",
+        "ratio (range)",
+        "prog ns",
         "pyprobe cpu/rss"
     );
     for python in interpreters() {
-        let (bare, _) = calls_run(&python, "bare", None, runs)?;
-        let (probed, usage) = calls_run(&python, "bare", Some((pyprobe, &[])), runs)?;
-        let (empty, _) = calls_run(
-            &python,
-            "bare",
-            Some((pyprobe, &["--bench-empty-program"])),
-            runs,
-        )?;
-        let (traced, _) = calls_run(&python, "settrace", None, runs)?;
+        let mut bench = CallBench::start(&python, "bare")?;
+        let (mut bares, mut probed, mut empties, mut ratios) = (vec![], vec![], vec![], vec![]);
+        let (mut prog_ns, mut empty_prog_ns) = (vec![], vec![]);
+        let mut usage = None;
+        for _ in 0..RATIO_ROUNDS {
+            let bare = bench.time(runs)?;
+            let watcher = bench.watch(pyprobe, &[])?;
+            let with = bench.time(runs)?;
+            let cost = watcher.stop()?;
+            prog_ns.extend(cost.prog_ns);
+            usage.get_or_insert(cost.usage);
+            let watcher = bench.watch(pyprobe, &["--bench-empty-program"])?;
+            let empty = bench.time(runs)?;
+            empty_prog_ns.extend(watcher.stop()?.prog_ns);
+            let per_call = |t: f64| (t - bare) / BENCH_CALLS * 1e9;
+            ratios.push(per_call(with) / per_call(empty));
+            bares.push(bare);
+            probed.push(per_call(with));
+            empties.push(per_call(empty));
+        }
+        drop(bench);
+        let bare = median(bares);
+        let traced = mode_time(&python, "settrace", runs)?;
         let has_monitoring = Command::new(&python)
             .args(["-c", "import sys; sys.monitoring"])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         let monitored = if has_monitoring {
-            Some(calls_run(&python, "monitoring", None, runs)?.0)
+            Some(mode_time(&python, "monitoring", runs)?)
         } else {
             None
         };
-        let ratio = |t: f64| format!("{:.0}ms x{:.2}", t * 1e3, t / bare);
-        let per_call = |t: f64| (t - bare) / BENCH_CALLS * 1e9;
+        let slowdown = |t: f64| format!("{:.0}ms x{:.2}", t * 1e3, t / bare);
+        let (ns_probed, ns_empty) = (median(probed), median(empties));
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let prog = match (prog_ns.is_empty(), empty_prog_ns.is_empty()) {
+            (false, false) => format!("{:.0}/{:.0}", median(prog_ns), median(empty_prog_ns)),
+            _ => "n/a".to_owned(),
+        };
         let usage = usage.context("pyprobe usage")?;
         println!(
-            "{:<44} {:>6.0}ms {:>15} {:>15} {:>15} {:>15} {:>9.0} {:>9.0} {:>7.2} {:>9.0}ms/{}MB",
+            "{:<44} {:>6.0}ms {:>15} {:>15} {:>15} {:>15} {:>8.0} {:>6.0} {:>13} {:>11} {:>9.0}ms/{}MB",
             python.display(),
             bare * 1e3,
-            ratio(probed),
-            ratio(empty),
-            ratio(traced),
-            monitored.map(ratio).unwrap_or_else(|| "n/a (<3.12)".into()),
-            per_call(probed),
-            per_call(empty),
-            per_call(probed) / per_call(empty),
+            slowdown(bare + ns_probed * BENCH_CALLS / 1e9),
+            slowdown(bare + ns_empty * BENCH_CALLS / 1e9),
+            slowdown(traced),
+            monitored
+                .map(slowdown)
+                .unwrap_or_else(|| "n/a (<3.12)".into()),
+            ns_probed,
+            ns_empty,
+            format!("{:.2} ({lo:.2}-{hi:.2})", median(ratios)),
+            prog,
             usage.cpu_ms,
             usage.max_rss_kb / 1024,
         );
     }
     println!(
-        "ns/call: extra time per Python call over bare; ratio: pyprobe's ns/call over the empty program's (goal: at most 1.2)"
+        "ns/call: extra time per Python call over bare (median of rounds); ratio: pyprobe's ns/call over the empty \
+         program's within each round, median (and range) of rounds (goal: at most 1.2); prog ns: in-kernel run time \
+         per run of pyprobe's program / of the empty one (bpf_stats, includes the stats' own clock reads)"
     );
     Ok(())
 }
