@@ -57,6 +57,33 @@ fn watch_one_run(fixture: &mut Fixture) -> anyhow::Result<(Value, String)> {
     Ok((final_report(&stdout)?, startup))
 }
 
+/// Watches one "run" of a fixture that answers with one JSON line of its
+/// own (then "done") with `pyprobe calls --json` plus `extra`; checks that
+/// nothing was lost. Returns the final report, the fixture's JSON and
+/// pyprobe's start-up lines.
+fn watch_measured_run(
+    fixture: &mut Fixture,
+    extra: &[&str],
+) -> anyhow::Result<(Value, Value, String)> {
+    let pid = fixture.pid().to_string();
+    let mut args = vec!["calls", "--json", "--interval", "0.3", "--pid", &pid];
+    args.extend_from_slice(extra);
+    let probe = Probe::start(&args)?;
+    let startup = probe.startup();
+    fixture.send("run")?;
+    let measured: Value = serde_json::from_str(&fixture.expect("{")?)?;
+    fixture.expect("done")?;
+    thread::sleep(Duration::from_millis(400));
+    probe.interrupt();
+    let (ok, stdout, stderr) = probe.finish()?;
+    ensure!(ok, "pyprobe failed: {stderr}");
+    let report = final_report(&stdout)?;
+    for (field, lost) in report["lost"].as_object().context("lost")? {
+        ensure!(*lost == 0, "lost {field}: {}", report["lost"]);
+    }
+    Ok((report, measured, startup))
+}
+
 fn fixture_rows(report: &Value, pid: u32) -> anyhow::Result<Counted> {
     let mut counted = Counted::new();
     for row in report["rows"].as_array().context("rows")? {
@@ -326,28 +353,7 @@ fn latency_rows(report: &Value, pid: u32) -> anyhow::Result<BTreeMap<String, Val
 fn calls_latency_times_each_call() {
     for_each_interpreter("calls_latency_times_each_call", |interp| {
         let mut fixture = Fixture::start(interp, "latency_workload.py", &[])?;
-        let pid = fixture.pid().to_string();
-        let probe = Probe::start(&[
-            "calls",
-            "--json",
-            "--latency",
-            "--interval",
-            "0.3",
-            "--pid",
-            &pid,
-        ])?;
-        let startup = probe.startup();
-        fixture.send("run")?;
-        let measured: Value = serde_json::from_str(&fixture.expect("{")?)?;
-        fixture.expect("done")?;
-        thread::sleep(Duration::from_millis(400));
-        probe.interrupt();
-        let (ok, stdout, stderr) = probe.finish()?;
-        ensure!(ok, "pyprobe failed: {stderr}");
-        let report = final_report(&stdout)?;
-        for (field, lost) in report["lost"].as_object().context("lost")? {
-            ensure!(*lost == 0, "lost {field}: {}", report["lost"]);
-        }
+        let (report, measured, startup) = watch_measured_run(&mut fixture, &["--latency"])?;
         let timed_line = if interp.minor() >= (3, 11) {
             "frames left by an exception are not timed"
         } else {
@@ -450,19 +456,7 @@ fn calls_keep_apart_code_objects_at_a_reused_address() {
         "calls_keep_apart_code_objects_at_a_reused_address",
         |interp| {
             let mut fixture = Fixture::start(interp, "code_reuse.py", &[])?;
-            let pid = fixture.pid().to_string();
-            let probe = Probe::start(&["calls", "--json", "--interval", "0.3", "--pid", &pid])?;
-            fixture.send("run")?;
-            let made: Value = serde_json::from_str(&fixture.expect("{")?)?;
-            fixture.expect("done")?;
-            thread::sleep(Duration::from_millis(400));
-            probe.interrupt();
-            let (ok, stdout, stderr) = probe.finish()?;
-            ensure!(ok, "pyprobe failed: {stderr}");
-            let report = final_report(&stdout)?;
-            for (field, lost) in report["lost"].as_object().context("lost")? {
-                ensure!(*lost == 0, "lost {field}: {}", report["lost"]);
-            }
+            let (report, made, _) = watch_measured_run(&mut fixture, &[])?;
             let reused = made["reused"].as_u64().context("reused")?;
             ensure!(
                 reused >= 3,
