@@ -29,8 +29,22 @@ pub mod stats {
     /// A sampled check found the frame register disagreeing with the
     /// thread state's current frame (the count went to the register's).
     pub const FRAME_REGISTER_MISMATCH: u32 = 5;
+    /// A CPU sample of a thread of a profiled process that pyprobe has not
+    /// mapped to a thread state yet (a new thread; userspace re-reads the
+    /// thread list when this grows).
+    pub const SAMPLE_UNKNOWN_THREAD: u32 = 6;
+    /// A CPU sample of a thread with no Python thread state (a thread the
+    /// interpreter does not know, e.g. one started by a C library).
+    pub const SAMPLE_NOT_PYTHON: u32 = 7;
+    /// A CPU sample of a Python thread that had no Python frame (running C
+    /// code outside any Python call: starting up, finalizing).
+    pub const SAMPLE_NO_FRAME: u32 = 8;
+    /// A CPU sample whose thread state or first frame could not be read.
+    pub const SAMPLE_UNREADABLE: u32 = 9;
+    /// A CPU sample dropped because the ring buffer to userspace was full.
+    pub const SAMPLE_LOST: u32 = 10;
     /// Number of counters in the `STATS` array.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 11;
 }
 
 /// Names of the maps and programs in the eBPF object, shared so a rename on one
@@ -80,6 +94,148 @@ pub mod names {
     /// Per-CPU hash map: [`super::calls::CodeKey`] ->
     /// [`super::calls::Histogram`].
     pub const MAP_CALL_LATENCY: &str = "CALL_LATENCY";
+    /// Perf-event program (CPU clock) that walks the sampled thread's
+    /// Python stack.
+    pub const PROG_SAMPLE_CPU: &str = "sample_cpu";
+    /// Perf-event program that goes on walking a stack too deep for one
+    /// run, reached by tail call.
+    pub const PROG_SAMPLE_WALK: &str = "sample_walk";
+    /// Hash map: tgid (`u32`) -> [`super::sample::SampleConfig`].
+    pub const MAP_SAMPLE_CONFIG: &str = "SAMPLE_CONFIG";
+    /// Hash map: thread id (`u32`) -> [`super::sample::ThreadState`].
+    pub const MAP_SAMPLE_THREADS: &str = "SAMPLE_THREADS";
+    /// Ring buffer of [`super::sample::Sample`]s (header and the frames
+    /// walked only).
+    pub const MAP_SAMPLES: &str = "SAMPLES";
+    /// Program array holding `sample_walk` at index 0.
+    pub const MAP_SAMPLE_PROGS: &str = "SAMPLE_PROGS";
+}
+
+/// Sampling Python stacks on a CPU clock (`pyprobe record`, `pyprobe top`).
+///
+/// A perf-event program runs on every CPU at the chosen rate. When the
+/// interrupted task is a thread userspace mapped to a Python thread state
+/// ([`ThreadState`]), it reads the thread's current frame and walks the
+/// frame chain, one read of the target per frame, recording each frame's
+/// code object and raw instruction word. Userspace names them and computes
+/// line numbers. Deep stacks are walked by [`FRAMES_PER_RUN`] per program
+/// run, the walk going on in a tail call, up to [`MAX_FRAMES`].
+pub mod sample {
+    /// Most frames recorded per sample; a deeper stack keeps its innermost
+    /// `MAX_FRAMES` and is marked [`TRUNCATED`].
+    pub const MAX_FRAMES: usize = 512;
+    /// Frames walked per program run (the verifier checks a bounded loop of
+    /// this many steps); the walk goes on by tail call.
+    pub const FRAMES_PER_RUN: u32 = 32;
+    /// Tail calls one sample may take.
+    pub const MAX_RUNS: u32 = MAX_FRAMES as u32 / FRAMES_PER_RUN;
+
+    /// The thread held the GIL when sampled.
+    pub const HOLDS_GIL: u32 = 1;
+    /// The stack was deeper than [`MAX_FRAMES`]: the outermost frames are
+    /// missing.
+    pub const TRUNCATED: u32 = 2;
+    /// A frame could not be read part way up the chain (the thread changed
+    /// it while we read): the outer frames are missing.
+    pub const TORN: u32 = 4;
+
+    /// What the sampler needs to know about one process (built by
+    /// userspace from the process model, like
+    /// [`super::calls::ProcessConfig`]).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct SampleConfig {
+        /// Offset of the current frame (or of `cframe`) in the thread state.
+        pub tstate_frame: u64,
+        /// `_PyCFrame.current_frame`, or `u64::MAX` when `tstate_frame`
+        /// points at the frame directly.
+        pub cframe_current_frame: u64,
+        /// Start of the frame window in a frame.
+        pub frame_window: u64,
+        /// Bytes of the frame window.
+        pub frame_window_len: u64,
+        /// Code object word in the window.
+        pub frame_code_at: u64,
+        /// Instruction word (`f_lasti`, `prev_instr`, `instr_ptr`) in the
+        /// window: 8 bytes are recorded, userspace interprets them.
+        pub frame_instruction_at: u64,
+        /// Previous frame (`f_back`, `previous`) in the window.
+        pub frame_previous_at: u64,
+        /// `owner` byte in the window (any byte of it when frames have no
+        /// owner, 3.8-3.11: then `owner_min` is 256).
+        pub frame_owner_at: u64,
+        /// Mask applied to the code word (`_PyStackRef` in 3.14).
+        pub code_mask: u64,
+        /// Address of the word naming the thread state that holds the GIL
+        /// (3.8-3.11: `_PyRuntime.gilstate.tstate_current`), or 0.
+        pub gil_current: u64,
+        /// Address of the GIL's `last_holder` (3.12+), or 0.
+        pub gil_last_holder: u64,
+        /// Address of the GIL's `locked` (int, 3.12+), or 0.
+        pub gil_locked: u64,
+        /// Frames whose owner is at least this are not Python code (entry
+        /// frames pushed by C); 256 when frames have no owner.
+        pub owner_min: u64,
+    }
+
+    /// A thread of a profiled process, keyed by its kernel thread id.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct ThreadState {
+        /// Its process.
+        pub tgid: u32,
+        /// Padding, zero.
+        pub _pad: u32,
+        /// Address of its `PyThreadState`, or 0 for a thread the interpreter
+        /// does not know.
+        pub tstate: u64,
+    }
+
+    /// One walked frame.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct FrameRecord {
+        /// The frame's code object (masked).
+        pub code: u64,
+        /// The 8 bytes at the frame's instruction field.
+        pub instruction: u64,
+    }
+
+    /// The fixed part of a sample.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct SampleHeader {
+        /// Process.
+        pub tgid: u32,
+        /// Thread.
+        pub tid: u32,
+        /// `HOLDS_GIL`, `TRUNCATED`, `TORN`.
+        pub flags: u32,
+        /// Frames recorded (innermost first).
+        pub frames: u32,
+        /// Frame to read next (walk state between tail calls).
+        pub next: u64,
+        /// Program runs so far for this sample (walk state).
+        pub runs: u32,
+        /// CPU the sample was taken on.
+        pub cpu: u32,
+    }
+
+    /// A sample as built in the kernel's scratch space; only the header and
+    /// `header.frames` records are sent.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct Sample {
+        /// Header.
+        pub header: SampleHeader,
+        /// Frames, innermost first.
+        pub frames: [FrameRecord; MAX_FRAMES],
+    }
+
+    /// Bytes of a header.
+    pub const HEADER_LEN: usize = core::mem::size_of::<SampleHeader>();
+    /// Bytes of a frame record.
+    pub const FRAME_LEN: usize = core::mem::size_of::<FrameRecord>();
 }
 
 /// Counting Python function starts (`pyprobe calls`).
@@ -500,6 +656,14 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::Histogram {}
 
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::sample::SampleConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::sample::ThreadState {}
+
+    const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 13 * 8);
+    const _: () = assert!(core::mem::size_of::<super::sample::ThreadState>() == 16);
+    const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 32);
     const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 25 * 8 + 8);
     const _: () = assert!(core::mem::size_of::<super::calls::Running>() == 32);
     const _: () = assert!(

@@ -7,6 +7,8 @@
 #![no_std]
 #![no_main]
 
+mod sample;
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},

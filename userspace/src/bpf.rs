@@ -16,7 +16,9 @@ use aya::{
 };
 use pyprobe_common::{
     calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, SkipSet},
-    names, stats,
+    names,
+    sample::{SampleConfig, ThreadState},
+    stats,
 };
 
 use crate::{privileges, process::Interpreter};
@@ -435,6 +437,185 @@ impl CallCounter {
                 .sum(),
         })
     }
+}
+
+/// What the sampler could not sample, so output can show it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SampleLosses {
+    /// Ticks on a thread of a profiled process not yet mapped to its
+    /// thread state (a new thread, mapped at the next thread-list read).
+    pub unknown_thread: u64,
+    /// Ticks on threads the interpreter does not know (no thread state).
+    pub not_python: u64,
+    /// Ticks on Python threads with no Python frame (in C outside any call).
+    pub no_frame: u64,
+    /// Ticks whose thread state could not be read.
+    pub unreadable: u64,
+    /// Samples dropped because the ring buffer was full.
+    pub ring_full: u64,
+    /// Ticks the kernel skipped because another BPF program was running on
+    /// that CPU.
+    pub recursion_misses: u64,
+}
+
+/// Samples Python stacks on the CPU clock of every CPU.
+pub struct Sampler {
+    ebpf: Ebpf,
+    ring: aya::maps::RingBuf<MapData>,
+    attached: bool,
+}
+
+impl Sampler {
+    /// Checks privileges and loads the sampling programs (not attached).
+    pub fn load() -> Result<Self, BpfError> {
+        privileges::check()?;
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(BpfError::Load)?;
+        for name in [names::PROG_SAMPLE_CPU, names::PROG_SAMPLE_WALK] {
+            perf_event_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        let walk = perf_event_mut(&mut ebpf, names::PROG_SAMPLE_WALK)?
+            .fd()
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_SAMPLE_WALK,
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| BpfError::Program {
+                name: names::PROG_SAMPLE_WALK,
+                source: aya::programs::ProgramError::IOError(e),
+            })?;
+        let mut progs: aya::maps::ProgramArray<&mut MapData> =
+            open_map_mut(&mut ebpf, names::MAP_SAMPLE_PROGS)?;
+        progs.set(0, &walk, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_SAMPLE_PROGS,
+            source,
+        })?;
+        let ring = ebpf
+            .take_map(names::MAP_SAMPLES)
+            .ok_or(BpfError::Missing(names::MAP_SAMPLES))?;
+        let ring = aya::maps::RingBuf::try_from(ring).map_err(|source| BpfError::Map {
+            name: names::MAP_SAMPLES,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            ring,
+            attached: false,
+        })
+    }
+
+    /// Starts sampling every online CPU `rate` times a second (of CPU
+    /// time: an idle CPU is not sampled).
+    pub fn start(&mut self, rate: u64) -> Result<(), BpfError> {
+        use aya::programs::perf_event::{
+            PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent,
+        };
+        let cpus = aya::util::online_cpus().map_err(|(_, e)| BpfError::Program {
+            name: names::PROG_SAMPLE_CPU,
+            source: aya::programs::ProgramError::IOError(e),
+        })?;
+        let period = 1_000_000_000 / rate.max(1);
+        let program = perf_event_mut(&mut self.ebpf, names::PROG_SAMPLE_CPU)?;
+        for cpu in cpus {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(period),
+                    false,
+                )
+                .map_err(|source| BpfError::Program {
+                    name: names::PROG_SAMPLE_CPU,
+                    source,
+                })?;
+        }
+        self.attached = true;
+        Ok(())
+    }
+
+    /// Tells the sampler how to walk process `pid`.
+    pub fn configure(&mut self, pid: u32, config: &SampleConfig) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, SampleConfig> =
+            open_map_mut(&mut self.ebpf, names::MAP_SAMPLE_CONFIG)?;
+        map.insert(pid, config, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_SAMPLE_CONFIG,
+            source,
+        })
+    }
+
+    /// Forgets a process (and its threads) that exited.
+    pub fn forget(&mut self, pid: u32) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, SampleConfig> =
+            open_map_mut(&mut self.ebpf, names::MAP_SAMPLE_CONFIG)?;
+        let _ = map.remove(&pid);
+        self.set_threads(pid, &[])
+    }
+
+    /// Replaces the threads of process `pid`: (thread id, thread state or
+    /// 0 for a thread the interpreter does not know).
+    pub fn set_threads(&mut self, pid: u32, threads: &[(u32, u64)]) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, ThreadState> =
+            open_map_mut(&mut self.ebpf, names::MAP_SAMPLE_THREADS)?;
+        let map_err = |source| BpfError::Map {
+            name: names::MAP_SAMPLE_THREADS,
+            source,
+        };
+        let wanted: BTreeMap<u32, u64> = threads.iter().copied().collect();
+        let stale: Vec<u32> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(tid, t)| t.tgid == pid && !wanted.contains_key(tid))
+            .map(|(tid, _)| tid)
+            .collect();
+        for tid in stale {
+            let _ = map.remove(&tid);
+        }
+        for (&tid, &tstate) in &wanted {
+            let value = ThreadState {
+                tgid: pid,
+                _pad: 0,
+                tstate,
+            };
+            if map.get(&tid, 0).ok() != Some(value) {
+                map.insert(tid, value, 0).map_err(map_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every sample waiting in the ring buffer to `f`.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) {
+        while let Some(item) = self.ring.next() {
+            f(&item);
+        }
+    }
+
+    /// Counts of ticks that gave no sample, by reason.
+    pub fn losses(&self) -> Result<SampleLosses, BpfError> {
+        let stat = |index| read_stat(&self.ebpf, index);
+        Ok(SampleLosses {
+            unknown_thread: stat(stats::SAMPLE_UNKNOWN_THREAD)?,
+            not_python: stat(stats::SAMPLE_NOT_PYTHON)?,
+            no_frame: stat(stats::SAMPLE_NO_FRAME)?,
+            unreadable: stat(stats::SAMPLE_UNREADABLE)?,
+            ring_full: stat(stats::SAMPLE_LOST)?,
+            recursion_misses: recursion_misses(&self.ebpf, names::PROG_SAMPLE_CPU)
+                + recursion_misses(&self.ebpf, names::PROG_SAMPLE_WALK),
+        })
+    }
+}
+
+fn perf_event_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::PerfEvent, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| BpfError::Program { name, source })
 }
 
 /// Checks privileges, loads the embedded object (with the maps in

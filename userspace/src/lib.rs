@@ -13,4 +13,5 @@ pub mod entries;
 pub mod live;
 pub mod privileges;
 pub mod process;
+pub mod profile;
 pub mod python;

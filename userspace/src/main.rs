@@ -7,6 +7,7 @@ use pyprobe::{
     calls::{self, CallsOptions},
     dump::{self, DumpOptions},
     entries::{self, EntriesOptions},
+    profile::{self, Format, ProfileOptions, RecordOptions, TopOptions},
     python::values::Bounds,
 };
 
@@ -122,6 +123,52 @@ enum Command {
         #[arg(long, hide = true)]
         bench_empty_program: bool,
     },
+    /// Sample Python stacks and write a flamegraph, speedscope or folded profile.
+    ///
+    /// A BPF program on the CPU clock of every CPU interrupts whatever runs
+    /// there RATE times a second; when it is a thread of a sampled Python
+    /// process it walks the thread's Python frames in the kernel (up to 512
+    /// frames; deeper stacks are marked [truncated]) and sends each frame's
+    /// code object and instruction. pyprobe names them and computes exact
+    /// line numbers. Nothing runs in the target and it is never stopped: it
+    /// pays only the interrupt and the walk (a few µs per sample).
+    ///
+    /// By default only threads on CPU are sampled (running Python or C
+    /// code called from it). --idle adds threads that are waiting (sleep,
+    /// I/O, the GIL), read from userspace at the same rate.
+    ///
+    /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
+    Record {
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// File to write (default: pyprobe-<PID or all>.<svg|json|txt>).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// What to write.
+        #[arg(short, long, value_enum, default_value_t = Format::Flamegraph)]
+        format: Format,
+    },
+    /// Live view of the functions with the most samples, like `py-spy top`.
+    ///
+    /// Samples as `record` does (see `pyprobe record --help`) and shows,
+    /// every interval, each function's share of the last interval's samples
+    /// where it was running (%Own) and anywhere on the stack (%Total), and
+    /// the CPU time so far.
+    ///
+    /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
+    Top {
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Seconds between views.
+        #[arg(short, long, default_value_t = 1.0, value_parser = positive_seconds)]
+        interval: f64,
+        /// Show only the N functions with most samples (default 25 in tables, all in JSON).
+        #[arg(short = 'n', long, value_name = "N")]
+        top: Option<usize>,
+        /// Print one JSON document per view instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Count entries into the CPython eval loop (_PyEval_EvalFrameDefault), live.
     ///
     /// On CPython 3.8-3.10 every Python function call and generator resumption
@@ -149,6 +196,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What to sample and how, for `record` and `top`.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Process to sample (repeat for several).
+    #[arg(
+        short,
+        long = "pid",
+        value_name = "PID",
+        required_unless_present = "all"
+    )]
+    pids: Vec<u32>,
+    /// Sample every Python process on the host, including ones started later.
+    #[arg(short, long, conflicts_with = "pids")]
+    all: bool,
+    /// Samples per second of CPU time, per CPU (1 to 20000).
+    #[arg(short, long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=profile::MAX_RATE))]
+    rate: u64,
+    /// Stop after this many seconds (default: until Ctrl-C, or until every target exits).
+    #[arg(short, long, value_parser = positive_seconds)]
+    duration: Option<f64>,
+    /// Also sample threads that are off CPU (sleeping, waiting for I/O or the GIL).
+    #[arg(long)]
+    idle: bool,
+    /// Keep only samples of threads holding the GIL.
+    #[arg(long)]
+    gil: bool,
+    /// Keep each thread's stacks apart.
+    #[arg(long)]
+    threads: bool,
+}
+
+impl SamplingArgs {
+    fn options(self) -> ProfileOptions {
+        ProfileOptions {
+            pids: self.pids,
+            all: self.all,
+            rate: self.rate,
+            duration: self.duration.map(Duration::from_secs_f64),
+            idle: self.idle,
+            gil: self.gil,
+            threads: self.threads,
+        }
+    }
 }
 
 fn positive_seconds(s: &str) -> Result<f64, String> {
@@ -213,6 +305,44 @@ fn main() -> ExitCode {
                     duration: duration.map(Duration::from_secs_f64),
                     top: top.or(if json { None } else { Some(20) }),
                     filter,
+                    json,
+                })
+                .await
+            }
+            Command::Record {
+                sampling,
+                output,
+                format,
+            } => {
+                let output = output.unwrap_or_else(|| {
+                    let who = match sampling.pids.as_slice() {
+                        [pid] => pid.to_string(),
+                        _ => "all".to_owned(),
+                    };
+                    let ext = match format {
+                        Format::Flamegraph => "svg",
+                        Format::Speedscope => "json",
+                        Format::Folded => "txt",
+                    };
+                    format!("pyprobe-{who}.{ext}").into()
+                });
+                profile::record(RecordOptions {
+                    profile: sampling.options(),
+                    output,
+                    format,
+                })
+                .await
+            }
+            Command::Top {
+                sampling,
+                interval,
+                top,
+                json,
+            } => {
+                profile::top(TopOptions {
+                    profile: sampling.options(),
+                    interval: Duration::from_secs_f64(interval),
+                    rows: top.or(if json { None } else { Some(25) }),
                     json,
                 })
                 .await

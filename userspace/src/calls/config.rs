@@ -42,7 +42,7 @@ pub enum ConfigError {
 
 /// A window of an object: where it starts, how long it is (to the end of
 /// the last field, read as 8 bytes), and where each field is in it.
-fn window(
+pub(crate) fn window(
     version: &PythonVersion,
     object: &'static str,
     offsets: &[u64],

@@ -376,7 +376,7 @@ fn describe_sites(sites: &[start_sites::StartSite]) -> String {
 }
 
 /// Every PID in /proc.
-fn all_pids() -> Vec<u32> {
+pub(crate) fn all_pids() -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()

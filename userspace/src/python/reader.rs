@@ -565,27 +565,51 @@ impl<M: Memory> Target<M> {
             return Ok((None, previous));
         }
         let code_addr = self.mem.read_u64(frame.wrapping_add(o.frame_code))? & layout.stackref_mask;
-        if code_addr == 0 || !self.is_code(code_addr)? {
+        let raw_instruction = match layout.instruction {
+            InstructionModel::LastiBytes | InstructionModel::LastiUnits => {
+                u64::from(self.mem.read_u32(frame.wrapping_add(o.frame_instruction))?)
+            }
+            InstructionModel::PrevInstr | InstructionModel::InstrPtr => {
+                self.mem.read_u64(frame.wrapping_add(o.frame_instruction))?
+            }
+        };
+        let Some((mut f, code)) = self.code_frame(code_addr, raw_instruction)? else {
             return Ok((None, previous));
+        };
+        if let Some(bounds) = locals {
+            f.locals = self.locals(frame, &code, bounds)?;
+        }
+        Ok((Some(f), previous))
+    }
+
+    /// The frame a code object and an instruction word make (as read from
+    /// a frame's code and instruction fields: for `f_lasti` versions the
+    /// low 32 bits are the int), without locals; `None` when `code_addr` is
+    /// not Python code (no code object, or the 3.13+ `__init__` cleanup
+    /// shim).
+    pub fn code_frame(
+        &self,
+        code_addr: u64,
+        raw_instruction: u64,
+    ) -> Result<Option<(Frame, std::rc::Rc<CodeInfo>)>, ReadError> {
+        let o = &self.info.offsets;
+        let layout = &self.info.layout;
+        if code_addr == 0 || !self.is_code(code_addr)? {
+            return Ok(None);
         }
         let code = self.code(code_addr)?;
         if code.flags & CO_NO_MONITORING_EVENTS != 0
             && layout.frame_model == FrameModel::Interpreter
         {
             // 3.13+ `_Py_InitCleanup` shim pushed by CALL_ALLOC_AND_ENTER_INIT.
-            return Ok((None, previous));
+            return Ok(None);
         }
         let instruction = match layout.instruction {
-            InstructionModel::LastiBytes => {
-                i64::from(self.mem.read_i32(frame.wrapping_add(o.frame_instruction))?) / 2
-            }
-            InstructionModel::LastiUnits => {
-                i64::from(self.mem.read_i32(frame.wrapping_add(o.frame_instruction))?)
-            }
+            InstructionModel::LastiBytes => i64::from(raw_instruction as u32 as i32) / 2,
+            InstructionModel::LastiUnits => i64::from(raw_instruction as u32 as i32),
             InstructionModel::PrevInstr | InstructionModel::InstrPtr => {
-                let ptr = self.mem.read_u64(frame.wrapping_add(o.frame_instruction))?;
                 let base = code_addr.wrapping_add(o.code_code_adaptive.unwrap_or(0));
-                (ptr as i64).wrapping_sub(base as i64) / 2
+                (raw_instruction as i64).wrapping_sub(base as i64) / 2
             }
         };
         let index = u32::try_from(instruction.max(0)).unwrap_or(u32::MAX);
@@ -593,22 +617,18 @@ impl<M: Memory> Target<M> {
             linetable::line_for_index(layout.line_table, code.first_line, &code.line_table, index)
                 .ok()
                 .flatten();
-        let locals = match locals {
-            Some(bounds) => self.locals(frame, &code, bounds)?,
-            None => Vec::new(),
-        };
-        Ok((
-            Some(Frame {
+        Ok(Some((
+            Frame {
                 function: code.qualname.clone(),
                 filename: code.filename.clone(),
                 line,
                 first_line: code.first_line,
                 instruction,
                 code: code_addr,
-                locals,
-            }),
-            previous,
-        ))
+                locals: Vec::new(),
+            },
+            code,
+        )))
     }
 
     fn locals(

@@ -1,0 +1,634 @@
+//! `pyprobe record` and `pyprobe top`: statistical profiling of one process
+//! or every Python process, with stacks walked in the kernel.
+//!
+//! The flow of a sample:
+//! 1. [`Session::add`] builds the process's [`SampleConfig`]
+//!    ([`config::sample_config`]) and maps its threads to thread states
+//!    ([`threads::ThreadMapper`]); both go into BPF maps.
+//! 2. The `sample_cpu` program (probe-ebpf/src/sample.rs) runs on every
+//!    CPU-clock tick of every CPU; for a mapped thread it walks the frame
+//!    chain and sends (code object, instruction word) per frame.
+//! 3. [`Session::drain`] takes samples from the ring buffer every
+//!    [`DRAIN_INTERVAL`]; [`stacks::Profile`] names each new frame once
+//!    (reading the code object while the process still lives) and counts
+//!    samples per distinct stack.
+//! 4. At the end `record` writes folded stacks, a flamegraph or a
+//!    speedscope file ([`output`]); `top` prints the hottest functions
+//!    every interval.
+
+pub mod config;
+pub mod output;
+pub mod stacks;
+pub mod threads;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::IsTerminal,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use pyprobe_common::sample::SampleConfig;
+use serde::Serialize;
+use tabled::{builder::Builder, settings::Style};
+
+use self::{
+    output::{Roots, TopRow},
+    stacks::{Keep, Process, Profile},
+    threads::ThreadMapper,
+};
+use crate::{
+    bpf::{SampleLosses, Sampler},
+    live,
+    process::{self, ProcessError},
+    python::reader::{ReadError, Target},
+};
+
+/// How often samples are taken from the ring buffer.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+/// How often thread lists are re-read (sooner when the kernel saw a thread
+/// it did not know).
+const THREADS_INTERVAL: Duration = Duration::from_secs(1);
+/// Highest sampling rate accepted.
+pub const MAX_RATE: u64 = 20_000;
+
+/// What to profile and how (shared by `record` and `top`).
+#[derive(Debug, Clone)]
+pub struct ProfileOptions {
+    /// Processes to sample.
+    pub pids: Vec<u32>,
+    /// Sample every Python process, including ones started later.
+    pub all: bool,
+    /// Samples per second of CPU time (per thread).
+    pub rate: u64,
+    /// Stop after this long (`None`: Ctrl-C, or every target exited).
+    pub duration: Option<Duration>,
+    /// Also sample threads that are off CPU (sleeping, waiting for I/O or
+    /// the GIL), read from userspace at the same rate.
+    pub idle: bool,
+    /// Keep only samples of threads holding the GIL.
+    pub gil: bool,
+    /// Keep threads apart.
+    pub threads: bool,
+}
+
+/// Output format of `record`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Flamegraph SVG.
+    Flamegraph,
+    /// speedscope JSON (open at speedscope.app).
+    Speedscope,
+    /// Folded stacks text (`a;b;c COUNT`), for flamegraph.pl, inferno and friends.
+    Folded,
+}
+
+/// The processes being sampled.
+struct Session {
+    sampler: Sampler,
+    processes: HashMap<u32, Process>,
+    mappers: HashMap<u32, ThreadMapper>,
+    /// Python threads of each live process: (thread id, thread state).
+    threads: HashMap<u32, Vec<(u32, u64)>>,
+    roots: Roots,
+    ignored: BTreeSet<u32>,
+    profile: Profile,
+    keep: Keep,
+    idle: bool,
+    /// `unknown_thread` count when threads were last re-read.
+    unknown_seen: u64,
+}
+
+impl Session {
+    fn new(opts: &ProfileOptions) -> anyhow::Result<Self> {
+        Ok(Self {
+            sampler: Sampler::load()?,
+            processes: HashMap::new(),
+            mappers: HashMap::new(),
+            threads: HashMap::new(),
+            roots: Roots {
+                processes: opts.all || opts.pids.len() > 1,
+                ..Roots::default()
+            },
+            ignored: BTreeSet::new(),
+            profile: Profile::default(),
+            keep: Keep {
+                threads: opts.threads,
+                gil_only: opts.gil,
+            },
+            idle: opts.idle,
+            unknown_seen: 0,
+        })
+    }
+
+    /// Sets up one process; returns a line describing it.
+    fn add(&mut self, pid: u32) -> anyhow::Result<String> {
+        let target = Target::attach(pid)?;
+        let cfg: SampleConfig =
+            config::sample_config(&target.version, &target.info, target.runtime, |a| {
+                crate::python::memory::Memory::read_u64(&target.mem, a).ok()
+            })?;
+        let mut mapper = ThreadMapper::default();
+        let threads = mapper.map(pid, &target)?;
+        self.sampler.configure(pid, &cfg)?;
+        self.sampler.set_threads(pid, &threads)?;
+        let python = threads.iter().filter(|(_, t)| *t != 0).count();
+        let binary = target
+            .interpreter
+            .as_ref()
+            .map(|i| i.binary.display().to_string())
+            .unwrap_or_default();
+        let line = format!(
+            "PID {pid}: CPython {} ({binary}), {python} Python thread{} of {}, offsets from {}{}",
+            target.version,
+            if python == 1 { "" } else { "s" },
+            threads.len(),
+            target.offsets_source,
+            if mapper.knows_threads(&target) {
+                ""
+            } else {
+                " (threads could not be matched to kernel thread ids: no samples)"
+            }
+        );
+        self.roots
+            .process_names
+            .insert(pid, command_line(pid).unwrap_or_default());
+        self.note_threads(pid, &threads);
+        self.mappers.insert(pid, mapper);
+        self.processes.insert(pid, Process::new(target));
+        Ok(line)
+    }
+
+    fn note_threads(&mut self, pid: u32, threads: &[(u32, u64)]) {
+        for &(tid, _) in threads {
+            if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) {
+                self.roots.thread_names.insert(tid, comm.trim().to_owned());
+            }
+        }
+        self.threads.insert(
+            pid,
+            threads.iter().copied().filter(|(_, t)| *t != 0).collect(),
+        );
+    }
+
+    /// Re-reads every live process's thread list; forgets exited ones.
+    fn refresh_threads(&mut self) {
+        let pids: Vec<u32> = self.threads.keys().copied().collect();
+        for pid in pids {
+            if !process::is_alive(pid) {
+                self.threads.remove(&pid);
+                let _ = self.sampler.forget(pid);
+                continue;
+            }
+            let (Some(process), Some(mapper)) =
+                (self.processes.get(&pid), self.mappers.get_mut(&pid))
+            else {
+                continue;
+            };
+            // A thread list read while it changes can fail; the next
+            // refresh tries again.
+            if let Ok(threads) = mapper.map(pid, &process.target)
+                && self.sampler.set_threads(pid, &threads).is_ok()
+            {
+                self.note_threads(pid, &threads);
+            }
+        }
+    }
+
+    /// Under `--all`: sets up Python processes not seen before.
+    fn scan(&mut self) {
+        for pid in crate::calls::all_pids() {
+            if pid == std::process::id()
+                || self.ignored.contains(&pid)
+                || self.processes.contains_key(&pid)
+            {
+                continue;
+            }
+            match self.add(pid) {
+                Ok(line) => eprintln!("pyprobe: sampling {line}"),
+                Err(e) => {
+                    let quiet = e.downcast_ref::<ReadError>().is_some_and(|r| {
+                        matches!(
+                            r,
+                            ReadError::Process(
+                                ProcessError::NotPython { .. } | ProcessError::NoSuchProcess { .. }
+                            )
+                        )
+                    });
+                    if !quiet {
+                        eprintln!("pyprobe: not sampling PID {pid}: {e:#}");
+                    }
+                    self.ignored.insert(pid);
+                }
+            }
+        }
+    }
+
+    /// Takes the waiting samples; re-reads thread lists if the kernel saw
+    /// threads it did not know.
+    fn drain(&mut self) -> anyhow::Result<()> {
+        let Self {
+            sampler,
+            processes,
+            profile,
+            keep,
+            ..
+        } = self;
+        sampler.drain(|bytes| profile.add_kernel_sample(bytes, processes, *keep));
+        let unknown = self.sampler.losses()?.unknown_thread;
+        if unknown != self.unknown_seen {
+            self.unknown_seen = unknown;
+            self.refresh_threads();
+        }
+        Ok(())
+    }
+
+    /// `--idle`: one sample of every Python thread that is off CPU, read
+    /// from userspace.
+    fn sample_idle(&mut self) {
+        for (&pid, threads) in &self.threads {
+            let Some(process) = self.processes.get(&pid) else {
+                continue;
+            };
+            for &(tid, tstate) in threads {
+                if thread_running(pid, tid) != Some(false) {
+                    continue;
+                }
+                let frames = match process.target.frames(tstate, None) {
+                    Ok(frames) => frames,
+                    Err((frames, _)) => frames,
+                };
+                if !frames.is_empty() {
+                    self.profile.add_idle_sample(pid, tid, &frames, self.keep);
+                }
+            }
+        }
+    }
+
+    fn any_alive(&self) -> bool {
+        self.processes.keys().any(|&pid| process::is_alive(pid))
+    }
+
+    fn losses(&self) -> anyhow::Result<SampleLosses> {
+        Ok(self.sampler.losses()?)
+    }
+}
+
+/// Whether a thread is running or runnable (`Some(true)`), off CPU
+/// (`Some(false)`), or gone (`None`), from `/proc/PID/task/TID/stat`.
+fn thread_running(pid: u32, tid: u32) -> Option<bool> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // The state follows the parenthesised command, which may hold spaces.
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+    Some(state == "R")
+}
+
+/// A process's command line, shortened for labels.
+fn command_line(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let mut line = text.join(" ");
+    if line.chars().count() > 80 {
+        line = line.chars().take(77).collect::<String>() + "...";
+    }
+    Some(line)
+}
+
+/// Sets up the session: targets checked, probes loaded, processes added,
+/// sampling started.
+fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
+    for &pid in &opts.pids {
+        process::find_interpreter(pid)?;
+    }
+    let mut session = Session::new(opts)?;
+    for &pid in &opts.pids {
+        let line = session
+            .add(pid)
+            .with_context(|| format!("setting up PID {pid}"))?;
+        eprintln!("pyprobe: sampling {line}");
+    }
+    if opts.all {
+        session.scan();
+        eprintln!("pyprobe: sampling every Python process (new ones are picked up every second)");
+    }
+    session.sampler.start(opts.rate)?;
+    eprintln!(
+        "pyprobe: {what} at {} Hz{}; Ctrl-C to stop",
+        opts.rate,
+        if opts.idle {
+            " (idle threads too)"
+        } else {
+            ""
+        }
+    );
+    Ok(session)
+}
+
+/// What happened during a run, for the closing lines (and `top --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Seconds sampled.
+    pub seconds: f64,
+    /// Samples kept.
+    pub samples: u64,
+    /// Of which off CPU.
+    pub idle_samples: u64,
+    /// Of which the thread held the GIL.
+    pub gil_samples: u64,
+    /// Of which truncated or torn.
+    pub truncated: u64,
+    /// Distinct stacks.
+    pub stacks: usize,
+    /// Ticks in the kernel that gave no sample, by reason.
+    pub kernel: SampleLosses,
+    /// Samples or frames dropped in userspace, by reason.
+    pub dropped: stacks::Dropped,
+}
+
+impl Summary {
+    fn of(session: &Session, started: Instant) -> anyhow::Result<Self> {
+        let p = &session.profile;
+        Ok(Self {
+            seconds: started.elapsed().as_secs_f64(),
+            samples: p.samples,
+            idle_samples: p.idle_samples,
+            gil_samples: p.gil_samples,
+            truncated: p.truncated + p.torn,
+            stacks: p.stacks.len(),
+            kernel: session.losses()?,
+            dropped: p.dropped,
+        })
+    }
+
+    /// One line for people.
+    fn line(&self) -> String {
+        let k = &self.kernel;
+        let d = &self.dropped;
+        format!(
+            "{} samples in {:.1} s ({} off CPU, {} holding the GIL, {} truncated), {} distinct stacks; \
+             not sampled: {} on threads not yet known, {} on non-Python threads, {} outside Python code, \
+             {} unreadable, {} lost (ring buffer full), {} skipped by the kernel, {} unreadable frames, {} of unknown processes",
+            self.samples,
+            self.seconds,
+            self.idle_samples,
+            self.gil_samples,
+            self.truncated,
+            self.stacks,
+            k.unknown_thread,
+            k.not_python,
+            k.no_frame,
+            k.unreadable,
+            k.ring_full,
+            k.recursion_misses,
+            d.unreadable_frames,
+            d.unknown_process,
+        )
+    }
+}
+
+/// Runs the sampling loop until the duration, Ctrl-C, or (without `--all`)
+/// the exit of every target; `report` is called every `interval`.
+async fn sample_loop(
+    session: &mut Session,
+    opts: &ProfileOptions,
+    interval: Duration,
+    mut report: impl FnMut(&Session) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut drain = live::ticker(DRAIN_INTERVAL);
+    let mut threads = live::ticker(THREADS_INTERVAL);
+    let mut reports = live::ticker(interval);
+    let idle_period = Duration::from_secs_f64(1.0 / opts.rate as f64);
+    let mut idle = live::ticker(idle_period);
+    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let stop = live::stop_requested(opts.duration);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = drain.tick() => session.drain()?,
+            _ = idle.tick(), if session.idle => session.sample_idle(),
+            _ = threads.tick() => {
+                session.refresh_threads();
+                if opts.all {
+                    session.scan();
+                } else if !session.any_alive() {
+                    eprintln!("pyprobe: every target process has exited");
+                    break;
+                }
+            }
+            _ = reports.tick() => report(session)?,
+            r = &mut stop => {
+                r?;
+                break;
+            }
+        }
+    }
+    session.drain()?;
+    Ok(())
+}
+
+/// Options of `pyprobe record`.
+#[derive(Debug, Clone)]
+pub struct RecordOptions {
+    /// What to sample.
+    pub profile: ProfileOptions,
+    /// Where to write.
+    pub output: PathBuf,
+    /// What to write.
+    pub format: Format,
+}
+
+/// Runs `pyprobe record`: samples until stopped, then writes the profile.
+pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
+    // Fail on an unwritable output before sampling for minutes.
+    std::fs::File::create(&opts.output)
+        .with_context(|| format!("cannot write {}", opts.output.display()))?;
+    let mut session = start(&opts.profile, "recording")?;
+    let started = Instant::now();
+    sample_loop(&mut session, &opts.profile, Duration::from_secs(3600), |_| {
+        Ok(())
+    })
+    .await?;
+    let summary = Summary::of(&session, started)?;
+    let profile = &session.profile;
+    let roots = &session.roots;
+    let file = std::fs::File::create(&opts.output)
+        .with_context(|| format!("cannot write {}", opts.output.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let title = match opts.profile.pids.as_slice() {
+        [pid] => format!("pyprobe record --pid {pid}"),
+        _ if opts.profile.all => "pyprobe record --all".to_owned(),
+        pids => format!("pyprobe record, PIDs {pids:?}"),
+    };
+    match opts.format {
+        Format::Folded => {
+            use std::io::Write;
+            for line in output::folded(profile, roots) {
+                writeln!(out, "{line}")?;
+            }
+        }
+        Format::Flamegraph => output::flamegraph(&output::folded(profile, roots), &title, &mut out)?,
+        Format::Speedscope => {
+            serde_json::to_writer(&mut out, &output::speedscope(profile, roots, opts.profile.rate, &title))?
+        }
+    }
+    std::io::Write::flush(&mut out)?;
+    eprintln!("pyprobe: {}", summary.line());
+    eprintln!("pyprobe: wrote {}", opts.output.display());
+    Ok(())
+}
+
+/// Options of `pyprobe top`.
+#[derive(Debug, Clone)]
+pub struct TopOptions {
+    /// What to sample.
+    pub profile: ProfileOptions,
+    /// Time between two views.
+    pub interval: Duration,
+    /// Rows per view (`None`: all).
+    pub rows: Option<usize>,
+    /// One JSON document per view instead of a table.
+    pub json: bool,
+}
+
+/// One view of `pyprobe top`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopReport {
+    /// `"interval"` or `"final"`.
+    pub kind: &'static str,
+    /// Sampling rate, Hz.
+    pub rate: u64,
+    /// Samples in the last interval.
+    pub interval_samples: u64,
+    /// Functions: cumulative own and total samples, and their share of the
+    /// last interval's samples.
+    pub functions: Vec<TopLine>,
+    /// The run so far.
+    pub summary: Summary,
+}
+
+/// A function in a [`TopReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TopLine {
+    /// Cumulative samples.
+    #[serde(flatten)]
+    pub row: TopRow,
+    /// Own samples in the last interval, percent of its samples.
+    pub own_percent: f64,
+    /// Total samples in the last interval, percent of its samples.
+    pub total_percent: f64,
+}
+
+/// Builds views from the profile, remembering the previous one for shares
+/// of the last interval.
+struct TopView {
+    previous: HashMap<(String, String, i32), (u64, u64)>,
+    previous_samples: u64,
+    rate: u64,
+    rows: Option<usize>,
+}
+
+impl TopView {
+    fn report(&mut self, session: &Session, started: Instant, kind: &'static str) -> anyhow::Result<TopReport> {
+        let profile = &session.profile;
+        let rows = output::top_rows(profile);
+        let interval_samples = profile.samples - self.previous_samples;
+        let mut lines: Vec<TopLine> = rows
+            .into_iter()
+            .map(|row| {
+                let key = (row.function.clone(), row.file.clone(), row.first_line);
+                let (own0, total0) = self.previous.get(&key).copied().unwrap_or((0, 0));
+                let pct = |n: u64| {
+                    if interval_samples == 0 {
+                        0.0
+                    } else {
+                        100.0 * n as f64 / interval_samples as f64
+                    }
+                };
+                self.previous.insert(key, (row.own, row.total));
+                TopLine {
+                    own_percent: pct(row.own - own0),
+                    total_percent: pct(row.total - total0),
+                    row,
+                }
+            })
+            .collect();
+        self.previous_samples = profile.samples;
+        lines.sort_by(|a, b| {
+            b.own_percent
+                .total_cmp(&a.own_percent)
+                .then(b.row.own.cmp(&a.row.own))
+                .then(b.row.total.cmp(&a.row.total))
+        });
+        if let Some(n) = self.rows {
+            lines.truncate(n);
+        }
+        Ok(TopReport {
+            kind,
+            rate: self.rate,
+            interval_samples,
+            functions: lines,
+            summary: Summary::of(session, started)?,
+        })
+    }
+}
+
+/// The table of a [`TopReport`].
+fn top_table(r: &TopReport) -> String {
+    let seconds = |n: u64| format!("{:.2}s", n as f64 / r.rate.max(1) as f64);
+    let mut b = Builder::default();
+    b.push_record(["%Own", "%Total", "OwnTime", "TotalTime", "Function (filename:line)"]);
+    for l in &r.functions {
+        b.push_record([
+            format!("{:.1}", l.own_percent),
+            format!("{:.1}", l.total_percent),
+            seconds(l.row.own),
+            seconds(l.row.total),
+            format!("{} ({}:{})", l.row.function, l.row.file, l.row.first_line),
+        ]);
+    }
+    let s = &r.summary;
+    let gil = if s.samples == 0 {
+        0.0
+    } else {
+        100.0 * s.gil_samples as f64 / s.samples as f64
+    };
+    format!(
+        "{} samples in the last interval, {} in {:.0} s; GIL held in {gil:.0}% of samples; {} distinct stacks\n{}\n",
+        r.interval_samples,
+        s.samples,
+        s.seconds,
+        s.stacks,
+        b.build().with(Style::blank())
+    )
+}
+
+/// Runs `pyprobe top`: a live view of the functions with the most samples.
+pub async fn top(opts: TopOptions) -> anyhow::Result<()> {
+    let mut session = start(&opts.profile, "sampling")?;
+    let started = Instant::now();
+    let mut view = TopView {
+        previous: HashMap::new(),
+        previous_samples: 0,
+        rate: opts.profile.rate,
+        rows: opts.rows,
+    };
+    let clear = !opts.json && std::io::stdout().is_terminal();
+    let json = opts.json;
+    sample_loop(&mut session, &opts.profile, opts.interval, |session| {
+        let report = view.report(session, started, "interval")?;
+        if clear {
+            print!("\x1b[2J\x1b[H");
+        }
+        live::emit(&report, json, top_table)
+    })
+    .await?;
+    let report = view.report(&session, started, "final")?;
+    live::emit(&report, json, top_table)?;
+    eprintln!("pyprobe: {}", report.summary.line());
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! Writing a profile: folded stacks, flamegraph SVG (inferno), speedscope
+//! JSON, and the rows of `pyprobe top`.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io::Write,
+};
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::stacks::{Profile, StackKey};
+
+/// Names of the processes and threads sampled, for the synthetic root
+/// frames that keep them apart.
+#[derive(Debug, Default, Clone)]
+pub struct Roots {
+    /// Put a `process PID (command)` frame at the root of every stack.
+    pub processes: bool,
+    /// Command line of each process.
+    pub process_names: HashMap<u32, String>,
+    /// Name of each thread (`comm`).
+    pub thread_names: HashMap<u32, String>,
+}
+
+impl Roots {
+    /// The synthetic frames above a stack's Python frames.
+    fn labels(&self, key: &StackKey) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.processes {
+            match self.process_names.get(&key.pid) {
+                Some(name) => out.push(format!("process {} ({name})", key.pid)),
+                None => out.push(format!("process {}", key.pid)),
+            }
+        }
+        if key.tid != 0 {
+            match self.thread_names.get(&key.tid) {
+                Some(name) => out.push(format!("thread {} ({name})", key.tid)),
+                None => out.push(format!("thread {}", key.tid)),
+            }
+        }
+        if key.truncated {
+            out.push("[truncated]".to_owned());
+        }
+        out
+    }
+}
+
+/// Folded stacks, one line per distinct stack: frames outermost first,
+/// separated by `;`, then a space and the sample count (the format of
+/// Brendan Gregg's flamegraph.pl and inferno). Sorted.
+pub fn folded(profile: &Profile, roots: &Roots) -> Vec<String> {
+    let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+    for (key, &count) in &profile.stacks {
+        let mut parts = roots.labels(key);
+        parts.extend(
+            key.frames
+                .iter()
+                .map(|&i| profile.frames[i as usize].label().replace(';', ":")),
+        );
+        if parts.is_empty() {
+            parts.push("[no Python frame]".to_owned());
+        }
+        *merged.entry(parts.join(";")).or_insert(0) += count;
+    }
+    merged
+        .into_iter()
+        .map(|(stack, count)| format!("{stack} {count}"))
+        .collect()
+}
+
+/// Writes a flamegraph SVG of folded `lines`.
+pub fn flamegraph(lines: &[String], title: &str, out: impl Write) -> anyhow::Result<()> {
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = title.to_owned();
+    options.count_name = "samples".to_owned();
+    if lines.is_empty() {
+        // inferno refuses an empty profile; say so in the picture instead.
+        let empty = ["[no samples] 1".to_owned()];
+        inferno::flamegraph::from_lines(&mut options, empty.iter().map(String::as_str), out)?;
+    } else {
+        inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), out)?;
+    }
+    Ok(())
+}
+
+/// A speedscope document (<https://www.speedscope.app> file format): one
+/// sampled profile per process, or per thread with `--threads`; weights in
+/// seconds (samples / rate).
+pub fn speedscope(profile: &Profile, roots: &Roots, rate: u64, name: &str) -> serde_json::Value {
+    let mut frames: Vec<serde_json::Value> = profile
+        .frames
+        .iter()
+        .map(|f| json!({"name": f.function, "file": f.file, "line": f.line}))
+        .collect();
+    let mut extra: HashMap<String, usize> = HashMap::new();
+    let mut groups: BTreeMap<(u32, u32), Vec<(Vec<usize>, u64)>> = BTreeMap::new();
+    let mut keys: Vec<&StackKey> = profile.stacks.keys().collect();
+    keys.sort();
+    for key in keys {
+        let count = profile.stacks[key];
+        let mut stack = Vec::new();
+        if key.truncated {
+            let i = *extra.entry("[truncated]".to_owned()).or_insert_with(|| {
+                frames.push(json!({"name": "[truncated]"}));
+                frames.len() - 1
+            });
+            stack.push(i);
+        }
+        stack.extend(key.frames.iter().map(|&i| i as usize));
+        groups
+            .entry((key.pid, key.tid))
+            .or_default()
+            .push((stack, count));
+    }
+    let seconds = 1.0 / rate.max(1) as f64;
+    let profiles: Vec<serde_json::Value> = groups
+        .into_iter()
+        .map(|((pid, tid), stacks)| {
+            let total: u64 = stacks.iter().map(|(_, c)| c).sum();
+            let mut title = match roots.process_names.get(&pid) {
+                Some(cmd) => format!("process {pid} ({cmd})"),
+                None => format!("process {pid}"),
+            };
+            if tid != 0 {
+                match roots.thread_names.get(&tid) {
+                    Some(t) => title.push_str(&format!(" thread {tid} ({t})")),
+                    None => title.push_str(&format!(" thread {tid}")),
+                }
+            }
+            json!({
+                "type": "sampled",
+                "name": title,
+                "unit": "seconds",
+                "startValue": 0.0,
+                "endValue": total as f64 * seconds,
+                "samples": stacks.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>(),
+                "weights": stacks.iter().map(|(_, c)| *c as f64 * seconds).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "$schema": "https://www.speedscope.app/file-format-schema.json",
+        "shared": {"frames": frames},
+        "profiles": profiles,
+        "name": name,
+        "activeProfileIndex": 0,
+        "exporter": format!("pyprobe {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// A function in `pyprobe top`: samples where it was running (own) and
+/// where it was on the stack (total, once per sample however deep it
+/// recursed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopRow {
+    /// Qualified name.
+    pub function: String,
+    /// File.
+    pub file: String,
+    /// First line of the function.
+    pub first_line: i32,
+    /// Samples with this function innermost.
+    pub own: u64,
+    /// Samples with this function anywhere on the stack.
+    pub total: u64,
+}
+
+/// Rows of `pyprobe top`, most own samples first (then most total).
+pub fn top_rows(profile: &Profile) -> Vec<TopRow> {
+    let mut rows: HashMap<u32, (u64, u64)> = HashMap::new();
+    // Frames at different lines of one function are one row.
+    let mut function_of: HashMap<u32, u32> = HashMap::new();
+    let mut first_frame: HashMap<(&str, &str, i32), u32> = HashMap::new();
+    for (i, f) in profile.frames.iter().enumerate() {
+        let id = *first_frame
+            .entry((&f.function, &f.file, f.first_line))
+            .or_insert(i as u32);
+        function_of.insert(i as u32, id);
+    }
+    for (key, &count) in &profile.stacks {
+        let mut seen = HashSet::new();
+        for &frame in &key.frames {
+            let id = function_of[&frame];
+            if seen.insert(id) {
+                rows.entry(id).or_default().1 += count;
+            }
+        }
+        if let Some(&leaf) = key.frames.last() {
+            rows.entry(function_of[&leaf]).or_default().0 += count;
+        }
+    }
+    let mut out: Vec<TopRow> = rows
+        .into_iter()
+        .map(|(id, (own, total))| {
+            let f = &profile.frames[id as usize];
+            TopRow {
+                function: f.function.clone(),
+                file: f.file.clone(),
+                first_line: f.first_line,
+                own,
+                total,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (b.own, b.total, &a.function, &a.file).cmp(&(a.own, a.total, &b.function, &b.file))
+    });
+    out
+}

@@ -1,0 +1,321 @@
+//! Samples as they arrive from the kernel, named and counted: each distinct
+//! stack once, with the number of samples that hit it.
+
+use std::collections::HashMap;
+
+use pyprobe_common::sample::{self, FRAME_LEN, FrameRecord, HEADER_LEN, SampleHeader};
+use serde::Serialize;
+
+use crate::python::{
+    memory::ProcessMemory,
+    reader::{Frame, Target},
+};
+
+/// A named frame: a function at a line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct FrameName {
+    /// Qualified name (`co_qualname` from 3.11, else `co_name`).
+    pub function: String,
+    /// `co_filename`.
+    pub file: String,
+    /// Line being run (or, in a caller, the line of the call).
+    pub line: Option<i32>,
+    /// The function's first line (`co_firstlineno`).
+    pub first_line: i32,
+}
+
+impl FrameName {
+    fn of(frame: &Frame) -> Self {
+        Self {
+            function: frame.function.clone(),
+            file: frame.filename.clone(),
+            line: frame.line,
+            first_line: frame.first_line,
+        }
+    }
+
+    /// `function (file:line)`, as py-spy prints frames.
+    pub fn label(&self) -> String {
+        match self.line {
+            Some(line) => format!("{} ({}:{line})", self.function, self.file),
+            None => format!("{} ({})", self.function, self.file),
+        }
+    }
+}
+
+/// A distinct stack.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    /// Process.
+    pub pid: u32,
+    /// Thread (0 unless threads are kept apart).
+    pub tid: u32,
+    /// Sampled off CPU (`--idle`).
+    pub idle: bool,
+    /// The outermost frames are missing (too deep, or torn while read).
+    pub truncated: bool,
+    /// Frames as indices into [`Profile::frames`], outermost first.
+    pub frames: Vec<u32>,
+}
+
+/// Counts of samples that were taken but not kept, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Dropped {
+    /// Samples of a process pyprobe no longer (or never) knew.
+    pub unknown_process: u64,
+    /// Frames whose code object could not be read (left out of their stack).
+    pub unreadable_frames: u64,
+    /// Samples of threads not holding the GIL (with `--gil`).
+    pub not_holding_gil: u64,
+    /// Kernel records too short to be samples (a bug if ever non-zero).
+    pub malformed: u64,
+}
+
+/// Everything sampled so far.
+#[derive(Debug, Default)]
+pub struct Profile {
+    /// Distinct frames.
+    pub frames: Vec<FrameName>,
+    index: HashMap<FrameName, u32>,
+    /// Samples per distinct stack.
+    pub stacks: HashMap<StackKey, u64>,
+    /// Samples kept.
+    pub samples: u64,
+    /// Of which off CPU (`--idle`).
+    pub idle_samples: u64,
+    /// Of which the thread held the GIL (on-CPU samples only).
+    pub gil_samples: u64,
+    /// Of which truncated (deeper than the kernel walks).
+    pub truncated: u64,
+    /// Of which torn (a frame changed while being read).
+    pub torn: u64,
+    /// Samples or frames not kept.
+    pub dropped: Dropped,
+}
+
+impl Profile {
+    fn intern(&mut self, name: FrameName) -> u32 {
+        if let Some(&i) = self.index.get(&name) {
+            return i;
+        }
+        let i = self.frames.len() as u32;
+        self.frames.push(name.clone());
+        self.index.insert(name, i);
+        i
+    }
+
+    fn add(&mut self, mut key: StackKey) {
+        self.samples += 1;
+        if key.idle {
+            self.idle_samples += 1;
+        }
+        key.frames.reverse();
+        *self.stacks.entry(key).or_insert(0) += 1;
+    }
+}
+
+/// One process being sampled: its reader and the names of the frames seen.
+pub struct Process {
+    /// Reader of its memory.
+    pub target: Target<ProcessMemory>,
+    /// (code object, instruction word) -> frame index, or `None` for
+    /// frames that are not Python code.
+    names: HashMap<(u64, u64), Option<u32>>,
+}
+
+impl Process {
+    /// Starts naming frames of `target`.
+    pub fn new(target: Target<ProcessMemory>) -> Self {
+        Self {
+            target,
+            names: HashMap::new(),
+        }
+    }
+}
+
+/// How samples are kept.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keep {
+    /// Keep threads apart.
+    pub threads: bool,
+    /// Keep only samples of threads holding the GIL.
+    pub gil_only: bool,
+}
+
+/// Parses a kernel sample: its header and frames (innermost first).
+pub fn parse(bytes: &[u8]) -> Option<(SampleHeader, Vec<FrameRecord>)> {
+    if bytes.len() < HEADER_LEN {
+        return None;
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let header = SampleHeader {
+        tgid: u32_at(0),
+        tid: u32_at(4),
+        flags: u32_at(8),
+        frames: u32_at(12),
+        next: u64_at(16),
+        runs: u32_at(24),
+        cpu: u32_at(28),
+    };
+    let n = header.frames as usize;
+    if bytes.len() < HEADER_LEN + n * FRAME_LEN {
+        return None;
+    }
+    let frames = (0..n)
+        .map(|i| {
+            let at = HEADER_LEN + i * FRAME_LEN;
+            FrameRecord {
+                code: u64_at(at),
+                instruction: u64_at(at + 8),
+            }
+        })
+        .collect();
+    Some((header, frames))
+}
+
+impl Profile {
+    /// Adds a sample from the kernel.
+    pub fn add_kernel_sample(
+        &mut self,
+        bytes: &[u8],
+        processes: &mut HashMap<u32, Process>,
+        keep: Keep,
+    ) {
+        let Some((header, records)) = parse(bytes) else {
+            self.dropped.malformed += 1;
+            return;
+        };
+        let holds_gil = header.flags & sample::HOLDS_GIL != 0;
+        if keep.gil_only && !holds_gil {
+            self.dropped.not_holding_gil += 1;
+            return;
+        }
+        let Some(process) = processes.get_mut(&header.tgid) else {
+            self.dropped.unknown_process += 1;
+            return;
+        };
+        let mut frames = Vec::with_capacity(records.len());
+        for r in records {
+            let known = process.names.get(&(r.code, r.instruction)).copied();
+            let name = match known {
+                Some(name) => name,
+                None => match process.target.code_frame(r.code, r.instruction) {
+                    Ok(frame) => {
+                        let name = frame.map(|(f, _)| self.intern(FrameName::of(&f)));
+                        process.names.insert((r.code, r.instruction), name);
+                        name
+                    }
+                    Err(_) => {
+                        self.dropped.unreadable_frames += 1;
+                        None
+                    }
+                },
+            };
+            frames.extend(name);
+        }
+        if holds_gil {
+            self.gil_samples += 1;
+        }
+        let torn = header.flags & sample::TORN != 0;
+        let truncated = torn || header.flags & sample::TRUNCATED != 0;
+        self.torn += u64::from(torn);
+        self.truncated += u64::from(header.flags & sample::TRUNCATED != 0);
+        self.add(StackKey {
+            pid: header.tgid,
+            tid: if keep.threads { header.tid } else { 0 },
+            idle: false,
+            truncated,
+            frames,
+        });
+    }
+
+    /// Adds a sample of a thread off CPU, read from userspace (`--idle`):
+    /// its frames innermost first.
+    pub fn add_idle_sample(&mut self, pid: u32, tid: u32, frames: &[Frame], keep: Keep) {
+        if keep.gil_only {
+            self.dropped.not_holding_gil += 1;
+            return;
+        }
+        let frames = frames
+            .iter()
+            .map(|f| self.intern(FrameName::of(f)))
+            .collect();
+        self.add(StackKey {
+            pid,
+            tid: if keep.threads { tid } else { 0 },
+            idle: true,
+            truncated: false,
+            frames,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_kernel_sample() {
+        let mut bytes = Vec::new();
+        for v in [7u32, 8, sample::HOLDS_GIL, 2] {
+            bytes.extend(v.to_le_bytes());
+        }
+        bytes.extend(0u64.to_le_bytes());
+        bytes.extend(1u32.to_le_bytes());
+        bytes.extend(3u32.to_le_bytes());
+        for v in [0x10u64, 0x20, 0x30, 0x40] {
+            bytes.extend(v.to_le_bytes());
+        }
+        let (h, frames) = parse(&bytes).expect("parses");
+        assert_eq!((h.tgid, h.tid, h.flags, h.frames, h.cpu), (7, 8, 1, 2, 3));
+        assert_eq!(
+            frames,
+            vec![
+                FrameRecord {
+                    code: 0x10,
+                    instruction: 0x20
+                },
+                FrameRecord {
+                    code: 0x30,
+                    instruction: 0x40
+                }
+            ]
+        );
+        // Shorter than its frame count says: rejected.
+        assert!(parse(&bytes[..bytes.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn identical_stacks_are_counted_once_outermost_first() {
+        let mut p = Profile::default();
+        let f = |name: &str, line| Frame {
+            function: name.into(),
+            filename: "app.py".into(),
+            line: Some(line),
+            first_line: 1,
+            instruction: 0,
+            code: 0,
+            locals: Vec::new(),
+        };
+        let stack = [f("leaf", 3), f("main", 9)];
+        let keep = Keep::default();
+        p.add_idle_sample(1, 2, &stack, keep);
+        p.add_idle_sample(1, 3, &stack, keep);
+        assert_eq!(p.samples, 2);
+        assert_eq!(p.stacks.len(), 1);
+        let (key, count) = p.stacks.iter().next().expect("one stack");
+        assert_eq!(*count, 2);
+        let labels: Vec<String> = key.frames.iter().map(|&i| p.frames[i as usize].label()).collect();
+        assert_eq!(labels, ["main (app.py:9)", "leaf (app.py:3)"]);
+        // Threads kept apart: two stacks.
+        let mut p = Profile::default();
+        let keep = Keep {
+            threads: true,
+            ..Keep::default()
+        };
+        p.add_idle_sample(1, 2, &stack, keep);
+        p.add_idle_sample(1, 3, &stack, keep);
+        assert_eq!(p.stacks.len(), 2);
+    }
+}
