@@ -470,7 +470,9 @@ impl Sampler {
     pub fn load() -> Result<Self, BpfError> {
         privileges::check()?;
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(BpfError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(BpfError::Load)?;
         for name in [names::PROG_SAMPLE_CPU, names::PROG_SAMPLE_WALK] {
             perf_event_mut(&mut ebpf, name)?
                 .load()

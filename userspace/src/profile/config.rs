@@ -154,6 +154,9 @@ mod tests {
         assert_eq!(config(8).gil_current, 0x1000 + 1368);
         assert_eq!(config(11).gil_current, 0x1000 + 576);
         let c = config(12);
-        assert_eq!((c.gil_current, c.gil_last_holder, c.gil_locked), (0, 0x5008, 0x5010));
+        assert_eq!(
+            (c.gil_current, c.gil_last_holder, c.gil_locked),
+            (0, 0x5008, 0x5010)
+        );
     }
 }

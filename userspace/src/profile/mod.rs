@@ -320,11 +320,7 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
     eprintln!(
         "pyprobe: {what} at {} Hz{}; Ctrl-C to stop",
         opts.rate,
-        if opts.idle {
-            " (idle threads too)"
-        } else {
-            ""
-        }
+        if opts.idle { " (idle threads too)" } else { "" }
     );
     Ok(session)
 }
@@ -444,14 +440,18 @@ pub struct RecordOptions {
 
 /// Runs `pyprobe record`: samples until stopped, then writes the profile.
 pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
-    // Fail on an unwritable output before sampling for minutes.
+    let mut session = start(&opts.profile, "recording")?;
+    // Fail on an unwritable output now rather than after sampling for
+    // minutes (the targets were checked first: a bad PID leaves no file).
     std::fs::File::create(&opts.output)
         .with_context(|| format!("cannot write {}", opts.output.display()))?;
-    let mut session = start(&opts.profile, "recording")?;
     let started = Instant::now();
-    sample_loop(&mut session, &opts.profile, Duration::from_secs(3600), |_| {
-        Ok(())
-    })
+    sample_loop(
+        &mut session,
+        &opts.profile,
+        Duration::from_secs(3600),
+        |_| Ok(()),
+    )
     .await?;
     let summary = Summary::of(&session, started)?;
     let profile = &session.profile;
@@ -471,10 +471,13 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
                 writeln!(out, "{line}")?;
             }
         }
-        Format::Flamegraph => output::flamegraph(&output::folded(profile, roots), &title, &mut out)?,
-        Format::Speedscope => {
-            serde_json::to_writer(&mut out, &output::speedscope(profile, roots, opts.profile.rate, &title))?
+        Format::Flamegraph => {
+            output::flamegraph(&output::folded(profile, roots), &title, &mut out)?
         }
+        Format::Speedscope => serde_json::to_writer(
+            &mut out,
+            &output::speedscope(profile, roots, opts.profile.rate, &title),
+        )?,
     }
     std::io::Write::flush(&mut out)?;
     eprintln!("pyprobe: {}", summary.line());
@@ -533,7 +536,12 @@ struct TopView {
 }
 
 impl TopView {
-    fn report(&mut self, session: &Session, started: Instant, kind: &'static str) -> anyhow::Result<TopReport> {
+    fn report(
+        &mut self,
+        session: &Session,
+        started: Instant,
+        kind: &'static str,
+    ) -> anyhow::Result<TopReport> {
         let profile = &session.profile;
         let rows = output::top_rows(profile);
         let interval_samples = profile.samples - self.previous_samples;
@@ -581,7 +589,13 @@ impl TopView {
 fn top_table(r: &TopReport) -> String {
     let seconds = |n: u64| format!("{:.2}s", n as f64 / r.rate.max(1) as f64);
     let mut b = Builder::default();
-    b.push_record(["%Own", "%Total", "OwnTime", "TotalTime", "Function (filename:line)"]);
+    b.push_record([
+        "%Own",
+        "%Total",
+        "OwnTime",
+        "TotalTime",
+        "Function (filename:line)",
+    ]);
     for l in &r.functions {
         b.push_record([
             format!("{:.1}", l.own_percent),

@@ -306,7 +306,11 @@ mod tests {
         assert_eq!(p.stacks.len(), 1);
         let (key, count) = p.stacks.iter().next().expect("one stack");
         assert_eq!(*count, 2);
-        let labels: Vec<String> = key.frames.iter().map(|&i| p.frames[i as usize].label()).collect();
+        let labels: Vec<String> = key
+            .frames
+            .iter()
+            .map(|&i| p.frames[i as usize].label())
+            .collect();
         assert_eq!(labels, ["main (app.py:9)", "leaf (app.py:3)"]);
         // Threads kept apart: two stacks.
         let mut p = Profile::default();

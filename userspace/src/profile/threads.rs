@@ -51,7 +51,9 @@ impl ThreadMapper {
             for tstate in target.thread_states(interp)? {
                 let id = match o.tstate_native_thread_id {
                     Some(off) => u64::from(target.mem.read_u32(tstate.wrapping_add(off))?),
-                    None => target.mem.read_u64(tstate.wrapping_add(o.tstate_thread_id))?,
+                    None => target
+                        .mem
+                        .read_u64(tstate.wrapping_add(o.tstate_thread_id))?,
                 };
                 states.push((tstate, id));
             }
@@ -147,7 +149,10 @@ mod tests {
             Some(0x2d0)
         );
         // Another layout is found by scanning.
-        let mem = Words(BTreeMap::from([(0x1000 + 0x2e0, 500), (0x9000 + 0x2e0, 501)]));
+        let mem = Words(BTreeMap::from([
+            (0x1000 + 0x2e0, 500),
+            (0x9000 + 0x2e0, 501),
+        ]));
         assert_eq!(
             find_tid_offset(&mem, 500, &[0x1000, 0x9000], &tids),
             Some(0x2e0)

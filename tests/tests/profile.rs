@@ -1,0 +1,486 @@
+//! `pyprobe record` and `pyprobe top` against a fixture with known CPU
+//! shares: 3 threads each spend 75% of their CPU in `hot()` at its loop
+//! line and 25% in `cold()` at its own, called from `work()` at known
+//! lines; the main thread sleeps in `idle_wait()`.
+//!
+//! Needs root (run through `cargo xtask test`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::{Context, bail, ensure};
+use pyprobe_tests::{Fixture, Interpreter, for_each_interpreter, pyprobe_bin};
+use serde_json::Value;
+
+/// Sampling rate of the tests.
+const RATE: &str = "499";
+
+/// The fixture and the lines it reported.
+struct Workload {
+    fixture: Fixture,
+    lines: BTreeMap<String, i64>,
+}
+
+impl Workload {
+    fn start(interp: &Interpreter, args: &[&str]) -> anyhow::Result<Self> {
+        let fixture = Fixture::start(interp, "profile_workload.py", args)?;
+        Ok(Self {
+            fixture,
+            lines: fixture_lines()?,
+        })
+    }
+
+    fn line(&self, mark: &str) -> i64 {
+        self.lines[mark]
+    }
+
+    fn pid(&self) -> String {
+        self.fixture.pid().to_string()
+    }
+}
+
+/// Line numbers of the fixture's `# mark` comments.
+fn fixture_lines() -> anyhow::Result<BTreeMap<String, i64>> {
+    let text = std::fs::read_to_string(pyprobe_tests::fixture_path("profile_workload.py"))?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if let Some((code, mark)) = line.rsplit_once("  # ")
+            && !code.trim_start().starts_with('#')
+            && !mark.contains(' ')
+        {
+            out.insert(mark.to_owned(), i as i64 + 1);
+        }
+    }
+    ensure!(out.len() == 8, "fixture marks: {out:?}");
+    Ok(out)
+}
+
+/// Runs `pyprobe record` to the end; returns the output file's text and
+/// pyprobe's stderr.
+fn record(args: &[&str], file: &str) -> anyhow::Result<(String, String)> {
+    let path: PathBuf =
+        std::env::temp_dir().join(format!("pyprobe-test-{}-{file}", std::process::id()));
+    let out = Command::new(pyprobe_bin())
+        .arg("record")
+        .args(args)
+        .arg("-o")
+        .arg(&path)
+        .output()
+        .context("running pyprobe record")?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(out.status.success(), "pyprobe record failed: {stderr}");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path:?}"))?;
+    Ok((text, stderr))
+}
+
+/// One folded stack: its root labels and frames `(function, file, line)`,
+/// outermost first, and its count.
+#[derive(Debug)]
+struct Folded {
+    frames: Vec<(String, String, Option<i64>)>,
+    count: u64,
+}
+
+fn parse_folded(text: &str) -> anyhow::Result<Vec<Folded>> {
+    text.lines()
+        .map(|line| {
+            let (stack, count) = line.rsplit_once(' ').context("no count")?;
+            let frames = stack
+                .split(';')
+                .map(|label| match label.rsplit_once(" (") {
+                    Some((function, rest)) => {
+                        let rest = rest.trim_end_matches(')');
+                        match rest.rsplit_once(':') {
+                            Some((file, line)) if line.parse::<i64>().is_ok() => {
+                                (function.to_owned(), file.to_owned(), line.parse().ok())
+                            }
+                            _ => (function.to_owned(), rest.to_owned(), None),
+                        }
+                    }
+                    None => (label.to_owned(), String::new(), None),
+                })
+                .collect();
+            Ok(Folded {
+                frames,
+                count: count.parse().context("count")?,
+            })
+        })
+        .collect()
+}
+
+fn is_fixture(file: &str) -> bool {
+    file.ends_with("profile_workload.py")
+}
+
+/// Samples whose innermost frame is the fixture's `function`.
+fn leaf_samples(stacks: &[Folded], function: &str) -> u64 {
+    stacks
+        .iter()
+        .filter(|s| {
+            s.frames
+                .last()
+                .is_some_and(|(f, file, _)| f == function && is_fixture(file))
+        })
+        .map(|s| s.count)
+        .sum()
+}
+
+#[test]
+fn record_attributes_cpu_shares_to_functions_lines_and_call_chains() {
+    for_each_interpreter("profile_shares", |interp| {
+        let w = Workload::start(interp, &[])?;
+        let pid = w.pid();
+        let (text, stderr) = record(
+            &[
+                "--pid",
+                &pid,
+                "--rate",
+                RATE,
+                "--duration",
+                "3",
+                "--format",
+                "folded",
+                "--threads",
+            ],
+            "shares.txt",
+        )?;
+        let stacks = parse_folded(&text)?;
+        let total: u64 = stacks.iter().map(|s| s.count).sum();
+        // CPU-bound threads behind one GIL: about one CPU busy all along.
+        ensure!(
+            total >= 499 * 3 * 7 / 10,
+            "only {total} samples in 3 s at 499 Hz; stderr: {stderr}"
+        );
+        let hot = leaf_samples(&stacks, "hot");
+        let cold = leaf_samples(&stacks, "cold");
+        let share = hot as f64 / (hot + cold) as f64;
+        ensure!(
+            (0.71..=0.79).contains(&share),
+            "hot() has {hot} samples and cold() {cold}: {:.1}% hot, expected 75% ± 4",
+            share * 100.0
+        );
+        ensure!(
+            hot + cold >= total * 97 / 100,
+            "hot+cold = {} of {total} samples",
+            hot + cold
+        );
+        // Every sample in hot()/cold() is at its loop line, called from
+        // work() at the call line, from worker(), from threading's
+        // bootstrap, in a worker thread.
+        let mut threads = BTreeSet::new();
+        let mut off_loop = 0;
+        for s in &stacks {
+            let Some((leaf, file, line)) = s.frames.last() else {
+                continue;
+            };
+            if !is_fixture(file) || (leaf != "hot" && leaf != "cold") {
+                continue;
+            }
+            let (loop_mark, call_mark) = if leaf == "hot" {
+                ("hot-loop", "call-hot")
+            } else {
+                ("cold-loop", "call-cold")
+            };
+            // The loop line, or (rarely: once per call) another line of
+            // the function, from `def` to `return`.
+            let body = w.line(loop_mark) - 2..=w.line(loop_mark) + 1;
+            ensure!(
+                line.is_some_and(|l| body.contains(&l)),
+                "{leaf}() sampled at line {line:?}, expected {body:?}"
+            );
+            if *line != Some(w.line(loop_mark)) {
+                off_loop += s.count;
+            }
+            let n = s.frames.len();
+            ensure!(n >= 5, "short stack {:?}", s.frames);
+            let tail: Vec<(&str, Option<i64>)> = s.frames[n - 3..]
+                .iter()
+                .map(|(f, _, l)| (f.as_str(), *l))
+                .collect();
+            ensure!(
+                tail == [
+                    ("worker", Some(w.line("call-work"))),
+                    ("work", Some(w.line(call_mark))),
+                    (leaf.as_str(), *line),
+                ],
+                "call chain {:?}",
+                s.frames
+            );
+            let (root, _, _) = &s.frames[0];
+            ensure!(
+                root.starts_with("thread "),
+                "no thread root: {:?}",
+                s.frames
+            );
+            ensure!(
+                s.frames[1].0.ends_with("_bootstrap"),
+                "outermost Python frame is not threading's bootstrap: {:?}",
+                s.frames
+            );
+            threads.insert(root.clone());
+        }
+        ensure!(
+            off_loop * 100 <= hot + cold,
+            "{off_loop} of {} samples in hot()/cold() not at their loop line",
+            hot + cold
+        );
+        ensure!(
+            threads.len() == 3,
+            "hot()/cold() seen in {} threads: {threads:?}",
+            threads.len()
+        );
+        // The main thread sleeps: on-CPU sampling sees it (almost) never.
+        let idle = leaf_samples(&stacks, "idle_wait");
+        ensure!(
+            idle * 100 <= total,
+            "{idle} samples of idle_wait() without --idle"
+        );
+        eprintln!(
+            "  {}: {total} samples, hot {:.1}%, {} threads, idle_wait {idle}",
+            interp.label,
+            share * 100.0,
+            threads.len()
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn idle_adds_waiting_threads_at_their_line() {
+    for_each_interpreter("profile_idle", |interp| {
+        let w = Workload::start(interp, &["1"])?;
+        let pid = w.pid();
+        let (text, stderr) = record(
+            &[
+                "--pid",
+                &pid,
+                "--rate",
+                "99",
+                "--duration",
+                "2",
+                "--format",
+                "folded",
+                "--idle",
+            ],
+            "idle.txt",
+        )?;
+        let stacks = parse_folded(&text)?;
+        let idle: Vec<&Folded> = stacks
+            .iter()
+            .filter(|s| s.frames.last().is_some_and(|(f, _, _)| f == "idle_wait"))
+            .collect();
+        let samples: u64 = idle.iter().map(|s| s.count).sum();
+        // 2 s at 99 Hz: the main thread is off CPU nearly all the time.
+        ensure!(
+            samples >= 99,
+            "{samples} idle_wait() samples with --idle; stderr: {stderr}"
+        );
+        for s in &idle {
+            ensure!(
+                s.frames.last().map(|f| f.2) == Some(Some(w.line("sleep"))),
+                "idle_wait() at {:?}",
+                s.frames.last()
+            );
+        }
+        ensure!(
+            stderr.contains(" off CPU"),
+            "summary lacks off-CPU count: {stderr}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn deep_stacks_are_walked_to_512_frames_then_marked_truncated() {
+    for_each_interpreter("profile_deep", |interp| {
+        for (depth, truncated) in [(300usize, false), (700, true)] {
+            let w = Workload::start(interp, &["--deep", &depth.to_string()])?;
+            let pid = w.pid();
+            let (text, _) = record(
+                &[
+                    "--pid",
+                    &pid,
+                    "--rate",
+                    RATE,
+                    "--duration",
+                    "1",
+                    "--format",
+                    "folded",
+                ],
+                "deep.txt",
+            )?;
+            let stacks = parse_folded(&text)?;
+            let in_hot: Vec<&Folded> = stacks
+                .iter()
+                .filter(|s| s.frames.last().is_some_and(|(f, _, _)| f == "hot"))
+                .collect();
+            ensure!(!in_hot.is_empty(), "no samples in hot() at depth {depth}");
+            for s in in_hot {
+                let downs = s.frames.iter().filter(|(f, _, _)| f == "down").count();
+                let marked = s.frames[0].0 == "[truncated]";
+                if truncated {
+                    // The innermost 512 Python frames: hot() and 511 down().
+                    ensure!(
+                        marked && downs == 511 && s.frames.len() == 513,
+                        "depth {depth}: {} frames, {downs} down(), marked {marked}",
+                        s.frames.len()
+                    );
+                } else {
+                    ensure!(
+                        !marked && downs == depth,
+                        "depth {depth}: {downs} down() frames, marked {marked}"
+                    );
+                    let bottom = &s.frames[s.frames.len() - 2];
+                    ensure!(
+                        bottom.0 == "down" && bottom.2 == Some(w.line("call-bottom")),
+                        "bottom frame {bottom:?}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn flamegraph_and_speedscope_files_are_valid_and_name_the_functions() {
+    for_each_interpreter("profile_formats", |interp| {
+        let w = Workload::start(interp, &[])?;
+        let pid = w.pid();
+        let (svg, _) = record(
+            &["--pid", &pid, "--rate", RATE, "--duration", "1"],
+            "profile.svg",
+        )?;
+        let mut reader = quick_xml::Reader::from_str(&svg);
+        let mut titles = Vec::new();
+        let mut in_title = false;
+        loop {
+            match reader.read_event() {
+                Ok(quick_xml::events::Event::Eof) => break,
+                Ok(quick_xml::events::Event::Start(e)) => in_title = e.name().as_ref() == b"title",
+                Ok(quick_xml::events::Event::Text(t)) if in_title => {
+                    titles.push(String::from_utf8_lossy(&t).into_owned());
+                }
+                Ok(_) => {}
+                Err(e) => bail!(
+                    "flamegraph is not valid XML at {}: {e}",
+                    reader.buffer_position()
+                ),
+            }
+        }
+        for name in ["hot (", "cold (", "work ("] {
+            ensure!(
+                titles.iter().any(|t| t.starts_with(name)),
+                "no {name:?} frame in the flamegraph"
+            );
+        }
+
+        let (json, _) = record(
+            &[
+                "--pid",
+                &pid,
+                "--rate",
+                RATE,
+                "--duration",
+                "1",
+                "--format",
+                "speedscope",
+                "--threads",
+            ],
+            "profile.speedscope.json",
+        )?;
+        let doc: Value = serde_json::from_str(&json).context("speedscope is not JSON")?;
+        ensure!(
+            doc["$schema"] == "https://www.speedscope.app/file-format-schema.json",
+            "schema {}",
+            doc["$schema"]
+        );
+        let frames = doc["shared"]["frames"].as_array().context("frames")?;
+        let profiles = doc["profiles"].as_array().context("profiles")?;
+        ensure!(
+            profiles.len() >= 3,
+            "{} profiles (one per thread)",
+            profiles.len()
+        );
+        let mut names = BTreeSet::new();
+        for p in profiles {
+            ensure!(p["type"] == "sampled" && p["unit"] == "seconds", "{p}");
+            let samples = p["samples"].as_array().context("samples")?;
+            let weights = p["weights"].as_array().context("weights")?;
+            ensure!(samples.len() == weights.len(), "samples and weights differ");
+            for s in samples {
+                for i in s.as_array().context("stack")? {
+                    let frame = frames
+                        .get(i.as_u64().context("index")? as usize)
+                        .context("frame index out of range")?;
+                    names.insert(frame["name"].as_str().unwrap_or("").to_owned());
+                }
+            }
+        }
+        for name in ["hot", "cold", "work", "worker"] {
+            ensure!(names.contains(name), "speedscope lacks {name}: {names:?}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn top_shows_hot_first_with_its_share() {
+    for_each_interpreter("profile_top", |interp| {
+        let w = Workload::start(interp, &[])?;
+        let pid = w.pid();
+        let out = Command::new(pyprobe_bin())
+            .args([
+                "top",
+                "--pid",
+                &pid,
+                "--rate",
+                RATE,
+                "--json",
+                "--interval",
+                "1",
+                "--duration",
+                "2.5",
+            ])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last: Value = serde_json::from_str(stdout.lines().last().context("no view")?)?;
+        ensure!(last["kind"] == "final", "{last}");
+        let functions = last["functions"].as_array().context("functions")?;
+        let row = |name: &str| {
+            functions
+                .iter()
+                .find(|f| f["function"] == name)
+                .with_context(|| format!("no {name} row"))
+        };
+        let hot = row("hot")?;
+        let cold = row("cold")?;
+        ensure!(
+            functions[0]["function"] == "hot",
+            "first row {}",
+            functions[0]
+        );
+        ensure!(
+            hot["first_line"].as_i64() == Some(w.line("hot-loop") - 2),
+            "{hot}"
+        );
+        let (h, c) = (
+            hot["own"].as_u64().unwrap_or(0),
+            cold["own"].as_u64().unwrap_or(0),
+        );
+        let share = h as f64 / (h + c) as f64;
+        ensure!((0.71..=0.79).contains(&share), "hot own share {share}");
+        // work() is on the stack of both: its total covers them, its own is ~0.
+        let work = row("work")?;
+        ensure!(work["total"].as_u64() >= Some(h + c), "{work}");
+        Ok(())
+    });
+}
