@@ -153,4 +153,36 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
     let (status, stderr) = run_pyprobe(&["entries", "--pid", "1", "--interval", "0"], false);
     assert_eq!(status, 2, "{stderr}");
     assert!(stderr.contains("--interval"), "{stderr}");
+    for rate in ["0", "20001"] {
+        let (status, stderr) = run_pyprobe(&["record", "--pid", "1", "--rate", rate], false);
+        assert_eq!(status, 2, "{stderr}");
+        assert!(stderr.contains("--rate"), "{stderr}");
+    }
+
+    // The sampler checks its targets the same way, and leaves no file.
+    let out = std::env::temp_dir().join("pyprobe-cli-test-none.svg");
+    let _ = std::fs::remove_file(&out);
+    let out_arg = out.to_str().unwrap();
+    assert_one_line_error(
+        &["record", "--pid", "99999999", "-o", out_arg],
+        false,
+        1,
+        "no process with PID 99999999",
+    )
+    .unwrap();
+    assert!(!out.exists(), "a failed record left {out:?}");
+    assert_one_line_error(
+        &["top", "--pid", "99999999"],
+        false,
+        1,
+        "no process with PID 99999999",
+    )
+    .unwrap();
+    let (status, stderr) = run_pyprobe(&["record", "--pid", &pid, "-o", out_arg], true);
+    assert_eq!(status, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("run pyprobe as root") || stderr.contains("run it with sudo"),
+        "{stderr}"
+    );
 }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod output;
 pub mod stacks;
 pub mod threads;
+pub mod walk;
 
 use std::{
     collections::{BTreeSet, HashMap},

@@ -94,7 +94,9 @@ pub fn speedscope(profile: &Profile, roots: &Roots, rate: u64, name: &str) -> se
         .map(|f| json!({"name": f.function, "file": f.file, "line": f.line}))
         .collect();
     let mut extra: HashMap<String, usize> = HashMap::new();
-    let mut groups: BTreeMap<(u32, u32), Vec<(Vec<usize>, u64)>> = BTreeMap::new();
+    // (pid, tid) -> (stack of frame indices, samples).
+    type Stacks = Vec<(Vec<usize>, u64)>;
+    let mut groups: BTreeMap<(u32, u32), Stacks> = BTreeMap::new();
     let mut keys: Vec<&StackKey> = profile.stacks.keys().collect();
     keys.sort();
     for key in keys {
