@@ -86,7 +86,8 @@ pub mod names {
     /// `--latency`).
     pub const PROG_CALL_EXIT_STACK: &str = "call_exit_stack";
     /// Uprobe program on the code object's `tp_dealloc`: bumps the
-    /// process's [`super::calls::ProcessConfig::code_epoch`].
+    /// process's [`super::calls::ProcessConfig::code_epoch`] (and
+    /// [`super::sample::SampleConfig::code_epoch`]).
     pub const PROG_CODE_FREED: &str = "code_freed";
     /// LRU hash map: [`super::calls::RunningKey`] ->
     /// [`super::calls::Running`]: frames being timed.
@@ -176,6 +177,10 @@ pub mod sample {
         /// Frames whose owner is at least this are not Python code (entry
         /// frames pushed by C); 256 when frames have no owner.
         pub owner_min: u64,
+        /// Bumped by `code_freed` each time the process frees a code
+        /// object, and sent with each sample: while it is unchanged, no
+        /// code object address named before can hold another one.
+        pub code_epoch: u64,
     }
 
     /// A thread of a profiled process, keyed by its kernel thread id.
@@ -219,6 +224,8 @@ pub mod sample {
         pub runs: u32,
         /// CPU the sample was taken on.
         pub cpu: u32,
+        /// The process's [`SampleConfig::code_epoch`] when sampled.
+        pub code_epoch: u64,
     }
 
     /// A sample as built in the kernel's scratch space; only the header and
@@ -661,9 +668,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::sample::ThreadState {}
 
-    const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 13 * 8);
+    const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 14 * 8);
     const _: () = assert!(core::mem::size_of::<super::sample::ThreadState>() == 16);
-    const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 32);
+    const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 40);
     const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 25 * 8 + 8);
     const _: () = assert!(core::mem::size_of::<super::calls::Running>() == 32);
     const _: () = assert!(

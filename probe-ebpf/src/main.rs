@@ -423,6 +423,7 @@ pub fn code_freed(_ctx: ProbeContext) -> u32 {
         // entries only when it sets a process up, before probing it.
         unsafe { (*config).code_epoch = (*config).code_epoch.wrapping_add(1) };
     }
+    sample::code_freed(tgid);
     0
 }
 

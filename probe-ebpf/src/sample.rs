@@ -97,6 +97,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
     header.runs = 0;
     // SAFETY: a helper without arguments.
     header.cpu = unsafe { bpf_get_smp_processor_id() };
+    header.code_epoch = config.code_epoch;
     walk(&ctx, sample, config);
     0
 }
@@ -235,5 +236,17 @@ fn send(s: &Sample) {
     };
     if ret < 0 {
         count_error(stats::SAMPLE_LOST);
+    }
+}
+
+/// Called by `code_freed`: a code object of process `tgid` is being freed,
+/// so names of code object addresses may change (see
+/// [`SampleConfig::code_epoch`]).
+#[inline(always)]
+pub fn code_freed(tgid: u32) {
+    if let Some(config) = SAMPLE_CONFIG.get_ptr_mut(&tgid) {
+        // SAFETY: a value of a successful lookup; two CPUs racing may make
+        // one increment of two, which still changes the value.
+        unsafe { (*config).code_epoch = (*config).code_epoch.wrapping_add(1) };
     }
 }

@@ -323,8 +323,9 @@ pub struct Probe {
 
 impl Probe {
     /// Starts `pyprobe args...` and waits until it prints a stderr line
-    /// containing "attached to PID" (or, under `--all`, "watching every"),
-    /// so everything a fixture does afterwards is seen.
+    /// containing "attached to PID" (or, under `--all`, "watching every";
+    /// for the sampler "Hz; Ctrl-C to stop"), so everything a fixture does
+    /// afterwards is seen.
     pub fn start(args: &[&str]) -> anyhow::Result<Probe> {
         let mut child = Command::new(pyprobe_bin())
             .args(args)
@@ -358,7 +359,9 @@ impl Probe {
                     );
                 }
             };
-            let ready = line.contains("attached to PID") || line.contains("watching every");
+            let ready = line.contains("attached to PID")
+                || line.contains("watching every")
+                || line.contains("Hz; Ctrl-C to stop");
             seen.push(line);
             if ready {
                 probe.startup = seen;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use pyprobe_tests::{Fixture, Interpreter, for_each_interpreter, pyprobe_bin};
+use pyprobe_tests::{Fixture, Interpreter, Probe, for_each_interpreter, pyprobe_bin};
 use serde_json::Value;
 
 /// Sampling rate of the tests.
@@ -481,6 +481,63 @@ fn top_shows_hot_first_with_its_share() {
         // work() is on the stack of both: its total covers them, its own is ~0.
         let work = row("work")?;
         ensure!(work["total"].as_u64() >= Some(h + c), "{work}");
+        Ok(())
+    });
+}
+
+#[test]
+fn code_objects_at_a_reused_address_keep_their_own_names() {
+    for_each_interpreter("profile_code_reuse", |interp| {
+        let mut fixture = Fixture::start(interp, "code_reuse.py", &["--spin", "0.3"])?;
+        let pid = fixture.pid().to_string();
+        let path =
+            std::env::temp_dir().join(format!("pyprobe-test-{}-reuse.txt", std::process::id()));
+        let path_arg = path.to_str().context("temp path")?;
+        let probe = Probe::start(&[
+            "record", "--pid", &pid, "--rate", RATE, "--format", "folded", "-o", path_arg,
+        ])?;
+        let report: Value = serde_json::from_str(&fixture.call("run", "{")?)?;
+        fixture.expect("done")?;
+        probe.interrupt();
+        let (ok, _, stderr) = probe.finish()?;
+        ensure!(ok, "pyprobe record failed: {stderr}");
+        ensure!(
+            report["reused"].as_u64() >= Some(3),
+            "the fixture reused too few addresses: {report}"
+        );
+        let stacks = parse_folded(&std::fs::read_to_string(&path)?)?;
+        let mut per_generation: BTreeMap<String, u64> = BTreeMap::new();
+        for s in &stacks {
+            let Some((function, file, line)) = s.frames.last() else {
+                continue;
+            };
+            if file != "<code_reuse>" {
+                continue;
+            }
+            let g: i64 = function
+                .strip_prefix("gen_")
+                .and_then(|g| g.parse().ok())
+                .with_context(|| format!("frame {function:?}"))?;
+            // gen_g starts at line g + 1 and spins at its 4th line.
+            ensure!(
+                line.is_some_and(|l| (g + 1..=g + 4).contains(&l)),
+                "{function} sampled at line {line:?}, outside its lines {}..={}",
+                g + 1,
+                g + 4
+            );
+            *per_generation.entry(function.clone()).or_default() += s.count;
+        }
+        // 0.3 s of CPU each at 499 Hz: about 150 samples per generation.
+        for g in 0..6 {
+            let n = per_generation
+                .get(&format!("gen_{g}"))
+                .copied()
+                .unwrap_or(0);
+            ensure!(
+                (100..=200).contains(&n),
+                "gen_{g}: {n} samples, expected about 150: {per_generation:?}"
+            );
+        }
         Ok(())
     });
 }

@@ -478,6 +478,12 @@ impl Sampler {
                 .load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }
+        uprobe_mut(&mut ebpf, names::PROG_CODE_FREED)?
+            .load()
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_CODE_FREED,
+                source,
+            })?;
         let walk = perf_event_mut(&mut ebpf, names::PROG_SAMPLE_WALK)?
             .fd()
             .map_err(|source| BpfError::Program {
@@ -535,6 +541,27 @@ impl Sampler {
                 })?;
         }
         self.attached = true;
+        Ok(())
+    }
+
+    /// Counts the code object frees of process `pid` (uprobe at
+    /// `file_offset` of its interpreter: the code type's `tp_dealloc`), so
+    /// names of code objects are re-read only when one was freed.
+    pub fn watch_code_frees(
+        &mut self,
+        interp: &Interpreter,
+        file_offset: u64,
+        pid: u32,
+    ) -> Result<(), BpfError> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?);
+        uprobe_mut(&mut self.ebpf, names::PROG_CODE_FREED)?
+            .attach(file_offset, &interp.host_path, scope)
+            .map_err(|source| BpfError::Attach {
+                target: interp.host_path.display().to_string(),
+                pid,
+                offset: file_offset,
+                source,
+            })?;
         Ok(())
     }
 

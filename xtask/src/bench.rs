@@ -12,6 +12,8 @@
 //!   empty program's (goal: at most 1.2), taken within interleaved rounds
 //!   in one process; the programs' in-kernel run time (`bpf_stats`);
 //!   pyprobe's CPU time and peak RSS.
+//! - `pyprobe record` against `py-spy record` at 100 Hz and 1 kHz (see
+//!   [`profile`]).
 
 use std::{
     io::{BufRead, BufReader},
@@ -22,6 +24,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+
+mod profile;
 
 use crate::{
     python314, setup,
@@ -145,7 +149,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs the benchmarks.
-pub fn bench(runs: usize) -> anyhow::Result<()> {
+pub fn bench(runs: usize, only: &[String]) -> anyhow::Result<()> {
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     setup::setup()?;
     if runs == 0 {
         bail!("--runs must be at least 1");
@@ -156,6 +161,20 @@ pub fn bench(runs: usize) -> anyhow::Result<()> {
         .unwrap_or_else(|| workspace_root().join("target"));
     let pyprobe = target_dir.join("release").join("pyprobe");
 
+    if wanted("dump") {
+        bench_dump(&pyprobe, runs)?;
+    }
+    if wanted("profile") {
+        profile::bench_profile(&pyprobe)?;
+    }
+    if wanted("calls") {
+        bench_calls(&pyprobe, runs.min(7))?;
+    }
+    Ok(())
+}
+
+/// `pyprobe dump` of a 50-thread process.
+fn bench_dump(pyprobe: &Path, runs: usize) -> anyhow::Result<()> {
     println!(
         "\n== pyprobe dump of a 50-thread process (20 frames each), {runs} runs, release build =="
     );
@@ -170,7 +189,7 @@ pub fn bench(runs: usize) -> anyhow::Result<()> {
         let mut cpu = 0.0;
         let mut rss = 0;
         for _ in 0..runs {
-            let u = measure(Command::new(&pyprobe).args(["dump", "--pid", &pid]))?;
+            let u = measure(Command::new(pyprobe).args(["dump", "--pid", &pid]))?;
             walls.push(u.wall_ms);
             cpu += u.cpu_ms;
             rss = rss.max(u.max_rss_kb);
@@ -187,8 +206,6 @@ pub fn bench(runs: usize) -> anyhow::Result<()> {
         );
     }
     println!("goal: median under 100 ms");
-
-    bench_calls(&pyprobe, runs.min(7))?;
     Ok(())
 }
 

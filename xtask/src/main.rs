@@ -41,6 +41,9 @@ enum Task {
         /// Runs per measurement.
         #[arg(long, default_value_t = 20)]
         runs: usize,
+        /// Only these benchmarks (repeatable): dump, profile, calls.
+        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls"])]
+        only: Vec<String>,
     },
     /// Regenerate the memory snapshots the offline tests replay (needs root).
     Snapshots,
@@ -62,7 +65,7 @@ fn main() -> ExitCode {
         Task::Test { no_lint, filter } => test::test(!no_lint, filter.as_deref()),
         Task::Demo { python, duration } => demo::demo(python, duration),
         Task::Snapshots => test::snapshots(),
-        Task::Bench { runs } => bench::bench(runs),
+        Task::Bench { runs, only } => bench::bench(runs, &only),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

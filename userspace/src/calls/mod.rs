@@ -63,7 +63,7 @@ const TP_DEALLOC: u64 = 48;
 /// `PyCode_Type`, which every build exports), past any `endbr64`. `None`
 /// (logged) when it cannot be found: then every call reads its code
 /// object.
-fn code_dealloc_site<M: Memory>(
+pub(crate) fn code_dealloc_site<M: Memory>(
     target: &Target<M>,
     image: &ElfImage,
     load_bias: u64,

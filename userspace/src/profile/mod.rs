@@ -125,7 +125,7 @@ impl Session {
 
     /// Sets up one process; returns a line describing it.
     fn add(&mut self, pid: u32) -> anyhow::Result<String> {
-        let target = Target::attach(pid)?;
+        let (target, image) = Target::attach_with_image(pid, |m| m)?;
         let cfg: SampleConfig =
             config::sample_config(&target.version, &target.info, target.runtime, |a| {
                 crate::python::memory::Memory::read_u64(&target.mem, a).ok()
@@ -133,6 +133,19 @@ impl Session {
         let mut mapper = ThreadMapper::default();
         let threads = mapper.map(pid, &target)?;
         self.sampler.configure(pid, &cfg)?;
+        // Before any sample: a free that went unseen would leave a stale
+        // name trusted.
+        let interp = target
+            .interpreter
+            .clone()
+            .expect("a live target knows its interpreter");
+        let watched = match crate::calls::code_dealloc_site(&target, &image, interp.load_bias) {
+            Some(offset) => {
+                self.sampler.watch_code_frees(&interp, offset, pid)?;
+                true
+            }
+            None => false,
+        };
         self.sampler.set_threads(pid, &threads)?;
         let python = threads.iter().filter(|(_, t)| *t != 0).count();
         let binary = target
@@ -157,7 +170,7 @@ impl Session {
             .insert(pid, command_line(pid).unwrap_or_default());
         self.note_threads(pid, &threads);
         self.mappers.insert(pid, mapper);
-        self.processes.insert(pid, Process::new(target));
+        self.processes.insert(pid, Process::new(target, watched));
         Ok(line)
     }
 

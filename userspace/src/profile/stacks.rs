@@ -1,7 +1,10 @@
 //! Samples as they arrive from the kernel, named and counted: each distinct
 //! stack once, with the number of samples that hit it.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use pyprobe_common::sample::{self, FRAME_LEN, FrameRecord, HEADER_LEN, SampleHeader};
 use serde::Serialize;
@@ -114,21 +117,72 @@ impl Profile {
     }
 }
 
+/// How long a code object's name is trusted before its identity is read
+/// again.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// One process being sampled: its reader and the names of the frames seen.
 pub struct Process {
     /// Reader of its memory.
     pub target: Target<ProcessMemory>,
-    /// (code object, instruction word) -> frame index, or `None` for
-    /// frames that are not Python code.
-    names: HashMap<(u64, u64), Option<u32>>,
+    /// Code object -> (instruction word -> frame index, or `None` for
+    /// frames that are not Python code).
+    names: HashMap<u64, HashMap<u64, Option<u32>>>,
+    /// Code object -> when its identity was last read (time and code
+    /// epoch), and what it was.
+    checked: HashMap<u64, Checked>,
+    /// The kernel counts this process's code object frees
+    /// ([`SampleHeader::code_epoch`] can be trusted).
+    watched: bool,
+}
+
+/// When a code object's identity was last read, and what it was.
+struct Checked {
+    at: Instant,
+    epoch: u64,
+    identity: (u64, i32),
 }
 
 impl Process {
-    /// Starts naming frames of `target`.
-    pub fn new(target: Target<ProcessMemory>) -> Self {
+    /// Starts naming frames of `target`; `watched` when the kernel counts
+    /// its code object frees.
+    pub fn new(target: Target<ProcessMemory>, watched: bool) -> Self {
         Self {
             target,
             names: HashMap::new(),
+            checked: HashMap::new(),
+            watched,
+        }
+    }
+
+    /// Drops what is known of the code object at `code` if it is no longer
+    /// the one named. Its identity is read again only when the process
+    /// freed some code object since the last read (the sample's `epoch`
+    /// differs), or, when frees are not watched, once per [`RECHECK`].
+    fn recheck(&mut self, code: u64, epoch: u64, now: Instant) {
+        if let Some(c) = self.checked.get(&code) {
+            let fresh = if self.watched {
+                c.epoch == epoch
+            } else {
+                now.duration_since(c.at) < RECHECK
+            };
+            if fresh {
+                return;
+            }
+        }
+        let Ok(identity) = self.target.code_identity(code) else {
+            return;
+        };
+        let new = Checked {
+            at: now,
+            epoch,
+            identity,
+        };
+        if let Some(old) = self.checked.insert(code, new)
+            && old.identity != identity
+        {
+            self.names.remove(&code);
+            self.target.forget_code(code);
         }
     }
 }
@@ -157,6 +211,7 @@ pub fn parse(bytes: &[u8]) -> Option<(SampleHeader, Vec<FrameRecord>)> {
         next: u64_at(16),
         runs: u32_at(24),
         cpu: u32_at(28),
+        code_epoch: u64_at(32),
     };
     let n = header.frames as usize;
     if bytes.len() < HEADER_LEN + n * FRAME_LEN {
@@ -196,14 +251,24 @@ impl Profile {
             return;
         };
         let mut frames = Vec::with_capacity(records.len());
+        let now = Instant::now();
         for r in records {
-            let known = process.names.get(&(r.code, r.instruction)).copied();
+            process.recheck(r.code, header.code_epoch, now);
+            let known = process
+                .names
+                .get(&r.code)
+                .and_then(|by_instruction| by_instruction.get(&r.instruction))
+                .copied();
             let name = match known {
                 Some(name) => name,
                 None => match process.target.code_frame(r.code, r.instruction) {
                     Ok(frame) => {
                         let name = frame.map(|(f, _)| self.intern(FrameName::of(&f)));
-                        process.names.insert((r.code, r.instruction), name);
+                        process
+                            .names
+                            .entry(r.code)
+                            .or_default()
+                            .insert(r.instruction, name);
                         name
                     }
                     Err(_) => {
@@ -264,11 +329,15 @@ mod tests {
         bytes.extend(0u64.to_le_bytes());
         bytes.extend(1u32.to_le_bytes());
         bytes.extend(3u32.to_le_bytes());
+        bytes.extend(9u64.to_le_bytes());
         for v in [0x10u64, 0x20, 0x30, 0x40] {
             bytes.extend(v.to_le_bytes());
         }
         let (h, frames) = parse(&bytes).expect("parses");
-        assert_eq!((h.tgid, h.tid, h.flags, h.frames, h.cpu), (7, 8, 1, 2, 3));
+        assert_eq!(
+            (h.tgid, h.tid, h.flags, h.frames, h.cpu, h.code_epoch),
+            (7, 8, 1, 2, 3, 9)
+        );
         assert_eq!(
             frames,
             vec![

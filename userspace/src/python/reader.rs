@@ -705,6 +705,23 @@ impl<M: Memory> Target<M> {
         })
     }
 
+    /// Forgets what was read of the code object at `addr` (it was freed and
+    /// something else may live there now).
+    pub fn forget_code(&self, addr: u64) {
+        self.code_cache.borrow_mut().remove(&addr);
+    }
+
+    /// The code object's identity as cheaply as it can be read: its name
+    /// pointer and first line (a code object freed and replaced at the same
+    /// address almost always differs in one of them).
+    pub fn code_identity(&self, addr: u64) -> Result<(u64, i32), ReadError> {
+        let o = &self.info.offsets;
+        Ok((
+            self.mem.read_u64(addr.wrapping_add(o.code_name))?,
+            self.mem.read_i32(addr.wrapping_add(o.code_firstlineno))?,
+        ))
+    }
+
     /// Reads (and caches) a code object.
     pub fn code(&self, addr: u64) -> Result<std::rc::Rc<CodeInfo>, ReadError> {
         if let Some(c) = self.code_cache.borrow().get(&addr) {
