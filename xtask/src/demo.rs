@@ -1,5 +1,7 @@
 //! `cargo xtask demo`: build pyprobe, start `fixtures/demo_app.py`, watch its
-//! calls live with `pyprobe calls`, then print its stacks with `pyprobe dump`.
+//! calls live with `pyprobe calls`, sample it with `pyprobe top` and
+//! `pyprobe record` (a flamegraph in `target/demo-profile.svg`), then print
+//! its stacks with `pyprobe dump`.
 
 use std::{
     io::{BufRead, BufReader},
@@ -54,7 +56,9 @@ pub fn demo(python: Option<PathBuf>, duration: u64) -> anyhow::Result<()> {
         python.display()
     );
     let duration = duration.to_string();
-    let runs: [&[&str]; 2] = [
+    let svg = target_dir.join("demo-profile.svg");
+    let svg = svg.to_string_lossy();
+    let runs: [&[&str]; 4] = [
         &[
             "calls",
             "--pid",
@@ -64,6 +68,8 @@ pub fn demo(python: Option<PathBuf>, duration: u64) -> anyhow::Result<()> {
             "--top",
             "12",
         ],
+        &["top", "--pid", &pid, "--duration", "2.5", "-n", "10"],
+        &["record", "--pid", &pid, "--duration", "3", "-o", &svg],
         &["dump", "--pid", &pid, "--locals"],
     ];
     for args in runs {
