@@ -54,7 +54,7 @@ fn fixture_lines() -> anyhow::Result<BTreeMap<String, i64>> {
             out.insert(mark.to_owned(), i as i64 + 1);
         }
     }
-    ensure!(out.len() == 8, "fixture marks: {out:?}");
+    ensure!(out.len() == 9, "fixture marks: {out:?}");
     Ok(out)
 }
 
@@ -540,4 +540,95 @@ fn code_objects_at_a_reused_address_keep_their_own_names() {
         }
         Ok(())
     });
+}
+
+#[test]
+fn gil_keeps_only_samples_of_the_thread_holding_it() {
+    for_each_interpreter("profile_gil", |interp| {
+        let w = Workload::start(interp, &["--hash"])?;
+        let pid = w.pid();
+        let hashing = |stacks: &[Folded]| -> u64 {
+            stacks
+                .iter()
+                .filter(|s| {
+                    s.frames
+                        .iter()
+                        .any(|(f, _, l)| f == "hashing" && *l == Some(w.line("hash")))
+                })
+                .map(|s| s.count)
+                .sum()
+        };
+        let args = [
+            "--pid",
+            &pid,
+            "--rate",
+            RATE,
+            "--duration",
+            "2",
+            "--format",
+            "folded",
+        ];
+        let (all, _) = record(&args, "gil-all.txt")?;
+        let all = parse_folded(&all)?;
+        let (held, stderr) = record(&[&args[..], &["--gil"]].concat(), "gil-held.txt")?;
+        let held = parse_folded(&held)?;
+        // sha256 of 8 MB runs without the GIL: on CPU beside the worker.
+        let (free, kept) = (hashing(&all), hashing(&held));
+        ensure!(free >= 250, "{free} samples in hashing() without --gil");
+        ensure!(
+            kept * 10 <= free,
+            "--gil kept {kept} of hashing()'s {free} samples; stderr: {stderr}"
+        );
+        let hot = leaf_samples(&held, "hot");
+        ensure!(hot >= 250, "--gil kept only {hot} samples of hot()");
+        ensure!(
+            !stderr.contains(" 0 not holding the GIL"),
+            "no sample was dropped for not holding the GIL: {stderr}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn all_samples_every_python_process_apart() {
+    let found = pyprobe_tests::discover();
+    let interps: Vec<&Interpreter> = found.supported.iter().take(2).collect();
+    assert!(
+        interps.len() == 2,
+        "needs two interpreters: {:?}",
+        found.supported
+    );
+    let a = Workload::start(interps[0], &["1"]).unwrap();
+    let b = Workload::start(interps[1], &["1"]).unwrap();
+    let (text, stderr) = record(
+        &[
+            "--all",
+            "--rate",
+            RATE,
+            "--duration",
+            "2",
+            "--format",
+            "folded",
+        ],
+        "all.txt",
+    )
+    .unwrap();
+    let stacks = parse_folded(&text).unwrap();
+    for w in [&a, &b] {
+        // The root frame `process PID (command)`, split like any frame.
+        let root = format!("process {}", w.pid());
+        let hot: u64 = stacks
+            .iter()
+            .filter(|s| {
+                s.frames[0].0 == root
+                    && s.frames.last().is_some_and(|(f, _, _)| f == "hot")
+            })
+            .map(|s| s.count)
+            .sum();
+        // Two single-threaded CPU-bound processes on their own CPUs.
+        assert!(
+            hot >= 499 * 2 / 2,
+            "{hot} samples of hot() under {root}; stderr: {stderr}"
+        );
+    }
 }

@@ -382,7 +382,8 @@ impl Summary {
         format!(
             "{} samples in {:.1} s ({} off CPU, {} holding the GIL, {} truncated), {} distinct stacks; \
              not sampled: {} on threads not yet known, {} on non-Python threads, {} outside Python code, \
-             {} unreadable, {} lost (ring buffer full), {} skipped by the kernel, {} unreadable frames, {} of unknown processes",
+             {} unreadable, {} lost (ring buffer full), {} skipped by the kernel, {} unreadable frames, {} of unknown processes, \
+             {} not holding the GIL (--gil)",
             self.samples,
             self.seconds,
             self.idle_samples,
@@ -397,6 +398,7 @@ impl Summary {
             k.recursion_misses,
             d.unreadable_frames,
             d.unknown_process,
+            d.not_holding_gil,
         )
     }
 }
