@@ -28,7 +28,8 @@ static SAMPLE_CONFIG: HashMap<u32, SampleConfig> = HashMap::with_max_entries(MAX
 static SAMPLE_THREADS: HashMap<u32, ThreadState> = HashMap::with_max_entries(65536, 0);
 
 /// Samples to userspace. Userspace drains it on a timer, so samples are
-/// sent without waking it.
+/// sent without waking it; it sizes the buffer for its rate and CPUs at
+/// load time.
 #[map(name = "SAMPLES")]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 

@@ -620,8 +620,7 @@ fn all_samples_every_python_process_apart() {
         let hot: u64 = stacks
             .iter()
             .filter(|s| {
-                s.frames[0].0 == root
-                    && s.frames.last().is_some_and(|(f, _, _)| f == "hot")
+                s.frames[0].0 == root && s.frames.last().is_some_and(|(f, _, _)| f == "hot")
             })
             .map(|s| s.count)
             .sum();

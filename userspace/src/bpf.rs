@@ -466,11 +466,14 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Checks privileges and loads the sampling programs (not attached).
-    pub fn load() -> Result<Self, BpfError> {
+    /// Checks privileges and loads the sampling programs (not attached),
+    /// with a ring buffer sized for `rate` samples a second on every CPU.
+    pub fn load(rate: u64) -> Result<Self, BpfError> {
         privileges::check()?;
         raise_memlock_limit();
+        let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u64;
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::MAP_SAMPLES, ring_bytes(cpus, rate))
             .load(EBPF_OBJECT)
             .map_err(BpfError::Load)?;
         for name in [names::PROG_SAMPLE_CPU, names::PROG_SAMPLE_WALK] {
@@ -637,6 +640,16 @@ impl Sampler {
     }
 }
 
+/// Bytes of the sample ring buffer: room for 4 drains' worth of samples
+/// of 1 KB (a 60-frame stack) on every CPU at `rate`, a power of two from
+/// 1 MB to 64 MB.
+fn ring_bytes(cpus: u64, rate: u64) -> u32 {
+    let want = cpus * rate * 1024 * 4 / 10;
+    want.clamp(1 << 20, 64 << 20)
+        .next_power_of_two()
+        .min(64 << 20) as u32
+}
+
 fn perf_event_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -749,6 +762,14 @@ fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_buffer_grows_with_cpus_and_rate_within_bounds() {
+        assert_eq!(ring_bytes(2, 99), 1 << 20);
+        assert_eq!(ring_bytes(2, 10_000), 8 << 20);
+        assert_eq!(ring_bytes(256, 20_000), 64 << 20);
+        assert!(ring_bytes(7, 333).is_power_of_two());
+    }
 
     #[test]
     fn reads_recursion_misses_from_fdinfo() {

@@ -104,7 +104,7 @@ struct Session {
 impl Session {
     fn new(opts: &ProfileOptions) -> anyhow::Result<Self> {
         Ok(Self {
-            sampler: Sampler::load()?,
+            sampler: Sampler::load(opts.rate)?,
             processes: HashMap::new(),
             mappers: HashMap::new(),
             threads: HashMap::new(),

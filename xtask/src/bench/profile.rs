@@ -113,6 +113,18 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ns / 1e9)
 }
 
+/// Peak resident memory of a process so far (`VmHWM`), KB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Total BPF run time (ns) of the programs a process holds.
 fn bpf_ns(pid: u32) -> f64 {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
@@ -232,6 +244,7 @@ struct Figures {
     seconds: Vec<f64>,
     cpu_per_s: Vec<f64>,
     bpf_per_s: Vec<f64>,
+    peak_rss_kb: u64,
 }
 
 /// Runs the side-by-side comparison on one interpreter.
@@ -250,14 +263,15 @@ pub fn bench_profile(pyprobe: &Path) -> anyhow::Result<()> {
         python.display()
     );
     println!(
-        "{:<30} {:>6} {:>16} {:>16} {:>13} {:>14} {:>16}",
+        "{:<30} {:>6} {:>16} {:>16} {:>13} {:>14} {:>16} {:>12}",
         "profiler",
         "rate",
         "slowdown median",
         "(range)",
         "best/best",
         "own CPU/s",
-        "BPF in kernel/s"
+        "BPF in kernel/s",
+        "peak RSS"
     );
     let kinds = [Kind::Pyprobe, Kind::PySpy, Kind::PySpyNonblocking];
     let mut summary = Vec::new();
@@ -281,12 +295,14 @@ pub fn bench_profile(pyprobe: &Path) -> anyhow::Result<()> {
                 let (cpu0, bpf0) = (cpu_seconds(ppid)?, bpf_ns(ppid));
                 let secs = w.time()?;
                 let (cpu1, bpf1) = (cpu_seconds(ppid)?, bpf_ns(ppid));
+                let rss = peak_rss_kb(ppid);
                 profiler.stop();
                 let f = &mut figures[k];
                 f.slowdown.push(secs / bare);
                 f.seconds.push(secs);
                 f.cpu_per_s.push((cpu1 - cpu0) / secs);
                 f.bpf_per_s.push((bpf1 - bpf0) / 1e9 / secs);
+                f.peak_rss_kb = f.peak_rss_kb.max(rss);
             }
         }
         let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -299,14 +315,15 @@ pub fn bench_profile(pyprobe: &Path) -> anyhow::Result<()> {
             let cpu = median(f.cpu_per_s.clone());
             let bpf = median(f.bpf_per_s.clone());
             println!(
-                "{:<30} {:>5}Hz {:>15.2}% {:>16} {:>12.2}% {:>13.3}% {:>15.3}%",
+                "{:<30} {:>5}Hz {:>15.2}% {:>16} {:>12.2}% {:>13.3}% {:>15.3}% {:>9} KB",
                 kind.name(),
                 rate,
                 (slowdown - 1.0) * 100.0,
                 format!("({:+.1}..{:+.1}%)", (lo - 1.0) * 100.0, (hi - 1.0) * 100.0),
                 (best - 1.0) * 100.0,
                 cpu * 100.0,
-                bpf * 100.0
+                bpf * 100.0,
+                f.peak_rss_kb
             );
             summary.push((kind.name(), rate, slowdown, cpu, bpf));
         }
