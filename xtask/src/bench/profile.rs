@@ -3,7 +3,8 @@
 //! (`fixtures/sample_bench.py`, 20 calls deep), at 100 Hz and 1 kHz.
 //!
 //! For each profiler and rate: the workload's slowdown (its time while
-//! sampled over its time bare, in the same round, median of rounds; and
+//! sampled over the mean of the bare runs just before and after it, median
+//! of rounds; and
 //! its fastest sampled run over its fastest bare run), the profiler's own
 //! CPU time per second of sampling (its threads' run time from
 //! `schedstat`, read while the workload runs, so start-up is not counted),
@@ -286,9 +287,12 @@ pub fn bench_profile(pyprobe: &Path) -> anyhow::Result<()> {
         w.time()?; // warm up
         let mut figures: Vec<Figures> = kinds.iter().map(|_| Figures::default()).collect();
         let mut bare_times = Vec::new();
+        // Every sampled run sits between two bare runs, and its slowdown is
+        // taken against their mean: the VM's speed drifts over seconds,
+        // and a drift that is linear over one sandwich cancels.
+        let mut before = w.time()?;
+        bare_times.push(before);
         for _ in 0..ROUNDS {
-            let bare = w.time()?;
-            bare_times.push(bare);
             for (k, kind) in kinds.iter().enumerate() {
                 let profiler = kind.start(pyprobe, &py_spy, pid, rate)?;
                 let ppid = profiler.child.id();
@@ -297,12 +301,15 @@ pub fn bench_profile(pyprobe: &Path) -> anyhow::Result<()> {
                 let (cpu1, bpf1) = (cpu_seconds(ppid)?, bpf_ns(ppid));
                 let rss = peak_rss_kb(ppid);
                 profiler.stop();
+                let after = w.time()?;
+                bare_times.push(after);
                 let f = &mut figures[k];
-                f.slowdown.push(secs / bare);
+                f.slowdown.push(secs / ((before + after) / 2.0));
                 f.seconds.push(secs);
                 f.cpu_per_s.push((cpu1 - cpu0) / secs);
                 f.bpf_per_s.push((bpf1 - bpf0) / 1e9 / secs);
                 f.peak_rss_kb = f.peak_rss_kb.max(rss);
+                before = after;
             }
         }
         let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
