@@ -11,6 +11,7 @@ pub mod dump;
 pub mod elf;
 pub mod entries;
 pub mod live;
+pub mod logpoint;
 pub mod privileges;
 pub mod process;
 pub mod profile;
