@@ -6,7 +6,7 @@
 use pyprobe_common::calls::{self, ProcessConfig};
 
 use crate::python::{
-    offsets::{FrameLink, FrameModel, GilLocation, InstructionModel, VersionInfo},
+    offsets::{FrameLink, FrameModel, GilLocation, InstructionModel, Offsets, VersionInfo},
     version::PythonVersion,
 };
 
@@ -59,6 +59,24 @@ pub(crate) fn window(
     }
     let len = at.iter().max().map_or(8, |a| a + 8);
     Ok((base, len, at))
+}
+
+/// The address of the main interpreter's GIL structure (3.12+: behind the
+/// pointer at `pointer` in the interpreter state). It is created once, at
+/// start-up, and never moves, so it is read here rather than in the kernel
+/// on every event.
+pub(crate) fn main_gil(
+    o: &Offsets,
+    runtime: u64,
+    pointer: u64,
+    read_u64: impl Fn(u64) -> Option<u64>,
+) -> Result<u64, ConfigError> {
+    let interp = read_u64(runtime.wrapping_add(o.runtime_interpreters_head))
+        .filter(|&a| a != 0)
+        .ok_or(ConfigError::Unreadable("_PyRuntime.interpreters.head"))?;
+    read_u64(interp.wrapping_add(pointer))
+        .filter(|&a| a != 0)
+        .ok_or(ConfigError::Unreadable("interp->ceval.gil"))
 }
 
 /// Builds the configuration of a process whose `_PyRuntime` is at `runtime`;
@@ -141,18 +159,7 @@ pub fn process_config(
                         last_holder,
                         ..
                     },
-                ) => {
-                    // The GIL structure is created once, at start-up, and
-                    // never moves: its address is read here rather than on
-                    // every call.
-                    let interp = read_u64(runtime.wrapping_add(o.runtime_interpreters_head))
-                        .filter(|&a| a != 0)
-                        .ok_or(ConfigError::Unreadable("_PyRuntime.interpreters.head"))?;
-                    let gil = read_u64(interp.wrapping_add(pointer))
-                        .filter(|&a| a != 0)
-                        .ok_or(ConfigError::Unreadable("interp->ceval.gil"))?;
-                    gil.wrapping_add(last_holder)
-                }
+                ) => main_gil(o, runtime, pointer, &read_u64)?.wrapping_add(last_holder),
                 (None, GilLocation::Runtime { .. }) => {
                     return Err(missing("gilstate.tstate_current"));
                 }

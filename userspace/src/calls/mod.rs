@@ -345,23 +345,36 @@ impl Session {
             {
                 continue;
             }
-            match self.add(pid) {
-                Ok(line) => eprintln!("pyprobe: watching {line}"),
-                Err(e) => {
-                    let quiet = e.downcast_ref::<ReadError>().is_some_and(|r| {
-                        matches!(
-                            r,
-                            ReadError::Process(
-                                ProcessError::NotPython { .. } | ProcessError::NoSuchProcess { .. }
-                            )
-                        )
-                    });
-                    if !quiet {
-                        eprintln!("pyprobe: not watching PID {pid}: {e:#}");
-                    }
-                    self.ignored.insert(pid);
-                }
+            let result = self.add(pid);
+            note_scanned(pid, result, "watching", &mut self.ignored);
+        }
+    }
+}
+
+/// `--all`: reports the set-up of a newly seen PID (`verb` PID ...), or why
+/// it failed, unless it is simply not Python or already gone; a PID that
+/// failed is put in `ignored`, not to be tried again.
+pub(crate) fn note_scanned(
+    pid: u32,
+    result: anyhow::Result<String>,
+    verb: &str,
+    ignored: &mut BTreeSet<u32>,
+) {
+    match result {
+        Ok(line) => eprintln!("pyprobe: {verb} {line}"),
+        Err(e) => {
+            let quiet = e.downcast_ref::<ReadError>().is_some_and(|r| {
+                matches!(
+                    r,
+                    ReadError::Process(
+                        ProcessError::NotPython { .. } | ProcessError::NoSuchProcess { .. }
+                    )
+                )
+            });
+            if !quiet {
+                eprintln!("pyprobe: not {verb} PID {pid}: {e:#}");
             }
+            ignored.insert(pid);
         }
     }
 }

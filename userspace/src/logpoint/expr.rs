@@ -423,17 +423,6 @@ impl Parser {
                 self.expect_op(")")?;
                 Ok(e)
             }
-            Tok::Op("-") => {
-                self.next();
-                match self.next().0 {
-                    Tok::Int(v) => Ok(Expr::Literal(Literal::Int(-v))),
-                    Tok::Float(v) => Ok(Expr::Literal(Literal::Float(-v))),
-                    _ => Err(ParseError {
-                        column,
-                        message: "`-` is allowed before a number only".to_owned(),
-                    }),
-                }
-            }
             Tok::Name(n) if n == "len" => {
                 self.next();
                 self.expect_op("(")?;

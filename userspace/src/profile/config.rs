@@ -4,7 +4,7 @@
 use pyprobe_common::sample::SampleConfig;
 
 use crate::{
-    calls::config::{ConfigError, window},
+    calls::config::{ConfigError, main_gil, window},
     python::{
         offsets::{EntryFrames, FrameLink, GilLocation, VersionInfo},
         version::PythonVersion,
@@ -79,12 +79,7 @@ pub fn sample_config(
                 locked,
             },
         ) => {
-            // Created at start-up and never moved: read once here.
-            let gil = read_u64(runtime.wrapping_add(o.runtime_interpreters_head))
-                .filter(|&a| a != 0)
-                .and_then(|interp| read_u64(interp.wrapping_add(pointer)))
-                .filter(|&a| a != 0)
-                .ok_or(ConfigError::Unreadable("interp->ceval.gil"))?;
+            let gil = main_gil(o, runtime, pointer, &read_u64)?;
             c.gil_last_holder = gil.wrapping_add(last_holder);
             c.gil_locked = gil.wrapping_add(locked);
         }

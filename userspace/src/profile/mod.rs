@@ -41,9 +41,8 @@ use self::{
 };
 use crate::{
     bpf::{SampleLosses, Sampler},
-    live,
-    process::{self, ProcessError},
-    python::reader::{ReadError, Target},
+    live, process,
+    python::reader::Target,
 };
 
 /// How often samples are taken from the ring buffer.
@@ -219,23 +218,8 @@ impl Session {
             {
                 continue;
             }
-            match self.add(pid) {
-                Ok(line) => eprintln!("pyprobe: sampling {line}"),
-                Err(e) => {
-                    let quiet = e.downcast_ref::<ReadError>().is_some_and(|r| {
-                        matches!(
-                            r,
-                            ReadError::Process(
-                                ProcessError::NotPython { .. } | ProcessError::NoSuchProcess { .. }
-                            )
-                        )
-                    });
-                    if !quiet {
-                        eprintln!("pyprobe: not sampling PID {pid}: {e:#}");
-                    }
-                    self.ignored.insert(pid);
-                }
-            }
+            let result = self.add(pid);
+            crate::calls::note_scanned(pid, result, "sampling", &mut self.ignored);
         }
     }
 
