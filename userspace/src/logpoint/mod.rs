@@ -3,6 +3,8 @@
 //! with values captured at that moment, without stopping the target or
 //! running its code.
 //!
-//! So far: [`expr`], the language of conditions and message templates.
+//! So far: [`expr`], the language of conditions and message templates, and
+//! [`eval`], its meaning over values captured at a hit.
 
+pub mod eval;
 pub mod expr;
