@@ -463,6 +463,8 @@ pub struct Sampler {
     ebpf: Ebpf,
     ring: aya::maps::RingBuf<MapData>,
     attached: bool,
+    /// What `SAMPLE_THREADS` holds per process: thread id -> state.
+    threads: std::collections::HashMap<u32, BTreeMap<u32, u64>>,
 }
 
 impl Sampler {
@@ -515,6 +517,7 @@ impl Sampler {
             ebpf,
             ring,
             attached: false,
+            threads: std::collections::HashMap::new(),
         })
     }
 
@@ -587,33 +590,34 @@ impl Sampler {
     }
 
     /// Replaces the threads of process `pid`: (thread id, thread state or
-    /// 0 for a thread the interpreter does not know).
+    /// 0 for a thread the interpreter does not know). Only the differences
+    /// from the last call for `pid` reach the kernel.
     pub fn set_threads(&mut self, pid: u32, threads: &[(u32, u64)]) -> Result<(), BpfError> {
+        let wanted: BTreeMap<u32, u64> = threads.iter().copied().collect();
+        let old = self.threads.remove(&pid).unwrap_or_default();
         let mut map: BpfHashMap<&mut MapData, u32, ThreadState> =
             open_map_mut(&mut self.ebpf, names::MAP_SAMPLE_THREADS)?;
-        let map_err = |source| BpfError::Map {
-            name: names::MAP_SAMPLE_THREADS,
-            source,
-        };
-        let wanted: BTreeMap<u32, u64> = threads.iter().copied().collect();
-        let stale: Vec<u32> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(tid, t)| t.tgid == pid && !wanted.contains_key(tid))
-            .map(|(tid, _)| tid)
-            .collect();
-        for tid in stale {
-            let _ = map.remove(&tid);
+        for tid in old.keys().filter(|tid| !wanted.contains_key(tid)) {
+            // The id may belong to another process by now.
+            if map.get(tid, 0).is_ok_and(|t| t.tgid == pid) {
+                let _ = map.remove(tid);
+            }
         }
         for (&tid, &tstate) in &wanted {
-            let value = ThreadState {
-                tgid: pid,
-                _pad: 0,
-                tstate,
-            };
-            if map.get(&tid, 0).ok() != Some(value) {
-                map.insert(tid, value, 0).map_err(map_err)?;
+            if old.get(&tid) != Some(&tstate) {
+                let value = ThreadState {
+                    tgid: pid,
+                    _pad: 0,
+                    tstate,
+                };
+                map.insert(tid, value, 0).map_err(|source| BpfError::Map {
+                    name: names::MAP_SAMPLE_THREADS,
+                    source,
+                })?;
             }
+        }
+        if !wanted.is_empty() {
+            self.threads.insert(pid, wanted);
         }
         Ok(())
     }
@@ -623,6 +627,12 @@ impl Sampler {
         while let Some(item) = self.ring.next() {
             f(&item);
         }
+    }
+
+    /// Ticks on threads of sampled processes not mapped yet (what tells
+    /// userspace to read thread lists again).
+    pub fn unknown_threads(&self) -> Result<u64, BpfError> {
+        read_stat(&self.ebpf, stats::SAMPLE_UNKNOWN_THREAD)
     }
 
     /// Counts of ticks that gave no sample, by reason.

@@ -173,8 +173,13 @@ impl Session {
         Ok(line)
     }
 
+    /// Remembers a process's Python threads (for `--idle`) and the names
+    /// of threads not seen before (for `--threads`).
     fn note_threads(&mut self, pid: u32, threads: &[(u32, u64)]) {
         for &(tid, _) in threads {
+            if self.roots.thread_names.contains_key(&tid) {
+                continue;
+            }
             if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) {
                 self.roots.thread_names.insert(tid, comm.trim().to_owned());
             }
@@ -234,7 +239,7 @@ impl Session {
             ..
         } = self;
         sampler.drain(|bytes| profile.add_kernel_sample(bytes, processes, *keep));
-        let unknown = self.sampler.losses()?.unknown_thread;
+        let unknown = self.sampler.unknown_threads()?;
         if unknown != self.unknown_seen {
             self.unknown_seen = unknown;
             self.refresh_threads();
