@@ -226,6 +226,44 @@ fn python_float(f: f64) -> String {
     if s.contains('.') { s } else { format!("{s}.0") }
 }
 
+/// Whether a value read through `path` may hold a secret: the local's name
+/// or any attribute or string key on the way looks secret (as `pyprobe
+/// dump` decides).
+pub fn is_secret(path: &Path) -> bool {
+    crate::python::values::is_secret_name(&path.root)
+        || path.steps.iter().any(|step| match step {
+            super::expr::Step::Attr(name) | super::expr::Step::Key(Literal::Str(name)) => {
+                crate::python::values::is_secret_name(name)
+            }
+            super::expr::Step::Key(_) => false,
+        })
+}
+
+/// The message of a hit: the template's text with each `{expression}`
+/// replaced by its value. A value read through a secret-looking name shows
+/// as `<redacted>` unless `redact` is false; an expression without a value
+/// shows as `<error: why>`.
+pub fn render(template: &[super::expr::Segment], values: &dyn Values, redact: bool) -> String {
+    use super::expr::Segment;
+    let mut out = String::new();
+    for segment in template {
+        match segment {
+            Segment::Text(text) => out.push_str(text),
+            Segment::Value(e) => {
+                if redact && e.paths().iter().any(|p| is_secret(p)) {
+                    out.push_str("<redacted>");
+                    continue;
+                }
+                match value(e, values) {
+                    Ok(v) => out.push_str(&display(&v)),
+                    Err(why) => out.push_str(&format!("<error: {why}>")),
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -328,6 +366,35 @@ mod tests {
         }
         // `and` stops at the first false, as in Python: no error.
         assert_eq!(check("zero and missing == 1"), Ok(false));
+    }
+
+    #[test]
+    fn messages_fill_values_and_redact_secret_names() {
+        use crate::logpoint::expr::parse_template;
+        let mut l = locals();
+        l.0.insert(
+            "user.api_key".into(),
+            Captured::Str {
+                text: "sk-123".into(),
+                len: 6,
+            },
+        );
+        let t = parse_template(
+            "user={user.name} id={user.id} ok={user.id == 7} key={user.api_key} x={missing}",
+        )
+        .unwrap();
+        assert_eq!(
+            render(&t, &l, true),
+            "user=ada id=7 ok=True key=<redacted> x=<error: missing: no local missing>"
+        );
+        assert!(render(&t, &l, false).contains("key=sk-123"));
+        let p = |text: &str| match parse(text).unwrap() {
+            Expr::Path(p) => p,
+            other => panic!("{other}"),
+        };
+        assert!(is_secret(&p("password")));
+        assert!(is_secret(&p("request.headers['authToken']")));
+        assert!(!is_secret(&p("monkey.items[0]")));
     }
 
     #[test]
