@@ -117,15 +117,16 @@ fn is_fixture(file: &str) -> bool {
 
 /// Samples whose innermost frame is the fixture's `function`.
 fn leaf_samples(stacks: &[Folded], function: &str) -> u64 {
-    stacks
-        .iter()
-        .filter(|s| {
-            s.frames
-                .last()
-                .is_some_and(|(f, file, _)| f == function && is_fixture(file))
-        })
-        .map(|s| s.count)
-        .sum()
+    ending_in(stacks, function).map(|s| s.count).sum()
+}
+
+/// Stacks whose innermost frame is the fixture's `function`.
+fn ending_in<'a>(stacks: &'a [Folded], function: &'a str) -> impl Iterator<Item = &'a Folded> {
+    stacks.iter().filter(move |s| {
+        s.frames
+            .last()
+            .is_some_and(|(f, file, _)| f == function && is_fixture(file))
+    })
 }
 
 #[test]
@@ -268,10 +269,7 @@ fn idle_adds_waiting_threads_at_their_line() {
             "idle.txt",
         )?;
         let stacks = parse_folded(&text)?;
-        let idle: Vec<&Folded> = stacks
-            .iter()
-            .filter(|s| s.frames.last().is_some_and(|(f, _, _)| f == "idle_wait"))
-            .collect();
+        let idle: Vec<&Folded> = ending_in(&stacks, "idle_wait").collect();
         let samples: u64 = idle.iter().map(|s| s.count).sum();
         // 2 s at 99 Hz: the main thread is off CPU nearly all the time.
         ensure!(
@@ -313,10 +311,7 @@ fn deep_stacks_are_walked_to_512_frames_then_marked_truncated() {
                 "deep.txt",
             )?;
             let stacks = parse_folded(&text)?;
-            let in_hot: Vec<&Folded> = stacks
-                .iter()
-                .filter(|s| s.frames.last().is_some_and(|(f, _, _)| f == "hot"))
-                .collect();
+            let in_hot: Vec<&Folded> = ending_in(&stacks, "hot").collect();
             ensure!(!in_hot.is_empty(), "no samples in hot() at depth {depth}");
             for s in in_hot {
                 let downs = s.frames.iter().filter(|(f, _, _)| f == "down").count();
@@ -617,11 +612,8 @@ fn all_samples_every_python_process_apart() {
     for w in [&a, &b] {
         // The root frame `process PID (command)`, split like any frame.
         let root = format!("process {}", w.pid());
-        let hot: u64 = stacks
-            .iter()
-            .filter(|s| {
-                s.frames[0].0 == root && s.frames.last().is_some_and(|(f, _, _)| f == "hot")
-            })
+        let hot: u64 = ending_in(&stacks, "hot")
+            .filter(|s| s.frames[0].0 == root)
             .map(|s| s.count)
             .sum();
         // Two single-threaded CPU-bound processes on their own CPUs.
