@@ -255,13 +255,18 @@ impl Session {
                 continue;
             };
             for &(tid, tstate) in threads {
-                if thread_running(pid, tid) != Some(false) {
+                let Some(before) = off_cpu_mark(pid, tid) else {
                     continue;
-                }
+                };
                 let frames = match process.target.frames(tstate, None) {
                     Ok(frames) => frames,
                     Err((frames, _)) => frames,
                 };
+                // A thread that ran while its frames were read may have
+                // moved on: such a read is torn, not a sample of it waiting.
+                if off_cpu_mark(pid, tid) != Some(before) {
+                    continue;
+                }
                 if !frames.is_empty() {
                     self.profile.add_idle_sample(pid, tid, &frames, self.keep);
                 }
@@ -278,13 +283,22 @@ impl Session {
     }
 }
 
-/// Whether a thread is running or runnable (`Some(true)`), off CPU
-/// (`Some(false)`), or gone (`None`), from `/proc/PID/task/TID/stat`.
-fn thread_running(pid: u32, tid: u32) -> Option<bool> {
+/// For a thread off CPU, the number of times it has been scheduled so far
+/// (`/proc/PID/task/TID/schedstat`, 0 where the kernel lacks it); `None`
+/// for a thread that is running, runnable or gone. Two equal marks around
+/// a read mean the thread did not run in between.
+fn off_cpu_mark(pid: u32, tid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
     // The state follows the parenthesised command, which may hold spaces.
     let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-    Some(state == "R")
+    if state == "R" {
+        return None;
+    }
+    let timeslices = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(0);
+    Some(timeslices)
 }
 
 /// A process's command line, shortened for labels.
@@ -650,4 +664,39 @@ pub async fn top(opts: TopOptions) -> anyhow::Result<()> {
     live::emit(&report, json, top_table)?;
     eprintln!("pyprobe: {}", report.summary.line());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::off_cpu_mark;
+
+    #[test]
+    fn off_cpu_mark_tells_waiting_threads_from_running_ones() {
+        let pid = std::process::id();
+        // This thread is running while it reads its own state.
+        let me = unsafe { libc::gettid() } as u32;
+        assert_eq!(off_cpu_mark(pid, me), None);
+
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let (wake, wait) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            wait.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        // Give it time to block in recv().
+        let mut first = None;
+        for _ in 0..200 {
+            first = off_cpu_mark(pid, tid);
+            if first.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let first = first.expect("the waiting thread is never seen off CPU");
+        assert_eq!(off_cpu_mark(pid, tid), Some(first), "it did not run");
+        wake.send(()).unwrap();
+        sleeper.join().unwrap();
+        assert_eq!(off_cpu_mark(pid, tid), None, "gone");
+    }
 }
