@@ -105,6 +105,26 @@ pub enum DictKeysModel {
     Log2,
 }
 
+/// Where an instance keeps its attributes (objects of classes written in
+/// Python).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceDictModel {
+    /// A `__dict__` pointer at the type's `tp_dictoffset` (3.8-3.10); the
+    /// dict is often split (shared keys, `ma_values` array).
+    TypeOffset,
+    /// `Py_TPFLAGS_MANAGED_DICT` (3.11): a values array pointer at
+    /// `obj - 32` (keys in the type's `ht_cached_keys`), else a dict at
+    /// `obj - 24`.
+    ValuesOrDict,
+    /// `_PyDictOrValues` at `obj - 24` (3.12): a values pointer tagged with
+    /// bit 0, or a dict.
+    TaggedDictOrValues,
+    /// `Py_TPFLAGS_INLINE_VALUES` (3.13+): values right after the object
+    /// (`tp_basicsize`), valid while their `valid` byte is set; a
+    /// materialized dict pointer at `obj - 24` wins.
+    InlineValues,
+}
+
 /// Opcode numbers of the instructions that start a Python function (3.11+):
 /// where `start_sites` attaches, in the computed-goto dispatch table.
 /// Names are CPython's opcode names; verified against each build's `opcode`
@@ -187,6 +207,8 @@ pub struct Layout {
     pub long: LongModel,
     /// Dict keys layout.
     pub dict_keys: DictKeysModel,
+    /// Where instances keep their attributes.
+    pub instance_dict: InstanceDictModel,
     /// Mask to apply to `_PyStackRef` words (frame code, locals) to get a
     /// pointer: `!0` before 3.14, `!3` from 3.14.
     pub stackref_mask: u64,
@@ -316,6 +338,18 @@ pub struct Offsets {
     pub method_def_flags: u64,
     /// `PyTypeObject.tp_call`.
     pub type_call: u64,
+
+    /// `PyFunctionObject.func_code`.
+    pub function_code: u64,
+    /// `co_consts`: the code object's constants, nested code objects among
+    /// them.
+    pub code_consts: u64,
+    /// `PyHeapTypeObject.ht_cached_keys`: the keys instances of a class
+    /// share (split dicts, inline values).
+    pub heaptype_cached_keys: u64,
+    /// `PyDictValues.values` (3.11+): where the values array of a split
+    /// dict starts; up to 3.10 `ma_values` points at the array itself.
+    pub dict_values_items: Option<u64>,
 }
 
 /// Offsets that are the same in every supported version.
@@ -361,6 +395,15 @@ pub mod common {
     pub const DICT_KEYS: u64 = 32;
     /// `PyDictObject.ma_values`.
     pub const DICT_VALUES: u64 = 40;
+    /// `PyTypeObject.tp_basicsize`.
+    pub const TP_BASICSIZE: u64 = 32;
+    /// `PyTypeObject.tp_dictoffset`.
+    pub const TP_DICTOFFSET: u64 = 288;
+    /// `staticmethod.sm_callable` and `classmethod.cm_callable`: the
+    /// wrapped function.
+    pub const WRAPPED_CALLABLE: u64 = 16;
+    /// `propertyobject.prop_get`: a property's getter.
+    pub const PROPERTY_GET: u64 = 16;
 }
 
 /// Everything known about one CPython minor version.
@@ -381,6 +424,7 @@ const fn layout_38_310(instruction: InstructionModel, line_table: LineTableForma
         entry_frames: EntryFrames::None,
         long: LongModel::ObSize,
         dict_keys: DictKeysModel::Sized,
+        instance_dict: InstanceDictModel::TypeOffset,
         stackref_mask: !0,
         line_table,
         resume_opcodes: None,
@@ -390,6 +434,7 @@ const fn layout_38_310(instruction: InstructionModel, line_table: LineTableForma
 
 const fn layout_311_plus(
     instruction: InstructionModel,
+    instance_dict: InstanceDictModel,
     entry_frames: EntryFrames,
     long: LongModel,
     stackref_mask: u64,
@@ -402,6 +447,7 @@ const fn layout_311_plus(
         entry_frames,
         long,
         dict_keys: DictKeysModel::Log2,
+        instance_dict,
         stackref_mask,
         line_table: LineTableFormat::Locations,
         resume_opcodes: Some(resume_opcodes),
@@ -433,6 +479,8 @@ const fn offsets_38_310(
     frame_lasti: u64,
     frame_localsplus: u64,
     interp_sysdict: u64,
+    function_code: u64,
+    heaptype_cached_keys: u64,
 ) -> Offsets {
     Offsets {
         runtime_interpreters_head: interpreters_head,
@@ -485,24 +533,28 @@ const fn offsets_38_310(
         method_def_name: METHOD_DEF_NAME,
         method_def_flags: METHOD_DEF_FLAGS,
         type_call: TYPE_CALL,
+        function_code,
+        code_consts: 56,
+        heaptype_cached_keys,
+        dict_values_items: None,
     }
 }
 
 /// CPython 3.8 (measured on 3.8.18).
 pub const PY38: VersionInfo = VersionInfo {
-    offsets: offsets_38_310(32, 1368, 1160, 104, 360, 72),
+    offsets: offsets_38_310(32, 1368, 1160, 104, 360, 72, 16, 872),
     layout: layout_38_310(InstructionModel::LastiBytes, LineTableFormat::Lnotab),
 };
 
 /// CPython 3.9 (measured on 3.9.18).
 pub const PY39: VersionInfo = VersionInfo {
-    offsets: offsets_38_310(32, 568, 360, 104, 360, 872),
+    offsets: offsets_38_310(32, 568, 360, 104, 360, 872, 16, 864),
     layout: layout_38_310(InstructionModel::LastiBytes, LineTableFormat::Lnotab),
 };
 
 /// CPython 3.10 (measured on 3.10.13).
 pub const PY310: VersionInfo = VersionInfo {
-    offsets: offsets_38_310(32, 568, 360, 96, 352, 872),
+    offsets: offsets_38_310(32, 568, 360, 96, 352, 872, 48, 872),
     layout: layout_38_310(InstructionModel::LastiUnits, LineTableFormat::Linetable310),
 };
 
@@ -568,6 +620,10 @@ const fn offsets_311_plus(
         method_def_name: METHOD_DEF_NAME,
         method_def_flags: METHOD_DEF_FLAGS,
         type_call: TYPE_CALL,
+        function_code: 48,
+        code_consts: 24,
+        heaptype_cached_keys: 0,
+        dict_values_items: Some(0),
     }
 }
 
@@ -594,10 +650,12 @@ pub const PY311: VersionInfo = VersionInfo {
         unicode_compact_data: 72,
         interp_sysdict: 904,
         interp_builtins: 912,
+        heaptype_cached_keys: 872,
         ..offsets_311_plus(56, 72, 76, 184, 168)
     },
     layout: layout_311_plus(
         InstructionModel::PrevInstr,
+        InstanceDictModel::ValuesOrDict,
         EntryFrames::None,
         LongModel::ObSize,
         !0,
@@ -639,10 +697,12 @@ pub const PY312: VersionInfo = VersionInfo {
         interp_static_types: Some(373_704),
         static_type_size: Some(40),
         static_type_dict: Some(16),
+        heaptype_cached_keys: 880,
         ..offsets_311_plus(52, 68, 72, 192, 176)
     },
     layout: layout_311_plus(
         InstructionModel::PrevInstr,
+        InstanceDictModel::TaggedDictOrValues,
         EntryFrames::OwnerAtLeast(3),
         LongModel::LvTag,
         !0,
@@ -683,10 +743,13 @@ pub const PY313: VersionInfo = VersionInfo {
         interp_static_types: Some(182_968),
         static_type_size: Some(48),
         static_type_dict: Some(24),
+        heaptype_cached_keys: 880,
+        dict_values_items: Some(8),
         ..offsets_311_plus(52, 68, 72, 200, 184)
     },
     layout: layout_311_plus(
         InstructionModel::InstrPtr,
+        InstanceDictModel::InlineValues,
         EntryFrames::OwnerAtLeast(3),
         LongModel::LvTag,
         !0,
@@ -730,10 +793,13 @@ pub const PY314: VersionInfo = VersionInfo {
         interp_static_types: Some(180_240),
         static_type_size: Some(48),
         static_type_dict: Some(24),
+        heaptype_cached_keys: 880,
+        dict_values_items: Some(8),
         ..offsets_311_plus(52, 68, 72, 208, 192)
     },
     layout: layout_311_plus(
         InstructionModel::InstrPtr,
+        InstanceDictModel::InlineValues,
         EntryFrames::OwnerAtLeast(3),
         LongModel::LvTag,
         !3,

@@ -150,6 +150,36 @@ fn common_fields(minor: u8) -> Vec<(&'static str, u64, &'static str, &'static st
             "PyDictObject",
             "ma_values",
         ),
+        (
+            "TP_BASICSIZE",
+            common::TP_BASICSIZE,
+            "PyTypeObject",
+            "tp_basicsize",
+        ),
+        (
+            "TP_DICTOFFSET",
+            common::TP_DICTOFFSET,
+            "PyTypeObject",
+            "tp_dictoffset",
+        ),
+        (
+            "WRAPPED_CALLABLE",
+            common::WRAPPED_CALLABLE,
+            "staticmethod",
+            "sm_callable",
+        ),
+        (
+            "WRAPPED_CALLABLE",
+            common::WRAPPED_CALLABLE,
+            "classmethod",
+            "cm_callable",
+        ),
+        (
+            "PROPERTY_GET",
+            common::PROPERTY_GET,
+            "propertyobject",
+            "prop_get",
+        ),
     ]
 }
 

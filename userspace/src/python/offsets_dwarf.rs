@@ -354,6 +354,10 @@ pub const FIELDS: &[FieldSource] = &[
     member(ALL, plain!(method_def_name),               "PyMethodDef", "ml_name"),
     member(ALL, plain!(method_def_flags),              "PyMethodDef", "ml_flags"),
     member(ALL, plain!(type_call),                     "PyTypeObject", "tp_call"),
+    member(ALL, plain!(function_code),                 "PyFunctionObject", "func_code"),
+    member(ALL, plain!(code_consts),                   "PyCodeObject", "co_consts"),
+    member(ALL, plain!(heaptype_cached_keys),          "PyHeapTypeObject", "ht_cached_keys"),
+    member(NEW, some!(dict_values_items),              "_dictvalues", "values"),
 ];
 
 /// The entries of [`FIELDS`] that apply to CPython 3.`minor`, in table order.
