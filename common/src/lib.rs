@@ -43,8 +43,15 @@ pub mod stats {
     pub const SAMPLE_UNREADABLE: u32 = 9;
     /// A CPU sample dropped because the ring buffer to userspace was full.
     pub const SAMPLE_LOST: u32 = 10;
+    /// A watchpoint hit in a process without log point configuration.
+    pub const LOG_NO_PROCESS: u32 = 11;
+    /// A watchpoint hit at an address no log point watches (a log point
+    /// removed while its breakpoint was still installed).
+    pub const LOG_NO_WATCH: u32 = 12;
+    /// A watchpoint hit whose thread state or frame could not be read.
+    pub const LOG_UNREADABLE: u32 = 13;
     /// Number of counters in the `STATS` array.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 14;
 }
 
 /// Names of the maps and programs in the eBPF object, shared so a rename on one
@@ -110,6 +117,18 @@ pub mod names {
     pub const MAP_SAMPLES: &str = "SAMPLES";
     /// Program array holding `sample_walk` at index 0.
     pub const MAP_SAMPLE_PROGS: &str = "SAMPLE_PROGS";
+    /// Perf-event program run by a log point's hardware watchpoint.
+    pub const PROG_LOG_HIT: &str = "log_hit";
+    /// Hash map: tgid (`u32`) -> [`super::logpoint::LogProcess`].
+    pub const MAP_LOG_PROCESS: &str = "LOG_PROCESS";
+    /// Hash map: [`super::logpoint::WatchKey`] -> [`super::logpoint::Watch`].
+    pub const MAP_LOG_WATCH: &str = "LOG_WATCH";
+    /// Array of [`super::logpoint::Program`], indexed by log point.
+    pub const MAP_LOG_PROGRAMS: &str = "LOG_PROGRAMS";
+    /// Array of [`super::logpoint::LogState`], indexed by log point.
+    pub const MAP_LOG_STATE: &str = "LOG_STATE";
+    /// Ring buffer of [`super::logpoint::Hit`]s.
+    pub const MAP_LOG_HITS: &str = "LOG_HITS";
 }
 
 /// Sampling Python stacks on a CPU clock (`pyprobe record`, `pyprobe top`).
@@ -640,6 +659,394 @@ pub mod calls {
     }
 }
 
+/// Conditional log points (`pyprobe log`).
+///
+/// A hardware watchpoint (read/write) sits on the opcode byte of the probed
+/// instruction, in the threads of the target. The interpreter reads that
+/// byte exactly when it is about to run the instruction, so the perf-event
+/// program `log_hit` runs then, and only then: code that never reaches the
+/// instruction pays nothing. The program
+/// 1. looks the address up in `LOG_WATCH` and drops writes (the byte
+///    changed since the last hit: quickening, specialization,
+///    instrumentation) and reads made from another code object's frame;
+/// 2. applies the log point's rate limit and hit count;
+/// 3. captures the values the log point's [`Program`] names, from the
+///    frame's locals, following attribute, key and index steps;
+/// 4. evaluates the simple part of the condition ([`Atom`]s) and drops the
+///    hit when it is false;
+/// 5. sends a [`Hit`] to userspace, which evaluates the full condition and
+///    renders the message from the captured values.
+pub mod logpoint {
+    /// Log points at once (over every process).
+    pub const MAX_LOGPOINTS: u32 = 64;
+    /// Values one log point captures.
+    pub const MAX_CAPTURES: usize = 8;
+    /// Steps after the local in one captured path (`a.b["k"][0]` is 3).
+    pub const MAX_STEPS: usize = 4;
+    /// Comparisons the kernel evaluates (joined by `and`).
+    pub const MAX_ATOMS: usize = 4;
+    /// Attribute names and string keys one log point uses.
+    pub const MAX_NAMES: usize = 8;
+    /// Longest attribute name or string key / constant compared in the kernel.
+    pub const NAME_BYTES: usize = 32;
+    /// Bytes of a string (or digits of an int) captured.
+    pub const VALUE_BYTES: usize = 64;
+    /// Dict entries scanned by a key or attribute lookup.
+    pub const MAX_DICT_SCAN: u32 = 64;
+    /// Frames recorded with a hit (`--stack`).
+    pub const MAX_STACK: usize = 32;
+
+    /// Step: instance attribute (`arg`: name index).
+    pub const OP_ATTR: u32 = 1;
+    /// Step: `[str]` on a dict (`arg`: name index).
+    pub const OP_KEY_STR: u32 = 2;
+    /// Step: `[int]` on a dict, list or tuple (`int_arg`).
+    pub const OP_KEY_INT: u32 = 3;
+    /// Step: `len()` of the value so far; always the last step.
+    pub const OP_LEN: u32 = 4;
+
+    /// Captured.
+    pub const STATUS_OK: u8 = 0;
+    /// The local is not set yet (unbound), or an attribute, key or index is
+    /// not there.
+    pub const STATUS_MISSING: u8 = 1;
+    /// Memory could not be read.
+    pub const STATUS_UNREADABLE: u8 = 2;
+    /// The value is of a kind the kernel does not follow (an object without
+    /// a plain `__dict__`, a dict beyond [`MAX_DICT_SCAN`], `len()` of an
+    /// object without a length).
+    pub const STATUS_UNSUPPORTED: u8 = 3;
+    /// A path step was asked of a value of the wrong type (`.x` of an int,
+    /// `["k"]` of a list).
+    pub const STATUS_WRONG_TYPE: u8 = 4;
+
+    /// `None`.
+    pub const KIND_NONE: u8 = 0;
+    /// `True` / `False` (`raw` 1 / 0).
+    pub const KIND_BOOL: u8 = 1;
+    /// An int: `len` digits of 30 bits in `bytes` (at most 16), `negative`
+    /// set for a negative one; `raw` is its value when `len` ≤ 2.
+    pub const KIND_INT: u8 = 2;
+    /// A float: `raw` holds its bits.
+    pub const KIND_FLOAT: u8 = 3;
+    /// A str: `len` code points, `str_kind` bytes per code point (1, 2 or
+    /// 4; 1 plus [`STR_ASCII`] for ASCII), the first bytes in `bytes`.
+    pub const KIND_STR: u8 = 4;
+    /// Any other object: `type_` and `addr` name it; `len` is its length
+    /// for a list, tuple or dict.
+    pub const KIND_OTHER: u8 = 5;
+    /// Flag in `str_kind`: the str is ASCII.
+    pub const STR_ASCII: u8 = 0x80;
+
+    /// Comparison `==`.
+    pub const CMP_EQ: u32 = 0;
+    /// `!=`.
+    pub const CMP_NE: u32 = 1;
+    /// `<`.
+    pub const CMP_LT: u32 = 2;
+    /// `<=`.
+    pub const CMP_LE: u32 = 3;
+    /// `>`.
+    pub const CMP_GT: u32 = 4;
+    /// `>=`.
+    pub const CMP_GE: u32 = 5;
+    /// `is None`.
+    pub const CMP_IS_NONE: u32 = 6;
+    /// `is not None`.
+    pub const CMP_IS_NOT_NONE: u32 = 7;
+
+    /// Constant of an atom: an int (bools are 0 and 1).
+    pub const CONST_INT: u32 = 0;
+    /// Constant of an atom: an ASCII str of `str_len` bytes.
+    pub const CONST_STR: u32 = 1;
+    /// No constant (`is None`, `is not None`).
+    pub const CONST_NONE: u32 = 2;
+
+    /// Hit flag: the thread's stack is in `frames`.
+    pub const HIT_STACK: u32 = 1;
+
+    /// Per-process knowledge of the hit program (offsets are data).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct LogProcess {
+        /// Address of the word naming the thread state holding the GIL
+        /// (3.8-3.11: `_PyRuntime.gilstate.tstate_current`), or 0.
+        pub gil_current: u64,
+        /// Address of the GIL's `last_holder` (3.12+), or 0.
+        pub gil_last_holder: u64,
+        /// Offset of the current frame (or of `cframe`) in the thread state.
+        pub tstate_frame: u64,
+        /// `_PyCFrame.current_frame`, or `u64::MAX` when `tstate_frame`
+        /// points at the frame directly.
+        pub cframe_current_frame: u64,
+        /// `f_code` / `f_executable` in a frame.
+        pub frame_code: u64,
+        /// `f_lasti` / `prev_instr` / `instr_ptr` in a frame.
+        pub frame_instruction: u64,
+        /// `f_back` / `previous` in a frame.
+        pub frame_previous: u64,
+        /// `f_localsplus` / `localsplus` in a frame.
+        pub frame_localsplus: u64,
+        /// Mask applied to code and local words (`_PyStackRef` in 3.14).
+        pub ref_mask: u64,
+        /// 1 when ints use `lv_tag` (3.12+), 0 for a signed `ob_size`.
+        pub long_tag: u64,
+        /// `&_Py_NoneStruct`.
+        pub none: u64,
+        /// `&_Py_TrueStruct`.
+        pub true_: u64,
+        /// `&_Py_FalseStruct`.
+        pub false_: u64,
+        /// `&PyLong_Type`.
+        pub type_int: u64,
+        /// `&PyFloat_Type`.
+        pub type_float: u64,
+        /// `&PyUnicode_Type`.
+        pub type_str: u64,
+        /// `&PyDict_Type`.
+        pub type_dict: u64,
+        /// `&PyList_Type`.
+        pub type_list: u64,
+        /// `&PyTuple_Type`.
+        pub type_tuple: u64,
+        /// `sizeof(PyASCIIObject)`.
+        pub unicode_ascii_data: u64,
+        /// `sizeof(PyCompactUnicodeObject)`.
+        pub unicode_compact_data: u64,
+        /// `PyTupleObject.ob_item`.
+        pub tuple_items: u64,
+        /// 1 for the 3.8-3.10 dict keys layout (`dk_size`), 0 for 3.11+.
+        pub dict_sized: u64,
+        /// Where a split dict's values array starts in `PyDictValues`
+        /// (3.11+), 0 up to 3.10.
+        pub dict_values_items: u64,
+        /// `InstanceDictModel` as a number: 0 `tp_dictoffset`, 1 values or
+        /// dict (3.11), 2 tagged dict-or-values (3.12), 3 inline values
+        /// (3.13+).
+        pub instance_model: u64,
+        /// `PyHeapTypeObject.ht_cached_keys`.
+        pub heaptype_cached_keys: u64,
+        /// Start of `_PyEval_EvalFrameDefault` in the process: only reads
+        /// made by the eval loop's code, between this and `eval_end`, are
+        /// runs of the instruction (not `_PyCode_Quicken`, not `dis`).
+        pub eval_start: u64,
+        /// End of `_PyEval_EvalFrameDefault`.
+        pub eval_end: u64,
+    }
+
+    /// Key of [`Watch`]: a watched address in a process.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+    pub struct WatchKey {
+        /// Process.
+        pub tgid: u32,
+        /// Padding, zero.
+        pub _pad: u32,
+        /// Address of the watched opcode byte.
+        pub addr: u64,
+    }
+
+    /// A watched instruction.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Watch {
+        /// Log point (index into `LOG_PROGRAMS` and `LOG_STATE`).
+        pub logpoint: u32,
+        /// The opcode byte as last seen (by userspace when arming, then by
+        /// the program): a hit that finds another value was a write.
+        pub opcode: u32,
+        /// The code object the instruction belongs to: a hit from a frame
+        /// of another code object is not a run of this instruction.
+        pub code: u64,
+        /// The frame's `f_lasti` when it runs the instruction (3.8-3.10), or
+        /// `u64::MAX` when frames do not record it at that moment.
+        pub lasti: u64,
+    }
+
+    /// One step of a captured path.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Step {
+        /// `OP_*`, 0 for no step.
+        pub op: u32,
+        /// Name index for [`OP_ATTR`] and [`OP_KEY_STR`].
+        pub arg: u32,
+        /// Key or index for [`OP_KEY_INT`].
+        pub int_arg: i64,
+    }
+
+    /// A captured path: a local, then steps.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Capture {
+        /// Slot in the frame's locals (`localsplus`).
+        pub local: u32,
+        /// Steps used.
+        pub nsteps: u32,
+        /// Steps.
+        pub steps: [Step; MAX_STEPS],
+    }
+
+    /// A name (attribute or str key) or str constant, ASCII.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Name {
+        /// Bytes used.
+        pub len: u32,
+        /// Padding, zero.
+        pub _pad: u32,
+        /// The bytes, zero-padded.
+        pub bytes: [u8; NAME_BYTES],
+    }
+
+    /// A comparison of a captured value with a constant, evaluated in the
+    /// kernel. It only drops hits Python would find false: when the value
+    /// is of a kind it cannot compare exactly (a float, a big int, a
+    /// non-ASCII str), it lets the hit through to userspace.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Atom {
+        /// Index of the captured value.
+        pub capture: u32,
+        /// `CMP_*`.
+        pub cmp: u32,
+        /// `CONST_*`.
+        pub kind: u32,
+        /// Padding, zero.
+        pub _pad: u32,
+        /// The int constant.
+        pub int: i64,
+        /// The str constant.
+        pub str: Name,
+    }
+
+    /// What one log point captures and tests.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Program {
+        /// Captures used.
+        pub ncaptures: u32,
+        /// Atoms used (all must hold).
+        pub natoms: u32,
+        /// Hits sent per second at most (0: no limit).
+        pub rate: u32,
+        /// Record the stack with each hit.
+        pub stack: u32,
+        /// Hits sent in all, at most (0: no limit).
+        pub max_hits: u64,
+        /// Captured paths.
+        pub captures: [Capture; MAX_CAPTURES],
+        /// Kernel-side condition.
+        pub atoms: [Atom; MAX_ATOMS],
+        /// Names used by steps.
+        pub names: [Name; MAX_NAMES],
+    }
+
+    /// Counters and rate-limit state of one log point, updated by the
+    /// program.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct LogState {
+        /// Watchpoint hits at this log point's address (all kinds).
+        pub hits: u64,
+        /// Of which writes (the byte changed).
+        pub writes: u64,
+        /// Of which reads made outside the eval loop, from another code
+        /// object's frame, or for another instruction of the same frame.
+        pub foreign: u64,
+        /// Runs of the instruction dropped by the kernel condition.
+        pub condition_false: u64,
+        /// Runs dropped by the rate limit.
+        pub rate_limited: u64,
+        /// Runs dropped after `max_hits` were sent.
+        pub over_count: u64,
+        /// Runs dropped because the ring buffer was full.
+        pub lost: u64,
+        /// Hits sent.
+        pub sent: u64,
+        /// Start of the current one-second rate window (ns).
+        pub window_start: u64,
+        /// Hits sent in the current window.
+        pub window_sent: u64,
+    }
+
+    /// One captured value.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Value {
+        /// `STATUS_*`.
+        pub status: u8,
+        /// `KIND_*`.
+        pub kind: u8,
+        /// For a str: bytes per code point, plus [`STR_ASCII`].
+        pub str_kind: u8,
+        /// For an int: 1 when negative.
+        pub negative: u8,
+        /// Str length, int digit count, container length.
+        pub len: u32,
+        /// The object's address.
+        pub addr: u64,
+        /// Its type's address.
+        pub type_: u64,
+        /// Small int value, bool 0/1, float bits.
+        pub raw: u64,
+        /// Str bytes or int digits.
+        pub bytes: [u8; VALUE_BYTES],
+    }
+
+    impl Default for Value {
+        fn default() -> Self {
+            Value {
+                status: STATUS_UNREADABLE,
+                kind: 0,
+                str_kind: 0,
+                negative: 0,
+                len: 0,
+                addr: 0,
+                type_: 0,
+                raw: 0,
+                bytes: [0; VALUE_BYTES],
+            }
+        }
+    }
+
+    /// A frame of a hit's stack.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct StackFrame {
+        /// Code object (masked).
+        pub code: u64,
+        /// The 8 bytes at the frame's instruction field.
+        pub instruction: u64,
+    }
+
+    /// One run of a probed instruction whose condition held, as sent.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub struct Hit {
+        /// Process.
+        pub tgid: u32,
+        /// Thread.
+        pub tid: u32,
+        /// Log point.
+        pub logpoint: u32,
+        /// `HIT_*`.
+        pub flags: u32,
+        /// `bpf_ktime_get_ns` at the hit.
+        pub time_ns: u64,
+        /// The frame running the instruction.
+        pub frame: u64,
+        /// Frames in `frames` (with [`HIT_STACK`]).
+        pub nframes: u32,
+        /// Captured values (as many as the program's captures).
+        pub nvalues: u32,
+        /// Values.
+        pub values: [Value; MAX_CAPTURES],
+        /// The stack, innermost first (with [`HIT_STACK`]).
+        pub frames: [StackFrame; MAX_STACK],
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` structs of integers without implicit
@@ -668,6 +1075,25 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::sample::ThreadState {}
 
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::logpoint::LogProcess {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::logpoint::WatchKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::logpoint::Watch {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::logpoint::Program {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::logpoint::LogState {}
+
+    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 28 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 24);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Name>() == 40);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Atom>() == 24 + 40);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Value>() == 32 + 64);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Hit>() == 40 + 8 * 96 + 32 * 16);
     const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 14 * 8);
     const _: () = assert!(core::mem::size_of::<super::sample::ThreadState>() == 16);
     const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 40);

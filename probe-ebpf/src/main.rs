@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod logpoint;
 mod sample;
 
 use aya_ebpf::{

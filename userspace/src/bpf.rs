@@ -16,6 +16,7 @@ use aya::{
 };
 use pyprobe_common::{
     calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, SkipSet},
+    logpoint::{LogProcess, LogState, Program, Watch, WatchKey},
     names,
     sample::{SampleConfig, ThreadState},
     stats,
@@ -647,6 +648,170 @@ impl Sampler {
             recursion_misses: recursion_misses(&self.ebpf, names::PROG_SAMPLE_CPU)
                 + recursion_misses(&self.ebpf, names::PROG_SAMPLE_WALK),
         })
+    }
+}
+
+/// Why a hardware watchpoint could not be set on a thread.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The thread already has 4 watchpoints (x86 has 4 debug registers).
+    #[error(
+        "thread {tid} has no free hardware watchpoint (x86 has 4 per thread, shared with debuggers)"
+    )]
+    NoSlot {
+        /// The thread.
+        tid: u32,
+    },
+    /// The thread is gone.
+    #[error("thread {tid} exited")]
+    Gone {
+        /// The thread.
+        tid: u32,
+    },
+    /// Anything else the kernel said.
+    #[error("cannot set a hardware watchpoint on thread {tid}: {source}")]
+    Other {
+        /// The thread.
+        tid: u32,
+        /// Underlying error.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Counters of one log point, as the kernel keeps them.
+pub type LogCounters = pyprobe_common::logpoint::LogState;
+
+/// The log point program, its maps and its watchpoints.
+pub struct LogProbes {
+    ebpf: Ebpf,
+    ring: aya::maps::RingBuf<MapData>,
+}
+
+impl LogProbes {
+    /// Checks privileges and loads the hit program (no watchpoint yet).
+    pub fn load() -> Result<Self, BpfError> {
+        privileges::check()?;
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(BpfError::Load)?;
+        perf_event_mut(&mut ebpf, names::PROG_LOG_HIT)?
+            .load()
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_LOG_HIT,
+                source,
+            })?;
+        let ring = ebpf
+            .take_map(names::MAP_LOG_HITS)
+            .ok_or(BpfError::Missing(names::MAP_LOG_HITS))?;
+        let ring = aya::maps::RingBuf::try_from(ring).map_err(|source| BpfError::Map {
+            name: names::MAP_LOG_HITS,
+            source,
+        })?;
+        Ok(Self { ebpf, ring })
+    }
+
+    /// Tells the program how to read process `pid`.
+    pub fn configure(&mut self, pid: u32, config: &LogProcess) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, LogProcess> =
+            open_map_mut(&mut self.ebpf, names::MAP_LOG_PROCESS)?;
+        map.insert(pid, config, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_LOG_PROCESS,
+            source,
+        })
+    }
+
+    /// Sets what log point `index` captures and tests.
+    pub fn set_program(&mut self, index: u32, program: &Program) -> Result<(), BpfError> {
+        let mut map: Array<&mut MapData, Program> =
+            open_map_mut(&mut self.ebpf, names::MAP_LOG_PROGRAMS)?;
+        map.set(index, program, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_LOG_PROGRAMS,
+            source,
+        })
+    }
+
+    /// Declares a watched address (before its watchpoints are set).
+    pub fn watch(&mut self, key: WatchKey, watch: &Watch) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, WatchKey, Watch> =
+            open_map_mut(&mut self.ebpf, names::MAP_LOG_WATCH)?;
+        map.insert(key, watch, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_LOG_WATCH,
+            source,
+        })
+    }
+
+    /// Sets a read/write hardware watchpoint on the byte at `addr` in
+    /// thread `tid`, inherited by the threads it starts from now on.
+    pub fn set_watchpoint(&mut self, tid: u32, addr: u64) -> Result<(), WatchError> {
+        use aya::programs::perf_event::{
+            BreakpointConfig, PerfBreakpointLength, PerfBreakpointType, PerfEventConfig,
+            PerfEventScope, SamplePolicy,
+        };
+        let program =
+            perf_event_mut(&mut self.ebpf, names::PROG_LOG_HIT).map_err(|e| WatchError::Other {
+                tid,
+                source: match e {
+                    BpfError::Program { source, .. } => source,
+                    other => aya::programs::ProgramError::IOError(std::io::Error::other(
+                        other.to_string(),
+                    )),
+                },
+            })?;
+        program
+            .attach(
+                PerfEventConfig::Breakpoint(BreakpointConfig::Data {
+                    r#type: PerfBreakpointType::ReadWrite,
+                    address: addr,
+                    length: PerfBreakpointLength::Len1,
+                }),
+                PerfEventScope::OneProcess {
+                    pid: tid,
+                    cpu: None,
+                },
+                SamplePolicy::Period(1),
+                true,
+            )
+            .map(|_| ())
+            .map_err(|source| {
+                let errno = match &source {
+                    aya::programs::ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+                    _ => None,
+                };
+                match errno {
+                    Some(libc::ENOSPC) => WatchError::NoSlot { tid },
+                    Some(libc::ESRCH) => WatchError::Gone { tid },
+                    _ => WatchError::Other { tid, source },
+                }
+            })
+    }
+
+    /// Hands every hit waiting in the ring buffer to `f`.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) {
+        while let Some(item) = self.ring.next() {
+            f(&item);
+        }
+    }
+
+    /// The counters of log point `index`.
+    pub fn counters(&self, index: u32) -> Result<LogCounters, BpfError> {
+        let map: Array<&MapData, LogState> = open_map(&self.ebpf, names::MAP_LOG_STATE)?;
+        map.get(&index, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_LOG_STATE,
+            source,
+        })
+    }
+
+    /// Hits in processes or at addresses pyprobe did not set up, and hits
+    /// whose frame could not be read.
+    pub fn losses(&self) -> Result<(u64, u64, u64), BpfError> {
+        let stat = |index| read_stat(&self.ebpf, index);
+        Ok((
+            stat(stats::LOG_NO_PROCESS)?,
+            stat(stats::LOG_NO_WATCH)?,
+            stat(stats::LOG_UNREADABLE)?,
+        ))
     }
 }
 

@@ -3,8 +3,14 @@
 //! with values captured at that moment, without stopping the target or
 //! running its code.
 //!
-//! So far: [`expr`], the language of conditions and message templates, and
-//! [`eval`], its meaning over values captured at a hit.
+//! So far: [`expr`], the language of conditions and message templates,
+//! [`eval`], its meaning over values captured at a hit, and [`locate`],
+//! which code objects and instruction a location (`app.py:42`,
+//! `pkg.mod:Class.method`) means in a live process.
 
+pub mod compile;
 pub mod eval;
 pub mod expr;
+pub mod hit;
+pub mod locate;
+pub mod session;

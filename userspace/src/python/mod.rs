@@ -1,6 +1,7 @@
 //! Reading CPython from outside the process: versions, per-version offsets,
 //! and decoders for the interpreter's data structures.
 
+pub mod attrs;
 pub mod dwarf;
 pub mod linetable;
 pub mod memory;

@@ -1,0 +1,883 @@
+//! Log points: a hardware watchpoint on a probed instruction's opcode byte
+//! runs `log_hit`, which checks that the hit is a run of that instruction,
+//! captures the values the log point names from the running frame, tests
+//! the simple part of its condition and sends the hit to userspace.
+//!
+//! Dict scans run in `bpf_loop` callbacks, which the verifier checks once
+//! whatever the number of iterations.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf,
+        generated::{bpf_loop, bpf_ringbuf_output},
+    },
+    macros::{map, perf_event},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::PerfEventContext,
+};
+use pyprobe_common::{
+    MAX_PROCESSES,
+    logpoint::{
+        Atom, CMP_EQ, CMP_GE, CMP_GT, CMP_IS_NONE, CMP_IS_NOT_NONE, CMP_LE, CMP_LT, CMP_NE,
+        CONST_INT, CONST_STR, Capture, HIT_STACK, Hit, KIND_BOOL, KIND_FLOAT, KIND_INT, KIND_NONE,
+        KIND_OTHER, KIND_STR, LogProcess, LogState, MAX_ATOMS, MAX_CAPTURES, MAX_DICT_SCAN,
+        MAX_LOGPOINTS, MAX_NAMES, MAX_STACK, MAX_STEPS, NAME_BYTES, Name, OP_ATTR, OP_KEY_INT,
+        OP_KEY_STR, OP_LEN, Program, STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE,
+        STATUS_UNSUPPORTED, STATUS_WRONG_TYPE, STR_ASCII, VALUE_BYTES, Value, Watch, WatchKey,
+    },
+    stats,
+};
+
+use crate::{count_error, read};
+
+/// Per-process knowledge, written by userspace.
+#[map(name = "LOG_PROCESS")]
+static LOG_PROCESS: HashMap<u32, LogProcess> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// Watched addresses.
+#[map(name = "LOG_WATCH")]
+static LOG_WATCH: HashMap<WatchKey, Watch> = HashMap::with_max_entries(4096, 0);
+
+/// What each log point captures and tests.
+#[map(name = "LOG_PROGRAMS")]
+static LOG_PROGRAMS: Array<Program> = Array::with_max_entries(MAX_LOGPOINTS, 0);
+
+/// Counters and rate-limit state of each log point.
+#[map(name = "LOG_STATE")]
+static LOG_STATE: Array<LogState> = Array::with_max_entries(MAX_LOGPOINTS, 0);
+
+/// Hits to userspace.
+#[map(name = "LOG_HITS")]
+static LOG_HITS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// The hit being built on this CPU (too big for the stack).
+#[map(name = "LOG_SCRATCH")]
+static LOG_SCRATCH: PerCpuArray<Hit> = PerCpuArray::with_max_entries(1, 0);
+
+/// `Py_TPFLAGS_INLINE_VALUES` (3.13+).
+const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
+/// `Py_TPFLAGS_MANAGED_DICT` (3.11+).
+const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
+/// `PyTypeObject.tp_basicsize`.
+const TP_BASICSIZE: u64 = 32;
+/// `PyTypeObject.tp_flags`.
+const TP_FLAGS: u64 = 168;
+/// `PyTypeObject.tp_dictoffset`.
+const TP_DICTOFFSET: u64 = 288;
+/// `ob_size`, `lv_tag`, str `length`, dict `ma_used`: all at 16.
+const SIZE_AT: u64 = 16;
+/// `PyDictObject.ma_keys`.
+const DICT_KEYS: u64 = 32;
+/// `PyDictObject.ma_values`.
+const DICT_VALUES: u64 = 40;
+/// `PyListObject.ob_item`.
+const LIST_ITEMS: u64 = 24;
+/// `PyLongObject` digits.
+const LONG_DIGITS: u64 = 24;
+/// `PyASCIIObject.state`.
+const UNICODE_STATE: u64 = 32;
+
+/// Adds to a counter shared by all CPUs. A plain add: hits at one log
+/// point in one process run with the GIL held, so two CPUs rarely add at
+/// once (the BPF target has no atomic read-modify-write in `core`).
+#[inline(always)]
+fn add(counter: &mut u64) {
+    *counter += 1;
+}
+
+/// The program run by a log point's watchpoint.
+#[perf_event]
+pub fn log_hit(ctx: PerfEventContext) -> u32 {
+    // SAFETY: the context of a perf-event program.
+    let addr = unsafe { (*ctx.ctx).addr };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = WatchKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let Some(watch) = LOG_WATCH.get_ptr_mut(&key) else {
+        count_error(stats::LOG_NO_WATCH);
+        return 0;
+    };
+    // SAFETY: a map value, valid for the run.
+    let watch = unsafe { &mut *watch };
+    let index = watch.logpoint;
+    let Some(state) = LOG_STATE.get_ptr_mut(index) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    add(&mut state.hits);
+    let Some(byte) = read::<u8>(addr) else {
+        count_error(stats::LOG_UNREADABLE);
+        return 0;
+    };
+    if u32::from(byte) != watch.opcode {
+        // A write: quickening, specialization or instrumentation changed
+        // the instruction. Reads of the new byte are runs again.
+        watch.opcode = u32::from(byte);
+        add(&mut state.writes);
+        return 0;
+    }
+    // SAFETY: values are only read while this program runs.
+    let Some(process) = (unsafe { LOG_PROCESS.get(&tgid) }) else {
+        count_error(stats::LOG_NO_PROCESS);
+        return 0;
+    };
+    // The data trap reports the instruction after the access: still inside
+    // the eval loop for a read made by it.
+    // SAFETY: the context of a perf-event program.
+    let ip = unsafe { (*ctx.ctx).regs.rip };
+    if ip < process.eval_start || ip >= process.eval_end {
+        add(&mut state.foreign);
+        return 0;
+    }
+    let Some(frame) = running_frame(process) else {
+        count_error(stats::LOG_UNREADABLE);
+        return 0;
+    };
+    let code = read::<u64>(frame.wrapping_add(process.frame_code)).unwrap_or(0) & process.ref_mask;
+    if code != watch.code {
+        add(&mut state.foreign);
+        return 0;
+    }
+    if watch.lasti != u64::MAX {
+        let lasti = read::<i32>(frame.wrapping_add(process.frame_instruction)).unwrap_or(-1);
+        if lasti as i64 as u64 != watch.lasti {
+            add(&mut state.foreign);
+            return 0;
+        }
+    }
+    let Some(program) = LOG_PROGRAMS.get(index) else {
+        return 0;
+    };
+    if program.max_hits != 0 && state.sent >= program.max_hits {
+        add(&mut state.over_count);
+        return 0;
+    }
+    let Some(hit) = LOG_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch value is ours for this run.
+    let hit = unsafe { &mut *hit };
+    hit.tgid = tgid;
+    hit.tid = tid;
+    hit.logpoint = index;
+    hit.flags = 0;
+    hit.frame = frame;
+    hit.nframes = 0;
+    let ncaptures = program.ncaptures.min(MAX_CAPTURES as u32);
+    hit.nvalues = ncaptures;
+    let mut capture_ctx = CaptureCtx {
+        program,
+        process,
+        values: &mut hit.values,
+        frame,
+    };
+    // SAFETY: the callback and its context follow bpf_loop's contract.
+    unsafe {
+        bpf_loop(
+            ncaptures,
+            capture_one as *mut c_void,
+            (&mut capture_ctx as *mut CaptureCtx).cast(),
+            0,
+        )
+    };
+    if !condition_may_hold(program, &hit.values) {
+        add(&mut state.condition_false);
+        return 0;
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if program.rate != 0 {
+        if now.wrapping_sub(state.window_start) >= 1_000_000_000 {
+            state.window_start = now;
+            state.window_sent = 0;
+        }
+        if state.window_sent >= u64::from(program.rate) {
+            add(&mut state.rate_limited);
+            return 0;
+        }
+    }
+    hit.time_ns = now;
+    if program.stack != 0 {
+        hit.flags |= HIT_STACK;
+        walk_stack(hit, process);
+    }
+    // SAFETY: `hit` is a whole `Hit` in map memory.
+    let sent = unsafe {
+        bpf_ringbuf_output(
+            core::ptr::addr_of!(LOG_HITS) as *mut c_void,
+            (hit as *mut Hit).cast(),
+            core::mem::size_of::<Hit>() as u64,
+            0,
+        )
+    };
+    if sent != 0 {
+        add(&mut state.lost);
+        return 0;
+    }
+    add(&mut state.sent);
+    add(&mut state.window_sent);
+    0
+}
+
+/// The frame the thread holding the GIL runs: the one whose bytecode read
+/// the watched byte.
+#[inline(always)]
+fn running_frame(process: &LogProcess) -> Option<u64> {
+    let tstate: u64 = if process.gil_current != 0 {
+        read(process.gil_current)?
+    } else {
+        read(process.gil_last_holder)?
+    };
+    if tstate == 0 {
+        return None;
+    }
+    let at: u64 = read(tstate.wrapping_add(process.tstate_frame))?;
+    let frame = if process.cframe_current_frame == u64::MAX || at == 0 {
+        at
+    } else {
+        read(at.wrapping_add(process.cframe_current_frame))?
+    };
+    (frame != 0).then_some(frame)
+}
+
+/// Records the frame chain from the running frame (code and raw
+/// instruction word of each), innermost first.
+#[inline(always)]
+fn walk_stack(hit: &mut Hit, process: &LogProcess) {
+    let mut frame = hit.frame;
+    let mut n = 0u32;
+    for i in 0..MAX_STACK {
+        if frame == 0 {
+            break;
+        }
+        let code = read::<u64>(frame.wrapping_add(process.frame_code)).unwrap_or(0);
+        let instruction = read::<u64>(frame.wrapping_add(process.frame_instruction)).unwrap_or(0);
+        hit.frames[i].code = code & process.ref_mask;
+        hit.frames[i].instruction = instruction;
+        n += 1;
+        frame = read::<u64>(frame.wrapping_add(process.frame_previous)).unwrap_or(0);
+    }
+    hit.nframes = n;
+}
+
+/// What `capture_one` works with.
+struct CaptureCtx<'a> {
+    program: &'a Program,
+    process: &'a LogProcess,
+    values: &'a mut [Value; MAX_CAPTURES],
+    frame: u64,
+}
+
+/// `bpf_loop` callback: captures path `index` of the program.
+extern "C" fn capture_one(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the context given to it.
+    let ctx = unsafe { &mut *ctx.cast::<CaptureCtx>() };
+    let i = index as usize;
+    if i >= MAX_CAPTURES {
+        return 1;
+    }
+    let capture = &ctx.program.captures[i];
+    let value = &mut ctx.values[i];
+    *value = Value::default();
+    capture_path(capture, &ctx.program.names, ctx.process, ctx.frame, value);
+    0
+}
+
+/// Follows one path from the frame's local to its value and describes it.
+#[inline(always)]
+fn capture_path(
+    capture: &Capture,
+    names: &[Name; MAX_NAMES],
+    process: &LogProcess,
+    frame: u64,
+    value: &mut Value,
+) {
+    let slot = frame
+        .wrapping_add(process.frame_localsplus)
+        .wrapping_add(u64::from(capture.local).wrapping_mul(8));
+    let Some(word) = read::<u64>(slot) else {
+        value.status = STATUS_UNREADABLE;
+        return;
+    };
+    let mut obj = word & process.ref_mask;
+    if obj == 0 {
+        value.status = STATUS_MISSING;
+        return;
+    }
+    let nsteps = (capture.nsteps as usize).min(MAX_STEPS);
+    for s in 0..MAX_STEPS {
+        if s >= nsteps {
+            break;
+        }
+        let step = &capture.steps[s];
+        let outcome = match step.op {
+            OP_ATTR => attribute(obj, &names[(step.arg as usize) & (MAX_NAMES - 1)], process),
+            OP_KEY_STR => {
+                let ty = read::<u64>(obj.wrapping_add(8)).unwrap_or(0);
+                if ty != process.type_dict {
+                    Err(STATUS_WRONG_TYPE)
+                } else {
+                    dict_get(
+                        obj,
+                        Key::Str(&names[(step.arg as usize) & (MAX_NAMES - 1)]),
+                        process,
+                    )
+                }
+            }
+            OP_KEY_INT => subscript_int(obj, step.int_arg, process),
+            OP_LEN => {
+                length(obj, process, value);
+                return;
+            }
+            _ => Err(STATUS_UNSUPPORTED),
+        };
+        match outcome {
+            Ok(next) => obj = next,
+            Err(status) => {
+                value.status = status;
+                return;
+            }
+        }
+    }
+    describe(obj, process, value);
+}
+
+/// `len()` of a str, list, tuple or dict, as an int value.
+#[inline(always)]
+fn length(obj: u64, process: &LogProcess, value: &mut Value) {
+    let ty = read::<u64>(obj.wrapping_add(8)).unwrap_or(0);
+    if ty != process.type_str
+        && ty != process.type_list
+        && ty != process.type_tuple
+        && ty != process.type_dict
+    {
+        value.status = STATUS_UNSUPPORTED;
+        value.type_ = ty;
+        return;
+    }
+    let Some(n) = read::<i64>(obj.wrapping_add(SIZE_AT)) else {
+        value.status = STATUS_UNREADABLE;
+        return;
+    };
+    value.status = STATUS_OK;
+    value.kind = KIND_INT;
+    value.type_ = process.type_int;
+    value.addr = 0;
+    value.raw = n as u64;
+    value.negative = 0;
+    // Digits, for userspace's exact decoding.
+    let n = n as u64;
+    value.len = if n == 0 {
+        0
+    } else if n < (1 << 30) {
+        1
+    } else {
+        2
+    };
+    value.bytes[..4].copy_from_slice(&((n & 0x3fff_ffff) as u32).to_le_bytes());
+    value.bytes[4..8].copy_from_slice(&(((n >> 30) & 0x3fff_ffff) as u32).to_le_bytes());
+}
+
+/// Fills `value` from the object at `obj`.
+#[inline(always)]
+fn describe(obj: u64, process: &LogProcess, value: &mut Value) {
+    value.addr = obj;
+    value.status = STATUS_OK;
+    if obj == process.none {
+        value.kind = KIND_NONE;
+        return;
+    }
+    if obj == process.true_ || obj == process.false_ {
+        value.kind = KIND_BOOL;
+        value.raw = u64::from(obj == process.true_);
+        return;
+    }
+    let Some(ty) = read::<u64>(obj.wrapping_add(8)) else {
+        value.status = STATUS_UNREADABLE;
+        return;
+    };
+    value.type_ = ty;
+    let size = read::<i64>(obj.wrapping_add(SIZE_AT)).unwrap_or(0);
+    if ty == process.type_int {
+        let (ndigits, negative) = if process.long_tag != 0 {
+            let tag = size as u64;
+            (tag >> 3, (tag & 3) == 2)
+        } else {
+            (size.unsigned_abs(), size < 0)
+        };
+        value.kind = KIND_INT;
+        value.len = ndigits.min(u64::from(u32::MAX)) as u32;
+        value.negative = u8::from(negative);
+        // SAFETY: reads target memory into our buffer; a failure leaves
+        // zeros (then the short read below).
+        if unsafe { bpf_probe_read_user_buf((obj + LONG_DIGITS) as *const u8, &mut value.bytes) }
+            .is_err()
+        {
+            let two = read::<u64>(obj.wrapping_add(LONG_DIGITS)).unwrap_or(0);
+            value.bytes[..8].copy_from_slice(&two.to_le_bytes());
+        }
+        let d0 = u64::from(
+            u32::from_le_bytes([
+                value.bytes[0],
+                value.bytes[1],
+                value.bytes[2],
+                value.bytes[3],
+            ]) & 0x3fff_ffff,
+        );
+        let d1 = u64::from(
+            u32::from_le_bytes([
+                value.bytes[4],
+                value.bytes[5],
+                value.bytes[6],
+                value.bytes[7],
+            ]) & 0x3fff_ffff,
+        );
+        let magnitude = match ndigits {
+            0 => 0,
+            1 => d0,
+            _ => d0 | (d1 << 30),
+        };
+        value.raw = if negative {
+            (magnitude as i64).wrapping_neg() as u64
+        } else {
+            magnitude
+        };
+        return;
+    }
+    if ty == process.type_float {
+        value.kind = KIND_FLOAT;
+        value.raw = size as u64;
+        return;
+    }
+    if ty == process.type_str {
+        let state = u64::from(read::<u32>(obj.wrapping_add(UNICODE_STATE)).unwrap_or(0));
+        let kind = (state >> 2) & 7;
+        let compact = (state >> 5) & 1;
+        let ascii = (state >> 6) & 1;
+        value.kind = KIND_STR;
+        value.len = (size as u64).min(u64::from(u32::MAX)) as u32;
+        value.str_kind = (kind as u8) | if ascii != 0 { STR_ASCII } else { 0 };
+        if compact == 0 {
+            value.status = STATUS_UNSUPPORTED;
+            return;
+        }
+        let data = obj.wrapping_add(if ascii != 0 {
+            process.unicode_ascii_data
+        } else {
+            process.unicode_compact_data
+        });
+        let bytes = (size as u64).wrapping_mul(kind).min(VALUE_BYTES as u64) as usize;
+        if bytes > 0 && bytes <= VALUE_BYTES {
+            // SAFETY: reads target memory into our buffer.
+            if unsafe { bpf_probe_read_user_buf(data as *const u8, &mut value.bytes[..bytes]) }
+                .is_err()
+            {
+                value.status = STATUS_UNREADABLE;
+            }
+        }
+        return;
+    }
+    value.kind = KIND_OTHER;
+    if ty == process.type_list || ty == process.type_tuple || ty == process.type_dict {
+        value.len = (size as u64).min(u64::from(u32::MAX)) as u32;
+    }
+}
+
+/// `obj[int]`: a dict key, or a list or tuple index (negative from the end).
+#[inline(always)]
+fn subscript_int(obj: u64, key: i64, process: &LogProcess) -> Result<u64, u8> {
+    let ty = read::<u64>(obj.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
+    if ty == process.type_dict {
+        return dict_get(obj, Key::Int(key), process);
+    }
+    let items = if ty == process.type_list {
+        read::<u64>(obj.wrapping_add(LIST_ITEMS)).ok_or(STATUS_UNREADABLE)?
+    } else if ty == process.type_tuple {
+        obj.wrapping_add(process.tuple_items)
+    } else {
+        return Err(STATUS_WRONG_TYPE);
+    };
+    let len = read::<i64>(obj.wrapping_add(SIZE_AT)).ok_or(STATUS_UNREADABLE)?;
+    let at = if key < 0 { key.wrapping_add(len) } else { key };
+    if at < 0 || at >= len {
+        return Err(STATUS_MISSING);
+    }
+    let item =
+        read::<u64>(items.wrapping_add((at as u64).wrapping_mul(8))).ok_or(STATUS_UNREADABLE)?;
+    if item == 0 {
+        return Err(STATUS_MISSING);
+    }
+    Ok(item)
+}
+
+/// A key to find.
+#[derive(Clone, Copy)]
+enum Key<'a> {
+    Str(&'a Name),
+    Int(i64),
+}
+
+/// `obj.name` from the instance's own attributes (never the class's).
+#[inline(always)]
+fn attribute(obj: u64, name: &Name, process: &LogProcess) -> Result<u64, u8> {
+    let ty = read::<u64>(obj.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
+    let flags = read::<u64>(ty.wrapping_add(TP_FLAGS)).ok_or(STATUS_UNREADABLE)?;
+    let key = Key::Str(name);
+    if process.instance_model != 0 && flags & TPFLAGS_MANAGED_DICT != 0 {
+        let keys = || read::<u64>(ty.wrapping_add(process.heaptype_cached_keys));
+        match process.instance_model {
+            1 => {
+                // 3.11: values array at obj - 32, else a dict at obj - 24.
+                let values = read::<u64>(obj.wrapping_sub(32)).ok_or(STATUS_UNREADABLE)?;
+                if values != 0 {
+                    let keys = keys().ok_or(STATUS_UNREADABLE)?;
+                    return scan(
+                        keys,
+                        values.wrapping_add(process.dict_values_items),
+                        key,
+                        process,
+                    );
+                }
+                let dict = read::<u64>(obj.wrapping_sub(24)).ok_or(STATUS_UNREADABLE)?;
+                return if dict == 0 {
+                    Err(STATUS_MISSING)
+                } else {
+                    dict_get(dict, key, process)
+                };
+            }
+            2 => {
+                // 3.12: tagged dict-or-values at obj - 24.
+                let word = read::<u64>(obj.wrapping_sub(24)).ok_or(STATUS_UNREADABLE)?;
+                if word & 1 != 0 {
+                    let keys = keys().ok_or(STATUS_UNREADABLE)?;
+                    // Stored as the values pointer minus one (an odd word).
+                    let values = word + 1;
+                    return scan(
+                        keys,
+                        values.wrapping_add(process.dict_values_items),
+                        key,
+                        process,
+                    );
+                }
+                return if word == 0 {
+                    Err(STATUS_MISSING)
+                } else {
+                    dict_get(word, key, process)
+                };
+            }
+            _ => {
+                // 3.13+: a materialized dict at obj - 24 wins over the
+                // inline values.
+                let dict = read::<u64>(obj.wrapping_sub(24)).ok_or(STATUS_UNREADABLE)?;
+                if dict != 0 {
+                    return dict_get(dict, key, process);
+                }
+                if flags & TPFLAGS_INLINE_VALUES == 0 {
+                    return Err(STATUS_MISSING);
+                }
+                let basicsize =
+                    read::<u64>(ty.wrapping_add(TP_BASICSIZE)).ok_or(STATUS_UNREADABLE)?;
+                let values = obj.wrapping_add(basicsize);
+                let valid = read::<u8>(values.wrapping_add(3)).ok_or(STATUS_UNREADABLE)?;
+                if valid == 0 {
+                    return Err(STATUS_MISSING);
+                }
+                let keys = keys().ok_or(STATUS_UNREADABLE)?;
+                return scan(
+                    keys,
+                    values.wrapping_add(process.dict_values_items),
+                    key,
+                    process,
+                );
+            }
+        }
+    }
+    let offset = read::<i64>(ty.wrapping_add(TP_DICTOFFSET)).ok_or(STATUS_UNREADABLE)?;
+    if offset <= 0 {
+        return Err(STATUS_UNSUPPORTED);
+    }
+    let dict = read::<u64>(obj.wrapping_add(offset as u64)).ok_or(STATUS_UNREADABLE)?;
+    if dict == 0 {
+        return Err(STATUS_MISSING);
+    }
+    dict_get(dict, key, process)
+}
+
+/// Looks `key` up in a dict (combined or split).
+#[inline(always)]
+fn dict_get(dict: u64, key: Key, process: &LogProcess) -> Result<u64, u8> {
+    let keys = read::<u64>(dict.wrapping_add(DICT_KEYS)).ok_or(STATUS_UNREADABLE)?;
+    let values = read::<u64>(dict.wrapping_add(DICT_VALUES)).ok_or(STATUS_UNREADABLE)?;
+    let values = if values == 0 {
+        0
+    } else {
+        values.wrapping_add(process.dict_values_items)
+    };
+    scan(keys, values, key, process)
+}
+
+/// What a dict scan looks for and finds.
+struct ScanCtx {
+    entries: u64,
+    entry_size: u64,
+    /// Offset of the key in an entry.
+    key_at: u64,
+    /// Values array of a split dict, or 0 (value after the key).
+    values: u64,
+    want_str: u32,
+    want_len: u64,
+    want: [u64; NAME_BYTES / 8],
+    want_int: i64,
+    type_str: u64,
+    type_int: u64,
+    ascii_data: u64,
+    long_tag: u64,
+    found: u64,
+}
+
+/// Scans the entries of a dict keys object for `key`; the value comes from
+/// the entry, or from `values[i]` for a split dict.
+#[inline(always)]
+fn scan(keys: u64, values: u64, key: Key, process: &LogProcess) -> Result<u64, u8> {
+    let (nentries, entries, entry_size, key_at) = if process.dict_sized != 0 {
+        let size = read::<u64>(keys.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
+        let nentries = read::<u64>(keys.wrapping_add(32)).ok_or(STATUS_UNREADABLE)?;
+        let width = if size <= 0xff {
+            1
+        } else if size <= 0xffff {
+            2
+        } else if size <= 0xffff_ffff {
+            4
+        } else {
+            8
+        };
+        (nentries, keys + 40 + size.wrapping_mul(width), 24, 8)
+    } else {
+        let log2_index_bytes = read::<u8>(keys.wrapping_add(9)).ok_or(STATUS_UNREADABLE)?;
+        let kind = read::<u8>(keys.wrapping_add(10)).ok_or(STATUS_UNREADABLE)?;
+        let nentries = read::<u64>(keys.wrapping_add(24)).ok_or(STATUS_UNREADABLE)?;
+        let shift = u64::from(log2_index_bytes & 63);
+        let general = kind == 0;
+        (
+            nentries,
+            keys + 32 + (1u64 << shift),
+            if general { 24 } else { 16 },
+            if general { 8 } else { 0 },
+        )
+    };
+    if nentries > u64::from(MAX_DICT_SCAN) {
+        return Err(STATUS_UNSUPPORTED);
+    }
+    let mut ctx = ScanCtx {
+        entries,
+        entry_size,
+        key_at,
+        values,
+        want_str: 0,
+        want_len: 0,
+        want: [0; NAME_BYTES / 8],
+        want_int: 0,
+        type_str: process.type_str,
+        type_int: process.type_int,
+        ascii_data: process.unicode_ascii_data,
+        long_tag: process.long_tag,
+        found: 0,
+    };
+    match key {
+        Key::Str(name) => {
+            ctx.want_str = 1;
+            ctx.want_len = u64::from(name.len);
+            for w in 0..NAME_BYTES / 8 {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&name.bytes[w * 8..w * 8 + 8]);
+                ctx.want[w] = u64::from_le_bytes(b);
+            }
+        }
+        Key::Int(i) => ctx.want_int = i,
+    }
+    // SAFETY: the callback and its context follow bpf_loop's contract.
+    unsafe {
+        bpf_loop(
+            nentries as u32,
+            scan_entry as *mut c_void,
+            (&mut ctx as *mut ScanCtx).cast(),
+            0,
+        )
+    };
+    if ctx.found == 0 {
+        Err(STATUS_MISSING)
+    } else {
+        Ok(ctx.found)
+    }
+}
+
+/// `bpf_loop` callback: tests entry `index`; stops the loop when found.
+extern "C" fn scan_entry(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the context given to it.
+    let ctx = unsafe { &mut *ctx.cast::<ScanCtx>() };
+    let entry = ctx.entries.wrapping_add(index.wrapping_mul(ctx.entry_size));
+    let Some(key) = read::<u64>(entry.wrapping_add(ctx.key_at)) else {
+        return 1;
+    };
+    if key == 0 {
+        return 0;
+    }
+    let Some(ty) = read::<u64>(key.wrapping_add(8)) else {
+        return 0;
+    };
+    let matched = if ctx.want_str != 0 {
+        if ty != ctx.type_str {
+            return 0;
+        }
+        let len = read::<u64>(key.wrapping_add(SIZE_AT)).unwrap_or(u64::MAX);
+        let state = read::<u32>(key.wrapping_add(UNICODE_STATE)).unwrap_or(0);
+        // Compact ASCII only: names and constants compared here are ASCII.
+        if len != ctx.want_len || (state >> 5) & 3 != 3 {
+            return 0;
+        }
+        let Some(data) = read::<[u64; NAME_BYTES / 8]>(key.wrapping_add(ctx.ascii_data)) else {
+            return 0;
+        };
+        let mut same = true;
+        for w in 0..NAME_BYTES / 8 {
+            let used = len.saturating_sub(w as u64 * 8).min(8);
+            let mask = if used >= 8 {
+                u64::MAX
+            } else {
+                (1u64 << (used * 8)) - 1
+            };
+            if (data[w] ^ ctx.want[w]) & mask != 0 {
+                same = false;
+            }
+        }
+        same
+    } else {
+        if ty != ctx.type_int {
+            return 0;
+        }
+        let size = read::<i64>(key.wrapping_add(SIZE_AT)).unwrap_or(0);
+        let (ndigits, negative) = if ctx.long_tag != 0 {
+            ((size as u64) >> 3, (size as u64) & 3 == 2)
+        } else {
+            (size.unsigned_abs(), size < 0)
+        };
+        if ndigits > 2 {
+            return 0;
+        }
+        let digits = read::<u64>(key.wrapping_add(LONG_DIGITS)).unwrap_or(0);
+        let d0 = digits & 0x3fff_ffff;
+        let d1 = (digits >> 32) & 0x3fff_ffff;
+        let magnitude = match ndigits {
+            0 => 0,
+            1 => d0,
+            _ => d0 | (d1 << 30),
+        } as i64;
+        let v = if negative { -magnitude } else { magnitude };
+        v == ctx.want_int
+    };
+    if !matched {
+        return 0;
+    }
+    let value_at = if ctx.values != 0 {
+        ctx.values.wrapping_add(index.wrapping_mul(8))
+    } else {
+        entry.wrapping_add(ctx.key_at + 8)
+    };
+    ctx.found = read::<u64>(value_at).unwrap_or(0);
+    1
+}
+
+/// Whether the kernel part of the condition may hold: false only when an
+/// atom is surely false as Python would compute it.
+#[inline(always)]
+fn condition_may_hold(program: &Program, values: &[Value; MAX_CAPTURES]) -> bool {
+    let natoms = (program.natoms as usize).min(MAX_ATOMS);
+    for a in 0..MAX_ATOMS {
+        if a >= natoms {
+            break;
+        }
+        let atom = &program.atoms[a];
+        let value = &values[(atom.capture as usize) & (MAX_CAPTURES - 1)];
+        if atom_is_false(atom, value) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether one comparison is surely false.
+#[inline(always)]
+fn atom_is_false(atom: &Atom, value: &Value) -> bool {
+    if value.status != STATUS_OK {
+        return false; // userspace reports the error
+    }
+    match atom.cmp {
+        CMP_IS_NONE => return value.kind != KIND_NONE,
+        CMP_IS_NOT_NONE => return value.kind == KIND_NONE,
+        _ => {}
+    }
+    let equality = atom.cmp == CMP_EQ || atom.cmp == CMP_NE;
+    match atom.kind {
+        CONST_INT => {
+            let small_int = value.kind == KIND_INT && value.len <= 2;
+            if value.kind == KIND_BOOL || small_int {
+                let x = value.raw as i64;
+                let y = atom.int;
+                let holds = match atom.cmp {
+                    CMP_EQ => x == y,
+                    CMP_NE => x != y,
+                    CMP_LT => x < y,
+                    CMP_LE => x <= y,
+                    CMP_GT => x > y,
+                    CMP_GE => x >= y,
+                    _ => true,
+                };
+                return !holds;
+            }
+            if value.kind == KIND_INT || value.kind == KIND_FLOAT {
+                return false; // big int or float: userspace decides
+            }
+            // None, str, other: never equal to an int; ordering raises.
+            equality && atom.cmp == CMP_EQ && value.kind != KIND_OTHER
+        }
+        CONST_STR => {
+            if value.kind != KIND_STR {
+                return equality && atom.cmp == CMP_EQ && value.kind != KIND_OTHER;
+            }
+            if !equality {
+                return false;
+            }
+            let same = value.str_kind & STR_ASCII != 0
+                && value.len == atom.str.len
+                && same_prefix(&value.bytes, &atom.str);
+            let ascii = value.str_kind & STR_ASCII != 0;
+            if !ascii {
+                // A non-ASCII str never equals an ASCII constant.
+                return atom.cmp == CMP_EQ;
+            }
+            if atom.cmp == CMP_EQ { !same } else { same }
+        }
+        _ => false,
+    }
+}
+
+/// Whether the first `name.len` bytes of `bytes` are the name's.
+#[inline(always)]
+fn same_prefix(bytes: &[u8; VALUE_BYTES], name: &Name) -> bool {
+    let len = (name.len as usize).min(NAME_BYTES);
+    let mut same = true;
+    for i in 0..NAME_BYTES {
+        if i < len && bytes[i] != name.bytes[i] {
+            same = false;
+        }
+    }
+    same
+}

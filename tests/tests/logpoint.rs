@@ -1,0 +1,440 @@
+//! `pyprobe log` against `fixtures/logpoint_workload.py`, whose 12 orders
+//! have known values: every printed line must be exactly the one the
+//! fixture's data gives, in order, and no other.
+//!
+//! Needs root (run through `cargo xtask test`).
+
+use std::{collections::BTreeMap, process::Command, thread, time::Duration};
+
+use anyhow::{Context, ensure};
+use pyprobe_tests::{Fixture, Probe, for_each_interpreter, pyprobe_bin};
+use serde_json::Value;
+
+/// Lines of the fixture files marked `# name`.
+fn marks(file: &str) -> anyhow::Result<BTreeMap<String, u32>> {
+    let text = std::fs::read_to_string(pyprobe_tests::fixture_path(file))?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if let Some((code, mark)) = line.rsplit_once("  # ")
+            && !code.trim_start().starts_with('#')
+            && !mark.contains(' ')
+        {
+            out.insert(mark.to_owned(), i as u32 + 1);
+        }
+    }
+    Ok(out)
+}
+
+/// The fixture's order `i` (see its docstring).
+struct Order {
+    id: u32,
+    total: f64,
+    user: (u32, &'static str, Option<&'static str>),
+    items: usize,
+    source: &'static str,
+    priority: u32,
+    rush: bool,
+}
+
+fn orders() -> Vec<Order> {
+    let users = [
+        (1, "ana", Some("pro")),
+        (2, "bo", None),
+        (7, "zoë", Some("free")),
+    ];
+    (0..12u32)
+        .map(|i| {
+            let id = 100 + i;
+            Order {
+                id,
+                total: 20.5 * f64::from(i),
+                user: users[(i % 3) as usize],
+                items: (i % 4) as usize,
+                source: if id % 2 == 0 { "web" } else { "api" },
+                priority: id % 3,
+                rush: i % 2 == 0,
+            }
+        })
+        .collect()
+}
+
+/// Python's `str()` of a float with one decimal at most (the fixture's
+/// totals are multiples of 0.5).
+fn py_float(x: f64) -> String {
+    if x.fract() == 0.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// Runs `pyprobe log --pid PID args...` around one "run" of the fixture;
+/// returns the messages printed (after `file:line `) and pyprobe's stderr.
+fn log_one_run(fixture: &mut Fixture, args: &[&str]) -> anyhow::Result<(Vec<String>, String)> {
+    let pid = fixture.pid().to_string();
+    let mut all = vec!["log", "--pid", &pid];
+    all.extend_from_slice(args);
+    let probe = Probe::start(&all)?;
+    let startup = probe.startup();
+    fixture.call("run", "done")?;
+    thread::sleep(Duration::from_millis(300));
+    probe.interrupt();
+    let (ok, stdout, stderr) = probe.finish()?;
+    ensure!(ok, "pyprobe failed: {startup}\n{stderr}");
+    let messages = stdout
+        .lines()
+        .map(|l| {
+            // time pid tid file:line message
+            let mut parts = l.splitn(5, ' ');
+            let (_, p, _, at) = (parts.next(), parts.next(), parts.next(), parts.next());
+            ensure!(p == Some(pid.as_str()), "line of another PID: {l}");
+            ensure!(
+                at.is_some_and(|a| a.contains("logpoint_")),
+                "no file:line in {l}"
+            );
+            Ok(parts.next().unwrap_or("").to_owned())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((messages, format!("{startup}\n{stderr}")))
+}
+
+#[test]
+fn line_log_point_prints_exactly_the_matching_hits_with_their_values() {
+    let express = marks("logpoint_workload.py").unwrap()["handle-express"];
+    for_each_interpreter("logpoint_line", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let at = format!("logpoint_workload.py:{express}");
+        let (messages, stderr) = log_one_run(
+            &mut fixture,
+            &[
+                "--at",
+                &at,
+                "--when",
+                "total > 100 and order.user.id != 2",
+                "--msg",
+                "id={order.id} total={total} user={user.name} plan={user.plan} \
+                 src={order.meta[\"source\"]} coupon={order.meta[\"coupon\"]} rush={rush}",
+            ],
+        )?;
+        let expected: Vec<String> = orders()
+            .iter()
+            .filter(|o| o.total > 100.0 && o.user.0 != 2)
+            .map(|o| {
+                format!(
+                    "id={} total={} user={} plan={} src={} coupon=None rush={}",
+                    o.id,
+                    py_float(o.total),
+                    o.user.1,
+                    o.user.2.unwrap_or("None"),
+                    o.source,
+                    if o.rush { "True" } else { "False" }
+                )
+            })
+            .collect();
+        ensure!(expected.len() == 5, "model: {expected:?}");
+        ensure!(
+            messages == expected,
+            "got {messages:#?}\nexpected {expected:#?}\nstderr: {stderr}"
+        );
+        // The two comparisons are tested in the kernel: the 7 other runs
+        // never reach userspace.
+        ensure!(
+            stderr.contains("kernel tests (total > 100) and (order.user.id != 2)"),
+            "{stderr}"
+        );
+        ensure!(
+            stderr.contains("5 printed; 12 runs")
+                && stderr.contains(
+                    "dropped: 7 by the condition in the kernel, 0 by the condition in userspace"
+                ),
+            "summary: {stderr}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn function_log_point_sees_arguments_at_the_start() {
+    for_each_interpreter("logpoint_function", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let (messages, stderr) = log_one_run(
+            &mut fixture,
+            &[
+                "--at",
+                "logpoint_workload.py:handle_order",
+                "--when",
+                "rush",
+                "--msg",
+                "order={order.id} n={len(order.items)} pri={order.meta[\"priority\"]} \
+                 first={order.items[0]} last={order.items[-1]} total={total}",
+            ],
+        )?;
+        let expected: Vec<String> = orders()
+            .iter()
+            .filter(|o| o.rush)
+            .map(|o| {
+                let item = if o.items > 0 {
+                    "item"
+                } else {
+                    "<order.items[0] not found>"
+                };
+                let last = if o.items > 0 {
+                    "item"
+                } else {
+                    "<order.items[-1] not found>"
+                };
+                // `total` is not assigned yet when the function starts.
+                format!(
+                    "order={} n={} pri={} first={item} last={last} total=<total is not set>",
+                    o.id, o.items, o.priority
+                )
+            })
+            .collect();
+        ensure!(
+            messages == expected,
+            "got {messages:#?}\nexpected {expected:#?}\nstderr: {stderr}"
+        );
+        ensure!(stderr.contains("function start"), "{stderr}");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_condition_that_never_holds_prints_nothing() {
+    let total = marks("logpoint_workload.py").unwrap()["handle-total"];
+    for_each_interpreter("logpoint_never", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let at = format!("logpoint_workload.py:{total}");
+        let never = "logpoint_workload.py:never_called";
+        let (messages, stderr) = log_one_run(
+            &mut fixture,
+            &[
+                "--at",
+                &at,
+                "--when",
+                "order.id == 999",
+                "--at",
+                never,
+                "--json",
+            ],
+        )?;
+        ensure!(messages.is_empty(), "printed {messages:?}");
+        ensure!(
+            stderr.contains("0 printed; 12 runs")
+                && stderr.contains("dropped: 12 by the condition in the kernel"),
+            "{stderr}"
+        );
+        ensure!(
+            stderr.contains("0 printed; 0 runs"),
+            "never_called: {stderr}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn json_hits_carry_the_captured_values() {
+    let express = marks("logpoint_workload.py").unwrap()["handle-express"];
+    for_each_interpreter("logpoint_json", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let pid = fixture.pid().to_string();
+        let at = format!("logpoint_workload.py:{express}");
+        let probe = Probe::start(&[
+            "log",
+            "--pid",
+            &pid,
+            "--at",
+            &at,
+            "--when",
+            "order.id == 107",
+            "--msg",
+            "{user.name}",
+            "--json",
+            "--stack",
+        ])?;
+        fixture.call("run", "done")?;
+        thread::sleep(Duration::from_millis(300));
+        probe.interrupt();
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "{stderr}");
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .context("JSON lines")?;
+        ensure!(lines.len() == 1, "{stdout}");
+        let hit = &lines[0];
+        ensure!(hit["message"] == "bo", "{hit}");
+        ensure!(
+            hit["line"] == express && hit["function"] == "handle_order",
+            "{hit}"
+        );
+        ensure!(hit["values"]["order.id"] == 107, "{hit}");
+        ensure!(hit["values"]["user.name"] == "bo", "{hit}");
+        let stack: Vec<String> = hit["stack"]
+            .as_array()
+            .context("stack")?
+            .iter()
+            .map(|f| format!("{}:{}", f["function"].as_str().unwrap_or("?"), f["line"]))
+            .collect();
+        let m = marks("logpoint_workload.py")?;
+        ensure!(
+            stack.first() == Some(&format!("handle_order:{express}")),
+            "stack {stack:?}"
+        );
+        ensure!(
+            stack.get(1).is_some_and(|s| s.starts_with("run:")),
+            "stack {stack:?} ({m:?})"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn a_log_point_on_a_file_not_imported_yet_arms_after_the_import() {
+    let greet = marks("logpoint_late.py").unwrap()["late-greet"];
+    for_each_interpreter("logpoint_late_import", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let pid = fixture.pid().to_string();
+        let at = format!("logpoint_late.py:{greet}");
+        let probe = Probe::start(&[
+            "log",
+            "--pid",
+            &pid,
+            "--at",
+            &at,
+            "--msg",
+            "name={name} times={times}",
+        ])?;
+        ensure!(probe.startup().contains("waits"), "{}", probe.startup());
+        fixture.call("import", "imported")?;
+        // The process is scanned again every second.
+        let mut armed = false;
+        for _ in 0..30 {
+            match probe.stderr_line(Duration::from_millis(200)) {
+                Some(line) if line.contains("armed") => {
+                    armed = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        ensure!(armed, "the log point did not arm after the import");
+        fixture.call("late", "done")?;
+        thread::sleep(Duration::from_millis(300));
+        probe.interrupt();
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "{stderr}");
+        let messages: Vec<&str> = stdout
+            .lines()
+            .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
+            .collect();
+        ensure!(messages == ["name=late times=3"], "{stdout}\n{stderr}");
+        Ok(())
+    });
+}
+
+/// Runs pyprobe expecting failure; returns its stderr.
+fn fails(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(pyprobe_bin()).args(args).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success(),
+        "pyprobe {args:?} succeeded: {stderr}"
+    );
+    ensure!(
+        out.stdout.is_empty(),
+        "printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(stderr)
+}
+
+#[test]
+fn bad_log_points_get_clear_errors() {
+    let interp_marks = marks("logpoint_workload.py").unwrap();
+    for_each_interpreter("logpoint_errors", |interp| {
+        let fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let pid = fixture.pid().to_string();
+        // Line 1 is the docstring; the line after `class User:` is code,
+        // the blank line before it is not.
+        let blank = interp_marks["handle-total"] - 2;
+        let at_blank = format!("logpoint_workload.py:{blank}");
+        let e = fails(&["log", "--pid", &pid, "--at", &at_blank])?;
+        ensure!(e.contains("no code at") && e.contains("nearby"), "{e}");
+        let e = fails(&[
+            "log",
+            "--pid",
+            &pid,
+            "--at",
+            "logpoint_workload.py:no_such_function",
+        ])?;
+        ensure!(
+            e.contains("no function") && e.contains("handle_order"),
+            "{e}"
+        );
+        let e = fails(&[
+            "log",
+            "--pid",
+            &pid,
+            "--at",
+            "logpoint_workload.py:handle_order",
+            "--when",
+            "order.id ==",
+        ])?;
+        ensure!(e.contains("column 12"), "{e}");
+        let e = fails(&[
+            "log",
+            "--pid",
+            &pid,
+            "--at",
+            "logpoint_workload.py:handle_order",
+            "--when",
+            "customer.id == 7",
+        ])?;
+        ensure!(
+            e.contains("unknown name \"customer\"") && e.contains("order, rush"),
+            "{e}"
+        );
+        // Five log points need five watchpoints per thread; x86 has four.
+        let mut args = vec!["log", "--pid", &pid];
+        let lines: Vec<String> = ["handle-total", "handle-express", "handle-return"]
+            .iter()
+            .map(|m| format!("logpoint_workload.py:{}", interp_marks[*m]))
+            .collect();
+        for l in &lines {
+            args.extend(["--at", l.as_str()]);
+        }
+        args.extend([
+            "--at",
+            "logpoint_workload.py:handle_order",
+            "--at",
+            "logpoint_workload.py:never_called",
+        ]);
+        let e = fails(&args)?;
+        ensure!(
+            e.contains("too many line and function log points") && e.contains("4"),
+            "{e}"
+        );
+        for line in e.lines() {
+            ensure!(line.starts_with("pyprobe:"), "not one-line errors: {e}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn log_without_privileges_says_what_to_do() {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(pyprobe_bin())
+        .args(["log", "--pid", "1", "--at", "x.py:1"])
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("root") || stderr.contains("CAP_"),
+        "{stderr}"
+    );
+}

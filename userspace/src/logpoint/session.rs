@@ -1,0 +1,754 @@
+//! `pyprobe log`: arming log points in live processes and printing their
+//! hits.
+//!
+//! For each process: the log point's location is resolved to code objects
+//! ([`super::locate`]); for each, its condition and message are compiled to
+//! a kernel [`Program`](pyprobe_common::logpoint::Program) over the code's
+//! locals; the probed instruction's opcode byte is registered in the
+//! kernel's watch map and a hardware watchpoint is set on it in every
+//! thread. A log point whose file is not imported yet waits: the process
+//! is scanned again every second and the log point arms itself when the
+//! code appears. Hits are drained every 50 ms, the full condition is
+//! evaluated over the captured values, and one line (or JSON object) is
+//! printed per hit.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write as _,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use pyprobe_common::logpoint::{LogProcess, MAX_LOGPOINTS, Watch, WatchKey};
+use serde_json::json;
+
+use super::{
+    compile::{Compiled, compile},
+    eval::{self, Captured},
+    expr::{self, Expr, Segment},
+    hit::{self, HitValues},
+    locate::{Found, Location, parse_location},
+};
+use crate::{
+    bpf::{LogCounters, LogProbes, WatchError},
+    live,
+    python::{
+        memory::{Memory, ProcessMemory},
+        offsets::{FrameLink, GilLocation, InstanceDictModel, InstructionModel, LongModel},
+        reader::Target,
+    },
+};
+
+/// One log point as the user gave it.
+#[derive(Debug, Clone)]
+pub struct PointSpec {
+    /// `FILE:LINE`, `FILE:FUNCTION` or `MODULE:QUALNAME`.
+    pub at: String,
+    /// Condition (`--when`).
+    pub when: Option<String>,
+    /// Message template (`--msg`).
+    pub msg: Option<String>,
+}
+
+/// Options of `pyprobe log`.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Processes to watch.
+    pub pids: Vec<u32>,
+    /// Every Python process running the files.
+    pub all: bool,
+    /// The log points.
+    pub points: Vec<PointSpec>,
+    /// Hits printed per second per log point at most (0: no limit).
+    pub rate: u32,
+    /// Stop after this many hits in all.
+    pub count: Option<u64>,
+    /// Stop after this many seconds.
+    pub duration: Option<f64>,
+    /// JSON lines instead of text.
+    pub json: bool,
+    /// Add the Python stack to each hit.
+    pub stack: bool,
+    /// Redact values read through secret-looking names.
+    pub redact: bool,
+}
+
+/// A log point, parsed.
+struct Point {
+    spec: PointSpec,
+    location: Location,
+    condition: Option<Expr>,
+    template: Vec<Segment>,
+}
+
+/// One armed instruction: a log point in one code object of one process.
+struct Armed {
+    point: usize,
+    pid: u32,
+    found: Found,
+    compiled: Compiled,
+    /// Hits printed.
+    printed: u64,
+    /// Hits the full condition dropped in userspace.
+    condition_false: u64,
+    /// Hits whose condition could not be evaluated.
+    condition_errors: u64,
+}
+
+/// A watched process.
+struct Process {
+    target: Target<ProcessMemory>,
+    /// Log points (by index) not armed yet, waiting for their code.
+    waiting: Vec<usize>,
+    /// Type names read so far.
+    type_names: HashMap<u64, String>,
+}
+
+/// Interval between drains of the hit ring buffer.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+/// Interval between scans for code not loaded yet.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs `pyprobe log` until Ctrl-C, `--duration`, `--count`, or the exit of
+/// every target.
+pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
+    let points = parse_points(&opts)?;
+    crate::privileges::check()?;
+    for &pid in &opts.pids {
+        crate::process::find_interpreter(pid)?;
+    }
+    let mut session = Session {
+        probes: LogProbes::load()?,
+        points,
+        armed: Vec::new(),
+        processes: BTreeMap::new(),
+        opts: opts.clone(),
+        clock: Clock::new(),
+        printed: 0,
+    };
+    for &pid in &opts.pids {
+        session
+            .add(pid)
+            .with_context(|| format!("setting up PID {pid}"))?;
+    }
+    if opts.all {
+        bail!("--all is not supported by `pyprobe log` yet: give --pid");
+    }
+    let started = Instant::now();
+    let mut drain = live::ticker(DRAIN_INTERVAL);
+    let mut scan = live::ticker(SCAN_INTERVAL);
+    let stop = live::stop_requested(opts.duration.map(Duration::from_secs_f64));
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = drain.tick() => {
+                session.drain()?;
+                if opts.count.is_some_and(|n| session.printed >= n) {
+                    break;
+                }
+            }
+            _ = scan.tick() => {
+                session.rescan()?;
+                if !session.processes.keys().any(|&pid| crate::process::is_alive(pid)) {
+                    eprintln!("pyprobe: every watched process exited");
+                    break;
+                }
+            }
+        }
+    }
+    session.drain()?;
+    session.summary(started.elapsed())
+}
+
+fn parse_points(opts: &LogOptions) -> anyhow::Result<Vec<Point>> {
+    if opts.points.is_empty() {
+        bail!("no log point: give --at FILE:LINE (or FILE:FUNCTION, MODULE:QUALNAME)");
+    }
+    if opts.points.len() > MAX_LOGPOINTS as usize {
+        bail!("at most {MAX_LOGPOINTS} log points at once");
+    }
+    let mut out = Vec::new();
+    for spec in &opts.points {
+        let location =
+            parse_location(&spec.at).map_err(|e| anyhow::anyhow!("--at {}: {e}", spec.at))?;
+        let condition = match &spec.when {
+            Some(text) => {
+                Some(expr::parse(text).map_err(|e| anyhow::anyhow!("--when: {}", e.show(text)))?)
+            }
+            None => None,
+        };
+        let template = match &spec.msg {
+            Some(text) => expr::parse_template(text)
+                .map_err(|e| anyhow::anyhow!("--msg: {}", e.show(text)))?,
+            None => Vec::new(),
+        };
+        out.push(Point {
+            spec: spec.clone(),
+            location,
+            condition,
+            template,
+        });
+    }
+    Ok(out)
+}
+
+/// Converts `bpf_ktime_get_ns` (CLOCK_MONOTONIC) to wall-clock time.
+struct Clock {
+    offset_ns: i128,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: plain clock_gettime into a local.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let mono = i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec);
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Clock {
+            offset_ns: wall - mono,
+        }
+    }
+
+    /// Wall-clock nanoseconds since the epoch.
+    fn wall_ns(&self, ktime: u64) -> i128 {
+        i128::from(ktime) + self.offset_ns
+    }
+}
+
+/// `HH:MM:SS.micros` (UTC) of a wall-clock time.
+fn clock_text(ns: i128) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let micros = ns.rem_euclid(1_000_000_000) / 1000;
+    let day = secs.rem_euclid(86_400);
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        day / 3600,
+        day / 60 % 60,
+        day % 60,
+        micros
+    )
+}
+
+struct Session {
+    probes: LogProbes,
+    points: Vec<Point>,
+    armed: Vec<Armed>,
+    processes: BTreeMap<u32, Process>,
+    opts: LogOptions,
+    clock: Clock,
+    printed: u64,
+}
+
+impl Session {
+    /// Sets up process `pid` and arms what can be armed.
+    fn add(&mut self, pid: u32) -> anyhow::Result<()> {
+        let (target, image) = Target::attach_with_image(pid, |m| m)?;
+        let config = process_config(&target, &image)?;
+        self.probes.configure(pid, &config)?;
+        let version = target.version.to_string();
+        self.processes.insert(
+            pid,
+            Process {
+                target,
+                waiting: (0..self.points.len()).collect(),
+                type_names: HashMap::new(),
+            },
+        );
+        let lines = self.arm_waiting(pid, true)?;
+        eprintln!("pyprobe: attached to PID {pid} (CPython {version})");
+        for line in lines {
+            eprintln!("pyprobe: {line}");
+        }
+        Ok(())
+    }
+
+    /// Tries to arm the log points of `pid` that wait for their code.
+    /// At start (`first`), every error but "not loaded yet" is fatal.
+    fn arm_waiting(&mut self, pid: u32, first: bool) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        let waiting = std::mem::take(&mut self.processes.get_mut(&pid).expect("added").waiting);
+        let mut still = Vec::new();
+        for index in waiting {
+            let found = {
+                let process = &self.processes[&pid];
+                process.target.find_code(&self.points[index].location)
+            };
+            match found {
+                Ok(found) => {
+                    for f in found {
+                        lines.push(self.arm(index, pid, f)?);
+                    }
+                }
+                Err(e) if e.is_not_loaded() => {
+                    if first {
+                        lines.push(format!(
+                            "log point {} ({}) waits: {} is not loaded in PID {pid} yet; it arms when it is",
+                            index + 1,
+                            self.points[index].spec.at,
+                            self.points[index].location.file_or_module(),
+                        ));
+                    }
+                    still.push(index);
+                }
+                Err(e) if first => bail!("--at {}: {e}", self.points[index].spec.at),
+                Err(e) => {
+                    lines.push(format!("log point {}: {e}", index + 1));
+                    still.push(index);
+                }
+            }
+        }
+        self.processes.get_mut(&pid).expect("added").waiting = still;
+        Ok(lines)
+    }
+
+    /// Arms log point `point` on one code object.
+    fn arm(&mut self, point: usize, pid: u32, found: Found) -> anyhow::Result<String> {
+        let p = &self.points[point];
+        let template;
+        let template_ref = if p.spec.msg.is_some() {
+            &p.template
+        } else {
+            template = default_template(&found);
+            &template
+        };
+        let mut compiled = compile(
+            p.condition.as_ref(),
+            template_ref,
+            &found.varnames,
+            &found.qualname,
+        )
+        .map_err(|e| anyhow::anyhow!("--at {}: {e}", p.spec.at))?;
+        if p.spec.msg.is_none() {
+            // Remember the default template for rendering.
+            compiled
+                .wanted
+                .truncate(compiled.program.ncaptures as usize);
+        }
+        let index = self.armed.len() as u32;
+        if index >= MAX_LOGPOINTS {
+            bail!("more than {MAX_LOGPOINTS} armed code objects");
+        }
+        compiled.program.rate = self.opts.rate;
+        compiled.program.max_hits = self.opts.count.unwrap_or(0);
+        compiled.program.stack = u32::from(self.opts.stack);
+        self.probes.set_program(index, &compiled.program)?;
+        let process = &self.processes[&pid];
+        let target = &process.target;
+        let opcode = target.mem.read_u8(found.watch_addr).with_context(|| {
+            format!("reading the probed instruction at {:#x}", found.watch_addr)
+        })?;
+        let lasti = match target.info.layout.instruction {
+            InstructionModel::LastiBytes => u64::from(found.instr_index) * 2,
+            InstructionModel::LastiUnits => u64::from(found.instr_index),
+            _ => u64::MAX,
+        };
+        self.probes.watch(
+            WatchKey {
+                tgid: pid,
+                _pad: 0,
+                addr: found.watch_addr,
+            },
+            &Watch {
+                logpoint: index,
+                opcode: u32::from(opcode),
+                code: found.code,
+                lasti,
+            },
+        )?;
+        let mut threads = 0;
+        for tid in crate::profile::threads::task_ids(pid) {
+            match self.probes.set_watchpoint(tid, found.watch_addr) {
+                Ok(()) => threads += 1,
+                Err(WatchError::Gone { .. }) => {}
+                Err(e @ WatchError::NoSlot { .. }) => bail!(
+                    "too many line and function log points: {e}; each log point in a process takes one \
+                     watchpoint in every thread: use at most 4 (fewer if a debugger holds some)"
+                ),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let kernel = if compiled.kernel_atoms.is_empty() {
+            String::new()
+        } else {
+            format!(", kernel tests {}", compiled.kernel_atoms.join(" and "))
+        };
+        let line = format!(
+            "log point {} armed at {}:{} ({}{}) in PID {pid}: hardware watchpoint on {} thread{}{kernel}",
+            point + 1,
+            found.filename,
+            found.line,
+            found.qualname,
+            if found.function_start {
+                ", function start"
+            } else {
+                ""
+            },
+            threads,
+            if threads == 1 { "" } else { "s" },
+        );
+        self.armed.push(Armed {
+            point,
+            pid,
+            found,
+            compiled,
+            printed: 0,
+            condition_false: 0,
+            condition_errors: 0,
+        });
+        Ok(line)
+    }
+
+    /// Looks again for code not loaded before.
+    fn rescan(&mut self) -> anyhow::Result<()> {
+        let pids: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| !p.waiting.is_empty())
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in pids {
+            if !crate::process::is_alive(pid) {
+                continue;
+            }
+            for line in self.arm_waiting(pid, false)? {
+                eprintln!("pyprobe: {line}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Prints every waiting hit.
+    fn drain(&mut self) -> anyhow::Result<()> {
+        let mut hits = Vec::new();
+        self.probes.drain(|bytes| {
+            if let Some(h) = hit::parse(bytes) {
+                hits.push(h);
+            }
+        });
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        for h in hits {
+            if self.opts.count.is_some_and(|n| self.printed >= n) {
+                break;
+            }
+            let Some(armed) = self.armed.get_mut(h.logpoint as usize) else {
+                continue;
+            };
+            let Some(process) = self.processes.get_mut(&armed.pid) else {
+                continue;
+            };
+            let mut type_name = |ty: u64| {
+                process
+                    .type_names
+                    .entry(ty)
+                    .or_insert_with(|| {
+                        process
+                            .target
+                            .type_name(ty)
+                            .unwrap_or_else(|_| "object".to_owned())
+                    })
+                    .clone()
+            };
+            let values = HitValues {
+                values: armed
+                    .compiled
+                    .wanted
+                    .iter()
+                    .zip(hit::values(&h))
+                    .map(|(w, v)| (w.clone(), hit::captured(w, v, &mut type_name)))
+                    .collect(),
+            };
+            let point = &self.points[armed.point];
+            if let Some(c) = &point.condition {
+                match eval::truth(c, &values) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        armed.condition_false += 1;
+                        continue;
+                    }
+                    Err(_) => {
+                        armed.condition_errors += 1;
+                        continue;
+                    }
+                }
+            }
+            let template;
+            let template_ref = if point.spec.msg.is_some() {
+                &point.template
+            } else {
+                template = default_template(&armed.found);
+                &template
+            };
+            let message = eval::render(template_ref, &values, self.opts.redact);
+            let stack: Vec<serde_json::Value> = hit::stack(&h)
+                .iter()
+                .map(|f| {
+                    let frame = process
+                        .target
+                        .code_frame(f.code, f.instruction)
+                        .ok()
+                        .flatten();
+                    match frame {
+                        Some((fr, _)) => json!({
+                            "function": fr.function,
+                            "file": fr.filename,
+                            "line": fr.line,
+                        }),
+                        None => json!({ "code": format!("{:#x}", f.code) }),
+                    }
+                })
+                .collect();
+            let wall = self.clock.wall_ns(h.time_ns);
+            let found = &armed.found;
+            if self.opts.json {
+                let captured: serde_json::Map<String, serde_json::Value> = values
+                    .values
+                    .iter()
+                    .map(|(w, v)| {
+                        let key = if w.len {
+                            format!("len({})", w.path)
+                        } else {
+                            w.path.to_string()
+                        };
+                        let shown = if self.opts.redact && eval::is_secret(&w.path) {
+                            json!("<redacted>")
+                        } else {
+                            captured_json(v)
+                        };
+                        (key, shown)
+                    })
+                    .collect();
+                let mut obj = json!({
+                    "time": wall as f64 / 1e9,
+                    "pid": h.tgid,
+                    "tid": h.tid,
+                    "file": found.filename,
+                    "line": found.line,
+                    "function": found.qualname,
+                    "logpoint": armed.point + 1,
+                    "message": message,
+                    "values": captured,
+                });
+                if self.opts.stack {
+                    obj["stack"] = serde_json::Value::Array(stack);
+                }
+                writeln!(out, "{obj}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{} {} {} {}:{} {}",
+                    clock_text(wall),
+                    h.tgid,
+                    h.tid,
+                    found.filename,
+                    found.line,
+                    message
+                )?;
+                for f in &stack {
+                    if let Some(function) = f.get("function") {
+                        writeln!(
+                            out,
+                            "    {} ({}:{})",
+                            function.as_str().unwrap_or("?"),
+                            f["file"].as_str().unwrap_or("?"),
+                            f["line"]
+                        )?;
+                    }
+                }
+            }
+            armed.printed += 1;
+            self.printed += 1;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// Prints what happened at each log point.
+    fn summary(&self, elapsed: Duration) -> anyhow::Result<()> {
+        for (index, armed) in self.armed.iter().enumerate() {
+            let c: LogCounters = self.probes.counters(index as u32)?;
+            let p = &self.points[armed.point];
+            eprintln!(
+                "pyprobe: log point {} {}:{} in PID {}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
+                 in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}/s), \
+                 {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} writes, {} other reads)",
+                armed.point + 1,
+                armed.found.filename,
+                armed.found.line,
+                armed.pid,
+                armed.printed,
+                c.hits - c.writes - c.foreign,
+                elapsed.as_secs_f64(),
+                c.condition_false,
+                armed.condition_false,
+                armed.condition_errors,
+                c.rate_limited,
+                self.opts.rate,
+                c.over_count,
+                c.lost,
+                c.writes + c.foreign,
+                c.writes,
+                c.foreign,
+            );
+            let _ = p;
+        }
+        for (pid, process) in &self.processes {
+            for &index in &process.waiting {
+                eprintln!(
+                    "pyprobe: log point {} ({}) never armed in PID {pid}: its code was not loaded",
+                    index + 1,
+                    self.points[index].spec.at
+                );
+            }
+        }
+        let (no_process, no_watch, unreadable) = self.probes.losses()?;
+        if no_process + no_watch + unreadable > 0 {
+            eprintln!(
+                "pyprobe: {no_process} hits in processes not set up, {no_watch} at addresses not watched, \
+                 {unreadable} with unreadable frames"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Without `--msg`: the function's arguments at a function start, else its
+/// first locals (at most 8), as `name=value`.
+fn default_template(found: &Found) -> Vec<Segment> {
+    let count = if found.function_start {
+        (found.argcount as usize).min(8)
+    } else {
+        found.varnames.len().min(8)
+    };
+    let mut out = Vec::new();
+    for (i, name) in found.varnames.iter().take(count).enumerate() {
+        if i > 0 {
+            out.push(Segment::Text(" ".into()));
+        }
+        out.push(Segment::Text(format!("{name}=")));
+        out.push(Segment::Value(Expr::Path(expr::Path {
+            root: name.clone(),
+            steps: Vec::new(),
+        })));
+    }
+    out
+}
+
+/// A captured value as JSON.
+fn captured_json(v: &Captured) -> serde_json::Value {
+    match v {
+        Captured::None => serde_json::Value::Null,
+        Captured::Bool(b) => json!(b),
+        Captured::Int(i) => match i64::try_from(*i) {
+            Ok(i) => json!(i),
+            Err(_) => json!(i.to_string()),
+        },
+        Captured::Float(f) => json!(f),
+        Captured::Str { text, len } => {
+            if (text.chars().count() as u64) < *len {
+                json!({ "str": text, "len": len, "truncated": true })
+            } else {
+                json!(text)
+            }
+        }
+        Captured::Other { type_name, address } => {
+            json!({ "type": type_name, "address": format!("{address:#x}") })
+        }
+        Captured::Missing(why) => json!({ "missing": why }),
+    }
+}
+
+/// What the kernel needs to know about one process.
+fn process_config(
+    target: &Target<ProcessMemory>,
+    image: &crate::elf::ElfImage,
+) -> anyhow::Result<LogProcess> {
+    let o = &target.info.offsets;
+    let layout = &target.info.layout;
+    let interp = target
+        .interpreter
+        .as_ref()
+        .context("a live target knows its interpreter")?;
+    let eval = image
+        .symbol("_PyEval_EvalFrameDefault")
+        .context("the interpreter has no _PyEval_EvalFrameDefault symbol")?;
+    let known = &target.known;
+    let ty = |name: &str| -> anyhow::Result<u64> {
+        known
+            .types
+            .get(name)
+            .copied()
+            .with_context(|| format!("the interpreter has no {name} symbol"))
+    };
+    let mut c = LogProcess {
+        frame_code: o.frame_code,
+        frame_instruction: o.frame_instruction,
+        frame_previous: o.frame_previous,
+        frame_localsplus: o.frame_localsplus,
+        ref_mask: layout.stackref_mask,
+        long_tag: u64::from(layout.long == LongModel::LvTag),
+        none: known.none,
+        true_: known.true_,
+        false_: known.false_,
+        type_int: ty("PyLong_Type")?,
+        type_float: ty("PyFloat_Type")?,
+        type_str: ty("PyUnicode_Type")?,
+        type_dict: ty("PyDict_Type")?,
+        type_list: ty("PyList_Type")?,
+        type_tuple: ty("PyTuple_Type")?,
+        unicode_ascii_data: o.unicode_ascii_data,
+        unicode_compact_data: o.unicode_compact_data,
+        tuple_items: o.tuple_items,
+        dict_sized: u64::from(layout.dict_keys == crate::python::offsets::DictKeysModel::Sized),
+        dict_values_items: o.dict_values_items.unwrap_or(0),
+        instance_model: match layout.instance_dict {
+            InstanceDictModel::TypeOffset => 0,
+            InstanceDictModel::ValuesOrDict => 1,
+            InstanceDictModel::TaggedDictOrValues => 2,
+            InstanceDictModel::InlineValues => 3,
+        },
+        heaptype_cached_keys: o.heaptype_cached_keys,
+        eval_start: interp.load_bias.wrapping_add(eval.vaddr),
+        eval_end: interp.load_bias.wrapping_add(eval.vaddr + eval.size.max(1)),
+        cframe_current_frame: u64::MAX,
+        ..LogProcess::default()
+    };
+    match o.tstate_frame {
+        FrameLink::Direct(at) => c.tstate_frame = at,
+        FrameLink::ViaCFrame {
+            cframe,
+            current_frame,
+        } => {
+            c.tstate_frame = cframe;
+            c.cframe_current_frame = current_frame;
+        }
+    }
+    let runtime = target.runtime;
+    match (o.runtime_tstate_current, o.gil) {
+        (Some(current), _) => c.gil_current = runtime.wrapping_add(current),
+        (
+            None,
+            GilLocation::InterpPointer {
+                pointer,
+                last_holder,
+                ..
+            },
+        ) => {
+            let gil = crate::calls::config::main_gil(o, runtime, pointer, |a| {
+                target.mem.read_u64(a).ok()
+            })?;
+            c.gil_last_holder = gil.wrapping_add(last_holder);
+        }
+        (None, GilLocation::Runtime { last_holder, .. }) => {
+            c.gil_last_holder = runtime.wrapping_add(last_holder);
+        }
+    }
+    Ok(c)
+}
