@@ -761,6 +761,9 @@ pub mod logpoint {
     pub const CONST_STR: u32 = 1;
     /// No constant (`is None`, `is not None`).
     pub const CONST_NONE: u32 = 2;
+    /// Constant of an atom: a float (bits in `int`); an int constant that a
+    /// float represents exactly also sets [`Atom::has_float`].
+    pub const CONST_FLOAT: u32 = 3;
 
     /// Hit flag: the thread's stack is in `frames`.
     pub const HIT_STACK: u32 = 1;
@@ -826,13 +829,26 @@ pub mod logpoint {
         pub instance_model: u64,
         /// `PyHeapTypeObject.ht_cached_keys`.
         pub heaptype_cached_keys: u64,
-        /// Start of `_PyEval_EvalFrameDefault` in the process: only reads
-        /// made by the eval loop's code, between this and `eval_end`, are
-        /// runs of the instruction (not `_PyCode_Quicken`, not `dis`).
-        pub eval_start: u64,
-        /// End of `_PyEval_EvalFrameDefault`.
-        pub eval_end: u64,
+        /// The code of `_PyEval_EvalFrameDefault` in the process, as up to
+        /// [`EVAL_RANGES`] `[start, end)` pairs (its body and the parts the
+        /// compiler split off; unused pairs are 0, 0): only reads made by
+        /// the eval loop's code are runs of the instruction (not
+        /// `_PyCode_Quicken`, not `dis`).
+        pub eval_code: [u64; 2 * EVAL_RANGES],
+        /// The callee-saved register (`calls::REG_*`) the eval loop keeps
+        /// its `frame` in, or [`NO_REGISTER`]: the frame reading the
+        /// instruction even before the thread state names it (3.14 reads a
+        /// callee's first instruction before storing its frame there).
+        pub frame_register: u64,
+        /// `PyThreadState.datastack_top` (3.13+), or 0.
+        pub tstate_datastack_top: u64,
     }
+
+    /// No frame register.
+    pub const NO_REGISTER: u64 = 0xff;
+
+    /// Code ranges of the eval loop the hit program checks.
+    pub const EVAL_RANGES: usize = 4;
 
     /// Key of [`Watch`]: a watched address in a process.
     #[repr(C)]
@@ -846,22 +862,44 @@ pub mod logpoint {
         pub addr: u64,
     }
 
-    /// A watched instruction.
+    /// A watched instruction (its 2-byte code unit).
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct Watch {
         /// Log point (index into `LOG_PROGRAMS` and `LOG_STATE`).
         pub logpoint: u32,
-        /// The opcode byte as last seen (by userspace when arming, then by
-        /// the program): a hit that finds another value was a write.
-        pub opcode: u32,
+        /// The code unit (opcode | oparg << 8) as last seen (by userspace
+        /// when arming, then by the program): a hit that finds another
+        /// value was a write.
+        pub word: u32,
         /// The code object the instruction belongs to: a hit from a frame
-        /// of another code object is not a run of this instruction.
+        /// of another code object is not a run of this instruction. (The
+        /// frame's own instruction field cannot tell more: the eval loop
+        /// stores it after reading the next opcode.)
         pub code: u64,
-        /// The frame's `f_lasti` when it runs the instruction (3.8-3.10), or
-        /// `u64::MAX` when frames do not record it at that moment.
-        pub lasti: u64,
+        /// An opcode whose first run reads the unit a second time before
+        /// rewriting it (3.13+: `RESUME` becomes `RESUME_CHECK`), or
+        /// [`NO_OPCODE`].
+        pub first_run_opcode: u32,
+        /// Thread of the last run counted (program state).
+        pub last_tid: u32,
+        /// Frame of the last run counted, 0 after a write (program state).
+        pub last_frame: u64,
+        /// Instruction address of the last read counted (program state).
+        pub last_ip: u64,
+        /// Bytes of a frame of the code (3.13+), or 0: a function's first
+        /// instruction may be read while the thread state still names the
+        /// caller (3.14); the callee is then the newest frame on the
+        /// thread's data stack, this many bytes below its top.
+        pub frame_bytes: u64,
     }
+
+    /// No opcode (for [`Watch::first_run_opcode`]).
+    pub const NO_OPCODE: u32 = 0x100;
+
+    /// Reads of one run closer than this many bytes of code are one run
+    /// (3.12 reads the opcode and the oparg with two adjacent loads).
+    pub const SAME_RUN_IP_BYTES: u64 = 16;
 
     /// One step of a captured path.
     #[repr(C)]
@@ -912,10 +950,13 @@ pub mod logpoint {
         pub cmp: u32,
         /// `CONST_*`.
         pub kind: u32,
-        /// Padding, zero.
-        pub _pad: u32,
+        /// 1 when `float` holds the constant as a float, exactly (to
+        /// compare a captured float with it).
+        pub has_float: u32,
         /// The int constant.
         pub int: i64,
+        /// The constant's float bits.
+        pub float: u64,
         /// The str constant.
         pub str: Name,
     }
@@ -951,9 +992,14 @@ pub mod logpoint {
         pub hits: u64,
         /// Of which writes (the byte changed).
         pub writes: u64,
-        /// Of which reads made outside the eval loop, from another code
-        /// object's frame, or for another instruction of the same frame.
+        /// Of which reads made outside the eval loop.
         pub foreign: u64,
+        /// Of which reads while the running frame was of another code
+        /// object.
+        pub other_frame: u64,
+        /// Of which second reads of one run (3.12's separate opcode and
+        /// oparg loads, 3.13's first `RESUME`).
+        pub repeats: u64,
         /// Runs of the instruction dropped by the kernel condition.
         pub condition_false: u64,
         /// Runs dropped by the rate limit.
@@ -1086,12 +1132,12 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::logpoint::LogState {}
 
-    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 28 * 8);
-    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 24);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 36 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 48);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Name>() == 40);
-    const _: () = assert!(core::mem::size_of::<super::logpoint::Atom>() == 24 + 40);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Atom>() == 32 + 40);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Value>() == 32 + 64);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Hit>() == 40 + 8 * 96 + 32 * 16);
     const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 14 * 8);

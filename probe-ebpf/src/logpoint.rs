@@ -18,14 +18,15 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use pyprobe_common::{
-    MAX_PROCESSES,
+    MAX_PROCESSES, calls,
     logpoint::{
         Atom, CMP_EQ, CMP_GE, CMP_GT, CMP_IS_NONE, CMP_IS_NOT_NONE, CMP_LE, CMP_LT, CMP_NE,
-        CONST_INT, CONST_STR, Capture, HIT_STACK, Hit, KIND_BOOL, KIND_FLOAT, KIND_INT, KIND_NONE,
-        KIND_OTHER, KIND_STR, LogProcess, LogState, MAX_ATOMS, MAX_CAPTURES, MAX_DICT_SCAN,
-        MAX_LOGPOINTS, MAX_NAMES, MAX_STACK, MAX_STEPS, NAME_BYTES, Name, OP_ATTR, OP_KEY_INT,
-        OP_KEY_STR, OP_LEN, Program, STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE,
-        STATUS_UNSUPPORTED, STATUS_WRONG_TYPE, STR_ASCII, VALUE_BYTES, Value, Watch, WatchKey,
+        CONST_FLOAT, CONST_INT, CONST_STR, Capture, EVAL_RANGES, HIT_STACK, Hit, KIND_BOOL,
+        KIND_FLOAT, KIND_INT, KIND_NONE, KIND_OTHER, KIND_STR, LogProcess, LogState, MAX_ATOMS,
+        MAX_CAPTURES, MAX_DICT_SCAN, MAX_LOGPOINTS, MAX_NAMES, MAX_STACK, MAX_STEPS, NAME_BYTES,
+        Name, OP_ATTR, OP_KEY_INT, OP_KEY_STR, OP_LEN, Program, SAME_RUN_IP_BYTES, STATUS_MISSING,
+        STATUS_OK, STATUS_UNREADABLE, STATUS_UNSUPPORTED, STATUS_WRONG_TYPE, STR_ASCII,
+        VALUE_BYTES, Value, Watch, WatchKey,
     },
     stats,
 };
@@ -113,14 +114,16 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     // SAFETY: as above.
     let state = unsafe { &mut *state };
     add(&mut state.hits);
-    let Some(byte) = read::<u8>(addr) else {
+    let Some(word) = read::<u16>(addr) else {
         count_error(stats::LOG_UNREADABLE);
         return 0;
     };
-    if u32::from(byte) != watch.opcode {
+    let word = u32::from(word);
+    if word != watch.word {
         // A write: quickening, specialization or instrumentation changed
-        // the instruction. Reads of the new byte are runs again.
-        watch.opcode = u32::from(byte);
+        // the instruction. Reads of the new value are runs again.
+        watch.word = word;
+        watch.last_frame = 0;
         add(&mut state.writes);
         return 0;
     }
@@ -133,26 +136,65 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     // the eval loop for a read made by it.
     // SAFETY: the context of a perf-event program.
     let ip = unsafe { (*ctx.ctx).regs.rip };
-    if ip < process.eval_start || ip >= process.eval_end {
-        add(&mut state.foreign);
-        return 0;
-    }
-    let Some(frame) = running_frame(process) else {
-        count_error(stats::LOG_UNREADABLE);
-        return 0;
-    };
-    let code = read::<u64>(frame.wrapping_add(process.frame_code)).unwrap_or(0) & process.ref_mask;
-    if code != watch.code {
-        add(&mut state.foreign);
-        return 0;
-    }
-    if watch.lasti != u64::MAX {
-        let lasti = read::<i32>(frame.wrapping_add(process.frame_instruction)).unwrap_or(-1);
-        if lasti as i64 as u64 != watch.lasti {
-            add(&mut state.foreign);
-            return 0;
+    let mut in_eval = false;
+    for r in 0..EVAL_RANGES {
+        if ip >= process.eval_code[2 * r] && ip < process.eval_code[2 * r + 1] {
+            in_eval = true;
         }
     }
+    if !in_eval {
+        add(&mut state.foreign);
+        return 0;
+    }
+    // Which frame reads the instruction. At a function's first instruction
+    // (3.13+): the newest frame on the thread's data stack, which 3.14 reads
+    // before the thread state names it (and which, in a recursive call, is
+    // not the caller of the same code). Else the eval loop's frame
+    // register, then the thread state's current frame.
+    let code_of =
+        |f: u64| read::<u64>(f.wrapping_add(process.frame_code)).unwrap_or(0) & process.ref_mask;
+    let mut frame = 0;
+    if watch.frame_bytes != 0 && process.tstate_datastack_top != 0 {
+        let top = gil_holder(process)
+            .and_then(|t| read::<u64>(t.wrapping_add(process.tstate_datastack_top)))
+            .unwrap_or(0);
+        let newest = top.wrapping_sub(watch.frame_bytes);
+        if top != 0 && code_of(newest) == watch.code {
+            frame = newest;
+        }
+    }
+    if frame == 0 {
+        let register = frame_register(&ctx, process.frame_register);
+        if register != 0 && code_of(register) == watch.code {
+            frame = register;
+        }
+    }
+    if frame == 0 {
+        let Some(current) = running_frame(process) else {
+            count_error(stats::LOG_UNREADABLE);
+            return 0;
+        };
+        frame = current;
+    }
+    if code_of(frame) != watch.code {
+        add(&mut state.other_frame);
+        return 0;
+    }
+    // A second read of the same run: same thread and frame as the run just
+    // counted, and either the load next to the last one or the first run
+    // of an instruction that reads itself again before rewriting itself.
+    let same_run = watch.last_tid == tid
+        && watch.last_frame == frame
+        && ((ip != watch.last_ip && ip.abs_diff(watch.last_ip) <= SAME_RUN_IP_BYTES)
+            || (word & 0xff) == watch.first_run_opcode);
+    if same_run {
+        watch.last_frame = 0;
+        add(&mut state.repeats);
+        return 0;
+    }
+    watch.last_tid = tid;
+    watch.last_frame = frame;
+    watch.last_ip = ip;
     let Some(program) = LOG_PROGRAMS.get(index) else {
         return 0;
     };
@@ -227,18 +269,41 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     0
 }
 
+/// The value of callee-saved register `reg` (`calls::REG_*`) at the hit,
+/// 0 for [`NO_REGISTER`].
+#[inline(always)]
+fn frame_register(ctx: &PerfEventContext, reg: u64) -> u64 {
+    // Each register read with a constant offset, volatile: the verifier
+    // rejects a context access at a computed offset, which is what the
+    // compiler makes of a `match` on the register.
+    // SAFETY: the context of a perf-event program: its saved user registers.
+    let values = unsafe {
+        let regs = &raw const (*ctx.ctx).regs;
+        [
+            core::ptr::read_volatile(&raw const (*regs).rbx),
+            core::ptr::read_volatile(&raw const (*regs).rbp),
+            core::ptr::read_volatile(&raw const (*regs).r12),
+            core::ptr::read_volatile(&raw const (*regs).r13),
+            core::ptr::read_volatile(&raw const (*regs).r14),
+            core::ptr::read_volatile(&raw const (*regs).r15),
+        ]
+    };
+    match reg as u8 {
+        calls::REG_RBX => values[0],
+        calls::REG_RBP => values[1],
+        calls::REG_R12 => values[2],
+        calls::REG_R13 => values[3],
+        calls::REG_R14 => values[4],
+        calls::REG_R15 => values[5],
+        _ => 0,
+    }
+}
+
 /// The frame the thread holding the GIL runs: the one whose bytecode read
 /// the watched byte.
 #[inline(always)]
 fn running_frame(process: &LogProcess) -> Option<u64> {
-    let tstate: u64 = if process.gil_current != 0 {
-        read(process.gil_current)?
-    } else {
-        read(process.gil_last_holder)?
-    };
-    if tstate == 0 {
-        return None;
-    }
+    let tstate = gil_holder(process)?;
     let at: u64 = read(tstate.wrapping_add(process.tstate_frame))?;
     let frame = if process.cframe_current_frame == u64::MAX || at == 0 {
         at
@@ -246,6 +311,17 @@ fn running_frame(process: &LogProcess) -> Option<u64> {
         read(at.wrapping_add(process.cframe_current_frame))?
     };
     (frame != 0).then_some(frame)
+}
+
+/// The thread state holding the GIL (the thread running bytecode).
+#[inline(always)]
+fn gil_holder(process: &LogProcess) -> Option<u64> {
+    let tstate: u64 = if process.gil_current != 0 {
+        read(process.gil_current)?
+    } else {
+        read(process.gil_last_holder)?
+    };
+    (tstate != 0).then_some(tstate)
 }
 
 /// Records the frame chain from the running frame (code and raw
@@ -842,10 +918,22 @@ fn atom_is_false(atom: &Atom, value: &Value) -> bool {
                 };
                 return !holds;
             }
+            if value.kind == KIND_FLOAT && atom.has_float != 0 {
+                return float_atom_is_false(atom, value);
+            }
             if value.kind == KIND_INT || value.kind == KIND_FLOAT {
-                return false; // big int or float: userspace decides
+                return false; // big int, or an int no float holds: userspace decides
             }
             // None, str, other: never equal to an int; ordering raises.
+            equality && atom.cmp == CMP_EQ && value.kind != KIND_OTHER
+        }
+        CONST_FLOAT => {
+            if value.kind == KIND_FLOAT {
+                return float_atom_is_false(atom, value);
+            }
+            if value.kind == KIND_BOOL || value.kind == KIND_INT {
+                return false; // userspace compares ints with floats
+            }
             equality && atom.cmp == CMP_EQ && value.kind != KIND_OTHER
         }
         CONST_STR => {
@@ -867,6 +955,42 @@ fn atom_is_false(atom: &Atom, value: &Value) -> bool {
         }
         _ => false,
     }
+}
+
+/// A float's bits as an integer that orders like the float (for non-NaN
+/// values other than -0.0, which the caller makes 0.0).
+#[inline(always)]
+fn float_key(bits: u64) -> u64 {
+    if bits >> 63 != 0 {
+        !bits
+    } else {
+        bits | (1 << 63)
+    }
+}
+
+/// Whether a comparison of a captured float with a float constant is surely
+/// false (NaN is left to userspace).
+#[inline(always)]
+fn float_atom_is_false(atom: &Atom, value: &Value) -> bool {
+    // -0.0 == 0.0.
+    let positive_zero = |b: u64| if b == 1 << 63 { 0 } else { b };
+    let x = positive_zero(value.raw);
+    let y = positive_zero(atom.float);
+    let nan = |b: u64| (b >> 52) & 0x7ff == 0x7ff && b & ((1 << 52) - 1) != 0;
+    if nan(x) || nan(y) {
+        return false;
+    }
+    let (kx, ky) = (float_key(x), float_key(y));
+    let holds = match atom.cmp {
+        CMP_EQ => kx == ky,
+        CMP_NE => kx != ky,
+        CMP_LT => kx < ky,
+        CMP_LE => kx <= ky,
+        CMP_GT => kx > ky,
+        CMP_GE => kx >= ky,
+        _ => true,
+    };
+    !holds
 }
 
 /// Whether the first `name.len` bytes of `bytes` are the name's.

@@ -176,16 +176,16 @@ fn function_log_point_sees_arguments_at_the_start() {
                 let item = if o.items > 0 {
                     "item"
                 } else {
-                    "<order.items[0] not found>"
+                    "<error: order.items[0]: not found>"
                 };
                 let last = if o.items > 0 {
                     "item"
                 } else {
-                    "<order.items[-1] not found>"
+                    "<error: order.items[-1]: not found>"
                 };
                 // `total` is not assigned yet when the function starts.
                 format!(
-                    "order={} n={} pri={} first={item} last={last} total=<total is not set>",
+                    "order={} n={} pri={} first={item} last={last} total=<error: total: not set>",
                     o.id, o.items, o.priority
                 )
             })
@@ -382,7 +382,7 @@ fn bad_log_points_get_clear_errors() {
             "--when",
             "order.id ==",
         ])?;
-        ensure!(e.contains("column 12"), "{e}");
+        ensure!(e.contains("column 12") && e.lines().count() == 1, "{e}");
         let e = fails(&[
             "log",
             "--pid",

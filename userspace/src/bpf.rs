@@ -742,7 +742,7 @@ impl LogProbes {
         })
     }
 
-    /// Sets a read/write hardware watchpoint on the byte at `addr` in
+    /// Sets a read/write hardware watchpoint on the 2 bytes at `addr` in
     /// thread `tid`, inherited by the threads it starts from now on.
     pub fn set_watchpoint(&mut self, tid: u32, addr: u64) -> Result<(), WatchError> {
         use aya::programs::perf_event::{
@@ -764,7 +764,7 @@ impl LogProbes {
                 PerfEventConfig::Breakpoint(BreakpointConfig::Data {
                     r#type: PerfBreakpointType::ReadWrite,
                     address: addr,
-                    length: PerfBreakpointLength::Len1,
+                    length: PerfBreakpointLength::Len2,
                 }),
                 PerfEventScope::OneProcess {
                     pid: tid,

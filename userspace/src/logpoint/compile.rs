@@ -8,9 +8,9 @@
 //! compare.
 
 use pyprobe_common::logpoint::{
-    Atom, CMP_EQ, CMP_GE, CMP_GT, CMP_IS_NONE, CMP_IS_NOT_NONE, CMP_LE, CMP_LT, CMP_NE, CONST_INT,
-    CONST_STR, Capture, MAX_ATOMS, MAX_CAPTURES, MAX_NAMES, MAX_STEPS, NAME_BYTES, Name, OP_ATTR,
-    OP_KEY_INT, OP_KEY_STR, OP_LEN, Program, Step as KernelStep,
+    Atom, CMP_EQ, CMP_GE, CMP_GT, CMP_IS_NONE, CMP_IS_NOT_NONE, CMP_LE, CMP_LT, CMP_NE,
+    CONST_FLOAT, CONST_INT, CONST_STR, Capture, MAX_ATOMS, MAX_CAPTURES, MAX_NAMES, MAX_STEPS,
+    NAME_BYTES, Name, OP_ATTR, OP_KEY_INT, OP_KEY_STR, OP_LEN, Program, Step as KernelStep,
 };
 
 use super::expr::{CmpOp, Expr, Literal, Path, Segment, Step};
@@ -291,10 +291,22 @@ fn atom(e: &Expr, wanted: &[Wanted]) -> Option<Atom> {
                 Literal::Int(v) => {
                     atom.kind = CONST_INT;
                     atom.int = i64::try_from(*v).ok()?;
+                    // Floats hold ints up to 2^53 exactly.
+                    if atom.int.unsigned_abs() <= 1 << 53 {
+                        atom.has_float = 1;
+                        atom.float = (atom.int as f64).to_bits();
+                    }
                 }
                 Literal::Bool(v) => {
                     atom.kind = CONST_INT;
                     atom.int = i64::from(*v);
+                    atom.has_float = 1;
+                    atom.float = (atom.int as f64).to_bits();
+                }
+                Literal::Float(v) if v.is_finite() => {
+                    atom.kind = CONST_FLOAT;
+                    atom.has_float = 1;
+                    atom.float = v.to_bits();
                 }
                 Literal::Str(s) if cmp == CMP_EQ || cmp == CMP_NE => {
                     atom.kind = CONST_STR;
@@ -410,9 +422,13 @@ mod tests {
             [
                 "(7 < total)",
                 "(order.user is not None)",
-                "(order.user.name == \"ana\")"
+                "(order.user.name == \"ana\")",
+                "(total > 1.5)"
             ]
         );
+        assert_eq!(c.program.atoms[3].kind, CONST_FLOAT);
+        assert_eq!(c.program.atoms[3].float, 1.5f64.to_bits());
+        assert_eq!(c.program.atoms[0].float, 7f64.to_bits(), "7 as a float too");
         assert_eq!(c.program.atoms[0].cmp, CMP_GT, "7 < total is total > 7");
         assert_eq!(c.program.atoms[1].cmp, CMP_IS_NOT_NONE);
         assert_eq!(c.program.atoms[2].kind, CONST_STR);

@@ -41,18 +41,21 @@ pub fn captured(w: &Wanted, v: &Value, type_name: &mut dyn FnMut(u64) -> String)
     match v.status {
         STATUS_OK => {}
         STATUS_MISSING if w.path.steps.is_empty() && !w.len => {
-            return Captured::Missing(format!("{} is not set", w.path.root));
+            return Captured::Missing("not set".to_owned());
         }
-        STATUS_MISSING => return Captured::Missing(format!("{} not found", shown(w))),
-        STATUS_UNREADABLE => return Captured::Missing(format!("{} unreadable", shown(w))),
+        STATUS_MISSING => return Captured::Missing("not found".to_owned()),
+        STATUS_UNREADABLE => return Captured::Missing("unreadable".to_owned()),
         STATUS_UNSUPPORTED => {
-            return Captured::Missing(format!(
-                "{} not captured: not a plain object, str, list, tuple or dict of up to 64 entries",
-                shown(w)
-            ));
+            return Captured::Missing(
+                "not captured: not a plain object, str, list, tuple or dict of up to 64 entries"
+                    .to_owned(),
+            );
         }
         _ => {
-            return Captured::Missing(format!("{}: a step does not apply to that type", shown(w)));
+            return Captured::Missing(format!(
+                "a step of {} does not apply to that type",
+                shown(w)
+            ));
         }
     }
     match v.kind {
@@ -238,7 +241,7 @@ mod tests {
         };
         assert_eq!(
             captured(&w, &missing, &mut names),
-            Captured::Missing("x is not set".into())
+            Captured::Missing("not set".into())
         );
         assert_eq!(
             captured(
@@ -246,7 +249,7 @@ mod tests {
                 &missing,
                 &mut names
             ),
-            Captured::Missing("x.y not found".into())
+            Captured::Missing("not found".into())
         );
     }
 }

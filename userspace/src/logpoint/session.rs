@@ -19,7 +19,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use pyprobe_common::logpoint::{LogProcess, MAX_LOGPOINTS, Watch, WatchKey};
+use pyprobe_common::logpoint::{
+    EVAL_RANGES, LogProcess, MAX_LOGPOINTS, NO_OPCODE, NO_REGISTER, Watch, WatchKey,
+};
 use serde_json::json;
 
 use super::{
@@ -34,7 +36,7 @@ use crate::{
     live,
     python::{
         memory::{Memory, ProcessMemory},
-        offsets::{FrameLink, GilLocation, InstanceDictModel, InstructionModel, LongModel},
+        offsets::{FrameLink, GilLocation, InstanceDictModel, LongModel},
         reader::Target,
     },
 };
@@ -174,13 +176,14 @@ fn parse_points(opts: &LogOptions) -> anyhow::Result<Vec<Point>> {
             parse_location(&spec.at).map_err(|e| anyhow::anyhow!("--at {}: {e}", spec.at))?;
         let condition = match &spec.when {
             Some(text) => {
-                Some(expr::parse(text).map_err(|e| anyhow::anyhow!("--when: {}", e.show(text)))?)
+                Some(expr::parse(text).map_err(|e| anyhow::anyhow!("--when {text:?}: {e}"))?)
             }
             None => None,
         };
         let template = match &spec.msg {
-            Some(text) => expr::parse_template(text)
-                .map_err(|e| anyhow::anyhow!("--msg: {}", e.show(text)))?,
+            Some(text) => {
+                expr::parse_template(text).map_err(|e| anyhow::anyhow!("--msg {text:?}: {e}"))?
+            }
             None => Vec::new(),
         };
         out.push(Point {
@@ -262,10 +265,10 @@ impl Session {
             },
         );
         let lines = self.arm_waiting(pid, true)?;
-        eprintln!("pyprobe: attached to PID {pid} (CPython {version})");
         for line in lines {
             eprintln!("pyprobe: {line}");
         }
+        eprintln!("pyprobe: attached to PID {pid} (CPython {version})");
         Ok(())
     }
 
@@ -341,13 +344,31 @@ impl Session {
         self.probes.set_program(index, &compiled.program)?;
         let process = &self.processes[&pid];
         let target = &process.target;
-        let opcode = target.mem.read_u8(found.watch_addr).with_context(|| {
-            format!("reading the probed instruction at {:#x}", found.watch_addr)
-        })?;
-        let lasti = match target.info.layout.instruction {
-            InstructionModel::LastiBytes => u64::from(found.instr_index) * 2,
-            InstructionModel::LastiUnits => u64::from(found.instr_index),
-            _ => u64::MAX,
+        let mut unit = [0u8; 2];
+        target
+            .mem
+            .read(found.watch_addr, &mut unit)
+            .with_context(|| {
+                format!("reading the probed instruction at {:#x}", found.watch_addr)
+            })?;
+        let word = u16::from_le_bytes(unit);
+        let frame_bytes = match (found.function_start, target.info.offsets.code_framesize) {
+            (true, Some(at)) => {
+                let words = target
+                    .mem
+                    .read_u32(found.code.wrapping_add(at))
+                    .with_context(|| {
+                        format!("reading co_framesize of the code at {:#x}", found.code)
+                    })?;
+                u64::from(words) * 8
+            }
+            _ => 0,
+        };
+        // 3.13+: RESUME reads itself again on its first run, then becomes
+        // RESUME_CHECK.
+        let first_run_opcode = match target.info.layout.resume_opcodes {
+            Some(r) if r.check.is_some() => u32::from(r.resume),
+            _ => NO_OPCODE,
         };
         self.probes.watch(
             WatchKey {
@@ -357,9 +378,11 @@ impl Session {
             },
             &Watch {
                 logpoint: index,
-                opcode: u32::from(opcode),
+                word: u32::from(word),
                 code: found.code,
-                lasti,
+                first_run_opcode,
+                frame_bytes,
+                ..Watch::default()
             },
         )?;
         let mut threads = 0;
@@ -487,22 +510,29 @@ impl Session {
                 &template
             };
             let message = eval::render(template_ref, &values, self.opts.redact);
+            // Frames that are not Python code (3.12+ entry frames) are
+            // left out. The innermost frame has not stored its position
+            // yet when the probed instruction is read: its line is the log
+            // point's.
             let stack: Vec<serde_json::Value> = hit::stack(&h)
                 .iter()
-                .map(|f| {
-                    let frame = process
+                .enumerate()
+                .filter_map(|(i, f)| {
+                    let (frame, _) = process
                         .target
                         .code_frame(f.code, f.instruction)
                         .ok()
-                        .flatten();
-                    match frame {
-                        Some((fr, _)) => json!({
-                            "function": fr.function,
-                            "file": fr.filename,
-                            "line": fr.line,
-                        }),
-                        None => json!({ "code": format!("{:#x}", f.code) }),
-                    }
+                        .flatten()?;
+                    let line = if i == 0 {
+                        Some(i64::from(armed.found.line))
+                    } else {
+                        frame.line.map(i64::from)
+                    };
+                    Some(json!({
+                        "function": frame.function,
+                        "file": frame.filename,
+                        "line": line,
+                    }))
                 })
                 .collect();
             let wall = self.clock.wall_ns(h.time_ns);
@@ -578,13 +608,14 @@ impl Session {
             eprintln!(
                 "pyprobe: log point {} {}:{} in PID {}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
                  in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}/s), \
-                 {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} writes, {} other reads)",
+                 {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} writes, {} reads outside the eval loop, {} from other frames, \
+                 {} second reads of a run)",
                 armed.point + 1,
                 armed.found.filename,
                 armed.found.line,
                 armed.pid,
                 armed.printed,
-                c.hits - c.writes - c.foreign,
+                c.hits - c.writes - c.foreign - c.other_frame - c.repeats,
                 elapsed.as_secs_f64(),
                 c.condition_false,
                 armed.condition_false,
@@ -593,9 +624,11 @@ impl Session {
                 self.opts.rate,
                 c.over_count,
                 c.lost,
-                c.writes + c.foreign,
+                c.writes + c.foreign + c.other_frame + c.repeats,
                 c.writes,
                 c.foreign,
+                c.other_frame,
+                c.repeats,
             );
             let _ = p;
         }
@@ -676,9 +709,21 @@ fn process_config(
         .interpreter
         .as_ref()
         .context("a live target knows its interpreter")?;
-    let eval = image
-        .symbol("_PyEval_EvalFrameDefault")
-        .context("the interpreter has no _PyEval_EvalFrameDefault symbol")?;
+    let eval = crate::python::start_sites::eval_loop_code(image);
+    if eval.is_empty() {
+        bail!("the interpreter has no _PyEval_EvalFrameDefault symbol");
+    }
+    if eval.len() > EVAL_RANGES {
+        bail!(
+            "_PyEval_EvalFrameDefault is split in {} pieces; pyprobe handles {EVAL_RANGES}",
+            eval.len()
+        );
+    }
+    let mut eval_code = [0u64; 2 * EVAL_RANGES];
+    for (i, r) in eval.iter().enumerate() {
+        eval_code[2 * i] = interp.load_bias.wrapping_add(r.start);
+        eval_code[2 * i + 1] = interp.load_bias.wrapping_add(r.end);
+    }
     let known = &target.known;
     let ty = |name: &str| -> anyhow::Result<u64> {
         known
@@ -715,8 +760,14 @@ fn process_config(
             InstanceDictModel::InlineValues => 3,
         },
         heaptype_cached_keys: o.heaptype_cached_keys,
-        eval_start: interp.load_bias.wrapping_add(eval.vaddr),
-        eval_end: interp.load_bias.wrapping_add(eval.vaddr + eval.size.max(1)),
+        eval_code,
+        frame_register: crate::python::start_sites::eval_frame_register(
+            image,
+            layout,
+            o.frame_instruction,
+        )
+        .map_or(NO_REGISTER, |r| u64::from(r.bpf_index())),
+        tstate_datastack_top: o.tstate_datastack_top.unwrap_or(0),
         cframe_current_frame: u64::MAX,
         ..LogProcess::default()
     };

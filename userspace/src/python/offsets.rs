@@ -350,6 +350,11 @@ pub struct Offsets {
     /// `PyDictValues.values` (3.11+): where the values array of a split
     /// dict starts; up to 3.10 `ma_values` points at the array itself.
     pub dict_values_items: Option<u64>,
+    /// `PyThreadState.datastack_top` (3.11+): where the next frame will be
+    /// pushed, just past the newest one.
+    pub tstate_datastack_top: Option<u64>,
+    /// `co_framesize` (3.11+, an `int`): a frame's size in words.
+    pub code_framesize: Option<u64>,
 }
 
 /// Offsets that are the same in every supported version.
@@ -538,6 +543,8 @@ const fn offsets_38_310(
         code_consts: 56,
         heaptype_cached_keys,
         dict_values_items: None,
+        tstate_datastack_top: None,
+        code_framesize: None,
     }
 }
 
@@ -625,6 +632,8 @@ const fn offsets_311_plus(
         code_consts: 24,
         heaptype_cached_keys: 0,
         dict_values_items: Some(0),
+        tstate_datastack_top: None,
+        code_framesize: None,
     }
 }
 
@@ -746,6 +755,8 @@ pub const PY313: VersionInfo = VersionInfo {
         static_type_dict: Some(24),
         heaptype_cached_keys: 880,
         dict_values_items: Some(8),
+        tstate_datastack_top: Some(240),
+        code_framesize: Some(76),
         ..offsets_311_plus(52, 68, 72, 200, 184)
     },
     layout: layout_311_plus(
@@ -796,6 +807,8 @@ pub const PY314: VersionInfo = VersionInfo {
         static_type_dict: Some(24),
         heaptype_cached_keys: 880,
         dict_values_items: Some(8),
+        tstate_datastack_top: Some(240),
+        code_framesize: Some(76),
         ..offsets_311_plus(52, 68, 72, 208, 192)
     },
     layout: layout_311_plus(

@@ -358,6 +358,8 @@ pub const FIELDS: &[FieldSource] = &[
     member(ALL, plain!(code_consts),                   "PyCodeObject", "co_consts"),
     member(ALL, plain!(heaptype_cached_keys),          "PyHeapTypeObject", "ht_cached_keys"),
     member(NEW, some!(dict_values_items),              "_dictvalues", "values"),
+    member((13, 14), some!(tstate_datastack_top),           "PyThreadState", "datastack_top"),
+    member((13, 14), some!(code_framesize),                 "PyCodeObject", "co_framesize"),
 ];
 
 /// The entries of [`FIELDS`] that apply to CPython 3.`minor`, in table order.

@@ -1252,6 +1252,28 @@ fn is_table_symbol(name: &str) -> bool {
     }
 }
 
+/// The callee-saved register `_PyEval_EvalFrameDefault` keeps its `frame`
+/// in (3.11+, when the build has one; see [`find_probe_sites`]).
+pub fn eval_frame_register(
+    image: &ElfImage,
+    layout: &Layout,
+    instruction_offset: u64,
+) -> Option<FrameRegister> {
+    layout.resume_opcodes?;
+    let table = find_opcode_table(image).ok()?;
+    detect_frame_register(image, &table, instruction_offset)
+}
+
+/// The code ranges of `_PyEval_EvalFrameDefault` in `image` (link-time
+/// addresses): its symbol, any `.cold` symbol of it, and the FDEs its body
+/// branches into the middle of. Empty without the symbol.
+pub fn eval_loop_code(image: &ElfImage) -> Vec<Range<u64>> {
+    match image.symbol(EVAL_FRAME) {
+        Ok(eval) => function_code(image, &eval),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// The code ranges of `_PyEval_EvalFrameDefault`: its symbol, any `.cold`
 /// symbol of it, and the FDEs its body branches into the middle of.
 fn function_code(image: &ElfImage, eval: &Symbol) -> Vec<Range<u64>> {
