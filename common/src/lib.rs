@@ -863,27 +863,27 @@ pub mod logpoint {
     }
 
     /// A watched instruction (its 2-byte code unit).
+    ///
+    /// The program never reads the unit itself: a read from the kernel
+    /// would set off the watchpoint again (a second debug trap, about 12 µs
+    /// on a VM). Writes are told from runs by where they come from instead:
+    /// specialization, quickening and instrumentation write from outside
+    /// the eval loop; the one rewrite made inside it (3.13+: `RESUME`
+    /// becoming `RESUME_CHECK`, on a first run or after a deopt) is made by
+    /// the instruction's own handler.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct Watch {
         /// Log point (index into `LOG_PROGRAMS` and `LOG_STATE`).
         pub logpoint: u32,
-        /// The code unit (opcode | oparg << 8) as last seen (by userspace
-        /// when arming, then by the program): a hit that finds another
-        /// value was a write.
-        pub word: u32,
+        /// Thread of the last run counted (program state).
+        pub last_tid: u32,
         /// The code object the instruction belongs to: a hit from a frame
         /// of another code object is not a run of this instruction. (The
         /// frame's own instruction field cannot tell more: the eval loop
         /// stores it after reading the next opcode.)
         pub code: u64,
-        /// An opcode whose first run reads the unit a second time before
-        /// rewriting it (3.13+: `RESUME` becomes `RESUME_CHECK`), or
-        /// [`NO_OPCODE`].
-        pub first_run_opcode: u32,
-        /// Thread of the last run counted (program state).
-        pub last_tid: u32,
-        /// Frame of the last run counted, 0 after a write (program state).
+        /// Frame of the last run counted (program state).
         pub last_frame: u64,
         /// Instruction address of the last read counted (program state).
         pub last_ip: u64,
@@ -892,10 +892,14 @@ pub mod logpoint {
         /// caller (3.14); the callee is then the newest frame on the
         /// thread's data stack, this many bytes below its top.
         pub frame_bytes: u64,
+        /// Addresses a data trap reports for the running instruction's
+        /// own tests and rewrites of itself (3.13+ `RESUME`: the `cmp` with
+        /// `RESUME` and the store of `RESUME_CHECK`; 0 unused): not runs.
+        pub own_sites: [u64; OWN_SITES],
     }
 
-    /// No opcode (for [`Watch::first_run_opcode`]).
-    pub const NO_OPCODE: u32 = 0x100;
+    /// Self-access sites of a [`Watch`].
+    pub const OWN_SITES: usize = 8;
 
     /// Reads of one run closer than this many bytes of code are one run
     /// (3.12 reads the opcode and the oparg with two adjacent loads).
@@ -990,15 +994,14 @@ pub mod logpoint {
     pub struct LogState {
         /// Watchpoint hits at this log point's address (all kinds).
         pub hits: u64,
-        /// Of which writes (the byte changed).
-        pub writes: u64,
-        /// Of which reads made outside the eval loop.
+        /// Of which accesses made outside the eval loop (specialization,
+        /// quickening and instrumentation writes; `dis`, `co_code`).
         pub foreign: u64,
         /// Of which reads while the running frame was of another code
         /// object.
         pub other_frame: u64,
-        /// Of which second reads of one run (3.12's separate opcode and
-        /// oparg loads, 3.13's first `RESUME`).
+        /// Of which second accesses of one run (3.12's separate opcode and
+        /// oparg loads; 3.13+ `RESUME` rewriting itself).
         pub repeats: u64,
         /// Runs of the instruction dropped by the kernel condition.
         pub condition_false: u64,
@@ -1133,7 +1136,7 @@ mod pod {
     unsafe impl aya::Pod for super::logpoint::LogState {}
 
     const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 36 * 8);
-    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 48);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 40 + 8 * 8);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Name>() == 40);

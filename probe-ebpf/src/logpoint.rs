@@ -114,19 +114,6 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     // SAFETY: as above.
     let state = unsafe { &mut *state };
     add(&mut state.hits);
-    let Some(word) = read::<u16>(addr) else {
-        count_error(stats::LOG_UNREADABLE);
-        return 0;
-    };
-    let word = u32::from(word);
-    if word != watch.word {
-        // A write: quickening, specialization or instrumentation changed
-        // the instruction. Reads of the new value are runs again.
-        watch.word = word;
-        watch.last_frame = 0;
-        add(&mut state.writes);
-        return 0;
-    }
     // SAFETY: values are only read while this program runs.
     let Some(process) = (unsafe { LOG_PROCESS.get(&tgid) }) else {
         count_error(stats::LOG_NO_PROCESS);
@@ -180,14 +167,20 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         add(&mut state.other_frame);
         return 0;
     }
-    // A second read of the same run: same thread and frame as the run just
-    // counted, and either the load next to the last one or the first run
-    // of an instruction that reads itself again before rewriting itself.
-    let same_run = watch.last_tid == tid
+    // A second access of the same run: the instruction testing or
+    // rewriting itself, or the load next to the one just counted in the
+    // same thread and frame.
+    let mut own = false;
+    for site in watch.own_sites {
+        if site != 0 && ip == site {
+            own = true;
+        }
+    }
+    let adjacent = watch.last_tid == tid
         && watch.last_frame == frame
-        && ((ip != watch.last_ip && ip.abs_diff(watch.last_ip) <= SAME_RUN_IP_BYTES)
-            || (word & 0xff) == watch.first_run_opcode);
-    if same_run {
+        && ip != watch.last_ip
+        && ip.abs_diff(watch.last_ip) <= SAME_RUN_IP_BYTES;
+    if own || adjacent {
         watch.last_frame = 0;
         add(&mut state.repeats);
         return 0;

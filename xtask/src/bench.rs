@@ -25,6 +25,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
+mod logpoint;
 mod profile;
 
 use crate::{
@@ -169,6 +170,9 @@ pub fn bench(runs: usize, only: &[String]) -> anyhow::Result<()> {
     }
     if wanted("calls") {
         bench_calls(&pyprobe, runs.min(7))?;
+    }
+    if wanted("logpoint") {
+        logpoint::bench_logpoint(&pyprobe)?;
     }
     Ok(())
 }

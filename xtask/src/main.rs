@@ -41,8 +41,8 @@ enum Task {
         /// Runs per measurement.
         #[arg(long, default_value_t = 20)]
         runs: usize,
-        /// Only these benchmarks (repeatable): dump, profile, calls.
-        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls"])]
+        /// Only these benchmarks (repeatable): dump, profile, calls, logpoint.
+        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls", "logpoint"])]
         only: Vec<String>,
     },
     /// Regenerate the memory snapshots the offline tests replay (needs root).

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use pyprobe_common::logpoint::{
-    EVAL_RANGES, LogProcess, MAX_LOGPOINTS, NO_OPCODE, NO_REGISTER, Watch, WatchKey,
+    EVAL_RANGES, LogProcess, MAX_LOGPOINTS, NO_REGISTER, OWN_SITES, Watch, WatchKey,
 };
 use serde_json::json;
 
@@ -36,7 +36,7 @@ use crate::{
     live,
     python::{
         memory::{Memory, ProcessMemory},
-        offsets::{FrameLink, GilLocation, InstanceDictModel, LongModel},
+        offsets::{FrameLink, GilLocation, InstanceDictModel, LongModel, ResumeOpcodes},
         reader::Target,
     },
 };
@@ -100,6 +100,12 @@ struct Armed {
 /// A watched process.
 struct Process {
     target: Target<ProcessMemory>,
+    /// Its interpreter binary.
+    image: crate::elf::ElfImage,
+    /// Where the binary is loaded.
+    load_bias: u64,
+    /// Where RESUME tests and rewrites itself (link-time), once needed.
+    resume_sites: Option<Vec<u64>>,
     /// Log points (by index) not armed yet, waiting for their code.
     waiting: Vec<usize>,
     /// Type names read so far.
@@ -256,10 +262,14 @@ impl Session {
         let config = process_config(&target, &image)?;
         self.probes.configure(pid, &config)?;
         let version = target.version.to_string();
+        let load_bias = target.interpreter.as_ref().map_or(0, |i| i.load_bias);
         self.processes.insert(
             pid,
             Process {
                 target,
+                image,
+                load_bias,
+                resume_sites: None,
                 waiting: (0..self.points.len()).collect(),
                 type_names: HashMap::new(),
             },
@@ -342,16 +352,8 @@ impl Session {
         compiled.program.max_hits = self.opts.count.unwrap_or(0);
         compiled.program.stack = u32::from(self.opts.stack);
         self.probes.set_program(index, &compiled.program)?;
-        let process = &self.processes[&pid];
+        let process = self.processes.get_mut(&pid).expect("added");
         let target = &process.target;
-        let mut unit = [0u8; 2];
-        target
-            .mem
-            .read(found.watch_addr, &mut unit)
-            .with_context(|| {
-                format!("reading the probed instruction at {:#x}", found.watch_addr)
-            })?;
-        let word = u16::from_le_bytes(unit);
         let frame_bytes = match (found.function_start, target.info.offsets.code_framesize) {
             (true, Some(at)) => {
                 let words = target
@@ -364,12 +366,32 @@ impl Session {
             }
             _ => 0,
         };
-        // 3.13+: RESUME reads itself again on its first run, then becomes
-        // RESUME_CHECK.
-        let first_run_opcode = match target.info.layout.resume_opcodes {
-            Some(r) if r.check.is_some() => u32::from(r.resume),
-            _ => NO_OPCODE,
-        };
+        // A function start is a RESUME (3.11+), which tests and rewrites
+        // itself from its own handler (3.13+).
+        let mut own_sites = [0u64; OWN_SITES];
+        if let (
+            true,
+            Some(ResumeOpcodes {
+                resume,
+                check: Some(check),
+                ..
+            }),
+        ) = (found.function_start, target.info.layout.resume_opcodes)
+        {
+            let load_bias = process.load_bias;
+            let sites = process.resume_sites.get_or_insert_with(|| {
+                crate::python::start_sites::resume_self_access_sites(&process.image, resume, check)
+            });
+            if sites.len() > OWN_SITES {
+                bail!(
+                    "{} places in the interpreter rewrite RESUME in place; pyprobe handles {OWN_SITES}",
+                    sites.len()
+                );
+            }
+            for (slot, site) in own_sites.iter_mut().zip(sites.iter()) {
+                *slot = load_bias.wrapping_add(*site);
+            }
+        }
         self.probes.watch(
             WatchKey {
                 tgid: pid,
@@ -378,10 +400,9 @@ impl Session {
             },
             &Watch {
                 logpoint: index,
-                word: u32::from(word),
                 code: found.code,
-                first_run_opcode,
                 frame_bytes,
+                own_sites,
                 ..Watch::default()
             },
         )?;
@@ -608,14 +629,14 @@ impl Session {
             eprintln!(
                 "pyprobe: log point {} {}:{} in PID {}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
                  in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}/s), \
-                 {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} writes, {} reads outside the eval loop, {} from other frames, \
-                 {} second reads of a run)",
+                 {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} accesses from \
+                 outside the eval loop, {} from other frames, {} second accesses of a run)",
                 armed.point + 1,
                 armed.found.filename,
                 armed.found.line,
                 armed.pid,
                 armed.printed,
-                c.hits - c.writes - c.foreign - c.other_frame - c.repeats,
+                c.hits - c.foreign - c.other_frame - c.repeats,
                 elapsed.as_secs_f64(),
                 c.condition_false,
                 armed.condition_false,
@@ -624,8 +645,7 @@ impl Session {
                 self.opts.rate,
                 c.over_count,
                 c.lost,
-                c.writes + c.foreign + c.other_frame + c.repeats,
-                c.writes,
+                c.foreign + c.other_frame + c.repeats,
                 c.foreign,
                 c.other_frame,
                 c.repeats,
