@@ -438,3 +438,62 @@ fn log_without_privileges_says_what_to_do() {
         "{stderr}"
     );
 }
+
+#[test]
+fn rate_limit_and_count_are_enforced_in_the_kernel() {
+    for_each_interpreter("logpoint_limits", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        // 12 runs within well under a second: a rate of 3 per second lets
+        // the first 3 through.
+        let (messages, stderr) = log_one_run(
+            &mut fixture,
+            &[
+                "--at",
+                "logpoint_workload.py:handle_order",
+                "--msg",
+                "{order.id}",
+                "--rate",
+                "3",
+            ],
+        )?;
+        ensure!(messages == ["100", "101", "102"], "{messages:?}\n{stderr}");
+        ensure!(
+            stderr.contains("3 printed; 12 runs") && stderr.contains("9 over the rate limit (3/s)"),
+            "{stderr}"
+        );
+
+        // --count 2: two lines, then pyprobe stops by itself.
+        let pid = fixture.pid().to_string();
+        let probe = Probe::start(&[
+            "log",
+            "--pid",
+            &pid,
+            "--at",
+            "logpoint_workload.py:handle_order",
+            "--msg",
+            "{order.id}",
+            "--count",
+            "2",
+        ])?;
+        fixture.call("run", "done")?;
+        let mut exited = false;
+        for _ in 0..50 {
+            if probe
+                .stderr_line(Duration::from_millis(100))
+                .is_some_and(|l| l.contains("log point 1"))
+            {
+                exited = true;
+                break;
+            }
+        }
+        ensure!(exited, "pyprobe did not stop after --count 2");
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "{stderr}");
+        let ids: Vec<&str> = stdout
+            .lines()
+            .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
+            .collect();
+        ensure!(ids == ["100", "101"], "{stdout}");
+        Ok(())
+    });
+}

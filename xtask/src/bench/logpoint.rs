@@ -25,7 +25,7 @@ use super::{
 };
 
 /// Interleaved rounds of (a) and (b).
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 /// Runs of the workload per round (their median is the round's time).
 const RUNS: usize = 7;
 /// Calls of hit() to time the cost per hit.
@@ -74,7 +74,7 @@ impl Bench {
     }
 
     /// Starts `pyprobe log` on this process; returns once it is armed.
-    fn log(&self, pyprobe: &Path, args: &[&str]) -> anyhow::Result<(Child, Instant)> {
+    fn log(&self, pyprobe: &Path, args: &[&str]) -> anyhow::Result<Probe> {
         let pid = self.pid.to_string();
         let started = Instant::now();
         let mut child = Command::new(pyprobe)
@@ -96,24 +96,67 @@ impl Bench {
                 break;
             }
         }
-        // Keep draining stderr so pyprobe never blocks on it.
+        // Keep reading stderr so pyprobe never blocks on it; the summary
+        // it prints at exit is kept.
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = kept.clone();
         std::thread::spawn(move || {
-            let mut sink = String::new();
-            while err.read_line(&mut sink).is_ok_and(|n| n > 0) {
-                sink.clear();
+            let mut line = String::new();
+            while err.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if let Ok(mut k) = sink.lock() {
+                    k.push_str(&line);
+                }
+                line.clear();
             }
         });
-        Ok((child, started))
+        Ok(Probe {
+            child,
+            started,
+            stderr: kept,
+        })
     }
 }
 
-/// Stops a `pyprobe log` (Ctrl-C) and measures it; with the run time of
-/// its BPF program per run (`bpf_stats`), when the kernel gave it.
-fn stop(child: Child, started: Instant) -> anyhow::Result<(Usage, Option<f64>)> {
-    let prog_ns = prog_ns_per_run(child.id());
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    Ok((wait_usage(child, started)?, prog_ns))
+/// A running `pyprobe log`.
+struct Probe {
+    child: Child,
+    started: Instant,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// What a `pyprobe log` cost and saw.
+struct Stopped {
+    usage: Usage,
+    /// Run time of its BPF program per run (`bpf_stats`), when the kernel
+    /// gave it.
+    prog_ns: Option<f64>,
+    /// Watchpoint hits in all (runs and other accesses), from its summary.
+    hits: u64,
+}
+
+impl Probe {
+    /// Stops it (Ctrl-C) and measures it.
+    fn stop(self) -> anyhow::Result<Stopped> {
+        let prog_ns = prog_ns_per_run(self.child.id());
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let usage = wait_usage(self.child, self.started)?;
+        // The reader thread ends with the pipe.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let text = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        let number_before = |marker: &str| -> Option<u64> {
+            let at = text.find(marker)?;
+            text[..at].split_whitespace().last()?.parse().ok()
+        };
+        let hits = number_before(" runs in").context("no runs in pyprobe's summary")?
+            + number_before(" watchpoint hits were not runs")
+                .context("no hit count in pyprobe's summary")?;
+        Ok(Stopped {
+            usage,
+            prog_ns,
+            hits,
+        })
+    }
 }
 
 fn mark(name: &str) -> anyhow::Result<usize> {
@@ -135,13 +178,15 @@ pub fn bench_logpoint(pyprobe: &Path) -> anyhow::Result<()> {
          bare and pyprobe: {ROUNDS} interleaved rounds in one process (each the median of {RUNS} runs; \
          pyprobe's time over the mean of the bare rounds around it); settrace (pdb-style) and \
          sys.monitoring: their own process, over the median bare round. Per hit: {HITS} calls of a \
-         line, dropped by a kernel condition / printed (to /dev/null, no rate limit)"
+         line, dropped by a kernel condition / printed (to /dev/null, no rate limit). hits: watchpoint \
+         hits during all the pyprobe rounds (the line never runs: any hit would be a cost)"
     );
     println!(
-        "{:<44} {:>8} {:>16} {:>10} {:>11} {:>13} {:>13} {:>8} {:>16}",
+        "{:<44} {:>8} {:>22} {:>5} {:>10} {:>11} {:>13} {:>13} {:>8} {:>16}",
         "interpreter",
         "bare",
         "pyprobe (range)",
+        "hits",
         "settrace",
         "monitoring",
         "µs/hit drop",
@@ -156,11 +201,13 @@ pub fn bench_logpoint(pyprobe: &Path) -> anyhow::Result<()> {
         let mut usage = None;
         let mut before = bench.time("go")?;
         bares.push(before);
+        let mut never_hits = 0;
         for _ in 0..ROUNDS {
-            let (child, started) = bench.log(pyprobe, &["--at", &never])?;
+            let probe = bench.log(pyprobe, &["--at", &never])?;
             let with = bench.time("go")?;
-            let (u, _) = stop(child, started)?;
-            usage.get_or_insert(u);
+            let stopped = probe.stop()?;
+            never_hits += stopped.hits;
+            usage.get_or_insert(stopped.usage);
             let after = bench.time("go")?;
             bares.push(after);
             ratios.push(with / ((before + after) / 2.0));
@@ -175,18 +222,18 @@ pub fn bench_logpoint(pyprobe: &Path) -> anyhow::Result<()> {
         // Per hit, in the same process.
         let hits_cmd = format!("hits {HITS}");
         let bare_hits = bench.time(&hits_cmd)?;
-        let (child, started) = bench.log(
+        let probe = bench.log(
             pyprobe,
             &["--at", &hit_line, "--when", "i < 0", "--msg", "{i}"],
         )?;
         let dropped = bench.time(&hits_cmd)?;
-        let (_, prog_ns) = stop(child, started)?;
-        let (child, started) = bench.log(
+        let prog_ns = probe.stop()?.prog_ns;
+        let probe = bench.log(
             pyprobe,
             &["--at", &hit_line, "--msg", "i={i}", "--rate", "0"],
         )?;
         let printed = bench.time(&hits_cmd)?;
-        stop(child, started)?;
+        probe.stop()?;
         let per_hit = |t: f64| (t - bare_hits) / HITS as f64 * 1e6;
         drop(bench);
 
@@ -203,12 +250,13 @@ pub fn bench_logpoint(pyprobe: &Path) -> anyhow::Result<()> {
         };
         let u = usage.context("no pyprobe round")?;
         println!(
-            "{:<44} {:>7.1}ms {:>6.3}x ({:.3}-{:.3}) {:>9.2}x {:>11} {:>13.2} {:>13.2} {:>8} {:>7.0}ms/{:.0}MB",
+            "{:<44} {:>7.1}ms {:>6.3}x ({:.3}-{:.3}) {:>5} {:>9.2}x {:>11} {:>13.2} {:>13.2} {:>8} {:>7.0}ms/{:.0}MB",
             python.display().to_string(),
             bare * 1000.0,
             ratio,
             lo,
             hi,
+            never_hits,
             trace / bare,
             monitoring.map_or("-".to_owned(), |m| format!("{:.3}x", m / bare)),
             per_hit(dropped),
