@@ -842,6 +842,9 @@ pub mod logpoint {
         pub frame_register: u64,
         /// `PyThreadState.datastack_top` (3.13+), or 0.
         pub tstate_datastack_top: u64,
+        /// 1 when the eval loop reads opcode and oparg with two loads
+        /// (3.12): two adjacent reads in the same frame are one run.
+        pub split_unit_loads: u64,
     }
 
     /// No frame register.
@@ -901,8 +904,9 @@ pub mod logpoint {
     /// Self-access sites of a [`Watch`].
     pub const OWN_SITES: usize = 8;
 
-    /// Reads of one run closer than this many bytes of code are one run
-    /// (3.12 reads the opcode and the oparg with two adjacent loads).
+    /// With [`LogProcess::split_unit_loads`], reads of one run closer than
+    /// this many bytes of code are one run (3.12 reads the opcode and the
+    /// oparg with two adjacent loads).
     pub const SAME_RUN_IP_BYTES: u64 = 16;
 
     /// One step of a captured path.
@@ -1135,7 +1139,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::logpoint::LogState {}
 
-    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 36 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 37 * 8);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 40 + 8 * 8);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);

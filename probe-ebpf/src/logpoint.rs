@@ -176,7 +176,8 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
             own = true;
         }
     }
-    let adjacent = watch.last_tid == tid
+    let adjacent = process.split_unit_loads != 0
+        && watch.last_tid == tid
         && watch.last_frame == frame
         && ip != watch.last_ip
         && ip.abs_diff(watch.last_ip) <= SAME_RUN_IP_BYTES;

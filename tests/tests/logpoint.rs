@@ -497,3 +497,34 @@ fn rate_limit_and_count_are_enforced_in_the_kernel() {
         Ok(())
     });
 }
+
+#[test]
+fn a_function_log_point_sees_each_recursive_call_in_its_own_frame() {
+    for_each_interpreter("logpoint_recursion", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let pid = fixture.pid().to_string();
+        let probe = Probe::start(&[
+            "log",
+            "--pid",
+            &pid,
+            "--at",
+            "logpoint_workload.py:countdown",
+            "--msg",
+            "n={n}",
+        ])?;
+        fixture.call("recurse", "done")?;
+        fixture.call("recurse", "done")?;
+        thread::sleep(Duration::from_millis(300));
+        probe.interrupt();
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "{stderr}");
+        let messages: Vec<&str> = stdout
+            .lines()
+            .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
+            .collect();
+        // Each call's own argument: the callee's frame, never the caller's.
+        let once = ["n=3", "n=2", "n=1", "n=0"];
+        ensure!(messages == [once, once].concat(), "{stdout}\n{stderr}");
+        Ok(())
+    });
+}

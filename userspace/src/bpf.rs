@@ -693,9 +693,23 @@ impl LogProbes {
     pub fn load() -> Result<Self, BpfError> {
         privileges::check()?;
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(BpfError::Load)?;
+        // The maps of the other commands are created too: make them small,
+        // preallocating them is most of the load time.
+        let mut loader = EbpfLoader::new();
+        for map in [
+            names::MAP_EVAL_ENTRIES,
+            names::MAP_CALL_COUNTS,
+            names::MAP_CALL_RUNNING,
+            names::MAP_CALL_LATENCY,
+            names::MAP_BUILTIN_COUNTS,
+            names::MAP_SAMPLE_THREADS,
+            names::MAP_SAMPLE_CONFIG,
+            names::MAP_CALL_CONFIG,
+        ] {
+            loader.map_max_entries(map, 1);
+        }
+        loader.map_max_entries(names::MAP_SAMPLES, 4096);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
         perf_event_mut(&mut ebpf, names::PROG_LOG_HIT)?
             .load()
             .map_err(|source| BpfError::Program {

@@ -788,6 +788,7 @@ fn process_config(
         )
         .map_or(NO_REGISTER, |r| u64::from(r.bpf_index())),
         tstate_datastack_top: o.tstate_datastack_top.unwrap_or(0),
+        split_unit_loads: u64::from(layout.split_unit_loads),
         cframe_current_frame: u64::MAX,
         ..LogProcess::default()
     };
