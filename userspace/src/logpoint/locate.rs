@@ -2146,6 +2146,7 @@ print(json.dumps(out))
                         "User.__init__",
                         "Order.__init__",
                         "handle_order",
+                        "countdown",
                         "never_called",
                         "run",
                         "main"
