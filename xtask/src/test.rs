@@ -132,9 +132,16 @@ pub fn test(lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
     let coverage = target_dir.join("pyprobe-coverage.tsv");
     let _ = std::fs::remove_file(&coverage);
     let mut cmd = cargo()?;
-    cmd.args(["test", "-p", "pyprobe-tests", "--", "--test-threads=1"])
-        .env("PYPROBE_BIN", target_dir.join("debug").join("pyprobe"))
-        .env("PYPROBE_COVERAGE_FILE", &coverage);
+    cmd.args([
+        "test",
+        "--no-fail-fast",
+        "-p",
+        "pyprobe-tests",
+        "--",
+        "--test-threads=1",
+    ])
+    .env("PYPROBE_BIN", target_dir.join("debug").join("pyprobe"))
+    .env("PYPROBE_COVERAGE_FILE", &coverage);
     if let Some(filter) = filter {
         cmd.arg(filter);
     }
