@@ -528,3 +528,56 @@ fn a_function_log_point_sees_each_recursive_call_in_its_own_frame() {
         Ok(())
     });
 }
+
+#[test]
+fn all_arms_in_every_process_running_the_file_including_later_ones() {
+    for_each_interpreter("logpoint_all", |interp| {
+        let mut first = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let probe = Probe::start(&[
+            "log",
+            "--all",
+            "--at",
+            "logpoint_workload.py:handle_order",
+            "--msg",
+            "{order.id}",
+        ])?;
+        ensure!(
+            probe
+                .startup()
+                .contains(&format!("attached to PID {}", first.pid())),
+            "{}",
+            probe.startup()
+        );
+        // A process started afterwards is picked up within a second or two.
+        let mut second = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let wanted = format!("attached to PID {}", second.pid());
+        let mut attached = false;
+        for _ in 0..40 {
+            if probe
+                .stderr_line(Duration::from_millis(100))
+                .is_some_and(|l| l.contains(&wanted))
+            {
+                attached = true;
+                break;
+            }
+        }
+        ensure!(attached, "the second process was not picked up");
+        first.call("run", "done")?;
+        second.call("run", "done")?;
+        thread::sleep(Duration::from_millis(300));
+        probe.interrupt();
+        let (ok, stdout, stderr) = probe.finish()?;
+        ensure!(ok, "{stderr}");
+        for fixture in [&first, &second] {
+            let pid = fixture.pid().to_string();
+            let ids: Vec<&str> = stdout
+                .lines()
+                .filter(|l| l.split(' ').nth(1) == Some(pid.as_str()))
+                .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
+                .collect();
+            let expected: Vec<String> = (100..112).map(|i| i.to_string()).collect();
+            ensure!(ids == expected, "PID {pid}: {ids:?}\n{stderr}");
+        }
+        Ok(())
+    });
+}

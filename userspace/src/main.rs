@@ -34,22 +34,32 @@ enum Command {
     /// len(), comparisons, and/or/not, is None. Values are captured in the
     /// kernel at the moment of the hit, from raw memory: no __repr__,
     /// property or other code of the target ever runs. Comparisons of ints,
-    /// bools, None and short strs are tested in the kernel; the rest in
-    /// pyprobe. Values read through secret-looking names are redacted.
+    /// floats, bools, None and short strs are tested in the kernel; the rest
+    /// in pyprobe. Values read through secret-looking names are redacted.
     ///
     /// Each --at may be followed by its own --when and --msg. A log point
     /// on a file not imported yet waits and arms itself when it is.
     ///
     /// Mechanism: a hardware watchpoint on the probed instruction, so code
     /// that does not reach it runs at full speed; each hit costs a debug
-    /// trap (about 6 µs on a VM). x86 has 4 watchpoints per thread: at most
-    /// 4 log points per process.
+    /// trap (5-8 µs on the test VM; 3.12 reads an instruction twice: two
+    /// traps). x86 has 4 watchpoints per thread: at most 4 log points per
+    /// process. With --all, every Python process running the code, now or
+    /// later.
     ///
     /// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE).
     Log {
-        /// Process to watch.
-        #[arg(short, long = "pid", value_name = "PID", required = true)]
+        /// Process to watch (repeat for several).
+        #[arg(
+            short,
+            long = "pid",
+            value_name = "PID",
+            required_unless_present = "all"
+        )]
         pids: Vec<u32>,
+        /// Every Python process on the host that runs the code, including ones started later.
+        #[arg(short, long, conflicts_with = "pids")]
+        all: bool,
         /// Where: FILE:LINE, FILE:FUNCTION or MODULE:QUALNAME (repeat for several log points).
         #[arg(long = "at", value_name = "WHERE", required = true)]
         at: Vec<String>,
@@ -456,6 +466,7 @@ fn main() -> ExitCode {
             }
             Command::Log {
                 pids,
+                all,
                 at,
                 when,
                 msg,
@@ -474,7 +485,7 @@ fn main() -> ExitCode {
                     Ok(points) => {
                         pyprobe::logpoint::session::run(pyprobe::logpoint::session::LogOptions {
                             pids,
-                            all: false,
+                            all,
                             points,
                             rate,
                             count,

@@ -13,7 +13,7 @@
 //! printed per hit.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io::Write as _,
     time::{Duration, Instant, SystemTime},
 };
@@ -130,18 +130,23 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         points,
         armed: Vec::new(),
         processes: BTreeMap::new(),
+        ignored: BTreeSet::new(),
         opts: opts.clone(),
         clock: Clock::new(),
         printed: 0,
     };
     for &pid in &opts.pids {
         session
-            .add(pid)
+            .add(pid, false)
             .with_context(|| format!("setting up PID {pid}"))?;
     }
     if opts.all {
-        bail!("--all is not supported by `pyprobe log` yet: give --pid");
+        session.scan()?;
+        eprintln!(
+            "pyprobe: watching every Python process for the log points (new ones are picked up every second)"
+        );
     }
+    let mut ticks: u64 = 0;
     let started = Instant::now();
     let mut drain = live::ticker(DRAIN_INTERVAL);
     let mut scan = live::ticker(SCAN_INTERVAL);
@@ -157,8 +162,16 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
                 }
             }
             _ = scan.tick() => {
-                session.rescan()?;
-                if !session.processes.keys().any(|&pid| crate::process::is_alive(pid)) {
+                ticks += 1;
+                if opts.all {
+                    session.scan()?;
+                }
+                // Under --all most processes never load the file: look
+                // into them every 5 s only.
+                if !opts.all || ticks.is_multiple_of(5) {
+                    session.rescan()?;
+                }
+                if !opts.all && !session.processes.keys().any(|&pid| crate::process::is_alive(pid)) {
                     eprintln!("pyprobe: every watched process exited");
                     break;
                 }
@@ -250,14 +263,18 @@ struct Session {
     points: Vec<Point>,
     armed: Vec<Armed>,
     processes: BTreeMap<u32, Process>,
+    /// Under `--all`: processes that are not Python or could not be set up.
+    ignored: BTreeSet<u32>,
     opts: LogOptions,
     clock: Clock,
     printed: u64,
 }
 
 impl Session {
-    /// Sets up process `pid` and arms what can be armed.
-    fn add(&mut self, pid: u32) -> anyhow::Result<()> {
+    /// Sets up process `pid` and arms what can be armed. `quiet` (under
+    /// `--all`): say nothing of log points waiting for their code, and
+    /// print the attach line only when one was armed.
+    fn add(&mut self, pid: u32, quiet: bool) -> anyhow::Result<()> {
         let (target, image) = Target::attach_with_image(pid, |m| m)?;
         let config = process_config(&target, &image)?;
         self.probes.configure(pid, &config)?;
@@ -274,11 +291,13 @@ impl Session {
                 type_names: HashMap::new(),
             },
         );
-        let lines = self.arm_waiting(pid, true)?;
-        for line in lines {
+        let lines = self.arm_waiting(pid, !quiet)?;
+        for line in &lines {
             eprintln!("pyprobe: {line}");
         }
-        eprintln!("pyprobe: attached to PID {pid} (CPython {version})");
+        if !quiet || !lines.is_empty() {
+            eprintln!("pyprobe: attached to PID {pid} (CPython {version})");
+        }
         Ok(())
     }
 
@@ -449,6 +468,38 @@ impl Session {
         Ok(line)
     }
 
+    /// Under `--all`: sets up the Python processes not seen before. A
+    /// process that cannot be set up is skipped with a line saying why.
+    fn scan(&mut self) -> anyhow::Result<()> {
+        for pid in crate::calls::all_pids() {
+            if pid == std::process::id()
+                || self.ignored.contains(&pid)
+                || self.processes.contains_key(&pid)
+            {
+                continue;
+            }
+            if let Err(e) = self.add(pid, true) {
+                self.processes.remove(&pid);
+                let quiet = e
+                    .downcast_ref::<crate::python::reader::ReadError>()
+                    .is_some_and(|r| {
+                        matches!(
+                            r,
+                            crate::python::reader::ReadError::Process(
+                                crate::process::ProcessError::NotPython { .. }
+                                    | crate::process::ProcessError::NoSuchProcess { .. }
+                            )
+                        )
+                    });
+                if !quiet {
+                    eprintln!("pyprobe: not watching PID {pid}: {e:#}");
+                }
+                self.ignored.insert(pid);
+            }
+        }
+        Ok(())
+    }
+
     /// Looks again for code not loaded before.
     fn rescan(&mut self) -> anyhow::Result<()> {
         let pids: Vec<u32> = self
@@ -461,7 +512,20 @@ impl Session {
             if !crate::process::is_alive(pid) {
                 continue;
             }
-            for line in self.arm_waiting(pid, false)? {
+            let lines = match self.arm_waiting(pid, false) {
+                Ok(lines) => lines,
+                // Under --all a process may refuse (no free watchpoint):
+                // it is left alone, the others go on.
+                Err(e) if self.opts.all => {
+                    eprintln!("pyprobe: not watching PID {pid} any more: {e:#}");
+                    if let Some(p) = self.processes.get_mut(&pid) {
+                        p.waiting.clear();
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for line in lines {
                 eprintln!("pyprobe: {line}");
             }
         }
