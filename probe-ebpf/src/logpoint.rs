@@ -899,18 +899,7 @@ fn atom_is_false(atom: &Atom, value: &Value) -> bool {
         CONST_INT => {
             let small_int = value.kind == KIND_INT && value.len <= 2;
             if value.kind == KIND_BOOL || small_int {
-                let x = value.raw as i64;
-                let y = atom.int;
-                let holds = match atom.cmp {
-                    CMP_EQ => x == y,
-                    CMP_NE => x != y,
-                    CMP_LT => x < y,
-                    CMP_LE => x <= y,
-                    CMP_GT => x > y,
-                    CMP_GE => x >= y,
-                    _ => true,
-                };
-                return !holds;
+                return !holds(atom.cmp, value.raw as i64, atom.int);
             }
             if value.kind == KIND_FLOAT && atom.has_float != 0 {
                 return float_atom_is_false(atom, value);
@@ -974,17 +963,21 @@ fn float_atom_is_false(atom: &Atom, value: &Value) -> bool {
     if nan(x) || nan(y) {
         return false;
     }
-    let (kx, ky) = (float_key(x), float_key(y));
-    let holds = match atom.cmp {
-        CMP_EQ => kx == ky,
-        CMP_NE => kx != ky,
-        CMP_LT => kx < ky,
-        CMP_LE => kx <= ky,
-        CMP_GT => kx > ky,
-        CMP_GE => kx >= ky,
+    !holds(atom.cmp, float_key(x), float_key(y))
+}
+
+/// Whether `x CMP y` holds (true for an unknown comparison: never drops).
+#[inline(always)]
+fn holds<T: PartialOrd>(cmp: u32, x: T, y: T) -> bool {
+    match cmp {
+        CMP_EQ => x == y,
+        CMP_NE => x != y,
+        CMP_LT => x < y,
+        CMP_LE => x <= y,
+        CMP_GT => x > y,
+        CMP_GE => x >= y,
         _ => true,
-    };
-    !holds
+    }
 }
 
 /// Whether the first `name.len` bytes of `bytes` are the name's.

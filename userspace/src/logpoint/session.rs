@@ -36,7 +36,7 @@ use crate::{
     live,
     python::{
         memory::{Memory, ProcessMemory},
-        offsets::{FrameLink, GilLocation, InstanceDictModel, LongModel, ResumeOpcodes},
+        offsets::{InstanceDictModel, LongModel, ResumeOpcodes},
         reader::Target,
     },
 };
@@ -853,38 +853,12 @@ fn process_config(
         .map_or(NO_REGISTER, |r| u64::from(r.bpf_index())),
         tstate_datastack_top: o.tstate_datastack_top.unwrap_or(0),
         split_unit_loads: u64::from(layout.split_unit_loads),
-        cframe_current_frame: u64::MAX,
         ..LogProcess::default()
     };
-    match o.tstate_frame {
-        FrameLink::Direct(at) => c.tstate_frame = at,
-        FrameLink::ViaCFrame {
-            cframe,
-            current_frame,
-        } => {
-            c.tstate_frame = cframe;
-            c.cframe_current_frame = current_frame;
-        }
-    }
-    let runtime = target.runtime;
-    match (o.runtime_tstate_current, o.gil) {
-        (Some(current), _) => c.gil_current = runtime.wrapping_add(current),
-        (
-            None,
-            GilLocation::InterpPointer {
-                pointer,
-                last_holder,
-                ..
-            },
-        ) => {
-            let gil = crate::calls::config::main_gil(o, runtime, pointer, |a| {
-                target.mem.read_u64(a).ok()
-            })?;
-            c.gil_last_holder = gil.wrapping_add(last_holder);
-        }
-        (None, GilLocation::Runtime { last_holder, .. }) => {
-            c.gil_last_holder = runtime.wrapping_add(last_holder);
-        }
-    }
+    (c.tstate_frame, c.cframe_current_frame) = crate::profile::config::current_frame_link(o);
+    let gil =
+        crate::profile::config::gil_addresses(o, target.runtime, |a| target.mem.read_u64(a).ok())?;
+    c.gil_current = gil.current;
+    c.gil_last_holder = gil.last_holder;
     Ok(c)
 }
