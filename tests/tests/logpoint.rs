@@ -25,6 +25,21 @@ fn marks(file: &str) -> anyhow::Result<BTreeMap<String, u32>> {
     Ok(out)
 }
 
+/// The message of an output line `time pid tid file:line message`.
+fn message(line: &str) -> &str {
+    line.splitn(5, ' ').nth(4).unwrap_or("")
+}
+
+/// Lets pyprobe print what it has, stops it (Ctrl-C) and checks it exited
+/// cleanly; returns its stdout and the rest of its stderr.
+fn stop(probe: Probe) -> anyhow::Result<(String, String)> {
+    thread::sleep(Duration::from_millis(300));
+    probe.interrupt();
+    let (ok, stdout, stderr) = probe.finish()?;
+    ensure!(ok, "pyprobe failed: {stderr}");
+    Ok((stdout, stderr))
+}
+
 /// The fixture's order `i` (see its docstring).
 struct Order {
     id: u32,
@@ -253,10 +268,7 @@ fn json_hits_carry_the_captured_values() {
             "--stack",
         ])?;
         fixture.call("run", "done")?;
-        thread::sleep(Duration::from_millis(300));
-        probe.interrupt();
-        let (ok, stdout, stderr) = probe.finish()?;
-        ensure!(ok, "{stderr}");
+        let (stdout, _) = stop(probe)?;
         let lines: Vec<Value> = stdout
             .lines()
             .map(serde_json::from_str)
@@ -321,14 +333,8 @@ fn a_log_point_on_a_file_not_imported_yet_arms_after_the_import() {
         }
         ensure!(armed, "the log point did not arm after the import");
         fixture.call("late", "done")?;
-        thread::sleep(Duration::from_millis(300));
-        probe.interrupt();
-        let (ok, stdout, stderr) = probe.finish()?;
-        ensure!(ok, "{stderr}");
-        let messages: Vec<&str> = stdout
-            .lines()
-            .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
-            .collect();
+        let (stdout, stderr) = stop(probe)?;
+        let messages: Vec<&str> = stdout.lines().map(message).collect();
         ensure!(messages == ["name=late times=3"], "{stdout}\n{stderr}");
         Ok(())
     });
@@ -489,10 +495,7 @@ fn rate_limit_and_count_are_enforced_in_the_kernel() {
         ensure!(exited, "pyprobe did not stop after --count 2");
         let (ok, stdout, stderr) = probe.finish()?;
         ensure!(ok, "{stderr}");
-        let ids: Vec<&str> = stdout
-            .lines()
-            .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
-            .collect();
+        let ids: Vec<&str> = stdout.lines().map(message).collect();
         ensure!(ids == ["100", "101"], "{stdout}");
         Ok(())
     });
@@ -514,14 +517,8 @@ fn a_function_log_point_sees_each_recursive_call_in_its_own_frame() {
         ])?;
         fixture.call("recurse", "done")?;
         fixture.call("recurse", "done")?;
-        thread::sleep(Duration::from_millis(300));
-        probe.interrupt();
-        let (ok, stdout, stderr) = probe.finish()?;
-        ensure!(ok, "{stderr}");
-        let messages: Vec<&str> = stdout
-            .lines()
-            .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
-            .collect();
+        let (stdout, stderr) = stop(probe)?;
+        let messages: Vec<&str> = stdout.lines().map(message).collect();
         // Each call's own argument: the callee's frame, never the caller's.
         let once = ["n=3", "n=2", "n=1", "n=0"];
         ensure!(messages == [once, once].concat(), "{stdout}\n{stderr}");
@@ -564,16 +561,13 @@ fn all_arms_in_every_process_running_the_file_including_later_ones() {
         ensure!(attached, "the second process was not picked up");
         first.call("run", "done")?;
         second.call("run", "done")?;
-        thread::sleep(Duration::from_millis(300));
-        probe.interrupt();
-        let (ok, stdout, stderr) = probe.finish()?;
-        ensure!(ok, "{stderr}");
+        let (stdout, stderr) = stop(probe)?;
         for fixture in [&first, &second] {
             let pid = fixture.pid().to_string();
             let ids: Vec<&str> = stdout
                 .lines()
                 .filter(|l| l.split(' ').nth(1) == Some(pid.as_str()))
-                .map(|l| l.splitn(5, ' ').nth(4).unwrap_or(""))
+                .map(message)
                 .collect();
             let expected: Vec<String> = (100..112).map(|i| i.to_string()).collect();
             ensure!(ids == expected, "PID {pid}: {ids:?}\n{stderr}");
