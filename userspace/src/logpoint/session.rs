@@ -89,6 +89,8 @@ struct Armed {
     pid: u32,
     found: Found,
     compiled: Compiled,
+    /// The message: `--msg`, or the default one for this code.
+    template: Vec<Segment>,
     /// Hits printed.
     printed: u64,
     /// Hits the full condition dropped in userspace.
@@ -343,26 +345,18 @@ impl Session {
     /// Arms log point `point` on one code object.
     fn arm(&mut self, point: usize, pid: u32, found: Found) -> anyhow::Result<String> {
         let p = &self.points[point];
-        let template;
-        let template_ref = if p.spec.msg.is_some() {
-            &p.template
+        let template = if p.spec.msg.is_some() {
+            p.template.clone()
         } else {
-            template = default_template(&found);
-            &template
+            default_template(&found)
         };
         let mut compiled = compile(
             p.condition.as_ref(),
-            template_ref,
+            &template,
             &found.varnames,
             &found.qualname,
         )
         .map_err(|e| anyhow::anyhow!("--at {}: {e}", p.spec.at))?;
-        if p.spec.msg.is_none() {
-            // Remember the default template for rendering.
-            compiled
-                .wanted
-                .truncate(compiled.program.ncaptures as usize);
-        }
         let index = self.armed.len() as u32;
         if index >= MAX_LOGPOINTS {
             bail!("more than {MAX_LOGPOINTS} armed code objects");
@@ -461,6 +455,7 @@ impl Session {
             pid,
             found,
             compiled,
+            template,
             printed: 0,
             condition_false: 0,
             condition_errors: 0,
@@ -587,14 +582,7 @@ impl Session {
                     }
                 }
             }
-            let template;
-            let template_ref = if point.spec.msg.is_some() {
-                &point.template
-            } else {
-                template = default_template(&armed.found);
-                &template
-            };
-            let message = eval::render(template_ref, &values, self.opts.redact);
+            let message = eval::render(&armed.template, &values, self.opts.redact);
             // Frames that are not Python code (3.12+ entry frames) are
             // left out. The innermost frame has not stored its position
             // yet when the probed instruction is read: its line is the log
@@ -689,7 +677,7 @@ impl Session {
     fn summary(&self, elapsed: Duration) -> anyhow::Result<()> {
         for (index, armed) in self.armed.iter().enumerate() {
             let c: LogCounters = self.probes.counters(index as u32)?;
-            let p = &self.points[armed.point];
+
             eprintln!(
                 "pyprobe: log point {} {}:{} in PID {}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
                  in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}/s), \
@@ -714,7 +702,6 @@ impl Session {
                 c.other_frame,
                 c.repeats,
             );
-            let _ = p;
         }
         for (pid, process) in &self.processes {
             for &index in &process.waiting {
