@@ -215,6 +215,64 @@ fn function_log_point_sees_arguments_at_the_start() {
 }
 
 #[test]
+fn a_probe_file_sets_several_log_points_beside_the_command_line_ones() {
+    let express = marks("logpoint_workload.py").unwrap()["handle-express"];
+    let file = std::env::temp_dir().join(format!("pyprobe-probes-{}.txt", std::process::id()));
+    std::fs::write(
+        &file,
+        format!(
+            "# a line and a function log point\n\
+             at   logpoint_workload.py:{express}\n\
+             when total > 100 and order.user.id != 2\n\
+             msg  express id={{order.id}} user={{user.name}} # kept\n\
+             \n\
+             at: logpoint_workload.py:handle_order\n\
+             when: rush\n\
+             msg: start id={{order.id}} rush={{rush}}\n"
+        ),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap().to_owned();
+    for_each_interpreter("logpoint_probe_file", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let (messages, stderr) = log_one_run(
+            &mut fixture,
+            &[
+                "--at",
+                "logpoint_workload.py:never_called",
+                "--probes",
+                &path,
+            ],
+        )?;
+        // Hits of both log points come in the order they ran: each rush
+        // order's start, then its express line if it qualifies.
+        let mut expected = Vec::new();
+        for o in orders() {
+            if o.rush {
+                expected.push(format!("start id={} rush=True", o.id));
+            }
+            if o.total > 100.0 && o.user.0 != 2 {
+                expected.push(format!("express id={} user={} # kept", o.id, o.user.1));
+            }
+        }
+        ensure!(expected.len() == 11, "model: {expected:?}");
+        ensure!(
+            messages == expected,
+            "got {messages:#?}\nexpected {expected:#?}\nstderr: {stderr}"
+        );
+        // The command line's log point comes first and never runs.
+        ensure!(
+            stderr.contains("0 printed; 0 runs")
+                && stderr.contains("5 printed; 12 runs")
+                && stderr.contains("6 printed; 12 runs"),
+            "summary: {stderr}"
+        );
+        Ok(())
+    });
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
 fn a_condition_that_never_holds_prints_nothing() {
     let total = marks("logpoint_workload.py").unwrap()["handle-total"];
     for_each_interpreter("logpoint_never", |interp| {
@@ -389,6 +447,20 @@ fn bad_log_points_get_clear_errors() {
             "order.id ==",
         ])?;
         ensure!(e.contains("column 12") && e.lines().count() == 1, "{e}");
+        let probes = std::env::temp_dir().join(format!("pyprobe-bad-{}.txt", fixture.pid()));
+        std::fs::write(
+            &probes,
+            "at logpoint_workload.py:handle_order\nwhen order.id ==\n",
+        )?;
+        let e = fails(&["log", "--pid", &pid, "--probes", probes.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&probes);
+        let e = e?;
+        ensure!(
+            e.contains(&format!("{}:2: when", probes.display()))
+                && e.contains("column 12")
+                && e.lines().count() == 1,
+            "{e}"
+        );
         let e = fails(&[
             "log",
             "--pid",

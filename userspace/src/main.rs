@@ -61,7 +61,7 @@ enum Command {
         #[arg(short, long, conflicts_with = "pids")]
         all: bool,
         /// Where: FILE:LINE, FILE:FUNCTION or MODULE:QUALNAME (repeat for several log points).
-        #[arg(long = "at", value_name = "WHERE", required = true)]
+        #[arg(long = "at", value_name = "WHERE", required_unless_present = "probes")]
         at: Vec<String>,
         /// Condition for the preceding --at, e.g. 'order.total > 100 and user.id == 7'.
         #[arg(long = "when", value_name = "CONDITION")]
@@ -69,6 +69,11 @@ enum Command {
         /// Message for the preceding --at, e.g. 'order={order.id} total={order.total}' (default: the arguments, or the first locals).
         #[arg(long = "msg", value_name = "TEMPLATE")]
         msg: Vec<String>,
+        /// Read log points from FILE ('-': standard input): one option per
+        /// line without the dashes, `at WHERE` then its `when CONDITION` and
+        /// `msg TEMPLATE` lines, '#' comments. Adds to any --at.
+        #[arg(long, value_name = "FILE")]
+        probes: Option<String>,
         /// Hits printed per second per log point at most, enforced in the kernel (0: no limit).
         #[arg(long, default_value_t = 100)]
         rate: u32,
@@ -330,6 +335,7 @@ fn pair_with_at(
             at: a.clone(),
             when: None,
             msg: None,
+            origin: None,
         })
         .collect();
     for (option, values, index) in [
@@ -470,6 +476,7 @@ fn main() -> ExitCode {
                 at,
                 when,
                 msg,
+                probes,
                 rate,
                 count,
                 duration,
@@ -480,7 +487,12 @@ fn main() -> ExitCode {
                 let Some(("log", sub)) = matches.subcommand() else {
                     unreachable!("parsed as log")
                 };
-                let points = pair_with_at(sub, &at, &when, &msg);
+                let points = pair_with_at(sub, &at, &when, &msg).and_then(|mut points| {
+                    if let Some(file) = &probes {
+                        points.extend(pyprobe::logpoint::probe_file::read(file)?);
+                    }
+                    Ok(points)
+                });
                 match points {
                     Ok(points) => {
                         pyprobe::logpoint::session::run(pyprobe::logpoint::session::LogOptions {

@@ -50,6 +50,47 @@ pub struct PointSpec {
     pub when: Option<String>,
     /// Message template (`--msg`).
     pub msg: Option<String>,
+    /// Where it was written in a probe file; `None` for the command line.
+    pub origin: Option<Origin>,
+}
+
+/// The probe file lines a [`PointSpec`] was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file's name as given (`<stdin>` for standard input).
+    pub file: String,
+    /// Line of its `at`.
+    pub at: usize,
+    /// Line of its `when`, if any.
+    pub when: Option<usize>,
+    /// Line of its `msg`, if any.
+    pub msg: Option<usize>,
+}
+
+impl PointSpec {
+    /// How errors name this log point: `--at WHERE`, or `FILE:LINE: at
+    /// WHERE` for one from a probe file.
+    pub fn label(&self) -> String {
+        match &self.origin {
+            Some(origin) => format!("{}:{}: at {}", origin.file, origin.at, self.at),
+            None => format!("--at {}", self.at),
+        }
+    }
+
+    /// How errors name its condition or message option.
+    fn option(&self, name: &str) -> String {
+        match &self.origin {
+            Some(origin) => {
+                let line = if name == "when" {
+                    origin.when
+                } else {
+                    origin.msg
+                };
+                format!("{}:{}: {name}", origin.file, line.unwrap_or(origin.at))
+            }
+            None => format!("--{name}"),
+        }
+    }
 }
 
 /// Options of `pyprobe log`.
@@ -186,7 +227,9 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
 
 fn parse_points(opts: &LogOptions) -> anyhow::Result<Vec<Point>> {
     if opts.points.is_empty() {
-        bail!("no log point: give --at FILE:LINE (or FILE:FUNCTION, MODULE:QUALNAME)");
+        bail!(
+            "no log point: give --at FILE:LINE (or FILE:FUNCTION, MODULE:QUALNAME), or --probes FILE"
+        );
     }
     if opts.points.len() > MAX_LOGPOINTS as usize {
         bail!("at most {MAX_LOGPOINTS} log points at once");
@@ -194,17 +237,17 @@ fn parse_points(opts: &LogOptions) -> anyhow::Result<Vec<Point>> {
     let mut out = Vec::new();
     for spec in &opts.points {
         let location =
-            parse_location(&spec.at).map_err(|e| anyhow::anyhow!("--at {}: {e}", spec.at))?;
+            parse_location(&spec.at).map_err(|e| anyhow::anyhow!("{}: {e}", spec.label()))?;
         let condition = match &spec.when {
-            Some(text) => {
-                Some(expr::parse(text).map_err(|e| anyhow::anyhow!("--when {text:?}: {e}"))?)
-            }
+            Some(text) => Some(
+                expr::parse(text)
+                    .map_err(|e| anyhow::anyhow!("{} {text:?}: {e}", spec.option("when")))?,
+            ),
             None => None,
         };
         let template = match &spec.msg {
-            Some(text) => {
-                expr::parse_template(text).map_err(|e| anyhow::anyhow!("--msg {text:?}: {e}"))?
-            }
+            Some(text) => expr::parse_template(text)
+                .map_err(|e| anyhow::anyhow!("{} {text:?}: {e}", spec.option("msg")))?,
             None => Vec::new(),
         };
         out.push(Point {
@@ -331,7 +374,7 @@ impl Session {
                     }
                     still.push(index);
                 }
-                Err(e) if first => bail!("--at {}: {e}", self.points[index].spec.at),
+                Err(e) if first => bail!("{}: {e}", self.points[index].spec.label()),
                 Err(e) => {
                     lines.push(format!("log point {}: {e}", index + 1));
                     still.push(index);
@@ -356,7 +399,7 @@ impl Session {
             &found.varnames,
             &found.qualname,
         )
-        .map_err(|e| anyhow::anyhow!("--at {}: {e}", p.spec.at))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.spec.label()))?;
         let index = self.armed.len() as u32;
         if index >= MAX_LOGPOINTS {
             bail!("more than {MAX_LOGPOINTS} armed code objects");
