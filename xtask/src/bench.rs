@@ -66,8 +66,20 @@ fn measure(cmd: &mut Command) -> anyhow::Result<Usage> {
     })
 }
 
-/// Interpreters to benchmark: pyenv 3.8+ and /usr/bin/python3.N.
+/// `--python`: only interpreters whose path contains it.
+static PYTHON_FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Interpreters to benchmark: pyenv 3.8+, /usr/bin/python3.N and the
+/// private sid 3.14, as `--python` narrows them.
 fn interpreters() -> Vec<PathBuf> {
+    let mut out = all_interpreters();
+    if let Some(Some(filter)) = PYTHON_FILTER.get() {
+        out.retain(|p| p.to_string_lossy().contains(filter.as_str()));
+    }
+    out
+}
+
+fn all_interpreters() -> Vec<PathBuf> {
     let mut out = Vec::new();
     let root = std::env::var_os("PYENV_ROOT")
         .map(PathBuf::from)
@@ -150,7 +162,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Runs the benchmarks.
-pub fn bench(runs: usize, only: &[String]) -> anyhow::Result<()> {
+pub fn bench(runs: usize, only: &[String], python: Option<String>) -> anyhow::Result<()> {
+    PYTHON_FILTER.get_or_init(|| python.clone());
+    if interpreters().is_empty() {
+        bail!(
+            "--python {:?} matches none of {:?}",
+            python.unwrap_or_default(),
+            all_interpreters()
+        );
+    }
     let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     setup::setup()?;
     if runs == 0 {

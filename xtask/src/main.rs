@@ -44,6 +44,9 @@ enum Task {
         /// Only these benchmarks (repeatable): dump, profile, calls, logpoint.
         #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls", "logpoint"])]
         only: Vec<String>,
+        /// Only interpreters whose path contains this (e.g. 3.12, /usr/bin).
+        #[arg(long, value_name = "TEXT")]
+        python: Option<String>,
     },
     /// Regenerate the memory snapshots the offline tests replay (needs root).
     Snapshots,
@@ -65,7 +68,7 @@ fn main() -> ExitCode {
         Task::Test { no_lint, filter } => test::test(!no_lint, filter.as_deref()),
         Task::Demo { python, duration } => demo::demo(python, duration),
         Task::Snapshots => test::snapshots(),
-        Task::Bench { runs, only } => bench::bench(runs, &only),
+        Task::Bench { runs, only, python } => bench::bench(runs, &only, python),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,14 +1,22 @@
 //! Log points side by side (`fixtures/logpoint_bench.py`): a call-heavy
-//! workload (fib(27)) with a breakpoint on a line that never runs,
-//! (a) bare, (b) with a pyprobe log point there, (c) with a pdb-style
-//! `sys.settrace` breakpoint there, (d) on 3.12+ with a `sys.monitoring`
-//! breakpoint there; then pyprobe's cost per hit on a line that runs,
-//! dropped by a kernel condition and printed.
+//! workload (fib(22), 57,313 calls per run) with a breakpoint on a line
+//! that never runs, (a) bare, (b) with a pyprobe log point there, (c) with
+//! a pdb-style `sys.settrace` breakpoint there, (d) on 3.12+ with a
+//! `sys.monitoring` breakpoint there; then pyprobe's cost per hit on a line
+//! that runs, dropped by a kernel condition and printed.
 //!
-//! (a) and (b) run in the same process, interleaved: each log point round
-//! sits between two bare rounds and is compared with their mean (the VM
-//! drifts by up to 20% over seconds). (c) and (d) need their own process
-//! and are compared with the median bare round.
+//! This VM's speed jumps by up to 50% within a second, so rounds timed
+//! apart cannot show a 1% difference. Every figure here comes from pairs
+//! of runs in two processes pinned to the same CPU, run back to back (the
+//! order alternating): the speed hardly changes within a pair. For (b) the
+//! log point is set on one process, then on the other, so a difference
+//! between the two processes cancels. Two controls run in the same
+//! rounds: A/A (nobody watches: the noise floor) and a bare hardware
+//! breakpoint (a perf breakpoint on an address never executed, no BPF
+//! program, no pyprobe: what an enabled debug register costs by itself;
+//! on a VM the hypervisor switches debug registers at each VM entry while
+//! one is enabled). Ratios are medians of the pairs with a 95% interval
+//! from order statistics.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -20,16 +28,24 @@ use std::{
 use anyhow::{Context, bail};
 
 use super::{
-    BpfStats, KillOnDrop, Usage, interpreters, median, prog_ns_per_run, start_fixture_with,
-    wait_usage,
+    BpfStats, KillOnDrop, Usage, interpreters, median, percentile, prog_ns_per_run,
+    start_fixture_with, wait_usage,
 };
 
-/// Interleaved rounds of (a) and (b).
-const ROUNDS: usize = 11;
-/// Runs of the workload per round (their median is the round's time).
-const RUNS: usize = 7;
-/// Calls of hit() to time the cost per hit.
-const HITS: usize = 20_000;
+/// Rounds of the three conditions (A/A, pyprobe, bare breakpoint).
+const ROUNDS: usize = 4;
+/// Pairs of runs per condition, per watched process, per round.
+const BLOCK: usize = 100;
+/// Pairs of runs against sys.monitoring.
+const PAIRS: usize = 800;
+/// fib(N) per run of a pair (about 3-8 ms).
+const PAIR_FIB: &str = "go 22";
+/// Pairs against the settrace breakpoint (10-20x slower runs).
+const TRACE_PAIRS: usize = 60;
+/// Calls of hit() per run to time the cost per hit.
+const HITS: usize = 2_000;
+/// Pairs of runs per cost-per-hit figure.
+const HIT_PAIRS: usize = 40;
 
 struct Bench {
     _fixture: KillOnDrop,
@@ -62,15 +78,6 @@ impl Bench {
             (Some(s), Some(h)) => Ok((s, h)),
             _ => bail!("bad answer {line:?}"),
         }
-    }
-
-    /// Median seconds of `RUNS` runs of `command`.
-    fn time(&mut self, command: &str) -> anyhow::Result<f64> {
-        let mut times = Vec::new();
-        for _ in 0..RUNS {
-            times.push(self.once(command)?.0);
-        }
-        Ok(median(times))
     }
 
     /// Starts `pyprobe log` on this process; returns once it is armed.
@@ -168,99 +175,262 @@ fn mark(name: &str) -> anyhow::Result<usize> {
         .with_context(|| format!("no `# {name}` line in logpoint_bench.py"))
 }
 
+/// A median with its 95% confidence interval.
+struct Estimate {
+    median: f64,
+    lo: f64,
+    hi: f64,
+}
+
+impl Estimate {
+    /// The median of `values` and the order statistics that bound it with
+    /// 95% confidence (distribution-free: the count of values below the
+    /// true median is Binomial(n, 1/2)).
+    fn of(mut values: Vec<f64>) -> Self {
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let half = 1.96 * (n as f64).sqrt() / 2.0;
+        let lo = ((n as f64 / 2.0 - half).floor().max(0.0)) as usize;
+        let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
+        Self {
+            median: percentile(&values, 0.5),
+            lo: values[lo],
+            hi: values[hi],
+        }
+    }
+
+    fn ratio(&self) -> String {
+        format!("{:.4}x [{:.4}-{:.4}]", self.median, self.lo, self.hi)
+    }
+}
+
+/// Pins process `pid` (its main thread: the fixtures run one) to `cpu`.
+fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and
+    // sched_setaffinity get valid pointers to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid as i32, std::mem::size_of_val(&set), &set) != 0 {
+            bail!(
+                "pinning {pid} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A perf hardware breakpoint on a thread, with no BPF program: the
+/// debug-register control.
+struct RawBreakpoint(std::os::fd::OwnedFd);
+
+impl RawBreakpoint {
+    /// An execute breakpoint on the first byte of `pid`'s first mapping
+    /// (the executable's ELF header: never executed).
+    fn set(pid: u32) -> anyhow::Result<Self> {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        let addr = maps
+            .split('-')
+            .next()
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+            .context("no mapping")?;
+        // struct perf_event_attr (version 8, 128 bytes): type
+        // PERF_TYPE_BREAKPOINT, size, sample_period 1, bp_type X, bp_addr,
+        // bp_len 8; enabled, not inherited.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&5u32.to_ne_bytes());
+        attr[4..8].copy_from_slice(&128u32.to_ne_bytes());
+        attr[16..24].copy_from_slice(&1u64.to_ne_bytes());
+        attr[52..56].copy_from_slice(&4u32.to_ne_bytes());
+        attr[56..64].copy_from_slice(&addr.to_ne_bytes());
+        attr[64..72].copy_from_slice(&8u64.to_ne_bytes());
+        // SAFETY: perf_event_open with a valid attr buffer; the fd it
+        // returns is owned here.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                attr.as_ptr(),
+                pid as i32,
+                -1,
+                -1,
+                0,
+            )
+        };
+        if fd < 0 {
+            bail!(
+                "perf_event_open(breakpoint): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: a new fd nothing else owns.
+        Ok(Self(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(fd as i32)
+        }))
+    }
+
+    /// Times it triggered.
+    fn hits(&self) -> anyhow::Result<u64> {
+        let mut count = [0u8; 8];
+        std::io::Read::read_exact(&mut std::fs::File::from(self.0.try_clone()?), &mut count)?;
+        Ok(u64::from_ne_bytes(count))
+    }
+}
+
+/// `pairs` pairs of runs of `command`, (seconds in `a`, seconds in `b`),
+/// back to back, `a` first in even pairs and `b` first in odd ones.
+fn pairs(
+    a: &mut Bench,
+    b: &mut Bench,
+    command: &str,
+    pairs: usize,
+) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut out = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        let (ta, tb) = if i % 2 == 0 {
+            let ta = a.once(command)?.0;
+            (ta, b.once(command)?.0)
+        } else {
+            let tb = b.once(command)?.0;
+            (a.once(command)?.0, tb)
+        };
+        out.push((ta, tb));
+    }
+    Ok(out)
+}
+
+fn ratios(pairs: &[(f64, f64)]) -> Vec<f64> {
+    pairs.iter().map(|&(a, b)| a / b).collect()
+}
+
 /// Runs the log point benchmark on every interpreter.
 pub fn bench_logpoint(pyprobe: &Path) -> anyhow::Result<()> {
     let _stats = BpfStats::enable();
     let never = format!("logpoint_bench.py:{}", mark("never-runs")?);
     let hit_line = format!("logpoint_bench.py:{}", mark("hit-line")?);
+    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+    let n = ROUNDS * 2 * BLOCK;
     println!(
-        "\n== log points: fib(27) with a breakpoint on a line that never runs, release build ==\n\
-         bare and pyprobe: {ROUNDS} interleaved rounds in one process (each the median of {RUNS} runs; \
-         pyprobe's time over the mean of the bare rounds around it); settrace (pdb-style) and \
-         sys.monitoring: their own process, over the median bare round. Per hit: {HITS} calls of a \
-         line, dropped by a kernel condition / printed (to /dev/null, no rate limit). hits: watchpoint \
-         hits during all the pyprobe rounds (the line never runs: any hit would be a cost)"
+        "\n== log points: fib(22) with a breakpoint on a line that never runs, release build ==\n\
+         Each ratio: median over pairs of back-to-back runs in two processes pinned to CPU {cpu}, \
+         [95% interval], the three first in {ROUNDS} interleaved rounds, {n} pairs each. A/A: nobody \
+         watches (the noise floor). pyprobe: a log point on the never-run line, set on one process, \
+         then on the other (watched/bare). hw bp: a bare perf breakpoint instead (no pyprobe, no BPF: \
+         what an enabled debug register costs on this machine). hits: hits of both meanwhile (any \
+         would be a cost). settrace (pdb-style, {TRACE_PAIRS} pairs) and sys.monitoring ({PAIRS} \
+         pairs): against a bare process. µs/hit: {HITS} calls of a line, dropped by a kernel \
+         condition / printed (to /dev/null, no rate limit), over a bare process ({HIT_PAIRS} pairs). \
+         Goal: pyprobe's median within 1.01."
     );
     println!(
-        "{:<44} {:>8} {:>22} {:>5} {:>10} {:>11} {:>13} {:>13} {:>8} {:>16}",
+        "{:<44} {:>7} {:>26} {:>26} {:>26} {:>4} {:>4} {:>9} {:>10} {:>8} {:>9} {:>7} {:>14}",
         "interpreter",
         "bare",
-        "pyprobe (range)",
+        "A/A",
+        "pyprobe",
+        "hw bp",
         "hits",
+        "goal",
         "settrace",
         "monitoring",
-        "µs/hit drop",
-        "µs/hit print",
+        "µs/drop",
+        "µs/print",
         "prog ns",
         "pyprobe cpu/rss"
     );
     for python in interpreters() {
-        let mut bench = Bench::start(&python, "bare")?;
-        let mut bares = Vec::new();
-        let mut ratios = Vec::new();
-        let mut usage = None;
-        let mut before = bench.time("go")?;
-        bares.push(before);
+        let mut x = Bench::start(&python, "bare")?;
+        let mut y = Bench::start(&python, "bare")?;
+        pin(x.pid, cpu)?;
+        pin(y.pid, cpu)?;
+        pairs(&mut x, &mut y, PAIR_FIB, 20)?; // warm-up
+        let (mut aa, mut watched, mut raw) = (Vec::new(), Vec::new(), Vec::new());
         let mut never_hits = 0;
+        let mut usage = None;
         for _ in 0..ROUNDS {
-            let probe = bench.log(pyprobe, &["--at", &never])?;
-            let with = bench.time("go")?;
-            let stopped = probe.stop()?;
-            never_hits += stopped.hits;
-            usage.get_or_insert(stopped.usage);
-            let after = bench.time("go")?;
-            bares.push(after);
-            ratios.push(with / ((before + after) / 2.0));
-            before = after;
-        }
-        let bare = median(bares);
-        let ratio = median(ratios.clone());
-        let (lo, hi) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+            aa.extend(pairs(&mut x, &mut y, PAIR_FIB, 2 * BLOCK)?);
+            for first in [true, false] {
+                let (w, b) = if first {
+                    (&mut x, &mut y)
+                } else {
+                    (&mut y, &mut x)
+                };
+                let probe = w.log(pyprobe, &["--at", &never])?;
+                watched.extend(ratios(&pairs(w, b, PAIR_FIB, BLOCK)?));
+                let stopped = probe.stop()?;
+                never_hits += stopped.hits;
+                usage.get_or_insert(stopped.usage);
 
-        // Per hit, in the same process.
+                let bp = RawBreakpoint::set(w.pid)?;
+                raw.extend(ratios(&pairs(w, b, PAIR_FIB, BLOCK)?));
+                never_hits += bp.hits()?;
+            }
+        }
+        let bare = median(aa.iter().flat_map(|&(a, b)| [a, b]).collect());
+        let aa = Estimate::of(ratios(&aa));
+        let with = Estimate::of(watched);
+        let raw = Estimate::of(raw);
+        let goal = with.median <= 1.01;
+
+        // Per hit: watched `x` against bare `y`.
         let hits_cmd = format!("hits {HITS}");
-        let bare_hits = bench.time(&hits_cmd)?;
-        let probe = bench.log(
+        let per_hit = |p: Vec<(f64, f64)>| {
+            median(
+                p.iter()
+                    .map(|&(w, b)| (w - b) / HITS as f64 * 1e6)
+                    .collect(),
+            )
+        };
+        let probe = x.log(
             pyprobe,
             &["--at", &hit_line, "--when", "i < 0", "--msg", "{i}"],
         )?;
-        let dropped = bench.time(&hits_cmd)?;
+        let dropped = per_hit(pairs(&mut x, &mut y, &hits_cmd, HIT_PAIRS)?);
         let prog_ns = probe.stop()?.prog_ns;
-        let probe = bench.log(
+        let probe = x.log(
             pyprobe,
             &["--at", &hit_line, "--msg", "i={i}", "--rate", "0"],
         )?;
-        let printed = bench.time(&hits_cmd)?;
+        let printed = per_hit(pairs(&mut x, &mut y, &hits_cmd, HIT_PAIRS)?);
         probe.stop()?;
-        let per_hit = |t: f64| (t - bare_hits) / HITS as f64 * 1e6;
-        drop(bench);
+        drop(x);
 
         let mut settrace = Bench::start(&python, "settrace")?;
-        let (trace_secs, trace_hits) = settrace.once("go")?;
+        pin(settrace.pid, cpu)?;
+        let (_, trace_hits) = settrace.once(PAIR_FIB)?;
         if trace_hits != 0 {
             bail!("the settrace breakpoint hit {trace_hits} times on a line that never runs");
         }
-        let trace = settrace.time("go")?.min(trace_secs);
+        let trace = Estimate::of(ratios(&pairs(
+            &mut settrace,
+            &mut y,
+            PAIR_FIB,
+            TRACE_PAIRS,
+        )?));
         drop(settrace);
         let monitoring = match Bench::start(&python, "monitoring") {
-            Ok(mut m) => Some(m.time("go")?),
+            Ok(mut m) => {
+                pin(m.pid, cpu)?;
+                Some(Estimate::of(ratios(&pairs(
+                    &mut m, &mut y, PAIR_FIB, PAIRS,
+                )?)))
+            }
             Err(_) => None, // before 3.12: no sys.monitoring
         };
         let u = usage.context("no pyprobe round")?;
         println!(
-            "{:<44} {:>7.1}ms {:>6.3}x ({:.3}-{:.3}) {:>5} {:>9.2}x {:>11} {:>13.2} {:>13.2} {:>8} {:>7.0}ms/{:.0}MB",
+            "{:<44} {:>5.2}ms {:>26} {:>26} {:>26} {:>4} {:>4} {:>8.2}x {:>10} {:>8.2} {:>9.2} {:>7} {:>7.0}ms/{:.0}MB",
             python.display().to_string(),
             bare * 1000.0,
-            ratio,
-            lo,
-            hi,
+            aa.ratio(),
+            with.ratio(),
+            raw.ratio(),
             never_hits,
-            trace / bare,
-            monitoring.map_or("-".to_owned(), |m| format!("{:.3}x", m / bare)),
-            per_hit(dropped),
-            per_hit(printed),
+            if goal { "met" } else { "NOT" },
+            trace.median,
+            monitoring.map_or("-".to_owned(), |m| format!("{:.4}x", m.median)),
+            dropped,
+            printed,
             prog_ns.map_or("-".to_owned(), |n| format!("{n:.0}")),
             u.cpu_ms,
             u.max_rss_kb as f64 / 1024.0,
