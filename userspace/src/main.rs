@@ -41,7 +41,8 @@ enum Command {
     /// on a file not imported yet waits and arms itself when it is.
     ///
     /// Mechanism: a hardware watchpoint on the probed instruction, so code
-    /// that does not reach it runs at full speed; each hit costs a debug
+    /// that does not reach it never traps (an enabled debug register may
+    /// slow a watched thread by about 1% on a VM); each hit costs a debug
     /// trap (5-8 µs on the test VM; 3.12 reads an instruction twice: two
     /// traps). x86 has 4 watchpoints per thread: at most 4 log points per
     /// process. With --all, every Python process running the code, now or
