@@ -13,10 +13,10 @@
 //! between the two processes cancels. Two controls run in the same
 //! rounds: A/A (nobody watches: the noise floor) and a bare hardware
 //! breakpoint (a perf breakpoint on an address never executed, no BPF
-//! program, no pyprobe: what an enabled debug register costs by itself;
-//! on a VM the hypervisor switches debug registers at each VM entry while
-//! one is enabled). Ratios are medians of the pairs with a 95% interval
-//! from order statistics.
+//! program, no pyprobe: what an enabled debug register costs by itself,
+//! 0-1.5% on the test VM depending on the interpreter build, also for an
+//! execute breakpoint on an address never executed). Ratios are medians of
+//! the pairs with a 95% interval from order statistics.
 
 use std::{
     io::{BufRead, BufReader, Write},
