@@ -361,7 +361,7 @@ fn json_hits_carry_the_captured_values() {
 }
 
 #[test]
-fn a_log_point_on_a_file_not_imported_yet_arms_after_the_import() {
+fn a_log_point_arms_after_the_import_and_again_on_the_code_of_a_reload() {
     let greet = marks("logpoint_late.py").unwrap()["late-greet"];
     for_each_interpreter("logpoint_late_import", |interp| {
         let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
@@ -377,23 +377,32 @@ fn a_log_point_on_a_file_not_imported_yet_arms_after_the_import() {
             "name={name} times={times}",
         ])?;
         ensure!(probe.startup().contains("waits"), "{}", probe.startup());
-        fixture.call("import", "imported")?;
         // The process is scanned again every second.
-        let mut armed = false;
-        for _ in 0..30 {
-            match probe.stderr_line(Duration::from_millis(200)) {
-                Some(line) if line.contains("armed") => {
-                    armed = true;
-                    break;
+        let armed = |probe: &Probe, what: &str| -> anyhow::Result<String> {
+            for _ in 0..30 {
+                if let Some(line) = probe.stderr_line(Duration::from_millis(200))
+                    && line.contains("armed")
+                {
+                    return Ok(line);
                 }
-                _ => {}
             }
-        }
-        ensure!(armed, "the log point did not arm after the import");
+            anyhow::bail!("the log point did not arm after the {what}")
+        };
+        fixture.call("import", "imported")?;
+        armed(&probe, "import")?;
+        fixture.call("late", "done")?;
+        // A reload makes new code objects for the file; the old ones stay
+        // armed, the new ones arm too.
+        fixture.call("reload", "reloaded")?;
+        let line = armed(&probe, "reload")?;
+        ensure!(line.contains("(new code object)"), "{line}");
         fixture.call("late", "done")?;
         let (stdout, stderr) = stop(probe)?;
         let messages: Vec<&str> = stdout.lines().map(message).collect();
-        ensure!(messages == ["name=late times=3"], "{stdout}\n{stderr}");
+        ensure!(
+            messages == ["name=late times=3", "name=late times=3"],
+            "{stdout}\n{stderr}"
+        );
         Ok(())
     });
 }

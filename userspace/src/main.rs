@@ -38,7 +38,8 @@ enum Command {
     /// in pyprobe. Values read through secret-looking names are redacted.
     ///
     /// Each --at may be followed by its own --when and --msg. A log point
-    /// on a file not imported yet waits and arms itself when it is.
+    /// on a file not imported yet waits and arms itself when it is; new
+    /// code for it (a reloaded module) is armed too.
     ///
     /// Mechanism: a hardware watchpoint on the probed instruction, so code
     /// that does not reach it never traps (an enabled debug register may

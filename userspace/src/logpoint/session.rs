@@ -8,7 +8,8 @@
 //! kernel's watch map and a hardware watchpoint is set on it in every
 //! thread. A log point whose file is not imported yet waits: the process
 //! is scanned again every second and the log point arms itself when the
-//! code appears. Hits are drained every 50 ms, the full condition is
+//! code appears; the same scan arms armed log points on new code for their
+//! location (a reloaded module). Hits are drained every 50 ms, the full condition is
 //! evaluated over the captured values, and one line (or JSON object) is
 //! printed per hit.
 
@@ -151,6 +152,9 @@ struct Process {
     resume_sites: Option<Vec<u64>>,
     /// Log points (by index) not armed yet, waiting for their code.
     waiting: Vec<usize>,
+    /// Code objects that appeared after their log point armed and could
+    /// not be armed (no free debug register): not tried again.
+    refused: BTreeSet<u64>,
     /// Type names read so far.
     type_names: HashMap<u64, String>,
 }
@@ -333,6 +337,7 @@ impl Session {
                 load_bias,
                 resume_sites: None,
                 waiting: (0..self.points.len()).collect(),
+                refused: BTreeSet::new(),
                 type_names: HashMap::new(),
             },
         );
@@ -538,16 +543,19 @@ impl Session {
         Ok(())
     }
 
-    /// Looks again for code not loaded before.
+    /// Looks again for code not loaded before: for log points still
+    /// waiting, and for armed ones whose file made new code objects since
+    /// (a reloaded module, the file run again).
     fn rescan(&mut self) -> anyhow::Result<()> {
-        let pids: Vec<u32> = self
-            .processes
-            .iter()
-            .filter(|(_, p)| !p.waiting.is_empty())
-            .map(|(&pid, _)| pid)
-            .collect();
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
         for pid in pids {
             if !crate::process::is_alive(pid) {
+                continue;
+            }
+            for line in self.arm_new_code(pid) {
+                eprintln!("pyprobe: {line}");
+            }
+            if self.processes[&pid].waiting.is_empty() {
                 continue;
             }
             let lines = match self.arm_waiting(pid, false) {
@@ -568,6 +576,54 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Arms the log points already armed in `pid` on the code objects for
+    /// their location that appeared since; returns the lines to print.
+    fn arm_new_code(&mut self, pid: u32) -> Vec<String> {
+        let points: BTreeSet<usize> = self
+            .armed
+            .iter()
+            .filter(|a| a.pid == pid)
+            .map(|a| a.point)
+            .collect();
+        let mut lines = Vec::new();
+        for point in points {
+            // A process busy changing its modules may be read half-way:
+            // the next rescan sees it whole.
+            let Ok(found) = self.processes[&pid]
+                .target
+                .find_code(&self.points[point].location)
+            else {
+                continue;
+            };
+            for f in found {
+                let known = self.processes[&pid].refused.contains(&f.code)
+                    || self.armed.iter().any(|a| {
+                        a.pid == pid
+                            && a.point == point
+                            && a.found.code == f.code
+                            && a.found.watch_addr == f.watch_addr
+                    });
+                if known {
+                    continue;
+                }
+                let code = f.code;
+                match self.arm(point, pid, f) {
+                    Ok(line) => lines.push(format!("{line} (new code object)")),
+                    Err(e) => {
+                        lines.push(format!(
+                            "log point {}: new code object at {code:#x} in PID {pid} not armed: {e:#}",
+                            point + 1
+                        ));
+                        if let Some(p) = self.processes.get_mut(&pid) {
+                            p.refused.insert(code);
+                        }
+                    }
+                }
+            }
+        }
+        lines
     }
 
     /// Prints every waiting hit.
