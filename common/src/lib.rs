@@ -129,6 +129,11 @@ pub mod names {
     pub const MAP_LOG_STATE: &str = "LOG_STATE";
     /// Ring buffer of [`super::logpoint::Hit`]s.
     pub const MAP_LOG_HITS: &str = "LOG_HITS";
+    /// Code objects log points are armed on ([`super::logpoint::WatchKey`]
+    /// with the code object's address): `code_freed` sets the value to 1
+    /// when one is freed, so its watchpoints come off before the memory
+    /// holds something else.
+    pub const MAP_LOG_FREED: &str = "LOG_FREED";
 }
 
 /// Sampling Python stacks on a CPU clock (`pyprobe record`, `pyprobe top`).

@@ -53,6 +53,26 @@ static LOG_STATE: Array<LogState> = Array::with_max_entries(MAX_LOGPOINTS, 0);
 #[map(name = "LOG_HITS")]
 static LOG_HITS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
+/// Code objects armed on, by process and address: 1 once freed (see
+/// [`code_freed`]).
+#[map(name = "LOG_FREED")]
+static LOG_FREED: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_LOGPOINTS, 0);
+
+/// Called by `code_freed`: code object `code` of process `tgid` is being
+/// freed; if a log point is armed on it, userspace is told to take its
+/// watchpoints off.
+pub fn code_freed(tgid: u32, code: u64) {
+    let key = WatchKey {
+        tgid,
+        _pad: 0,
+        addr: code,
+    };
+    if let Some(freed) = LOG_FREED.get_ptr_mut(&key) {
+        // SAFETY: a value of a successful lookup.
+        unsafe { *freed = 1 };
+    }
+}
+
 /// The hit being built on this CPU (too big for the stack).
 #[map(name = "LOG_SCRATCH")]
 static LOG_SCRATCH: PerCpuArray<Hit> = PerCpuArray::with_max_entries(1, 0);

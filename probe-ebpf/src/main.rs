@@ -414,11 +414,15 @@ pub fn call_start(ctx: ProbeContext) -> u32 {
 /// Uprobe on the code object type's `tp_dealloc` (`code_dealloc`): a code
 /// object of this process is being freed, and its address may soon hold
 /// another, so cache slots filled before no longer vouch for their owner
-/// ([`ProcessConfig::code_epoch`]). Frees happen under the GIL, as do the
-/// calls counted, so the plain increment is not raced by this process.
+/// ([`ProcessConfig::code_epoch`]), and a log point armed on it must come
+/// off. Frees happen under the GIL, as do the calls counted, so the plain
+/// increment is not raced by this process.
 #[uprobe]
-pub fn code_freed(_ctx: ProbeContext) -> u32 {
+pub fn code_freed(ctx: ProbeContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if let Some(code) = ctx.arg::<u64>(0) {
+        logpoint::code_freed(tgid, code);
+    }
     if let Some(config) = CALL_CONFIG.get_ptr_mut(&tgid) {
         // SAFETY: a value of a successful lookup; userspace writes whole
         // entries only when it sets a process up, before probing it.

@@ -377,31 +377,53 @@ fn a_log_point_arms_after_the_import_and_again_on_the_code_of_a_reload() {
             "name={name} times={times}",
         ])?;
         ensure!(probe.startup().contains("waits"), "{}", probe.startup());
-        // The process is scanned again every second.
-        let armed = |probe: &Probe, what: &str| -> anyhow::Result<String> {
+        // The process is scanned again every second. Lines read on the
+        // way are kept.
+        let mut seen = Vec::new();
+        let mut armed = |probe: &Probe, what: &str| -> anyhow::Result<String> {
             for _ in 0..30 {
-                if let Some(line) = probe.stderr_line(Duration::from_millis(200))
-                    && line.contains("armed")
-                {
-                    return Ok(line);
+                if let Some(line) = probe.stderr_line(Duration::from_millis(200)) {
+                    seen.push(line.clone());
+                    if line.contains("armed") {
+                        return Ok(line);
+                    }
                 }
             }
-            anyhow::bail!("the log point did not arm after the {what}")
+            anyhow::bail!("the log point did not arm after the {what}: {seen:?}")
         };
         fixture.call("import", "imported")?;
         armed(&probe, "import")?;
         fixture.call("late", "done")?;
-        // A reload makes new code objects for the file; the old ones stay
-        // armed, the new ones arm too.
-        fixture.call("reload", "reloaded")?;
-        let line = armed(&probe, "reload")?;
-        ensure!(line.contains("(new code object)"), "{line}");
-        fixture.call("late", "done")?;
+        // A reload makes new code objects for the file and frees the old
+        // ones: the new ones arm, the old ones' watchpoints come off. Five
+        // reloads would need six debug registers (x86 has four) if they
+        // did not.
+        const RELOADS: usize = 5;
+        for _ in 0..RELOADS {
+            fixture.call("reload", "reloaded")?;
+            let line = armed(&probe, "reload")?;
+            ensure!(line.contains("(new code object)"), "{line}");
+            fixture.call("late", "done")?;
+        }
         let (stdout, stderr) = stop(probe)?;
         let messages: Vec<&str> = stdout.lines().map(message).collect();
         ensure!(
-            messages == ["name=late times=3", "name=late times=3"],
-            "{stdout}\n{stderr}"
+            messages == ["name=late times=3"; RELOADS + 1],
+            "{stdout}\n{seen:?}\n{stderr}"
+        );
+        let freed = seen
+            .iter()
+            .map(String::as_str)
+            .chain(stderr.lines())
+            .filter(|l| l.contains("greet") && l.contains("was freed"))
+            .count();
+        ensure!(freed == RELOADS, "{seen:#?}\n{stderr}");
+        ensure!(
+            stderr
+                .matches("(code object freed since): 1 printed; 1 runs")
+                .count()
+                == RELOADS,
+            "summary: {stderr}"
         );
         Ok(())
     });

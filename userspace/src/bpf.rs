@@ -12,7 +12,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{UProbe, perf_event::PerfEventLinkId, uprobe::UProbeScope},
 };
 use pyprobe_common::{
     calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, SkipSet},
@@ -560,16 +560,7 @@ impl Sampler {
         file_offset: u64,
         pid: u32,
     ) -> Result<(), BpfError> {
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?);
-        uprobe_mut(&mut self.ebpf, names::PROG_CODE_FREED)?
-            .attach(file_offset, &interp.host_path, scope)
-            .map_err(|source| BpfError::Attach {
-                target: interp.host_path.display().to_string(),
-                pid,
-                offset: file_offset,
-                source,
-            })?;
-        Ok(())
+        attach_code_freed(&mut self.ebpf, interp, file_offset, pid)
     }
 
     /// Tells the sampler how to walk process `pid`.
@@ -716,6 +707,12 @@ impl LogProbes {
                 name: names::PROG_LOG_HIT,
                 source,
             })?;
+        uprobe_mut(&mut ebpf, names::PROG_CODE_FREED)?
+            .load()
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_CODE_FREED,
+                source,
+            })?;
         let ring = ebpf
             .take_map(names::MAP_LOG_HITS)
             .ok_or(BpfError::Missing(names::MAP_LOG_HITS))?;
@@ -746,19 +743,71 @@ impl LogProbes {
         })
     }
 
-    /// Declares a watched address (before its watchpoints are set).
+    /// Declares a watched address (before its watchpoints are set), and
+    /// its code object, whose free [`Self::freed_code`] reports.
     pub fn watch(&mut self, key: WatchKey, watch: &Watch) -> Result<(), BpfError> {
         let mut map: BpfHashMap<&mut MapData, WatchKey, Watch> =
             open_map_mut(&mut self.ebpf, names::MAP_LOG_WATCH)?;
         map.insert(key, watch, 0).map_err(|source| BpfError::Map {
             name: names::MAP_LOG_WATCH,
             source,
-        })
+        })?;
+        let mut freed: BpfHashMap<&mut MapData, WatchKey, u32> =
+            open_map_mut(&mut self.ebpf, names::MAP_LOG_FREED)?;
+        freed
+            .insert(code_key(key.tgid, watch.code), 0, 0)
+            .map_err(|source| BpfError::Map {
+                name: names::MAP_LOG_FREED,
+                source,
+            })
+    }
+
+    /// Forgets a watched address and its code object (its watchpoints
+    /// removed first, with [`Self::remove_watchpoint`]).
+    pub fn unwatch(&mut self, key: WatchKey, code: u64) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, WatchKey, Watch> =
+            open_map_mut(&mut self.ebpf, names::MAP_LOG_WATCH)?;
+        // Absent keys are fine: forgetting twice is not an error.
+        let _ = map.remove(&key);
+        let mut freed: BpfHashMap<&mut MapData, WatchKey, u32> =
+            open_map_mut(&mut self.ebpf, names::MAP_LOG_FREED)?;
+        let _ = freed.remove(&code_key(key.tgid, code));
+        Ok(())
+    }
+
+    /// Whether code object `code` of `pid`, declared with [`Self::watch`],
+    /// was freed since.
+    pub fn freed_code(&self, pid: u32, code: u64) -> Result<bool, BpfError> {
+        let freed: BpfHashMap<&MapData, WatchKey, u32> =
+            open_map(&self.ebpf, names::MAP_LOG_FREED)?;
+        Ok(freed.get(&code_key(pid, code), 0).is_ok_and(|v| v != 0))
+    }
+
+    /// Has the code type's `tp_dealloc` (at `file_offset` of `interp`)
+    /// report the code objects process `pid` frees.
+    pub fn watch_code_frees(
+        &mut self,
+        interp: &Interpreter,
+        file_offset: u64,
+        pid: u32,
+    ) -> Result<(), BpfError> {
+        attach_code_freed(&mut self.ebpf, interp, file_offset, pid)
+    }
+
+    /// Removes a watchpoint [`Self::set_watchpoint`] set (with the ones its
+    /// thread's later threads inherited).
+    pub fn remove_watchpoint(&mut self, link: PerfEventLinkId) -> Result<(), BpfError> {
+        perf_event_mut(&mut self.ebpf, names::PROG_LOG_HIT)?
+            .detach(link)
+            .map_err(|source| BpfError::Program {
+                name: names::PROG_LOG_HIT,
+                source,
+            })
     }
 
     /// Sets a read/write hardware watchpoint on the 2 bytes at `addr` in
     /// thread `tid`, inherited by the threads it starts from now on.
-    pub fn set_watchpoint(&mut self, tid: u32, addr: u64) -> Result<(), WatchError> {
+    pub fn set_watchpoint(&mut self, tid: u32, addr: u64) -> Result<PerfEventLinkId, WatchError> {
         use aya::programs::perf_event::{
             BreakpointConfig, PerfBreakpointLength, PerfBreakpointType, PerfEventConfig,
             PerfEventScope, SamplePolicy,
@@ -787,7 +836,6 @@ impl LogProbes {
                 SamplePolicy::Period(1),
                 true,
             )
-            .map(|_| ())
             .map_err(|source| {
                 let errno = match &source {
                     aya::programs::ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
@@ -887,6 +935,35 @@ where
 {
     T::try_from(ebpf.map_mut(name).ok_or(BpfError::Missing(name))?)
         .map_err(|source| BpfError::Map { name, source })
+}
+
+/// Key of [`names::MAP_LOG_FREED`]: a code object of a process.
+fn code_key(tgid: u32, code: u64) -> WatchKey {
+    WatchKey {
+        tgid,
+        _pad: 0,
+        addr: code,
+    }
+}
+
+/// Attaches the loaded `code_freed` uprobe at `file_offset` of `interp`
+/// (the code type's `tp_dealloc`) for process `pid`.
+fn attach_code_freed(
+    ebpf: &mut Ebpf,
+    interp: &Interpreter,
+    file_offset: u64,
+    pid: u32,
+) -> Result<(), BpfError> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?);
+    uprobe_mut(ebpf, names::PROG_CODE_FREED)?
+        .attach(file_offset, &interp.host_path, scope)
+        .map_err(|source| BpfError::Attach {
+            target: interp.host_path.display().to_string(),
+            pid,
+            offset: file_offset,
+            source,
+        })?;
+    Ok(())
 }
 
 fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, BpfError> {

@@ -139,6 +139,10 @@ struct Armed {
     condition_false: u64,
     /// Hits whose condition could not be evaluated.
     condition_errors: u64,
+    /// Its watchpoints, one per thread that was running when it armed.
+    links: Vec<aya::programs::perf_event::PerfEventLinkId>,
+    /// Its code object was freed and its watchpoints removed.
+    retired: bool,
 }
 
 /// A watched process.
@@ -204,6 +208,9 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
             _ = &mut stop => break,
             _ = drain.tick() => {
                 session.drain()?;
+                for line in session.retire_freed()? {
+                    eprintln!("pyprobe: {line}");
+                }
                 if opts.count.is_some_and(|n| session.printed >= n) {
                     break;
                 }
@@ -327,6 +334,13 @@ impl Session {
         let (target, image) = Target::attach_with_image(pid, |m| m)?;
         let config = process_config(&target, &image)?;
         self.probes.configure(pid, &config)?;
+        // Before any arming: a code object freed unseen would keep its
+        // watchpoint on memory that holds something else.
+        if let Some(interp) = &target.interpreter
+            && let Some(offset) = crate::calls::code_dealloc_site(&target, &image, interp.load_bias)
+        {
+            self.probes.watch_code_frees(interp, offset, pid)?;
+        }
         let version = target.version.to_string();
         let load_bias = target.interpreter.as_ref().map_or(0, |i| i.load_bias);
         self.processes.insert(
@@ -467,10 +481,10 @@ impl Session {
                 ..Watch::default()
             },
         )?;
-        let mut threads = 0;
+        let mut links = Vec::new();
         for tid in crate::profile::threads::task_ids(pid) {
             match self.probes.set_watchpoint(tid, found.watch_addr) {
-                Ok(()) => threads += 1,
+                Ok(link) => links.push(link),
                 Err(WatchError::Gone { .. }) => {}
                 Err(e @ WatchError::NoSlot { .. }) => bail!(
                     "too many line and function log points: {e}; each log point in a process takes one \
@@ -479,6 +493,7 @@ impl Session {
                 Err(e) => return Err(e.into()),
             }
         }
+        let threads = links.len();
         let kernel = if compiled.kernel_atoms.is_empty() {
             String::new()
         } else {
@@ -507,8 +522,43 @@ impl Session {
             printed: 0,
             condition_false: 0,
             condition_errors: 0,
+            links,
+            retired: false,
         });
         Ok(line)
+    }
+
+    /// Takes the watchpoints off code objects that were freed (a reloaded
+    /// module's old functions): their memory will hold other objects, whose
+    /// every access would trap. Returns the lines to print.
+    fn retire_freed(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        for armed in self.armed.iter_mut().filter(|a| !a.retired) {
+            if !self.probes.freed_code(armed.pid, armed.found.code)? {
+                continue;
+            }
+            for link in armed.links.drain(..) {
+                self.probes.remove_watchpoint(link)?;
+            }
+            self.probes.unwatch(
+                WatchKey {
+                    tgid: armed.pid,
+                    _pad: 0,
+                    addr: armed.found.watch_addr,
+                },
+                armed.found.code,
+            )?;
+            armed.retired = true;
+            lines.push(format!(
+                "log point {}: the code of {} at {}:{} in PID {} was freed (a reloaded module?): its watchpoint is off",
+                armed.point + 1,
+                armed.found.qualname,
+                armed.found.filename,
+                armed.found.line,
+                armed.pid
+            ));
+        }
+        Ok(lines)
     }
 
     /// Under `--all`: sets up the Python processes not seen before. A
@@ -601,6 +651,7 @@ impl Session {
                 let known = self.processes[&pid].refused.contains(&f.code)
                     || self.armed.iter().any(|a| {
                         a.pid == pid
+                            && !a.retired
                             && a.point == point
                             && a.found.code == f.code
                             && a.found.watch_addr == f.watch_addr
@@ -778,7 +829,7 @@ impl Session {
             let c: LogCounters = self.probes.counters(index as u32)?;
 
             eprintln!(
-                "pyprobe: log point {} {}:{} in PID {}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
+                "pyprobe: log point {} {}:{} in PID {}{}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
                  in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}/s), \
                  {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} accesses from \
                  outside the eval loop, {} from other frames, {} second accesses of a run)",
@@ -786,6 +837,11 @@ impl Session {
                 armed.found.filename,
                 armed.found.line,
                 armed.pid,
+                if armed.retired {
+                    " (code object freed since)"
+                } else {
+                    ""
+                },
                 armed.printed,
                 c.hits - c.foreign - c.other_frame - c.repeats,
                 elapsed.as_secs_f64(),
