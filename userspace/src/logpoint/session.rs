@@ -9,9 +9,10 @@
 //! thread. A log point whose file is not imported yet waits: the process
 //! is scanned again every second and the log point arms itself when the
 //! code appears; the same scan arms armed log points on new code for their
-//! location (a reloaded module). Hits are drained every 50 ms, the full condition is
-//! evaluated over the captured values, and one line (or JSON object) is
-//! printed per hit.
+//! location (a reloaded module), and a code object's watchpoints come off
+//! when the process frees it. Hits are drained every 50 ms, the full
+//! condition is evaluated over the captured values, and one line (or JSON
+//! object) is printed per hit.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -483,15 +484,32 @@ impl Session {
         )?;
         let mut links = Vec::new();
         for tid in crate::profile::threads::task_ids(pid) {
-            match self.probes.set_watchpoint(tid, found.watch_addr) {
-                Ok(link) => links.push(link),
-                Err(WatchError::Gone { .. }) => {}
-                Err(e @ WatchError::NoSlot { .. }) => bail!(
+            let error = match self.probes.set_watchpoint(tid, found.watch_addr) {
+                Ok(link) => {
+                    links.push(link);
+                    continue;
+                }
+                Err(WatchError::Gone { .. }) => continue,
+                Err(e @ WatchError::NoSlot { .. }) => anyhow::anyhow!(
                     "too many line and function log points: {e}; each log point in a process takes one \
                      watchpoint in every thread: use at most 4 (fewer if a debugger holds some)"
                 ),
-                Err(e) => return Err(e.into()),
+                Err(e) => e.into(),
+            };
+            // Half-armed, it would hold debug registers of some threads for
+            // nothing (a later rescan may go on without it).
+            for link in links {
+                self.probes.remove_watchpoint(link)?;
             }
+            self.probes.unwatch(
+                WatchKey {
+                    tgid: pid,
+                    _pad: 0,
+                    addr: found.watch_addr,
+                },
+                found.code,
+            )?;
+            return Err(error);
         }
         let threads = links.len();
         let kernel = if compiled.kernel_atoms.is_empty() {
