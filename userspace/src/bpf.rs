@@ -484,12 +484,7 @@ impl Sampler {
                 .load()
                 .map_err(|source| BpfError::Program { name, source })?;
         }
-        uprobe_mut(&mut ebpf, names::PROG_CODE_FREED)?
-            .load()
-            .map_err(|source| BpfError::Program {
-                name: names::PROG_CODE_FREED,
-                source,
-            })?;
+        load_uprobe(&mut ebpf, names::PROG_CODE_FREED)?;
         let walk = perf_event_mut(&mut ebpf, names::PROG_SAMPLE_WALK)?
             .fd()
             .map_err(|source| BpfError::Program {
@@ -507,13 +502,7 @@ impl Sampler {
             name: names::MAP_SAMPLE_PROGS,
             source,
         })?;
-        let ring = ebpf
-            .take_map(names::MAP_SAMPLES)
-            .ok_or(BpfError::Missing(names::MAP_SAMPLES))?;
-        let ring = aya::maps::RingBuf::try_from(ring).map_err(|source| BpfError::Map {
-            name: names::MAP_SAMPLES,
-            source,
-        })?;
+        let ring = take_ring(&mut ebpf, names::MAP_SAMPLES)?;
         Ok(Self {
             ebpf,
             ring,
@@ -707,19 +696,8 @@ impl LogProbes {
                 name: names::PROG_LOG_HIT,
                 source,
             })?;
-        uprobe_mut(&mut ebpf, names::PROG_CODE_FREED)?
-            .load()
-            .map_err(|source| BpfError::Program {
-                name: names::PROG_CODE_FREED,
-                source,
-            })?;
-        let ring = ebpf
-            .take_map(names::MAP_LOG_HITS)
-            .ok_or(BpfError::Missing(names::MAP_LOG_HITS))?;
-        let ring = aya::maps::RingBuf::try_from(ring).map_err(|source| BpfError::Map {
-            name: names::MAP_LOG_HITS,
-            source,
-        })?;
+        load_uprobe(&mut ebpf, names::PROG_CODE_FREED)?;
+        let ring = take_ring(&mut ebpf, names::MAP_LOG_HITS)?;
         Ok(Self { ebpf, ring })
     }
 
@@ -912,11 +890,22 @@ fn load_programs(
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
     for &name in programs {
-        uprobe_mut(&mut ebpf, name)?
-            .load()
-            .map_err(|source| BpfError::Program { name, source })?;
+        load_uprobe(&mut ebpf, name)?;
     }
     Ok(ebpf)
+}
+
+/// Loads uprobe program `name` into the kernel (not attached).
+fn load_uprobe(ebpf: &mut Ebpf, name: &'static str) -> Result<(), BpfError> {
+    uprobe_mut(ebpf, name)?
+        .load()
+        .map_err(|source| BpfError::Program { name, source })
+}
+
+/// Takes ring buffer map `name` out of the loaded object.
+fn take_ring(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::RingBuf<MapData>, BpfError> {
+    let map = ebpf.take_map(name).ok_or(BpfError::Missing(name))?;
+    aya::maps::RingBuf::try_from(map).map_err(|source| BpfError::Map { name, source })
 }
 
 /// Opens map `name` of the loaded object as `T` (read-only).
