@@ -847,9 +847,6 @@ pub mod logpoint {
         pub frame_register: u64,
         /// `PyThreadState.datastack_top` (3.13+), or 0.
         pub tstate_datastack_top: u64,
-        /// 1 when the eval loop reads opcode and oparg with two loads
-        /// (3.12): two adjacent reads in the same frame are one run.
-        pub split_unit_loads: u64,
     }
 
     /// No frame register.
@@ -866,53 +863,44 @@ pub mod logpoint {
         pub tgid: u32,
         /// Padding, zero.
         pub _pad: u32,
-        /// Address of the watched opcode byte.
+        /// Address of the watched byte.
         pub addr: u64,
     }
 
-    /// A watched instruction (its 2-byte code unit).
+    /// A watched instruction (the oparg byte of its code unit: every run
+    /// reads it, and an instruction reading or rewriting its own opcode
+    /// does not).
     ///
     /// The program never reads the unit itself: a read from the kernel
     /// would set off the watchpoint again (a second debug trap, about 12 µs
-    /// on a VM). Writes are told from runs by where they come from instead:
-    /// specialization, quickening and instrumentation write from outside
-    /// the eval loop; the one rewrite made inside it (3.13+: `RESUME`
-    /// becoming `RESUME_CHECK`, on a first run or after a deopt) is made by
-    /// the instruction's own handler.
+    /// on a VM). Whole-unit writes (3.11 quickening) come from outside the
+    /// eval loop and are told apart by where they come from.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct Watch {
         /// Log point (index into `LOG_PROGRAMS` and `LOG_STATE`).
         pub logpoint: u32,
-        /// Thread of the last run counted (program state).
-        pub last_tid: u32,
+        /// Padding, zero.
+        pub _pad: u32,
         /// The code object the instruction belongs to: a hit from a frame
-        /// of another code object is not a run of this instruction. (The
-        /// frame's own instruction field cannot tell more: the eval loop
-        /// stores it after reading the next opcode.)
+        /// of another code object is not a run of this instruction.
         pub code: u64,
-        /// Frame of the last run counted (program state).
-        pub last_frame: u64,
-        /// Instruction address of the last read counted (program state).
-        pub last_ip: u64,
+        /// What the frame's instruction field (`prev_instr`, `instr_ptr`)
+        /// holds once this instruction has started in it, or 0 for no such
+        /// test (3.8-3.10, and a 3.13+ function's unit 0, where a new frame
+        /// starts). The eval loop reads the next opcode before its handler
+        /// stores the field, so a run's dispatch read finds the field still
+        /// naming the instruction before; a read that finds it naming this
+        /// one is the instruction reading itself again within its run (a
+        /// specializing instruction re-dispatching after rewriting itself,
+        /// 3.11+).
+        pub started: u64,
         /// Bytes of a frame of the code (3.13+), or 0: a function's first
         /// instruction may be read while the thread state still names the
         /// caller (3.14); the callee is then the newest frame on the
         /// thread's data stack, this many bytes below its top.
         pub frame_bytes: u64,
-        /// Addresses a data trap reports for the running instruction's
-        /// own tests and rewrites of itself (3.13+ `RESUME`: the `cmp` with
-        /// `RESUME` and the store of `RESUME_CHECK`; 0 unused): not runs.
-        pub own_sites: [u64; OWN_SITES],
     }
-
-    /// Self-access sites of a [`Watch`].
-    pub const OWN_SITES: usize = 8;
-
-    /// With [`LogProcess::split_unit_loads`], reads of one run closer than
-    /// this many bytes of code are one run (3.12 reads the opcode and the
-    /// oparg with two adjacent loads).
-    pub const SAME_RUN_IP_BYTES: u64 = 16;
 
     /// One step of a captured path.
     #[repr(C)]
@@ -1144,8 +1132,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::logpoint::LogState {}
 
-    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 37 * 8);
-    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 40 + 8 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 36 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 32);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Name>() == 40);

@@ -1,4 +1,4 @@
-//! Log points: a hardware watchpoint on a probed instruction's opcode byte
+//! Log points: a hardware watchpoint on a probed instruction's oparg byte
 //! runs `log_hit`, which checks that the hit is a run of that instruction,
 //! captures the values the log point names from the running frame, tests
 //! the simple part of its condition and sends the hit to userspace.
@@ -24,9 +24,9 @@ use pyprobe_common::{
         CONST_FLOAT, CONST_INT, CONST_STR, Capture, EVAL_RANGES, HIT_STACK, Hit, KIND_BOOL,
         KIND_FLOAT, KIND_INT, KIND_NONE, KIND_OTHER, KIND_STR, LogProcess, LogState, MAX_ATOMS,
         MAX_CAPTURES, MAX_DICT_SCAN, MAX_LOGPOINTS, MAX_NAMES, MAX_STACK, MAX_STEPS, NAME_BYTES,
-        Name, OP_ATTR, OP_KEY_INT, OP_KEY_STR, OP_LEN, Program, SAME_RUN_IP_BYTES, STATUS_MISSING,
-        STATUS_OK, STATUS_UNREADABLE, STATUS_UNSUPPORTED, STATUS_WRONG_TYPE, STR_ASCII,
-        VALUE_BYTES, Value, Watch, WatchKey,
+        Name, OP_ATTR, OP_KEY_INT, OP_KEY_STR, OP_LEN, Program, STATUS_MISSING, STATUS_OK,
+        STATUS_UNREADABLE, STATUS_UNSUPPORTED, STATUS_WRONG_TYPE, STR_ASCII, VALUE_BYTES, Value,
+        Watch, WatchKey,
     },
     stats,
 };
@@ -121,12 +121,11 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         _pad: 0,
         addr,
     };
-    let Some(watch) = LOG_WATCH.get_ptr_mut(&key) else {
+    // SAFETY: values are only read while this program runs.
+    let Some(watch) = (unsafe { LOG_WATCH.get(&key) }) else {
         count_error(stats::LOG_NO_WATCH);
         return 0;
     };
-    // SAFETY: a map value, valid for the run.
-    let watch = unsafe { &mut *watch };
     let index = watch.logpoint;
     let Some(state) = LOG_STATE.get_ptr_mut(index) else {
         return 0;
@@ -187,28 +186,14 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         add(&mut state.other_frame);
         return 0;
     }
-    // A second access of the same run: the instruction testing or
-    // rewriting itself, or the load next to the one just counted in the
-    // same thread and frame.
-    let mut own = false;
-    for site in watch.own_sites {
-        if site != 0 && ip == site {
-            own = true;
-        }
-    }
-    let adjacent = process.split_unit_loads != 0
-        && watch.last_tid == tid
-        && watch.last_frame == frame
-        && ip != watch.last_ip
-        && ip.abs_diff(watch.last_ip) <= SAME_RUN_IP_BYTES;
-    if own || adjacent {
-        watch.last_frame = 0;
+    // A second read in one run: the instruction reading itself again
+    // after its handler started (see `Watch::started`).
+    let own = watch.started != 0
+        && read::<u64>(frame.wrapping_add(process.frame_instruction)) == Some(watch.started);
+    if own {
         add(&mut state.repeats);
         return 0;
     }
-    watch.last_tid = tid;
-    watch.last_frame = frame;
-    watch.last_ip = ip;
     let Some(program) = LOG_PROGRAMS.get(index) else {
         return 0;
     };

@@ -678,3 +678,200 @@ fn all_arms_in_every_process_running_the_file_including_later_ones() {
         Ok(())
     });
 }
+
+/// The line shapes of `fixtures/logpoint_shapes.py` (mark, what its first
+/// instruction is), four per session: a thread has four debug registers.
+const SHAPE_SESSIONS: [[&str; 4]; 2] = [
+    ["shape-global", "shape-fast", "shape-call", "shape-method"],
+    ["shape-attr", "shape-raise", "shape-except", "shape-last"],
+];
+
+/// Turns of the fixture's loop: the first ones run before the interpreter
+/// specializes the lines (3.11+), the later ones after, and the attribute
+/// line is respecialized as its two classes take turns.
+const SHAPE_TURNS: u32 = 40;
+
+#[test]
+fn every_line_shape_prints_exactly_one_line_per_run() {
+    let marks = marks("logpoint_shapes.py").unwrap();
+    for_each_interpreter("logpoint_shapes", |interp| {
+        for shapes in SHAPE_SESSIONS {
+            // A fresh process per session: its lines are not specialized
+            // yet when the log points arm.
+            let mut fixture = Fixture::start(interp, "logpoint_shapes.py", &[])?;
+            let pid = fixture.pid().to_string();
+            let mut args = vec![
+                "log".to_owned(),
+                "--pid".to_owned(),
+                pid.clone(),
+                "--rate".to_owned(),
+                "1000".to_owned(),
+            ];
+            for shape in shapes {
+                args.extend([
+                    "--at".to_owned(),
+                    format!("logpoint_shapes.py:{}", marks[shape]),
+                    "--when".to_owned(),
+                    "name == \"alpha\"".to_owned(),
+                    "--msg".to_owned(),
+                    format!("{shape} counter={{counter}}"),
+                ]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let probe = Probe::start(&args)?;
+            let startup = probe.startup();
+            fixture.call(&format!("run alpha {SHAPE_TURNS}"), "done")?;
+            // Dropped by the condition in the kernel.
+            fixture.call("run beta 3", "done")?;
+            let (stdout, stderr) = stop(probe)?;
+            for shape in shapes {
+                let got: Vec<&str> = stdout
+                    .lines()
+                    .map(message)
+                    .filter_map(|m| m.strip_prefix(shape)?.strip_prefix(' '))
+                    .collect();
+                let expected: Vec<String> =
+                    (0..SHAPE_TURNS).map(|i| format!("counter={i}")).collect();
+                ensure!(
+                    got == expected,
+                    "{shape} (line {}): got {} lines {got:?}\n{startup}\n{stderr}",
+                    marks[shape],
+                    got.len()
+                );
+                let summary = format!(
+                    "logpoint_shapes.py:{} in PID {pid}: {SHAPE_TURNS} printed; {} runs",
+                    marks[shape],
+                    SHAPE_TURNS + 3
+                );
+                ensure!(
+                    stderr.contains(&summary)
+                        && stderr.contains("dropped: 3 by the condition in the kernel"),
+                    "{shape}: no {summary:?} in {stderr}"
+                );
+            }
+            ensure!(
+                stdout.lines().count() == shapes.len() * SHAPE_TURNS as usize,
+                "{stdout}"
+            );
+        }
+        Ok(())
+    });
+}
+
+/// `fixtures/logpoint_twins.py` loads two files named `app.py`, as a Flask
+/// application beside `flask/app.py`: a path matching both is refused with
+/// both named, and a longer one picks one file, whose own lines and
+/// functions are the only ones suggested. A path that matches no loaded
+/// file waits, naming the loaded files it may have meant, and pyprobe ends
+/// with an error when it never armed.
+#[test]
+fn a_file_path_names_one_file_or_pyprobe_says_which_it_could_be() {
+    let shop_line = marks("twins/shop/app.py").unwrap()["twin-shop"];
+    for_each_interpreter("logpoint_files", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_twins.py", &[])?;
+        let pid = fixture.pid().to_string();
+        let dir = pyprobe_tests::fixture_path("twins").canonicalize()?;
+        let shop = dir.join("shop/app.py").display().to_string();
+        let framework = dir.join("framework/app.py").display().to_string();
+        let both = format!(
+            "app.py matches 2 loaded files: {framework}, {shop}; give more of the path (e.g. framework/app.py)"
+        );
+        for at in [
+            format!("app.py:{shop_line}"),
+            "app.py:handle".into(),
+            "app.py:5000".into(),
+        ] {
+            let e = fails(&["log", "--pid", &pid, "--at", &at])?;
+            ensure!(
+                e.contains(&both) && e.lines().count() == 1,
+                "--at {at}: {e}"
+            );
+        }
+        // Suggestions from the one file: shop/app.py ends at line 6, the
+        // framework's at line 20.
+        let e = fails(&["log", "--pid", &pid, "--at", "shop/app.py:5000"])?;
+        ensure!(
+            e.trim_end()
+                .ends_with("no code at shop/app.py:5000; lines with code nearby: 4, 5, 6"),
+            "{e}"
+        );
+        let e = fails(&["log", "--pid", &pid, "--at", "twins/shop/app.py:setup"])?;
+        ensure!(
+            e.trim_end()
+                .ends_with("no function setup in twins/shop/app.py; functions there: handle"),
+            "{e}"
+        );
+        // The longer path arms on the application's file only.
+        let at = format!("shop/app.py:{shop_line}");
+        let probe = Probe::start(&["log", "--pid", &pid, "--at", &at, "--msg", "order={order}"])?;
+        fixture.call("run", "done")?;
+        let (stdout, stderr) = stop(probe)?;
+        let messages: Vec<&str> = stdout.lines().map(message).collect();
+        ensure!(
+            messages == ["order=1", "order=2", "order=3"],
+            "{stdout}\n{stderr}"
+        );
+        ensure!(
+            stdout
+                .lines()
+                .all(|l| l.contains(&format!("{shop}:{shop_line} "))),
+            "{stdout}"
+        );
+        // A typo: it waits, says which loaded files look like it, and ends
+        // with an error saying it never armed.
+        let out = Command::new(pyprobe_bin())
+            .args([
+                "log",
+                "--pid",
+                &pid,
+                "--at",
+                "shopp/app.py:5",
+                "--duration",
+                "0.5",
+            ])
+            .output()?;
+        let e = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && out.stdout.is_empty(), "{e}");
+        ensure!(
+            e.contains(&format!(
+                "log point 1 (shopp/app.py:5) waits for shopp/app.py to be imported in PID {pid}; it arms when it is \
+                 (loaded now with a similar name: {framework}, {shop})"
+            )),
+            "{e}"
+        );
+        ensure!(
+            e.contains(&format!(
+                "log point 1 (shopp/app.py:5) never armed: shopp/app.py was not loaded in PID {pid}"
+            )) && e
+                .lines()
+                .last()
+                .is_some_and(|l| l.contains("error: log point 1 never armed")),
+            "{e}"
+        );
+        Ok(())
+    });
+    // Under --all (any interpreter): one line for the log point, none per
+    // process.
+    let out = Command::new(pyprobe_bin())
+        .args([
+            "log",
+            "--all",
+            "--at",
+            "shopp/app.py:5",
+            "--duration",
+            "0.5",
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    let never: Vec<&str> = e.lines().filter(|l| l.contains("never armed")).collect();
+    assert!(
+        never
+            == [
+                "pyprobe: log point 1 (shopp/app.py:5) never armed: shopp/app.py was not loaded by any Python process",
+                "pyprobe: error: log point 1 never armed: check the path or module name in --at (a file matches by the end of its path)"
+            ],
+        "{e}"
+    );
+}

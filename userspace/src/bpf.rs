@@ -783,8 +783,9 @@ impl LogProbes {
             })
     }
 
-    /// Sets a read/write hardware watchpoint on the 2 bytes at `addr` in
-    /// thread `tid`, inherited by the threads it starts from now on.
+    /// Sets a read/write hardware watchpoint on the byte at `addr` (an
+    /// instruction's oparg) in thread `tid`, inherited by the threads it
+    /// starts from now on.
     pub fn set_watchpoint(&mut self, tid: u32, addr: u64) -> Result<PerfEventLinkId, WatchError> {
         use aya::programs::perf_event::{
             BreakpointConfig, PerfBreakpointLength, PerfBreakpointType, PerfEventConfig,
@@ -805,7 +806,7 @@ impl LogProbes {
                 PerfEventConfig::Breakpoint(BreakpointConfig::Data {
                     r#type: PerfBreakpointType::ReadWrite,
                     address: addr,
-                    length: PerfBreakpointLength::Len2,
+                    length: PerfBreakpointLength::Len1,
                 }),
                 PerfEventScope::OneProcess {
                     pid: tid,

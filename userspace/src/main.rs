@@ -43,9 +43,9 @@ enum Command {
     ///
     /// Mechanism: a hardware watchpoint on the probed instruction, so code
     /// that does not reach it never traps (an enabled debug register may
-    /// slow a watched thread by about 1% on a VM); each hit costs a debug
-    /// trap (5-8 µs on the test VM; 3.12 reads an instruction twice: two
-    /// traps). x86 has 4 watchpoints per thread: at most 4 log points per
+    /// slow a watched thread by about 1% on a VM); each run of the probed
+    /// line costs one debug trap (5-8 µs on the test VM). x86 has 4
+    /// watchpoints per thread: at most 4 log points per
     /// process. With --all, every Python process running the code, now or
     /// later.
     ///

@@ -1,7 +1,7 @@
 //! Where a log point goes: from what the user wrote (`app.py:42`,
 //! `app.py:handle_order`, `app.py:Order.describe`, `pkg.mod:Class.method`)
 //! to the code objects of a live process, and in each the instruction whose
-//! opcode byte is watched. Everything is read from the target's memory
+//! oparg byte is watched. Everything is read from the target's memory
 //! through [`Target`]; nothing runs in the target, and per-version knowledge
 //! comes only from [`crate::python::offsets`].
 //!
@@ -47,7 +47,11 @@
 //! when it ends with the given path at a `/` boundary (`app.py` matches
 //! `/srv/x/app.py`, not `/srv/myapp.py`), except that two absolute paths
 //! must be equal; a relative `co_filename` (a script started by a relative
-//! path on 3.8) also matches a given path that ends with it.
+//! path on 3.8) also matches a given path that ends with it. When the given
+//! path matches several files (`app.py`: the application's and
+//! `flask/app.py`), nothing is chosen: [`LocateError::AmbiguousFile`] lists
+//! them and names a longer path that tells them apart. Everything else
+//! (lines, functions, suggestions in errors) then comes from the one file.
 //!
 //! # `MODULE:QUALNAME`
 //!
@@ -314,9 +318,10 @@ pub struct Found {
     pub line: u32,
     /// Code unit index of the probed instruction.
     pub instr_index: u32,
-    /// Address of the probed instruction's opcode byte in the target
-    /// (`co_code` data up to 3.10, `co_code_adaptive` from 3.11).
-    pub watch_addr: u64,
+    /// Address of the probed instruction's code unit (its opcode byte) in
+    /// the target (`co_code` data up to 3.10, `co_code_adaptive` from
+    /// 3.11).
+    pub unit_addr: u64,
     /// Whether the probed instruction is the code object's start (see the
     /// module docs).
     pub function_start: bool,
@@ -325,6 +330,20 @@ pub struct Found {
     pub varnames: Vec<String>,
     /// `co_argcount`.
     pub argcount: u32,
+}
+
+impl Found {
+    /// The byte a log point's watchpoint is on: the instruction's oparg.
+    /// Every run of an instruction reads it, from the dispatch that starts
+    /// the run (with the opcode, or alone where the eval loop loads the
+    /// two bytes apart, as 3.12 does), or from the superinstruction before
+    /// it that runs it (3.11, 3.12). What is not a run leaves it alone: an
+    /// instruction re-reading its opcode to re-dispatch after specializing,
+    /// 3.13+ `RESUME` testing and rewriting its opcode, specialization and
+    /// instrumentation rewriting opcodes.
+    pub fn watched_byte(&self) -> u64 {
+        self.unit_addr.wrapping_add(1)
+    }
 }
 
 /// Why a location resolves to nothing. Every message is one line that says
@@ -391,6 +410,19 @@ pub enum LocateError {
         /// The qualified names it could mean.
         candidates: Vec<String>,
     },
+    /// A relative path matches several loaded files.
+    #[error(
+        "{file} matches {} loaded files: {}; give more of the path (e.g. {})",
+        .candidates.len(),
+        .candidates.join(", "),
+        shortest_unique(.candidates, .file)
+    )]
+    AmbiguousFile {
+        /// The file as given.
+        file: String,
+        /// The full paths it matches (`co_filename`), sorted.
+        candidates: Vec<String>,
+    },
     /// Reading the process failed.
     #[error(transparent)]
     Read(#[from] ReadError),
@@ -405,6 +437,26 @@ impl LocateError {
             LocateError::NotLoaded { .. } | LocateError::ModuleNotLoaded { .. }
         )
     }
+}
+
+/// The shortest tail of the first candidate that matches no other one: a
+/// path the user can give instead of `file`.
+fn shortest_unique(candidates: &[String], file: &str) -> String {
+    let Some(first) = candidates.first() else {
+        return file.to_owned();
+    };
+    let keys: Vec<PathKey> = candidates.iter().map(|c| PathKey::new(c)).collect();
+    let segments = &keys[0].segments;
+    for n in 1..=segments.len() {
+        let tail = PathKey {
+            absolute: false,
+            segments: segments[segments.len() - n..].to_vec(),
+        };
+        if keys[1..].iter().all(|k| !tail.matches_suffix(k)) {
+            return tail.segments.join("/");
+        }
+    }
+    first.clone()
 }
 
 fn nearby_text(nearby: &[u32]) -> String {
@@ -486,6 +538,17 @@ impl<M: Memory> Target<M> {
                 },
             });
         }
+        if let Files::Suffix(_) = scan.files {
+            let file = loc.file_or_module();
+            let files: BTreeSet<&str> = scan.nodes.values().map(|n| n.filename.as_str()).collect();
+            let distinct: BTreeSet<PathKey> = files.iter().map(|f| PathKey::new(f)).collect();
+            if distinct.len() > 1 {
+                return Err(LocateError::AmbiguousFile {
+                    file: file.to_owned(),
+                    candidates: files.into_iter().map(str::to_owned).collect(),
+                });
+            }
+        }
         let mut found = match loc {
             Location::FileLine { file, line } => scan.by_line(file, *line)?,
             Location::FileFunction { qualname, .. } | Location::ModuleQualname { qualname, .. } => {
@@ -506,7 +569,7 @@ impl<M: Memory> Target<M> {
 
 /// A path cut into segments for comparison: `.` segments dropped, `..`
 /// applied where it can be and dropped at the start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct PathKey {
     absolute: bool,
     segments: Vec<String>,
@@ -1254,7 +1317,7 @@ impl<'t, M: Memory> Scan<'t, M> {
             qualname,
             line: u32::try_from(line).unwrap_or(0),
             instr_index: index,
-            watch_addr: base.wrapping_add(2 * u64::from(index)),
+            unit_addr: base.wrapping_add(2 * u64::from(index)),
             function_start: index == start,
             varnames,
             argcount: node.argcount,
@@ -1381,6 +1444,61 @@ impl<'t, M: Memory> Scan<'t, M> {
         }
         Ok(out)
     }
+}
+
+impl<M: Memory> Target<M> {
+    /// Every module in the interpreters' `sys.modules`, with its
+    /// `__file__` when it has one: what a log point waiting for a file or
+    /// module can be compared with.
+    pub fn loaded_modules(&self) -> Result<Vec<(String, Option<String>)>, ReadError> {
+        let mut out = Vec::new();
+        for interp in self.interpreters()? {
+            let Some(modules) = sys_modules(self, interp)? else {
+                continue;
+            };
+            for (key, value) in dict_items(self, modules)? {
+                let Ok(name) = self.read_str(key) else {
+                    continue;
+                };
+                let file = module_file(self, value).ok().flatten();
+                out.push((name, file));
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// Most names offered in a "did you mean" list.
+const SIMILAR_LISTED: usize = 5;
+
+/// The loaded files or modules that look like `given` (a file or module
+/// the process has not loaded): the same base name in another directory,
+/// or a base name a few letters off. Closest first.
+pub fn similar_names<'a>(given: &str, names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let base = |s: &str| -> String {
+        s.rsplit(['/', '.'])
+            .find(|p| !p.is_empty() && *p != "py")
+            .unwrap_or(s)
+            .to_lowercase()
+    };
+    let wanted = base(given);
+    let mut scored: Vec<(usize, String)> = names
+        .into_iter()
+        .filter_map(|name| {
+            let distance = strsim::levenshtein(&wanted, &base(name));
+            let allowed = (wanted.chars().count() / 4).max(1);
+            (distance <= allowed).then(|| (distance, name.to_owned()))
+        })
+        .collect();
+    scored.sort();
+    scored.dedup();
+    scored
+        .into_iter()
+        .take(SIMILAR_LISTED)
+        .map(|(_, n)| n)
+        .collect()
 }
 
 /// The `sys.modules` dict of an interpreter, if it has one.
@@ -1669,6 +1787,50 @@ mod tests {
         assert!(matches("app.py", "app.py"));
         assert!(!matches("app.py", "<frozen app>"));
         assert!(!matches("", "/srv/x/app.py"));
+    }
+
+    #[test]
+    fn an_ambiguous_file_names_its_candidates_and_a_longer_path() {
+        let e = LocateError::AmbiguousFile {
+            file: "app.py".into(),
+            candidates: vec![
+                "/srv/site-packages/flask/app.py".into(),
+                "/srv/shop/app.py".into(),
+            ],
+        };
+        assert_eq!(
+            e.to_string(),
+            "app.py matches 2 loaded files: /srv/site-packages/flask/app.py, /srv/shop/app.py; \
+             give more of the path (e.g. flask/app.py)"
+        );
+        // When the parent directories are the same, more is needed.
+        assert_eq!(
+            shortest_unique(&["/a/x/app.py".into(), "/b/x/app.py".into()], "app.py"),
+            "a/x/app.py"
+        );
+    }
+
+    #[test]
+    fn similar_names_are_the_same_base_name_or_a_few_letters_off() {
+        let loaded = [
+            "/srv/shop/app.py",
+            "/usr/lib/python3/flask/app.py",
+            "/srv/shop/handlers.py",
+            "/usr/lib/python3/json/__init__.py",
+        ];
+        assert_eq!(
+            similar_names("shopp/app.py", loaded),
+            ["/srv/shop/app.py", "/usr/lib/python3/flask/app.py"]
+        );
+        assert_eq!(
+            similar_names("handler.py", loaded),
+            ["/srv/shop/handlers.py"]
+        );
+        assert!(similar_names("models.py", loaded).is_empty());
+        assert_eq!(
+            similar_names("shop.handler", ["shop.handlers", "json", "shop"]),
+            ["shop.handlers"]
+        );
     }
 
     #[test]
@@ -1970,7 +2132,7 @@ print(json.dumps(out))
         assert!(found.function_start, "{label} {what}");
         assert_eq!(found.line, line, "{label} {what}: line");
         assert_eq!(
-            target.mem.read_u8(found.watch_addr).unwrap(),
+            target.mem.read_u8(found.unit_addr).unwrap(),
             opcode,
             "{label} {what}: opcode at the watched address"
         );
@@ -2032,7 +2194,7 @@ print(json.dumps(out))
         assert_eq!(at_line.line, total, "{label}");
         assert_eq!(at_line.instr_index, index, "{label}");
         assert_eq!(
-            target.mem.read_u8(at_line.watch_addr).unwrap(),
+            target.mem.read_u8(at_line.unit_addr).unwrap(),
             opcode,
             "{label}: opcode of the line's first instruction"
         );
@@ -2201,8 +2363,8 @@ print(json.dumps(out))
         child.command("run", "done");
         let again = one(label, &target, &line("logpoint_workload.py", total));
         assert_eq!(
-            (again.code, again.instr_index, again.watch_addr),
-            (at_line.code, at_line.instr_index, at_line.watch_addr)
+            (again.code, again.instr_index, again.unit_addr),
+            (at_line.code, at_line.instr_index, at_line.unit_addr)
         );
         writeln!(child.stdin, "quit").unwrap();
     }
@@ -2345,7 +2507,7 @@ for line in sys.stdin:
         let (index, opcode) = code.lines[&comp_line.to_string()];
         assert_eq!(comp.instr_index, index, "{label}");
         assert_eq!(
-            target.mem.read_u8(comp.watch_addr).unwrap(),
+            target.mem.read_u8(comp.unit_addr).unwrap(),
             opcode,
             "{label}"
         );

@@ -4,7 +4,7 @@
 //! For each process: the log point's location is resolved to code objects
 //! ([`super::locate`]); for each, its condition and message are compiled to
 //! a kernel [`Program`](pyprobe_common::logpoint::Program) over the code's
-//! locals; the probed instruction's opcode byte is registered in the
+//! locals; the probed instruction's oparg byte is registered in the
 //! kernel's watch map and a hardware watchpoint is set on it in every
 //! thread. A log point whose file is not imported yet waits: the process
 //! is scanned again every second and the log point arms itself when the
@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use pyprobe_common::logpoint::{
-    EVAL_RANGES, LogProcess, MAX_LOGPOINTS, NO_REGISTER, OWN_SITES, Watch, WatchKey,
+    EVAL_RANGES, LogProcess, MAX_LOGPOINTS, NO_REGISTER, Watch, WatchKey,
 };
 use serde_json::json;
 
@@ -31,14 +31,14 @@ use super::{
     eval::{self, Captured},
     expr::{self, Expr, Segment},
     hit::{self, HitValues},
-    locate::{Found, Location, parse_location},
+    locate::{Found, LocateError, Location, parse_location, similar_names},
 };
 use crate::{
     bpf::{LogCounters, LogProbes, WatchError},
     live,
     python::{
         memory::{Memory, ProcessMemory},
-        offsets::{InstanceDictModel, LongModel, ResumeOpcodes},
+        offsets::{InstanceDictModel, InstructionModel, LongModel},
         reader::Target,
     },
 };
@@ -149,12 +149,6 @@ struct Armed {
 /// A watched process.
 struct Process {
     target: Target<ProcessMemory>,
-    /// Its interpreter binary.
-    image: crate::elf::ElfImage,
-    /// Where the binary is loaded.
-    load_bias: u64,
-    /// Where RESUME tests and rewrites itself (link-time), once needed.
-    resume_sites: Option<Vec<u64>>,
     /// Log points (by index) not armed yet, waiting for their code.
     waiting: Vec<usize>,
     /// Code objects that appeared after their log point armed and could
@@ -174,8 +168,16 @@ const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     let points = parse_points(&opts)?;
     crate::privileges::check()?;
+    // Every --pid is attached and its log points resolved and compiled
+    // before the programs are loaded into the kernel: a wrong --at or
+    // --when fails in a fraction of a second.
+    let mut attached = Vec::new();
     for &pid in &opts.pids {
         crate::process::find_interpreter(pid)?;
+        let a = Attached::new(pid, &points).with_context(|| format!("setting up PID {pid}"))?;
+        a.check(&points)
+            .with_context(|| format!("setting up PID {pid}"))?;
+        attached.push(a);
     }
     let mut session = Session {
         probes: LogProbes::load()?,
@@ -187,9 +189,10 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         clock: Clock::new(),
         printed: 0,
     };
-    for &pid in &opts.pids {
+    for a in attached {
+        let pid = a.pid;
         session
-            .add(pid, false)
+            .add_attached(a, false)
             .with_context(|| format!("setting up PID {pid}"))?;
     }
     if opts.all {
@@ -315,6 +318,68 @@ fn clock_text(ns: i128) -> String {
     )
 }
 
+/// A process attached and its log points resolved, before anything is
+/// loaded into the kernel.
+struct Attached {
+    pid: u32,
+    target: Target<ProcessMemory>,
+    image: crate::elf::ElfImage,
+    /// What each log point resolved to, by index.
+    located: Vec<Result<Vec<Found>, LocateError>>,
+}
+
+impl Attached {
+    fn new(pid: u32, points: &[Point]) -> anyhow::Result<Attached> {
+        let (target, image) = Target::attach_with_image(pid, |m| m)?;
+        let located = points
+            .iter()
+            .map(|p| target.find_code(&p.location))
+            .collect();
+        Ok(Attached {
+            pid,
+            target,
+            image,
+            located,
+        })
+    }
+
+    /// The first error a log point would meet when armed: its location
+    /// (but for "not loaded yet", when it waits), or its condition or
+    /// message over the code found.
+    fn check(&self, points: &[Point]) -> anyhow::Result<()> {
+        for (point, located) in points.iter().zip(&self.located) {
+            let found = match located {
+                Ok(found) => found,
+                Err(e) if e.is_not_loaded() => continue,
+                Err(e) => bail!("{}: {e}", point.spec.label()),
+            };
+            for f in found {
+                point.compile_for(f)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Point {
+    /// The kernel program and userspace evaluation of this log point at
+    /// the code `found`.
+    fn compile_for(&self, found: &Found) -> anyhow::Result<Compiled> {
+        let template = if self.spec.msg.is_some() {
+            self.template.clone()
+        } else {
+            default_template(found)
+        };
+        compile(
+            self.condition.as_ref(),
+            &template,
+            &found.varnames,
+            &found.qualname,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", self.spec.label()))
+    }
+}
+
 struct Session {
     probes: LogProbes,
     points: Vec<Point>,
@@ -332,7 +397,18 @@ impl Session {
     /// `--all`): say nothing of log points waiting for their code, and
     /// print the attach line only when one was armed.
     fn add(&mut self, pid: u32, quiet: bool) -> anyhow::Result<()> {
-        let (target, image) = Target::attach_with_image(pid, |m| m)?;
+        let attached = Attached::new(pid, &self.points)?;
+        self.add_attached(attached, quiet)
+    }
+
+    /// [`Self::add`] for a process already attached.
+    fn add_attached(&mut self, attached: Attached, quiet: bool) -> anyhow::Result<()> {
+        let Attached {
+            pid,
+            target,
+            image,
+            located,
+        } = attached;
         let config = process_config(&target, &image)?;
         self.probes.configure(pid, &config)?;
         // Before any arming: a code object freed unseen would keep its
@@ -343,20 +419,16 @@ impl Session {
             self.probes.watch_code_frees(interp, offset, pid)?;
         }
         let version = target.version.to_string();
-        let load_bias = target.interpreter.as_ref().map_or(0, |i| i.load_bias);
         self.processes.insert(
             pid,
             Process {
                 target,
-                image,
-                load_bias,
-                resume_sites: None,
                 waiting: (0..self.points.len()).collect(),
                 refused: BTreeSet::new(),
                 type_names: HashMap::new(),
             },
         );
-        let lines = self.arm_waiting(pid, !quiet)?;
+        let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
         for line in &lines {
             eprintln!("pyprobe: {line}");
         }
@@ -369,14 +441,31 @@ impl Session {
     /// Tries to arm the log points of `pid` that wait for their code.
     /// At start (`first`), every error but "not loaded yet" is fatal.
     fn arm_waiting(&mut self, pid: u32, first: bool) -> anyhow::Result<Vec<String>> {
-        let mut lines = Vec::new();
         let waiting = std::mem::take(&mut self.processes.get_mut(&pid).expect("added").waiting);
+        let located = waiting
+            .into_iter()
+            .map(|index| {
+                let found = self.processes[&pid]
+                    .target
+                    .find_code(&self.points[index].location);
+                (index, found)
+            })
+            .collect();
+        self.arm_located(pid, first, located)
+    }
+
+    /// Arms log points of `pid` on the code found for them, and keeps
+    /// those whose code is not loaded waiting (the process's waiting list
+    /// becomes exactly those).
+    fn arm_located(
+        &mut self,
+        pid: u32,
+        first: bool,
+        located: Vec<(usize, Result<Vec<Found>, LocateError>)>,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
         let mut still = Vec::new();
-        for index in waiting {
-            let found = {
-                let process = &self.processes[&pid];
-                process.target.find_code(&self.points[index].location)
-            };
+        for (index, found) in located {
             match found {
                 Ok(found) => {
                     for f in found {
@@ -385,11 +474,22 @@ impl Session {
                 }
                 Err(e) if e.is_not_loaded() => {
                     if first {
+                        let point = &self.points[index];
+                        let similar = self.processes[&pid]
+                            .target
+                            .loaded_modules()
+                            .map(|modules| similar_loaded(&point.location, &modules))
+                            .unwrap_or_default();
                         lines.push(format!(
-                            "log point {} ({}) waits: {} is not loaded in PID {pid} yet; it arms when it is",
+                            "log point {} ({}) waits for {} to be imported in PID {pid}; it arms when it is{}",
                             index + 1,
-                            self.points[index].spec.at,
-                            self.points[index].location.file_or_module(),
+                            point.spec.at,
+                            point.location.file_or_module(),
+                            if similar.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (loaded now with a similar name: {})", similar.join(", "))
+                            },
                         ));
                     }
                     still.push(index);
@@ -413,13 +513,7 @@ impl Session {
         } else {
             default_template(&found)
         };
-        let mut compiled = compile(
-            p.condition.as_ref(),
-            &template,
-            &found.varnames,
-            &found.qualname,
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", p.spec.label()))?;
+        let mut compiled = p.compile_for(&found)?;
         let index = self.armed.len() as u32;
         if index >= MAX_LOGPOINTS {
             bail!("more than {MAX_LOGPOINTS} armed code objects");
@@ -442,49 +536,23 @@ impl Session {
             }
             _ => 0,
         };
-        // A function start is a RESUME (3.11+), which tests and rewrites
-        // itself from its own handler (3.13+).
-        let mut own_sites = [0u64; OWN_SITES];
-        if let (
-            true,
-            Some(ResumeOpcodes {
-                resume,
-                check: Some(check),
-                ..
-            }),
-        ) = (found.function_start, target.info.layout.resume_opcodes)
-        {
-            let load_bias = process.load_bias;
-            let sites = process.resume_sites.get_or_insert_with(|| {
-                crate::python::start_sites::resume_self_access_sites(&process.image, resume, check)
-            });
-            if sites.len() > OWN_SITES {
-                bail!(
-                    "{} places in the interpreter rewrite RESUME in place; pyprobe handles {OWN_SITES}",
-                    sites.len()
-                );
-            }
-            for (slot, site) in own_sites.iter_mut().zip(sites.iter()) {
-                *slot = load_bias.wrapping_add(*site);
-            }
-        }
         self.probes.watch(
             WatchKey {
                 tgid: pid,
                 _pad: 0,
-                addr: found.watch_addr,
+                addr: found.watched_byte(),
             },
             &Watch {
                 logpoint: index,
                 code: found.code,
+                started: started_marker(target.info.layout.instruction, &found),
                 frame_bytes,
-                own_sites,
                 ..Watch::default()
             },
         )?;
         let mut links = Vec::new();
         for tid in crate::profile::threads::task_ids(pid) {
-            let error = match self.probes.set_watchpoint(tid, found.watch_addr) {
+            let error = match self.probes.set_watchpoint(tid, found.watched_byte()) {
                 Ok(link) => {
                     links.push(link);
                     continue;
@@ -505,7 +573,7 @@ impl Session {
                 WatchKey {
                     tgid: pid,
                     _pad: 0,
-                    addr: found.watch_addr,
+                    addr: found.watched_byte(),
                 },
                 found.code,
             )?;
@@ -562,7 +630,7 @@ impl Session {
                 WatchKey {
                     tgid: armed.pid,
                     _pad: 0,
-                    addr: armed.found.watch_addr,
+                    addr: armed.found.watched_byte(),
                 },
                 armed.found.code,
             )?;
@@ -672,7 +740,7 @@ impl Session {
                             && !a.retired
                             && a.point == point
                             && a.found.code == f.code
-                            && a.found.watch_addr == f.watch_addr
+                            && a.found.unit_addr == f.unit_addr
                     });
                 if known {
                     continue;
@@ -876,12 +944,38 @@ impl Session {
                 c.repeats,
             );
         }
-        for (pid, process) in &self.processes {
-            for &index in &process.waiting {
+        // A log point that never armed is most likely a wrong path: say so
+        // once per log point (under --all, not once per unrelated process),
+        // and end with an error.
+        let mut never = Vec::new();
+        for (index, point) in self.points.iter().enumerate() {
+            let waiting_in: Vec<u32> = self
+                .processes
+                .iter()
+                .filter(|(_, p)| p.waiting.contains(&index))
+                .map(|(pid, _)| *pid)
+                .collect();
+            let armed_somewhere = self.armed.iter().any(|a| a.point == index);
+            if !armed_somewhere {
+                let r#where = if self.opts.all {
+                    "by any Python process".to_owned()
+                } else {
+                    format!("in {}", pid_list(&waiting_in))
+                };
                 eprintln!(
-                    "pyprobe: log point {} ({}) never armed in PID {pid}: its code was not loaded",
+                    "pyprobe: log point {} ({}) never armed: {} was not loaded {where}",
                     index + 1,
-                    self.points[index].spec.at
+                    point.spec.at,
+                    point.location.file_or_module(),
+                );
+                never.push(index + 1);
+            } else if !self.opts.all && !waiting_in.is_empty() {
+                eprintln!(
+                    "pyprobe: log point {} ({}) never armed in {}: {} was not loaded there",
+                    index + 1,
+                    point.spec.at,
+                    pid_list(&waiting_in),
+                    point.location.file_or_module(),
                 );
             }
         }
@@ -892,7 +986,38 @@ impl Session {
                  {unreadable} with unreadable frames"
             );
         }
+        if !never.is_empty() {
+            let which: Vec<String> = never.iter().map(usize::to_string).collect();
+            bail!(
+                "log point{} {} never armed: check the path or module name in --at (a file matches by the end of its path)",
+                if never.len() == 1 { "" } else { "s" },
+                which.join(", ")
+            );
+        }
         Ok(())
+    }
+}
+
+/// `PID 12` or `PIDs 12, 13`.
+fn pid_list(pids: &[u32]) -> String {
+    let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    match pids.len() {
+        0 => "the watched processes".to_owned(),
+        1 => format!("PID {}", list[0]),
+        _ => format!("PIDs {}", list.join(", ")),
+    }
+}
+
+/// Loaded files (for a file location) or modules (for a module location)
+/// with a name like the one a waiting log point asks for.
+fn similar_loaded(location: &Location, modules: &[(String, Option<String>)]) -> Vec<String> {
+    match location {
+        Location::FileLine { file, .. } | Location::FileFunction { file, .. } => {
+            similar_names(file, modules.iter().filter_map(|(_, f)| f.as_deref()))
+        }
+        Location::ModuleQualname { module, .. } => {
+            similar_names(module, modules.iter().map(|(m, _)| m.as_str()))
+        }
     }
 }
 
@@ -939,6 +1064,20 @@ fn captured_json(v: &Captured) -> serde_json::Value {
             json!({ "type": type_name, "address": format!("{address:#x}") })
         }
         Captured::Missing(why) => json!({ "missing": why }),
+    }
+}
+
+/// What the frame's instruction field holds once the watched instruction
+/// has started in the frame (see [`Watch::started`]), or 0 where that
+/// cannot tell a second read of a run from the first: up to 3.10 the eval
+/// loop stores `f_lasti` before reading the opcode, and from 3.13 a new
+/// frame starts with `instr_ptr` at unit 0.
+fn started_marker(model: InstructionModel, found: &Found) -> u64 {
+    match model {
+        InstructionModel::LastiBytes | InstructionModel::LastiUnits => 0,
+        InstructionModel::PrevInstr => found.unit_addr,
+        InstructionModel::InstrPtr if found.instr_index == 0 => 0,
+        InstructionModel::InstrPtr => found.unit_addr,
     }
 }
 
@@ -1012,7 +1151,6 @@ fn process_config(
         )
         .map_or(NO_REGISTER, |r| u64::from(r.bpf_index())),
         tstate_datastack_top: o.tstate_datastack_top.unwrap_or(0),
-        split_unit_loads: u64::from(layout.split_unit_loads),
         ..LogProcess::default()
     };
     (c.tstate_frame, c.cframe_current_frame) = crate::profile::config::current_frame_link(o);

@@ -209,10 +209,6 @@ pub struct Layout {
     pub dict_keys: DictKeysModel,
     /// Where instances keep their attributes.
     pub instance_dict: InstanceDictModel,
-    /// Whether the eval loop loads an instruction's opcode and oparg with
-    /// two separate byte loads (measured on 3.12.1: a data watchpoint on the
-    /// code unit traps twice per run), rather than one 16-bit load.
-    pub split_unit_loads: bool,
     /// Mask to apply to `_PyStackRef` words (frame code, locals) to get a
     /// pointer: `!0` before 3.14, `!3` from 3.14.
     pub stackref_mask: u64,
@@ -434,7 +430,6 @@ const fn layout_38_310(instruction: InstructionModel, line_table: LineTableForma
         long: LongModel::ObSize,
         dict_keys: DictKeysModel::Sized,
         instance_dict: InstanceDictModel::TypeOffset,
-        split_unit_loads: false,
         stackref_mask: !0,
         line_table,
         resume_opcodes: None,
@@ -458,7 +453,6 @@ const fn layout_311_plus(
         long,
         dict_keys: DictKeysModel::Log2,
         instance_dict,
-        split_unit_loads: false,
         stackref_mask,
         line_table: LineTableFormat::Locations,
         resume_opcodes: Some(resume_opcodes),
@@ -716,30 +710,27 @@ pub const PY312: VersionInfo = VersionInfo {
         heaptype_cached_keys: 880,
         ..offsets_311_plus(52, 68, 72, 192, 176)
     },
-    layout: Layout {
-        split_unit_loads: true,
-        ..layout_311_plus(
-            InstructionModel::PrevInstr,
-            InstanceDictModel::TaggedDictOrValues,
-            EntryFrames::OwnerAtLeast(3),
-            LongModel::LvTag,
-            !0,
-            ResumeOpcodes {
-                resume: 151,
-                quick: None,
-                check: None,
-                instrumented: Some(240),
-            },
-            ExitOpcodes {
-                return_value: 83,
-                return_const: Some(121),
-                yield_value: 150,
-                instrumented_return_value: Some(242),
-                instrumented_return_const: Some(247),
-                instrumented_yield_value: Some(243),
-            },
-        )
-    },
+    layout: layout_311_plus(
+        InstructionModel::PrevInstr,
+        InstanceDictModel::TaggedDictOrValues,
+        EntryFrames::OwnerAtLeast(3),
+        LongModel::LvTag,
+        !0,
+        ResumeOpcodes {
+            resume: 151,
+            quick: None,
+            check: None,
+            instrumented: Some(240),
+        },
+        ExitOpcodes {
+            return_value: 83,
+            return_const: Some(121),
+            yield_value: 150,
+            instrumented_return_value: Some(242),
+            instrumented_return_const: Some(247),
+            instrumented_yield_value: Some(243),
+        },
+    ),
 };
 
 /// CPython 3.13 (measured on 3.13.0; `_Py_DebugOffsets` is preferred when

@@ -1264,54 +1264,6 @@ pub fn eval_frame_register(
     detect_frame_register(image, &table, instruction_offset)
 }
 
-/// Where the eval loop's code tests or rewrites a RESUME unit in place
-/// (3.13+: `if (this_instr->op.code == RESUME) this_instr->op.code =
-/// RESUME_CHECK;`): the address after each byte-sized `cmp` with `resume` and
-/// each byte-sized store of `check` to memory, found by a linear sweep of
-/// the code of `_PyEval_EvalFrameDefault` (link-time addresses). A data
-/// watchpoint on the unit reports these addresses for the handler's own
-/// accesses, which are not new runs of the instruction.
-pub fn resume_self_access_sites(image: &ElfImage, resume: u8, check: u8) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut insn = Instruction::default();
-    for range in eval_loop_code(image) {
-        let Ok(offset) = image.vaddr_to_file_offset(range.start) else {
-            continue;
-        };
-        let Some(len) = usize::try_from(range.end - range.start)
-            .ok()
-            .map(|l| l.min(MAX_FUNCTION_BYTES as usize))
-        else {
-            continue;
-        };
-        let Some(bytes) = image.bytes_at(offset, len) else {
-            continue;
-        };
-        let mut decoder = Decoder::with_ip(64, bytes, range.start, DecoderOptions::NONE);
-        while decoder.can_decode() {
-            decoder.decode_out(&mut insn);
-            if insn.is_invalid() || insn.op_count() != 2 || insn.op0_kind() != OpKind::Memory {
-                continue;
-            }
-            if insn.memory_size() != iced_x86::MemorySize::UInt8
-                || insn.op1_kind() != OpKind::Immediate8
-            {
-                continue;
-            }
-            let imm = insn.immediate8();
-            let wanted = match insn.mnemonic() {
-                Mnemonic::Cmp => imm == resume,
-                Mnemonic::Mov => imm == check,
-                _ => false,
-            };
-            if wanted {
-                out.push(insn.next_ip());
-            }
-        }
-    }
-    out
-}
-
 /// The code ranges of `_PyEval_EvalFrameDefault` in `image` (link-time
 /// addresses): its symbol, any `.cold` symbol of it, and the FDEs its body
 /// branches into the middle of. Empty without the symbol.
