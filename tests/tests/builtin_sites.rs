@@ -15,7 +15,7 @@ use pyprobe::{
     calls::builtins::{
         BuiltinCallable, BuiltinKind, BuiltinTypes, METH_CALL_BITS, METH_FASTCALL, METH_KEYWORDS,
         METH_METHOD, METH_NOARGS, METH_O, METH_VARARGS, builtin_label, find_builtin_callables,
-        find_builtin_sites,
+        find_builtin_sites, vectorcall_choices,
     },
     elf::ElfImage,
     process,
@@ -203,6 +203,14 @@ fn check(interp: &Interpreter) -> anyhow::Result<()> {
     if let Some(cmethod) = types.cmethod {
         from_objects.insert(mem.read_u64(cmethod + o.type_call)? - bias);
     }
+    // And what a bound method made later may call through.
+    let choices = vectorcall_choices(&image)?;
+    ensure!(
+        (4..=5).contains(&choices.len()),
+        "{} vectorcall choices: {choices:x?}",
+        choices.len()
+    );
+    from_objects.extend(&choices);
     let site_vaddrs: BTreeSet<u64> = sites.iter().map(|s| s.vaddr).collect();
     ensure!(
         site_vaddrs == from_objects,
@@ -261,6 +269,17 @@ fn check(interp: &Interpreter) -> anyhow::Result<()> {
             names_at(call_site.vaddr).contains(want_call),
             "tp_call {call_site:?} is {:?}",
             names_at(call_site.vaddr)
+        );
+        // The choices of PyCMethod_New are exactly the cfunction_vectorcall_
+        // functions.
+        let vectorcalls: BTreeSet<u64> = names
+            .iter()
+            .filter(|(_, n)| n.iter().any(|n| n.starts_with("cfunction_vectorcall_")))
+            .map(|(&vaddr, _)| vaddr)
+            .collect();
+        ensure!(
+            choices.iter().copied().collect::<BTreeSet<u64>>() == vectorcalls,
+            "choices {choices:x?} vs cfunction_vectorcall_ symbols {vectorcalls:x?}"
         );
         ensure!(names_at(len_site.vaddr).contains("cfunction_vectorcall_O"));
         ensure!(names_at(append_site.vaddr).contains("method_vectorcall_O"));

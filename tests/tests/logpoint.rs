@@ -429,9 +429,9 @@ fn a_log_point_arms_after_the_import_and_again_on_the_code_of_a_reload() {
     });
 }
 
-/// Runs pyprobe expecting failure; returns its stderr.
+/// Runs pyprobe expecting failure within 20 s; returns its stderr.
 fn fails(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(pyprobe_bin()).args(args).output()?;
+    let out = output_within(args, Duration::from_secs(20))?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(
         !out.status.success(),
@@ -443,6 +443,29 @@ fn fails(args: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stdout)
     );
     Ok(stderr)
+}
+
+/// Runs pyprobe to its end, killing it (an error) if it runs longer than
+/// `limit`.
+fn output_within(args: &[&str], limit: Duration) -> anyhow::Result<std::process::Output> {
+    let child = Command::new(pyprobe_bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            anyhow::bail!("pyprobe {args:?} still ran after {limit:?}")
+        }
+    }
 }
 
 #[test]
@@ -819,8 +842,8 @@ fn a_file_path_names_one_file_or_pyprobe_says_which_it_could_be() {
         );
         // A typo: it waits, says which loaded files look like it, and ends
         // with an error saying it never armed.
-        let out = Command::new(pyprobe_bin())
-            .args([
+        let out = output_within(
+            &[
                 "log",
                 "--pid",
                 &pid,
@@ -828,8 +851,9 @@ fn a_file_path_names_one_file_or_pyprobe_says_which_it_could_be() {
                 "shopp/app.py:5",
                 "--duration",
                 "0.5",
-            ])
-            .output()?;
+            ],
+            Duration::from_secs(20),
+        )?;
         let e = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success() && out.stdout.is_empty(), "{e}");
         ensure!(

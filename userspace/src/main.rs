@@ -137,7 +137,8 @@ enum Command {
     /// calls many builtins directly from bytecode (CALL_BUILTIN_O, len,
     /// isinstance, list.append...): those calls are not seen, so builtin
     /// counts there are lower bounds; pyprobe says so when it attaches.
-    /// Builtins called from C (map, sorted's key) are always seen.
+    /// Builtins called from C (map, sorted's key) are seen, and a builtin
+    /// is one row whether called bound (p.match) or through its type.
     ///
     /// --filter is applied in the kernel: once a function is named and does
     /// not match, its calls are no longer counted (they still trap).

@@ -42,11 +42,14 @@
 //! function of the builtin directly. Calls through `tp_call` of a function
 //! that has a `vectorcall` (a rare `type(len).__call__(len, x)`) run
 //! `cfunction_call`, which then calls the vectorcall function: both sites.
-//! And `cfunction_vectorcall_FASTCALL_KEYWORDS_METHOD` (3.9+) is in practice
-//! never found: only a `builtin_method` object points at it, and those exist
-//! only while a `METH_METHOD` method is held bound (`f = obj.meth`), never in
-//! a module or type dict. `method_vectorcall_FASTCALL_KEYWORDS_METHOD` is
-//! found (e.g. `posix.DirEntry.is_dir`, `_io._IOBase.seek`).
+//!
+//! Live objects do not name every `cfunction_vectorcall_*`: a bound method
+//! made on the fly (`pattern.match`, passed to `map`) points at one no
+//! module or type dict holds, `_FASTCALL_KEYWORDS_METHOD` (3.9+) in
+//! particular. So the sites also include every function `PyCMethod_New`
+//! (3.9+; `PyCFunction_NewEx` on 3.8), which makes those objects, may store
+//! as their `vectorcall`: the targets of its RIP-relative `lea`s that are
+//! code ([`vectorcall_choices`]; exported symbols, so stripped builds too).
 //!
 //! [`builtin_label`] names what a site saw (`builtins.len`, `list.append`).
 //!
@@ -589,6 +592,7 @@ pub fn sites_of(
     load_bias: u64,
     callables: &[BuiltinCallable],
     calls: &[u64],
+    bound: &[u64],
 ) -> Result<(Vec<BuiltinSite>, usize), ElfError> {
     let executable = executable_ranges(image)?;
     let varargs_source = callables
@@ -605,6 +609,11 @@ pub fn sites_of(
             calls
                 .iter()
                 .map(|&call| (BuiltinKind::Function, call, varargs_source.clone())),
+        )
+        .chain(
+            bound
+                .iter()
+                .map(|&call| (BuiltinKind::Function, call, "a bound method".to_owned())),
         );
     let mut sites: HashMap<u64, BuiltinSite> = HashMap::new();
     let mut skipped = HashSet::new();
@@ -637,6 +646,51 @@ pub fn sites_of(
     Ok((sites, skipped.len()))
 }
 
+/// The functions `PyCMethod_New` (3.9+; `PyCFunction_NewEx` on 3.8) may
+/// store as a new `builtin_function_or_method`'s `vectorcall`, as
+/// link-time addresses: the addresses its code takes (RIP-relative `lea`s,
+/// and `mov`s of immediates in a non-PIE executable) that lie in an
+/// executable segment (the others are docstrings and types).
+pub fn vectorcall_choices(image: &ElfImage) -> Result<Vec<u64>, ElfError> {
+    use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind};
+    let function = image
+        .symbol("PyCMethod_New")
+        .or_else(|_| image.symbol("PyCFunction_NewEx"))?;
+    let executable = executable_ranges(image)?;
+    let offset = image.vaddr_to_file_offset(function.vaddr)?;
+    let len = usize::try_from(function.size.min(4096)).unwrap_or(0);
+    let Some(code) = image.bytes_at(offset, len) else {
+        return Ok(Vec::new());
+    };
+    let mut decoder = Decoder::with_ip(64, code, function.vaddr, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        decoder.decode_out(&mut insn);
+        // PIE code takes a function's address with a RIP-relative `lea`,
+        // a non-PIE executable (Debian's) with a `mov` of an immediate.
+        let target = match insn.mnemonic() {
+            Mnemonic::Lea if insn.is_ip_rel_memory_operand() => insn.ip_rel_memory_address(),
+            Mnemonic::Mov
+                if insn.op_count() == 2
+                    && insn.op0_kind() == OpKind::Register
+                    && matches!(
+                        insn.op1_kind(),
+                        OpKind::Immediate32 | OpKind::Immediate32to64 | OpKind::Immediate64
+                    ) =>
+            {
+                insn.immediate(1)
+            }
+            _ => continue,
+        };
+        if executable.iter().any(|r| r.contains(&target)) && !out.contains(&target) {
+            out.push(target);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 /// The C functions every unspecialized call of a builtin function or method
 /// descriptor of the target goes through, as sites in the interpreter's ELF
 /// `image` loaded at `load_bias`: sorted by `vaddr`, one per address.
@@ -662,7 +716,11 @@ pub fn find_builtin_sites<M: Memory>(
     if let Some(cmethod) = types.cmethod {
         calls.push(target.mem.read_u64(cmethod.wrapping_add(o.type_call))?);
     }
-    let (sites, skipped) = sites_of(image, load_bias, &callables, &calls)?;
+    let bound: Vec<u64> = vectorcall_choices(image)?
+        .into_iter()
+        .map(|vaddr| vaddr.wrapping_add(load_bias))
+        .collect();
+    let (sites, skipped) = sites_of(image, load_bias, &callables, &calls, &bound)?;
     log::debug!(
         "builtins: {} objects, {} sites, {skipped} pointers outside {}",
         callables.len(),
@@ -1180,7 +1238,8 @@ mod tests {
             callable(MethodDescriptor, 0x10, "garbage.low"),
             callable(MethodDescriptor, u64::MAX - 8, "garbage.high"),
         ];
-        let (sites, skipped) = sites_of(&image, bias, &callables, &[bias + other + 1]).unwrap();
+        let (sites, skipped) =
+            sites_of(&image, bias, &callables, &[bias + other + 1], &[]).unwrap();
         assert_eq!(skipped, 2);
         let got: Vec<_> = sites
             .iter()
@@ -1198,7 +1257,7 @@ mod tests {
             assert_eq!(s.file_offset, image.vaddr_to_file_offset(s.vaddr).unwrap());
         }
         // Without a METH_VARARGS function, tp_call is named by its type.
-        let (sites, _) = sites_of(&image, bias, &callables[..1], &[bias + other]).unwrap();
+        let (sites, _) = sites_of(&image, bias, &callables[..1], &[bias + other], &[]).unwrap();
         assert_eq!(sites[0].source, "builtin_function_or_method.__call__");
     }
 

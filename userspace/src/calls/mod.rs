@@ -292,16 +292,18 @@ impl Session {
 
     /// Counts so far: code objects, and builtins under
     /// [`symbols::builtin_row_key`].
-    fn counts(&self) -> anyhow::Result<BTreeMap<CodeKey, CallCounts>> {
+    fn counts(&mut self) -> anyhow::Result<BTreeMap<CodeKey, CallCounts>> {
         let mut counts = self.counter.counts()?;
-        for (key, calls) in self.counter.builtin_counts()? {
-            counts.insert(
-                symbols::builtin_row_key(&key),
-                CallCounts {
-                    starts: calls,
+        let builtins = self.counter.builtin_counts()?;
+        self.symbols.note_builtins(builtins.keys().copied());
+        for (key, calls) in builtins {
+            counts
+                .entry(symbols::builtin_row_key(&key))
+                .or_insert(CallCounts {
+                    starts: 0,
                     resumes: 0,
-                },
-            );
+                })
+                .starts += calls;
         }
         Ok(counts)
     }
@@ -326,7 +328,7 @@ impl Session {
             return Ok(());
         };
         for key in new {
-            if symbols::row_builtin(&key).is_none()
+            if !symbols::is_builtin_row(&key)
                 && let Some(Resolved::Code(code)) = self.symbols.get(&key)
                 && !report::matches_filter(filter, &code.qualname, &code.filename)
             {

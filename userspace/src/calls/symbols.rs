@@ -18,26 +18,38 @@ use crate::python::{
 /// File name shown for builtins.
 pub const BUILTIN_FILE: &str = "<builtin>";
 
-/// The key a builtin's count is reported under, beside code objects: its
-/// first line is `u32::MAX - kind`, a line no code object starts at.
+/// The first line marking a builtin's row key: a line no code object
+/// starts at.
+const BUILTIN_ROW_LINE: u32 = u32::MAX;
+
+/// The key a builtin's count is reported under, beside code objects: one
+/// row per C function (its `PyMethodDef`) and process, however it was
+/// called: a bound method (`pattern.match`) and its method descriptor
+/// (`re.Pattern.match(pattern, s)`) are counted under different kernel keys
+/// and shown as one function.
 pub fn builtin_row_key(b: &BuiltinKey) -> CodeKey {
     CodeKey {
         tgid: b.tgid,
-        firstlineno: u32::MAX - b.kind,
+        firstlineno: BUILTIN_ROW_LINE,
         code: b.method_def,
-        name: b.owner,
+        name: 0,
     }
 }
 
-/// The builtin a key made by [`builtin_row_key`] stands for.
-pub fn row_builtin(key: &CodeKey) -> Option<BuiltinKey> {
-    let kind = u32::MAX - key.firstlineno;
-    (kind == calls::BUILTIN_FUNCTION || kind == calls::BUILTIN_METHOD).then_some(BuiltinKey {
-        tgid: key.tgid,
-        kind,
-        method_def: key.code,
-        owner: key.name,
-    })
+/// Whether a key was made by [`builtin_row_key`].
+pub fn is_builtin_row(key: &CodeKey) -> bool {
+    key.firstlineno == BUILTIN_ROW_LINE && key.name == 0
+}
+
+/// The kernel key a builtin row is named from, among those counted under
+/// it: a method descriptor's (its owner is the type that defines the
+/// method) before a bound method's (the type of the object it is bound to,
+/// perhaps a subclass), then the lowest owner, so the name does not depend
+/// on which call came first.
+pub fn naming_key(candidates: impl IntoIterator<Item = BuiltinKey>) -> Option<BuiltinKey> {
+    candidates
+        .into_iter()
+        .min_by_key(|b| (b.kind != calls::BUILTIN_METHOD, b.owner))
 }
 
 /// What is known about a counted code object.
@@ -55,6 +67,9 @@ pub enum Resolved {
 pub struct Symbols {
     processes: BTreeMap<u32, Target<ProcessMemory>>,
     names: HashMap<CodeKey, Resolved>,
+    /// For each builtin row, the kernel key to name it from (see
+    /// [`naming_key`]).
+    builtins: HashMap<CodeKey, BuiltinKey>,
 }
 
 impl Symbols {
@@ -75,6 +90,18 @@ impl Symbols {
             .any(|&pid| crate::process::is_alive(pid))
     }
 
+    /// Records the kernel keys counted under builtin rows, to name the rows
+    /// from (see [`naming_key`]).
+    pub fn note_builtins(&mut self, keys: impl IntoIterator<Item = BuiltinKey>) {
+        for key in keys {
+            let row = builtin_row_key(&key);
+            let best = naming_key(self.builtins.get(&row).copied().into_iter().chain([key]));
+            if let Some(best) = best {
+                self.builtins.insert(row, best);
+            }
+        }
+    }
+
     /// Names every key not named yet; returns the keys named now.
     pub fn resolve<'a>(&mut self, keys: impl IntoIterator<Item = &'a CodeKey>) -> Vec<CodeKey> {
         let mut new = Vec::new();
@@ -85,7 +112,10 @@ impl Symbols {
             new.push(*key);
             let resolved = match self.processes.get(&key.tgid) {
                 None => Resolved::Unknown("process not set up".into()),
-                Some(target) if let Some(b) = row_builtin(key) => {
+                Some(_) if is_builtin_row(key) && !self.builtins.contains_key(key) => {
+                    Resolved::Unknown("builtin not noted".into())
+                }
+                Some(target) if let Some(b) = self.builtins.get(key) => {
                     let kind = if b.kind == calls::BUILTIN_METHOD {
                         super::builtins::BuiltinKind::MethodDescriptor
                     } else {
@@ -127,5 +157,33 @@ impl Symbols {
     /// The name of a key, if [`Symbols::resolve`] has seen it.
     pub fn get(&self, key: &CodeKey) -> Option<&Resolved> {
         self.names.get(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_builtin_is_one_row_however_it_was_called() {
+        let bound = BuiltinKey {
+            tgid: 7,
+            kind: calls::BUILTIN_FUNCTION,
+            method_def: 0x1000,
+            owner: 0x9000,
+        };
+        let descriptor = BuiltinKey {
+            kind: calls::BUILTIN_METHOD,
+            owner: 0xa000,
+            ..bound
+        };
+        assert_eq!(builtin_row_key(&bound), builtin_row_key(&descriptor));
+        assert!(is_builtin_row(&builtin_row_key(&bound)));
+        // Named from the method descriptor, whichever came first.
+        assert_eq!(naming_key([bound, descriptor]), Some(descriptor));
+        assert_eq!(naming_key([descriptor, bound]), Some(descriptor));
+        // Another process, another row.
+        let other = BuiltinKey { tgid: 8, ..bound };
+        assert_ne!(builtin_row_key(&bound), builtin_row_key(&other));
     }
 }
