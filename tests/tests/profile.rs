@@ -438,7 +438,7 @@ fn top_shows_hot_first_with_its_share() {
                 "--interval",
                 "1",
                 "--duration",
-                "2.5",
+                "2",
             ])
             .output()?;
         ensure!(
@@ -476,6 +476,20 @@ fn top_shows_hot_first_with_its_share() {
         // work() is on the stack of both: its total covers them, its own is ~0.
         let work = row("work")?;
         ensure!(work["total"].as_u64() >= Some(h + c), "{work}");
+        // The final view's shares are over the whole run, not its last
+        // (partial, perhaps empty) interval.
+        let samples = last["summary"]["samples"].as_u64().context("samples")? as f64;
+        for f in [hot, cold, work] {
+            for (share, count) in [("own_percent", "own"), ("total_percent", "total")] {
+                let want = 100.0 * f[count].as_u64().unwrap_or(0) as f64 / samples;
+                let got = f[share].as_f64().unwrap_or(-1.0);
+                ensure!((got - want).abs() < 1e-6, "{share} {got}, want {want}: {f}");
+            }
+        }
+        ensure!(
+            hot["own_percent"].as_f64() > Some(50.0),
+            "hot's share of the run: {hot}"
+        );
         Ok(())
     });
 }

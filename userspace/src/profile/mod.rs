@@ -527,7 +527,7 @@ pub struct TopReport {
     /// Samples in the last interval.
     pub interval_samples: u64,
     /// Functions: cumulative own and total samples, and their share of the
-    /// last interval's samples.
+    /// last interval's samples (the whole run's in the final view).
     pub functions: Vec<TopLine>,
     /// The run so far.
     pub summary: Summary,
@@ -539,9 +539,11 @@ pub struct TopLine {
     /// Cumulative samples.
     #[serde(flatten)]
     pub row: TopRow,
-    /// Own samples in the last interval, percent of its samples.
+    /// Own samples in the last interval, percent of its samples; in the
+    /// final view, over the whole run.
     pub own_percent: f64,
-    /// Total samples in the last interval, percent of its samples.
+    /// Total samples in the last interval, percent of its samples; in the
+    /// final view, over the whole run.
     pub total_percent: f64,
 }
 
@@ -564,16 +566,28 @@ impl TopView {
         let profile = &session.profile;
         let rows = output::top_rows(profile);
         let interval_samples = profile.samples - self.previous_samples;
+        // The final view gives shares over the whole run: its last interval
+        // is a partial one, perhaps without a sample.
+        let whole_run = kind == "final";
+        let of = if whole_run {
+            profile.samples
+        } else {
+            interval_samples
+        };
         let mut lines: Vec<TopLine> = rows
             .into_iter()
             .map(|row| {
                 let key = (row.function.clone(), row.file.clone(), row.first_line);
-                let (own0, total0) = self.previous.get(&key).copied().unwrap_or((0, 0));
+                let (own0, total0) = if whole_run {
+                    (0, 0)
+                } else {
+                    self.previous.get(&key).copied().unwrap_or((0, 0))
+                };
                 let pct = |n: u64| {
-                    if interval_samples == 0 {
+                    if of == 0 {
                         0.0
                     } else {
-                        100.0 * n as f64 / interval_samples as f64
+                        100.0 * n as f64 / of as f64
                     }
                 };
                 self.previous.insert(key, (row.own, row.total));
@@ -630,11 +644,16 @@ fn top_table(r: &TopReport) -> String {
     } else {
         100.0 * s.gil_samples as f64 / s.samples as f64
     };
+    let view = if r.kind == "final" {
+        format!("whole run: {} samples in {:.1} s", s.samples, s.seconds)
+    } else {
+        format!(
+            "{} samples in the last interval, {} in {:.0} s",
+            r.interval_samples, s.samples, s.seconds
+        )
+    };
     format!(
-        "{} samples in the last interval, {} in {:.0} s; GIL held in {gil:.0}% of samples; {} distinct stacks\n{}\n",
-        r.interval_samples,
-        s.samples,
-        s.seconds,
+        "{view}; GIL held in {gil:.0}% of samples; {} distinct stacks\n{}\n",
         s.stacks,
         b.build().with(Style::blank())
     )
