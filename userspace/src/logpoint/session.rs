@@ -892,12 +892,14 @@ impl Session {
                 )?;
                 for f in &stack {
                     if let Some(function) = f.get("function") {
+                        let line = f["line"]
+                            .as_i64()
+                            .map_or_else(|| "?".to_owned(), |l| l.to_string());
                         writeln!(
                             out,
-                            "    {} ({}:{})",
+                            "    {} ({}:{line})",
                             function.as_str().unwrap_or("?"),
                             f["file"].as_str().unwrap_or("?"),
-                            f["line"]
                         )?;
                     }
                 }

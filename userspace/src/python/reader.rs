@@ -36,6 +36,15 @@ pub const MAX_THREADS: usize = 4096;
 pub const MAX_INTERPRETERS: usize = 64;
 /// Longest name or file name read.
 const MAX_NAME: usize = 4096;
+/// Whether a code object is one CPython makes for frames of its own, not
+/// Python code: 3.12's interpreter trampoline (the code of the entry frame
+/// each C-level call of the eval loop pushes) and the 3.13+ `__init__`
+/// cleanup shim (`CO_NO_MONITORING_EVENTS`). Their file is `<shim>`.
+fn is_shim(code: &CodeInfo, layout: &super::offsets::Layout) -> bool {
+    layout.frame_model == FrameModel::Interpreter
+        && (code.filename == "<shim>" || code.flags & CO_NO_MONITORING_EVENTS != 0)
+}
+
 /// `CO_NO_MONITORING_EVENTS`: marks the 3.13+ `__init__` cleanup shim frame.
 const CO_NO_MONITORING_EVENTS: u32 = 0x200_0000;
 /// 3.11+ local kinds.
@@ -585,8 +594,9 @@ impl<M: Memory> Target<M> {
     /// The frame a code object and an instruction word make (as read from
     /// a frame's code and instruction fields: for `f_lasti` versions the
     /// low 32 bits are the int), without locals; `None` when `code_addr` is
-    /// not Python code (no code object, or the 3.13+ `__init__` cleanup
-    /// shim).
+    /// not Python code (no code object, or a [`is_shim`] one). Every output
+    /// names frames through here, so `dump`, `record`, `top` and `log
+    /// --stack` show the same frames.
     pub fn code_frame(
         &self,
         code_addr: u64,
@@ -598,10 +608,7 @@ impl<M: Memory> Target<M> {
             return Ok(None);
         }
         let code = self.code(code_addr)?;
-        if code.flags & CO_NO_MONITORING_EVENTS != 0
-            && layout.frame_model == FrameModel::Interpreter
-        {
-            // 3.13+ `_Py_InitCleanup` shim pushed by CALL_ALLOC_AND_ENTER_INIT.
+        if is_shim(&code, layout) {
             return Ok(None);
         }
         let instruction = match layout.instruction {
