@@ -54,7 +54,7 @@ fn fixture_lines() -> anyhow::Result<BTreeMap<String, i64>> {
             out.insert(mark.to_owned(), i as i64 + 1);
         }
     }
-    ensure!(out.len() == 9, "fixture marks: {out:?}");
+    ensure!(out.len() == 10, "fixture marks: {out:?}");
     Ok(out)
 }
 
@@ -249,43 +249,92 @@ fn record_attributes_cpu_shares_to_functions_lines_and_call_chains() {
     });
 }
 
+/// Samples and seconds from the closing line `N samples in S s (K off CPU, ...`.
+fn summary_counts(stderr: &str) -> anyhow::Result<(u64, f64, u64)> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(" samples in ") && l.contains(" off CPU"))
+        .context("no summary line")?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = |i: usize| words.get(i).copied().unwrap_or("");
+    let samples = at(1).parse()?;
+    let seconds = at(4).parse()?;
+    let off = at(6).trim_start_matches('(').parse()?;
+    Ok((samples, seconds, off))
+}
+
 #[test]
-fn idle_adds_waiting_threads_at_their_line() {
+fn idle_adds_waiting_threads_at_their_line_at_the_sampling_rate() {
     for_each_interpreter("profile_idle", |interp| {
-        let w = Workload::start(interp, &["1"])?;
+        // One worker on CPU, the main thread sleeping, and 200 threads
+        // parked: reading every waiting thread at every tick could not keep
+        // up at 999 Hz.
+        let w = Workload::start(interp, &["1", "--parked", "200"])?;
         let pid = w.pid();
-        let (text, stderr) = record(
-            &[
-                "--pid",
-                &pid,
-                "--rate",
-                "99",
-                "--duration",
-                "2",
-                "--format",
-                "folded",
-                "--idle",
-            ],
-            "idle.txt",
-        )?;
-        let stacks = parse_folded(&text)?;
-        let idle: Vec<&Folded> = ending_in(&stacks, "idle_wait").collect();
-        let samples: u64 = idle.iter().map(|s| s.count).sum();
-        // 2 s at 99 Hz: the main thread is off CPU nearly all the time.
-        ensure!(
-            samples >= 99,
-            "{samples} idle_wait() samples with --idle; stderr: {stderr}"
-        );
-        for s in &idle {
+        let mut on_per_off = Vec::new();
+        for rate in [99u64, 999] {
+            let (text, stderr) = record(
+                &[
+                    "--pid",
+                    &pid,
+                    "--rate",
+                    &rate.to_string(),
+                    "--duration",
+                    "1.5",
+                    "--format",
+                    "folded",
+                    "--idle",
+                ],
+                "idle.txt",
+            )?;
+            let stacks = parse_folded(&text)?;
+            let idle: Vec<&Folded> = ending_in(&stacks, "idle_wait").collect();
+            let samples: u64 = idle.iter().map(|s| s.count).sum();
+            // At its sleep line; a few at the loop line, where it may wait
+            // to take the GIL back (off CPU there too).
+            let at_sleep: u64 = idle
+                .iter()
+                .filter(|s| s.frames.last().map(|f| f.2) == Some(Some(w.line("sleep"))))
+                .map(|s| s.count)
+                .sum();
             ensure!(
-                s.frames.last().map(|f| f.2) == Some(Some(w.line("sleep"))),
-                "idle_wait() at {:?}",
-                s.frames.last()
+                at_sleep * 10 >= samples * 9,
+                "{at_sleep} of {samples} idle_wait() samples at the sleep line: {idle:?}"
             );
+            // The main thread waits nearly all the time: it is owed `rate`
+            // samples per second of the run, whatever the rate (the summary
+            // gives the seconds to 0.1 s, hence the upper bound).
+            let (_, seconds, off) = summary_counts(&stderr)?;
+            let want = rate as f64 * seconds;
+            ensure!(
+                (0.85 * want..=1.06 * want).contains(&(samples as f64)),
+                "{samples} idle_wait() samples at {rate} Hz in {seconds} s (want about {want:.0}); stderr: {stderr}"
+            );
+            ensure!(off >= samples, "summary's off-CPU count {off} < {samples}");
+            // Each parked thread too (its samples are all in one stack: the
+            // threads are not told apart without --threads).
+            let parked: u64 = stacks
+                .iter()
+                .filter(|s| s.frames.iter().any(|f| f.0 == "parked"))
+                .map(|s| s.count)
+                .sum();
+            let want = 200.0 * want;
+            ensure!(
+                (0.85 * want..=1.06 * want).contains(&(parked as f64)),
+                "{parked} parked() samples at {rate} Hz in {seconds} s (want about {want:.0})"
+            );
+            // The worker's on-CPU samples against the main thread's off-CPU
+            // ones: the same share at both rates.
+            let on: u64 = ending_in(&stacks, "hot")
+                .chain(ending_in(&stacks, "cold"))
+                .map(|s| s.count)
+                .sum();
+            on_per_off.push(on as f64 / samples as f64);
         }
+        let ratio = on_per_off[1] / on_per_off[0];
         ensure!(
-            stderr.contains(" off CPU"),
-            "summary lacks off-CPU count: {stderr}"
+            (0.8..=1.25).contains(&ratio),
+            "on/off CPU shares change with the rate: {on_per_off:?}"
         );
         Ok(())
     });

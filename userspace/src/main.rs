@@ -209,7 +209,11 @@ enum Command {
     ///
     /// By default only threads on CPU are sampled (running Python or C
     /// code called from it). --idle adds threads that are waiting (sleep,
-    /// I/O, the GIL), read from userspace at the same rate.
+    /// I/O, the GIL) at the same rate per second of waiting: every 100 ms
+    /// pyprobe reads each Python thread's scheduler statistics from /proc,
+    /// turns the time it waited into samples and puts them at the stack it
+    /// waits at (re-read only if it ran since). Measured cost: about 0.02%
+    /// of a CPU per thread whatever the rate (200 threads: 4%).
     ///
     /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
     Record {
@@ -292,7 +296,7 @@ struct SamplingArgs {
     /// Stop after this many seconds (default: until Ctrl-C, or until every target exits).
     #[arg(short, long, value_parser = positive_seconds)]
     duration: Option<f64>,
-    /// Also sample threads that are off CPU (sleeping, waiting for I/O or the GIL).
+    /// Also sample threads that are off CPU (sleeping, waiting for I/O or the GIL), at the same rate; costs about 0.02% of a CPU per thread.
     #[arg(long)]
     idle: bool,
     /// Keep only samples of threads holding the GIL.

@@ -17,6 +17,7 @@
 //!    every interval.
 
 pub mod config;
+pub mod idle;
 pub mod output;
 pub mod stacks;
 pub mod threads;
@@ -35,6 +36,7 @@ use serde::Serialize;
 use tabled::{builder::Builder, settings::Style};
 
 use self::{
+    idle::{IDLE_PERIOD, IdleSampler},
     output::{Roots, TopRow},
     stacks::{Keep, Process, Profile},
     threads::ThreadMapper,
@@ -96,6 +98,10 @@ struct Session {
     profile: Profile,
     keep: Keep,
     idle: bool,
+    /// Off-CPU accounting (`--idle`).
+    idle_sampler: IdleSampler,
+    /// Samples per second.
+    rate: u64,
     /// `unknown_thread` count when threads were last re-read.
     unknown_seen: u64,
 }
@@ -118,6 +124,8 @@ impl Session {
                 gil_only: opts.gil,
             },
             idle: opts.idle,
+            idle_sampler: IdleSampler::default(),
+            rate: opts.rate,
             unknown_seen: 0,
         })
     }
@@ -184,10 +192,9 @@ impl Session {
                 self.roots.thread_names.insert(tid, comm.trim().to_owned());
             }
         }
-        self.threads.insert(
-            pid,
-            threads.iter().copied().filter(|(_, t)| *t != 0).collect(),
-        );
+        let python: Vec<(u32, u64)> = threads.iter().copied().filter(|(_, t)| *t != 0).collect();
+        self.idle_sampler.retain(pid, &python);
+        self.threads.insert(pid, python);
     }
 
     /// Re-reads every live process's thread list; forgets exited ones.
@@ -196,6 +203,7 @@ impl Session {
         for pid in pids {
             if !process::is_alive(pid) {
                 self.threads.remove(&pid);
+                self.idle_sampler.forget(pid);
                 let _ = self.sampler.forget(pid);
                 continue;
             }
@@ -247,28 +255,20 @@ impl Session {
         Ok(())
     }
 
-    /// `--idle`: one sample of every Python thread that is off CPU, read
-    /// from userspace.
+    /// `--idle`: the samples each Python thread is owed for the time it
+    /// spent off CPU since the last call (see [`idle`]).
     fn sample_idle(&mut self) {
         for (&pid, threads) in &self.threads {
             let Some(process) = self.processes.get(&pid) else {
                 continue;
             };
             for &(tid, tstate) in threads {
-                let Some(before) = off_cpu_mark(pid, tid) else {
-                    continue;
-                };
-                let frames = match process.target.frames(tstate, None) {
-                    Ok(frames) => frames,
-                    Err((frames, _)) => frames,
-                };
-                // A thread that ran while its frames were read may have
-                // moved on: such a read is torn, not a sample of it waiting.
-                if off_cpu_mark(pid, tid) != Some(before) {
-                    continue;
-                }
-                if !frames.is_empty() {
-                    self.profile.add_idle_sample(pid, tid, &frames, self.keep);
+                if let Some((frames, n)) =
+                    self.idle_sampler
+                        .account(&process.target, pid, tid, tstate, self.rate)
+                {
+                    self.profile
+                        .add_idle_samples(pid, tid, &frames, self.keep, n);
                 }
             }
         }
@@ -281,24 +281,6 @@ impl Session {
     fn losses(&self) -> anyhow::Result<SampleLosses> {
         Ok(self.sampler.losses()?)
     }
-}
-
-/// For a thread off CPU, the number of times it has been scheduled so far
-/// (`/proc/PID/task/TID/schedstat`, 0 where the kernel lacks it); `None`
-/// for a thread that is running, runnable or gone. Two equal marks around
-/// a read mean the thread did not run in between.
-fn off_cpu_mark(pid: u32, tid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    // The state follows the parenthesised command, which may hold spaces.
-    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-    if state == "R" {
-        return None;
-    }
-    let timeslices = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or(0);
-    Some(timeslices)
 }
 
 /// A process's command line, shortened for labels.
@@ -417,9 +399,11 @@ async fn sample_loop(
     let mut drain = live::ticker(DRAIN_INTERVAL);
     let mut threads = live::ticker(THREADS_INTERVAL);
     let mut reports = live::ticker(interval);
-    let idle_period = Duration::from_secs_f64(1.0 / opts.rate as f64);
-    let mut idle = live::ticker(idle_period);
-    idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    if session.idle {
+        // The first reads only set each thread's baseline.
+        session.sample_idle();
+    }
+    let mut idle = live::ticker(IDLE_PERIOD);
     let stop = live::stop_requested(opts.duration);
     tokio::pin!(stop);
     loop {
@@ -443,6 +427,9 @@ async fn sample_loop(
         }
     }
     session.drain()?;
+    if session.idle {
+        session.sample_idle();
+    }
     Ok(())
 }
 
@@ -683,39 +670,4 @@ pub async fn top(opts: TopOptions) -> anyhow::Result<()> {
     live::emit(&report, json, top_table)?;
     eprintln!("pyprobe: {}", report.summary.line());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::off_cpu_mark;
-
-    #[test]
-    fn off_cpu_mark_tells_waiting_threads_from_running_ones() {
-        let pid = std::process::id();
-        // This thread is running while it reads its own state.
-        let me = unsafe { libc::gettid() } as u32;
-        assert_eq!(off_cpu_mark(pid, me), None);
-
-        let (tx, rx) = std::sync::mpsc::channel::<u32>();
-        let (wake, wait) = std::sync::mpsc::channel::<()>();
-        let sleeper = std::thread::spawn(move || {
-            tx.send(unsafe { libc::gettid() } as u32).unwrap();
-            wait.recv().unwrap();
-        });
-        let tid = rx.recv().unwrap();
-        // Give it time to block in recv().
-        let mut first = None;
-        for _ in 0..200 {
-            first = off_cpu_mark(pid, tid);
-            if first.is_some() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let first = first.expect("the waiting thread is never seen off CPU");
-        assert_eq!(off_cpu_mark(pid, tid), Some(first), "it did not run");
-        wake.send(()).unwrap();
-        sleeper.join().unwrap();
-        assert_eq!(off_cpu_mark(pid, tid), None, "gone");
-    }
 }

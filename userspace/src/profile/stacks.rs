@@ -107,13 +107,17 @@ impl Profile {
         i
     }
 
-    fn add(&mut self, mut key: StackKey) {
-        self.samples += 1;
+    fn add(&mut self, key: StackKey) {
+        self.add_n(key, 1);
+    }
+
+    fn add_n(&mut self, mut key: StackKey, n: u64) {
+        self.samples += n;
         if key.idle {
-            self.idle_samples += 1;
+            self.idle_samples += n;
         }
         key.frames.reverse();
-        *self.stacks.entry(key).or_insert(0) += 1;
+        *self.stacks.entry(key).or_insert(0) += n;
     }
 }
 
@@ -295,24 +299,30 @@ impl Profile {
         });
     }
 
-    /// Adds a sample of a thread off CPU, read from userspace (`--idle`):
+    /// Adds `n` samples of a thread off CPU, read from userspace (`--idle`):
     /// its frames innermost first.
-    pub fn add_idle_sample(&mut self, pid: u32, tid: u32, frames: &[Frame], keep: Keep) {
+    pub fn add_idle_samples(&mut self, pid: u32, tid: u32, frames: &[Frame], keep: Keep, n: u64) {
+        if n == 0 {
+            return;
+        }
         if keep.gil_only {
-            self.dropped.not_holding_gil += 1;
+            self.dropped.not_holding_gil += n;
             return;
         }
         let frames = frames
             .iter()
             .map(|f| self.intern(FrameName::of(f)))
             .collect();
-        self.add(StackKey {
-            pid,
-            tid: if keep.threads { tid } else { 0 },
-            idle: true,
-            truncated: false,
-            frames,
-        });
+        self.add_n(
+            StackKey {
+                pid,
+                tid: if keep.threads { tid } else { 0 },
+                idle: true,
+                truncated: false,
+                frames,
+            },
+            n,
+        );
     }
 }
 
@@ -369,12 +379,13 @@ mod tests {
         };
         let stack = [f("leaf", 3), f("main", 9)];
         let keep = Keep::default();
-        p.add_idle_sample(1, 2, &stack, keep);
-        p.add_idle_sample(1, 3, &stack, keep);
-        assert_eq!(p.samples, 2);
+        p.add_idle_samples(1, 2, &stack, keep, 1);
+        p.add_idle_samples(1, 3, &stack, keep, 4);
+        p.add_idle_samples(1, 3, &stack, keep, 0);
+        assert_eq!((p.samples, p.idle_samples), (5, 5));
         assert_eq!(p.stacks.len(), 1);
         let (key, count) = p.stacks.iter().next().expect("one stack");
-        assert_eq!(*count, 2);
+        assert_eq!(*count, 5);
         let labels: Vec<String> = key
             .frames
             .iter()
@@ -387,8 +398,8 @@ mod tests {
             threads: true,
             ..Keep::default()
         };
-        p.add_idle_sample(1, 2, &stack, keep);
-        p.add_idle_sample(1, 3, &stack, keep);
+        p.add_idle_samples(1, 2, &stack, keep, 1);
+        p.add_idle_samples(1, 3, &stack, keep, 1);
         assert_eq!(p.stacks.len(), 2);
     }
 }
