@@ -186,3 +186,81 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
         "{stderr}"
     );
 }
+
+/// A PID that is no Python process to trace is named for what it is, in
+/// one line with exit 1, and `--all` passes such processes by quietly.
+#[test]
+fn untraceable_pids_are_named_for_what_they_are() {
+    // A kernel thread: kthreadd is PID 2.
+    let comm = std::fs::read_to_string("/proc/2/comm").unwrap_or_default();
+    assert_eq!(comm.trim(), "kthreadd", "PID 2 is not kthreadd here");
+    for command in ["dump", "calls", "log"] {
+        let mut args = vec![command, "--pid", "2"];
+        if command == "log" {
+            args.extend(["--at", "app.py:1"]);
+        }
+        assert_one_line_error(&args, false, 1, "PID 2 (kthreadd) is a kernel thread").unwrap();
+    }
+
+    // A zombie: a child that exited and was not collected.
+    let mut child = Command::new("true").spawn().unwrap();
+    let zombie = child.id();
+    for _ in 0..100 {
+        let stat = std::fs::read_to_string(format!("/proc/{zombie}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let result = assert_one_line_error(
+        &["dump", "--pid", &zombie.to_string()],
+        false,
+        1,
+        &format!("PID {zombie} has exited"),
+    );
+    let _ = child.wait();
+    result.unwrap();
+
+    // CPython 2.7, when the machine has one.
+    let found = pyprobe_tests::discover();
+    match found.unsupported.iter().find(|i| i.version.0 == 2) {
+        Some(py2) => {
+            let mut old = Command::new(&py2.path)
+                .args(["-c", "import sys; sys.stdin.read()"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            thread::sleep(Duration::from_millis(300));
+            let result = assert_one_line_error(
+                &["dump", "--pid", &old.id().to_string()],
+                false,
+                1,
+                &format!(
+                    "PID {} runs CPython {}.{}, which is not supported (3.8-3.14)",
+                    old.id(),
+                    py2.version.0,
+                    py2.version.1
+                ),
+            );
+            let _ = old.kill();
+            let _ = old.wait();
+            result.unwrap();
+        }
+        None => eprintln!("untraceable_pids: NOT checked: no CPython 2 on this machine"),
+    }
+
+    // --all: nothing said about processes that are not Python (PID 1, the
+    // kernel threads), however unreadable.
+    let (status, stderr) = run_pyprobe(
+        &["record", "--all", "--duration", "0.3", "-o", "/dev/null"],
+        false,
+    );
+    assert_eq!(status, 0, "{stderr}");
+    assert!(
+        !stderr.contains("not sampling"),
+        "non-Python processes reported: {stderr}"
+    );
+}

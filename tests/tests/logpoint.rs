@@ -900,3 +900,63 @@ fn a_file_path_names_one_file_or_pyprobe_says_which_it_could_be() {
         "{e}"
     );
 }
+
+/// A watched process that exits (a worker replaced by its server) is said
+/// once to have exited, not as code freed by a reload; one that exits
+/// while pyprobe sets it up (or right after) is said to have exited and the
+/// others go on; pyprobe ends with exit 0 and its summary.
+#[test]
+fn processes_that_exit_are_said_to_have_exited() {
+    for_each_interpreter("logpoint_exits", |interp| {
+        let mut fixture = Fixture::start(interp, "logpoint_workload.py", &[])?;
+        let pid = fixture.pid().to_string();
+        // A second process, gone a moment after pyprobe attached to it:
+        // while the programs load (about 1 s), or just after.
+        let mut brief = Command::new(&interp.path)
+            .args(["-c", "import time; time.sleep(0.3)"])
+            .spawn()?;
+        let brief_pid = brief.id().to_string();
+        let probe = Probe::start(&[
+            "log",
+            "--pid",
+            &pid,
+            "--pid",
+            &brief_pid,
+            "--at",
+            "logpoint_workload.py:handle_order",
+            "--msg",
+            "{order.id}",
+            "--rate",
+            "0",
+        ]);
+        let _ = brief.wait();
+        let probe = probe?;
+        let startup = probe.startup();
+        fixture.call("run", "done")?;
+        // Let the rescan see the brief one gone, then end the fixture.
+        thread::sleep(Duration::from_millis(1200));
+        fixture.send("quit")?;
+        let (ok, stdout, rest) = probe.finish()?;
+        let stderr = format!("{startup}\n{rest}");
+        ensure!(ok, "pyprobe failed: {stderr}");
+        ensure!(stdout.lines().count() == 12, "{stdout}");
+        ensure!(
+            stderr.contains(&format!("PID {brief_pid} exited while pyprobe set it up"))
+                || stderr.contains(&format!("pyprobe: PID {brief_pid} exited\n")),
+            "{stderr}"
+        );
+        ensure!(
+            stderr.contains(&format!("pyprobe: PID {pid} exited\n"))
+                && stderr.contains("every watched process exited")
+                && !stderr.contains("was freed"),
+            "{stderr}"
+        );
+        ensure!(
+            stderr.contains(&format!("in PID {pid} (exited since): 12 printed; 12 runs"))
+                && stderr.contains("over the rate limit (none set)"),
+            "{stderr}"
+        );
+        ensure!(!stderr.contains("pyprobe: error"), "{stderr}");
+        Ok(())
+    });
+}

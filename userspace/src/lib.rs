@@ -10,6 +10,7 @@ pub mod calls;
 pub mod dump;
 pub mod elf;
 pub mod entries;
+pub mod errors;
 pub mod live;
 pub mod logpoint;
 pub mod privileges;

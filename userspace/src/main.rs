@@ -537,7 +537,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pyprobe: error: {e:#}");
+            eprintln!("pyprobe: error: {}", pyprobe::errors::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -36,9 +36,84 @@ pub fn check() -> Result<(), PrivilegeError> {
 
 /// The `CapEff` mask from the text of `/proc/self/status`.
 fn cap_eff(status: &str) -> Option<u64> {
-    let value = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    cap_mask(status, "CapEff:")
+}
+
+/// A capability mask (`CapEff:`, `CapPrm:`) from the text of a status file.
+fn cap_mask(status: &str, field: &str) -> Option<u64> {
+    let value = status.lines().find_map(|l| l.strip_prefix(field))?;
     u64::from_str_radix(value.trim(), 16).ok()
 }
+
+/// Whether pyprobe may read other processes' memory (CAP_SYS_PTRACE).
+pub fn can_read_others() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    cap_eff(&status).is_some_and(|c| c & (1 << CAP_SYS_PTRACE) != 0)
+}
+
+/// The capabilities process `pid` is permitted and pyprobe is not: the
+/// kernel lets a process read another one's memory only if it holds all
+/// of the other's (or CAP_SYS_PTRACE in its user namespace).
+pub fn capabilities_beyond_ours(pid: u32) -> Vec<&'static str> {
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let theirs = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let (Some(ours), Some(theirs)) = (cap_mask(&ours, "CapPrm:"), cap_mask(&theirs, "CapPrm:"))
+    else {
+        return Vec::new();
+    };
+    let extra = theirs & !ours;
+    CAPABILITY_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| extra & (1 << i) != 0)
+        .map(|(_, n)| *n)
+        .collect()
+}
+
+/// Capability names by number (`linux/capability.h`).
+const CAPABILITY_NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
 
 /// Which required capabilities `effective` lacks. CAP_SYS_ADMIN stands in for
 /// CAP_BPF and CAP_PERFMON, as on kernels before 5.8.
@@ -80,6 +155,16 @@ mod tests {
         assert_eq!(missing_capabilities(1 << CAP_SYS_ADMIN), ["CAP_SYS_PTRACE"]);
         let granted = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE);
         assert!(missing_capabilities(granted).is_empty());
+    }
+
+    #[test]
+    fn capability_names_are_at_their_numbers() {
+        assert_eq!(CAPABILITY_NAMES[CAP_SYS_PTRACE as usize], "CAP_SYS_PTRACE");
+        assert_eq!(CAPABILITY_NAMES[CAP_SYS_ADMIN as usize], "CAP_SYS_ADMIN");
+        assert_eq!(CAPABILITY_NAMES[CAP_PERFMON as usize], "CAP_PERFMON");
+        assert_eq!(CAPABILITY_NAMES[CAP_BPF as usize], "CAP_BPF");
+        // A process never holds more than itself.
+        assert!(capabilities_beyond_ours(std::process::id()).is_empty());
     }
 
     #[test]

@@ -11,7 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::elf::{ElfError, ElfImage, Symbol};
+use crate::{
+    elf::{ElfError, ElfImage, Symbol},
+    python::version::SUPPORTED,
+};
 
 /// The interpreter's frame-evaluation function: every frame started from C
 /// enters it (on 3.8-3.10, every Python frame does).
@@ -26,7 +29,24 @@ pub enum ProcessError {
         /// PID asked for.
         pid: u32,
     },
-    /// `/proc/PID/...` exists but cannot be read by us.
+    /// The PID is that of a kernel thread.
+    #[error("PID {pid} ({name}) is a kernel thread, not a Python process")]
+    KernelThread {
+        /// PID asked for.
+        pid: u32,
+        /// Its name.
+        name: String,
+    },
+    /// The process has exited; its parent has not collected it yet.
+    #[error(
+        "PID {pid} has exited (a zombie until its parent collects it): nothing is left to trace"
+    )]
+    Exited {
+        /// PID asked for.
+        pid: u32,
+    },
+    /// `/proc/PID/...` exists but cannot be read by us: we lack the
+    /// privilege.
     #[error(
         "permission denied reading /proc/{pid}/{what}: run pyprobe as root (or with CAP_SYS_PTRACE)"
     )]
@@ -35,6 +55,28 @@ pub enum ProcessError {
         pid: u32,
         /// File under `/proc/PID` that failed.
         what: &'static str,
+    },
+    /// `/proc/PID/...` cannot be read although we have CAP_SYS_PTRACE.
+    #[error(
+        "the kernel refuses access to /proc/{pid}/{what} although pyprobe has CAP_SYS_PTRACE: {}",
+        refusal_reason(.beyond)
+    )]
+    Refused {
+        /// PID asked for.
+        pid: u32,
+        /// File under `/proc/PID` that failed.
+        what: &'static str,
+        /// Capabilities the process holds and we do not.
+        beyond: Vec<&'static str>,
+    },
+    /// A CPython outside the supported range, told by its file names (2.x
+    /// has no `_PyEval_EvalFrameDefault`).
+    #[error("PID {pid} runs CPython {version}, which is not supported ({SUPPORTED})")]
+    UnsupportedPython {
+        /// PID asked for.
+        pid: u32,
+        /// `MAJOR.MINOR` from the file name.
+        version: String,
     },
     /// Reading `/proc/PID/...` failed for another reason.
     #[error("cannot read /proc/{pid}/{what}: {source}")]
@@ -50,7 +92,7 @@ pub enum ProcessError {
     /// Nothing mapped in the process defines `_PyEval_EvalFrameDefault`.
     #[error(
         "PID {pid} ({exe}) is not a Python process: no mapped file defines {EVAL_FRAME_SYMBOL}; \
-         pass the PID of a CPython 3.8-3.14 process"
+         pass the PID of a CPython {SUPPORTED} process"
     )]
     NotPython {
         /// PID asked for.
@@ -77,10 +119,47 @@ pub enum ProcessError {
     },
 }
 
+/// Why the kernel may refuse a privileged reader.
+fn refusal_reason(beyond: &[&str]) -> String {
+    if beyond.is_empty() {
+        "a security module (Landlock, SELinux, AppArmor, Yama) or another user namespace forbids it"
+            .to_owned()
+    } else {
+        format!(
+            "the process holds capabilities pyprobe lacks ({}), or a security module forbids it",
+            beyond.join(", ")
+        )
+    }
+}
+
 impl ProcessError {
+    /// Whether the error only says that the PID is no Python process to
+    /// trace: under `--all` such PIDs are skipped without a word. A process
+    /// that cannot be read counts as one unless its name or command line
+    /// says python.
+    pub fn is_not_python(&self) -> bool {
+        match self {
+            ProcessError::NotPython { .. }
+            | ProcessError::NoSuchProcess { .. }
+            | ProcessError::KernelThread { .. }
+            | ProcessError::Exited { .. } => true,
+            ProcessError::Refused { pid, .. } | ProcessError::PermissionDenied { pid, .. } => {
+                !looks_like_python(*pid)
+            }
+            _ => false,
+        }
+    }
+
     fn from_io(pid: u32, what: &'static str, source: io::Error) -> Self {
         match source.kind() {
             io::ErrorKind::NotFound => ProcessError::NoSuchProcess { pid },
+            io::ErrorKind::PermissionDenied if crate::privileges::can_read_others() => {
+                ProcessError::Refused {
+                    pid,
+                    what,
+                    beyond: crate::privileges::capabilities_beyond_ours(pid),
+                }
+            }
             io::ErrorKind::PermissionDenied => ProcessError::PermissionDenied { pid, what },
             _ => match source.raw_os_error() {
                 // ESRCH: the process exited while we read it.
@@ -222,6 +301,7 @@ pub fn find_interpreter(pid: u32) -> Result<Interpreter, ProcessError> {
 /// Like [`find_interpreter`], also returning the parsed ELF file, so callers
 /// that need more symbols do not read the (often 10-30 MB) file again.
 pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), ProcessError> {
+    check_live_user_process(pid)?;
     let maps = read_maps(pid)?;
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
         .map_err(|e| ProcessError::from_io(pid, "exe", e))?;
@@ -284,7 +364,63 @@ pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), Proce
         };
         return Ok((interp, image));
     }
+    // CPython 2 has no _PyEval_EvalFrameDefault: tell it by its files.
+    let version = std::iter::once(exe_str.as_str())
+        .chain(maps.iter().filter_map(|m| m.path.as_deref()))
+        .find_map(python2_version);
+    if let Some(version) = version {
+        return Err(ProcessError::UnsupportedPython { pid, version });
+    }
     Err(ProcessError::NotPython { pid, exe: exe_str })
+}
+
+/// `2.7` for `/usr/bin/python2.7`, `libpython2.7.so.1.0`.
+fn python2_version(path: &str) -> Option<String> {
+    let name = path.rsplit('/').next()?;
+    let rest = name
+        .strip_prefix("libpython")
+        .or_else(|| name.strip_prefix("python"))?;
+    let version: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let version = version.trim_end_matches('.');
+    (version.starts_with("2.") && version.len() > 2).then(|| version.to_owned())
+}
+
+/// Whether a process's name or program (`/proc/PID/comm`, the first word
+/// of `/proc/PID/cmdline`, both readable where its memory is not) says
+/// python.
+fn looks_like_python(pid: u32) -> bool {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let program = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let program = String::from_utf8_lossy(program);
+    let program = program.rsplit('/').next().unwrap_or_default();
+    comm.contains("python") || program.contains("python")
+}
+
+/// `PF_KTHREAD` in `/proc/PID/stat`'s flags.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Fails for a PID that is a kernel thread or a process that has exited
+/// (both still have a `/proc/PID` directory).
+fn check_live_user_process(pid: u32) -> Result<(), ProcessError> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| ProcessError::from_io(pid, "stat", e))?;
+    let Some((head, rest)) = stat.rsplit_once(')') else {
+        return Ok(());
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&("Z" | "X"))) {
+        return Err(ProcessError::Exited { pid });
+    }
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if flags & PF_KTHREAD != 0 {
+        let name = head.split_once('(').map_or("", |(_, n)| n).to_owned();
+        return Err(ProcessError::KernelThread { pid, name });
+    }
+    Ok(())
 }
 
 /// The path under `/proc/PID/root` that reaches `path` as process `pid` sees

@@ -83,7 +83,8 @@ pub(crate) fn code_dealloc_site<M: Memory>(
     found()
         .inspect_err(|e| {
             log::info!(
-                "code objects freed are not watched ({e:#}); every call reads its code object"
+                "code objects freed are not watched ({}); every call reads its code object",
+                crate::errors::one_line(e.as_ref())
             )
         })
         .ok()
@@ -365,20 +366,28 @@ pub(crate) fn note_scanned(
     match result {
         Ok(line) => eprintln!("pyprobe: {verb} {line}"),
         Err(e) => {
-            let quiet = e.downcast_ref::<ReadError>().is_some_and(|r| {
-                matches!(
-                    r,
-                    ReadError::Process(
-                        ProcessError::NotPython { .. } | ProcessError::NoSuchProcess { .. }
-                    )
-                )
-            });
+            let quiet = is_not_python(&e);
             if !quiet {
-                eprintln!("pyprobe: not {verb} PID {pid}: {e:#}");
+                eprintln!(
+                    "pyprobe: not {verb} PID {pid}: {}",
+                    crate::errors::one_line(e.as_ref())
+                );
             }
             ignored.insert(pid);
         }
     }
+}
+
+/// Whether an error setting up a PID under `--all` only says it is no
+/// Python process to trace (or it is gone): skipped without a word.
+pub(crate) fn is_not_python(e: &anyhow::Error) -> bool {
+    let process = e.downcast_ref::<ProcessError>().or_else(|| {
+        e.downcast_ref::<ReadError>().and_then(|r| match r {
+            ReadError::Process(p) => Some(p),
+            _ => None,
+        })
+    });
+    process.is_some_and(ProcessError::is_not_python)
 }
 
 /// Sites for the attach line: `RESUME(151)@0x1143d7→0x114400(jcc), ...`.

@@ -144,6 +144,9 @@ struct Armed {
     links: Vec<aya::programs::perf_event::PerfEventLinkId>,
     /// Its code object was freed and its watchpoints removed.
     retired: bool,
+    /// When its code object was found freed, until that is reported: the
+    /// report waits a moment, as a process exiting frees all its code.
+    freed_at: Option<Instant>,
 }
 
 /// A watched process.
@@ -156,12 +159,20 @@ struct Process {
     refused: BTreeSet<u64>,
     /// Type names read so far.
     type_names: HashMap<u64, String>,
+    /// Failed looks for the code of waiting log points, by log point
+    /// (a process changing its modules while read), and the last error.
+    scan_errors: BTreeMap<usize, (u64, String)>,
+    /// It exited (said once).
+    exited: bool,
 }
 
 /// Interval between drains of the hit ring buffer.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 /// Interval between scans for code not loaded yet.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a freed code object waits to be reported: if its process
+/// exits meanwhile, the exit is reported instead.
+const FREED_REPORT_DELAY: Duration = Duration::from_millis(500);
 
 /// Runs `pyprobe log` until Ctrl-C, `--duration`, `--count`, or the exit of
 /// every target.
@@ -174,7 +185,14 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     let mut attached = Vec::new();
     for &pid in &opts.pids {
         crate::process::find_interpreter(pid)?;
-        let a = Attached::new(pid, &points).with_context(|| format!("setting up PID {pid}"))?;
+        let a = match Attached::new(pid, &points) {
+            Ok(a) => a,
+            Err(_) if !crate::process::is_alive(pid) && opts.pids.len() > 1 => {
+                eprintln!("pyprobe: PID {pid} exited while pyprobe set it up");
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("setting up PID {pid}"))),
+        };
         a.check(&points)
             .with_context(|| format!("setting up PID {pid}"))?;
         attached.push(a);
@@ -188,12 +206,19 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         opts: opts.clone(),
         clock: Clock::new(),
         printed: 0,
+        gone_during_setup: BTreeSet::new(),
     };
     for a in attached {
         let pid = a.pid;
-        session
-            .add_attached(a, false)
-            .with_context(|| format!("setting up PID {pid}"))?;
+        match session.add_attached(a, false) {
+            Ok(()) => {}
+            // It exited while being set up: said, and the others go on.
+            Err(_) if !crate::process::is_alive(pid) => {
+                eprintln!("pyprobe: PID {pid} exited while pyprobe set it up");
+                session.gone_during_setup.insert(pid);
+            }
+            Err(e) => return Err(e.context(format!("setting up PID {pid}"))),
+        }
     }
     if opts.all {
         session.scan()?;
@@ -229,7 +254,10 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
                 if !opts.all || ticks.is_multiple_of(5) {
                     session.rescan()?;
                 }
-                if !opts.all && !session.processes.keys().any(|&pid| crate::process::is_alive(pid)) {
+                for line in session.note_exits()? {
+                    eprintln!("pyprobe: {line}");
+                }
+                if !opts.all && !session.processes.values().any(|p| !p.exited) {
                     eprintln!("pyprobe: every watched process exited");
                     break;
                 }
@@ -390,6 +418,8 @@ struct Session {
     opts: LogOptions,
     clock: Clock,
     printed: u64,
+    /// `--pid` targets that exited while being set up.
+    gone_during_setup: BTreeSet<u32>,
 }
 
 impl Session {
@@ -426,6 +456,8 @@ impl Session {
                 waiting: (0..self.points.len()).collect(),
                 refused: BTreeSet::new(),
                 type_names: HashMap::new(),
+                scan_errors: BTreeMap::new(),
+                exited: false,
             },
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
@@ -496,7 +528,21 @@ impl Session {
                 }
                 Err(e) if first => bail!("{}: {e}", self.points[index].spec.label()),
                 Err(e) => {
-                    lines.push(format!("log point {}: {e}", index + 1));
+                    // A process changing its modules while read: said the
+                    // first time, counted, and tried again at the next scan.
+                    let process = self.processes.get_mut(&pid).expect("added");
+                    let entry = process
+                        .scan_errors
+                        .entry(index)
+                        .or_insert((0, String::new()));
+                    entry.0 += 1;
+                    entry.1 = e.to_string();
+                    if entry.0 == 1 {
+                        lines.push(format!(
+                            "log point {} in PID {pid}: cannot look for its code now ({e}); trying again every second",
+                            index + 1
+                        ));
+                    }
                     still.push(index);
                 }
             }
@@ -610,6 +656,7 @@ impl Session {
             condition_errors: 0,
             links,
             retired: false,
+            freed_at: None,
         });
         Ok(line)
     }
@@ -635,14 +682,60 @@ impl Session {
                 armed.found.code,
             )?;
             armed.retired = true;
+            armed.freed_at = Some(Instant::now());
+        }
+        // A process that exits frees its code too: that is said once, as its
+        // exit (see `note_exits`), not per code object.
+        for armed in self.armed.iter_mut() {
+            let Some(at) = armed.freed_at else {
+                continue;
+            };
+            if at.elapsed() < FREED_REPORT_DELAY {
+                continue;
+            }
+            armed.freed_at = None;
+            if !crate::process::is_alive(armed.pid) {
+                continue;
+            }
             lines.push(format!(
-                "log point {}: the code of {} at {}:{} in PID {} was freed (a reloaded module?): its watchpoint is off",
+                "log point {}: the code of {} at {}:{} in PID {} was freed while the process runs \
+                 (a reloaded module?): its watchpoint is off",
                 armed.point + 1,
                 armed.found.qualname,
                 armed.found.filename,
                 armed.found.line,
                 armed.pid
             ));
+        }
+        Ok(lines)
+    }
+
+    /// Says once of each watched process that exited, and takes off what
+    /// was armed in it. Returns the lines to print.
+    fn note_exits(&mut self) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        let exited: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(pid, p)| !p.exited && !crate::process::is_alive(**pid))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in exited {
+            for armed in self.armed.iter_mut().filter(|a| a.pid == pid) {
+                armed.freed_at = None;
+                if armed.retired {
+                    continue;
+                }
+                armed.retired = true;
+                for link in armed.links.drain(..) {
+                    // The process is gone: its events may be gone too.
+                    let _ = self.probes.remove_watchpoint(link);
+                }
+            }
+            if let Some(p) = self.processes.get_mut(&pid) {
+                p.exited = true;
+            }
+            lines.push(format!("PID {pid} exited"));
         }
         Ok(lines)
     }
@@ -659,19 +752,12 @@ impl Session {
             }
             if let Err(e) = self.add(pid, true) {
                 self.processes.remove(&pid);
-                let quiet = e
-                    .downcast_ref::<crate::python::reader::ReadError>()
-                    .is_some_and(|r| {
-                        matches!(
-                            r,
-                            crate::python::reader::ReadError::Process(
-                                crate::process::ProcessError::NotPython { .. }
-                                    | crate::process::ProcessError::NoSuchProcess { .. }
-                            )
-                        )
-                    });
+                let quiet = crate::calls::is_not_python(&e) || !crate::process::is_alive(pid);
                 if !quiet {
-                    eprintln!("pyprobe: not watching PID {pid}: {e:#}");
+                    eprintln!(
+                        "pyprobe: not watching PID {pid}: {}",
+                        crate::errors::one_line(e.as_ref())
+                    );
                 }
                 self.ignored.insert(pid);
             }
@@ -699,7 +785,10 @@ impl Session {
                 // Under --all a process may refuse (no free watchpoint):
                 // it is left alone, the others go on.
                 Err(e) if self.opts.all => {
-                    eprintln!("pyprobe: not watching PID {pid} any more: {e:#}");
+                    eprintln!(
+                        "pyprobe: not watching PID {pid} any more: {}",
+                        crate::errors::one_line(e.as_ref())
+                    );
                     if let Some(p) = self.processes.get_mut(&pid) {
                         p.waiting.clear();
                     }
@@ -750,8 +839,9 @@ impl Session {
                     Ok(line) => lines.push(format!("{line} (new code object)")),
                     Err(e) => {
                         lines.push(format!(
-                            "log point {}: new code object at {code:#x} in PID {pid} not armed: {e:#}",
-                            point + 1
+                            "log point {}: new code object at {code:#x} in PID {pid} not armed: {}",
+                            point + 1,
+                            crate::errors::one_line(e.as_ref())
                         ));
                         if let Some(p) = self.processes.get_mut(&pid) {
                             p.refused.insert(code);
@@ -918,14 +1008,16 @@ impl Session {
 
             eprintln!(
                 "pyprobe: log point {} {}:{} in PID {}{}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
-                 in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}/s), \
+                 in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}), \
                  {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} accesses from \
                  outside the eval loop, {} from other frames, {} second accesses of a run)",
                 armed.point + 1,
                 armed.found.filename,
                 armed.found.line,
                 armed.pid,
-                if armed.retired {
+                if self.processes.get(&armed.pid).is_some_and(|p| p.exited) {
+                    " (exited since)"
+                } else if armed.retired {
                     " (code object freed since)"
                 } else {
                     ""
@@ -937,7 +1029,11 @@ impl Session {
                 armed.condition_false,
                 armed.condition_errors,
                 c.rate_limited,
-                self.opts.rate,
+                if self.opts.rate == 0 {
+                    "none set".to_owned()
+                } else {
+                    format!("{}/s", self.opts.rate)
+                },
                 c.over_count,
                 c.lost,
                 c.foreign + c.other_frame + c.repeats,
@@ -949,6 +1045,14 @@ impl Session {
         // A log point that never armed is most likely a wrong path: say so
         // once per log point (under --all, not once per unrelated process),
         // and end with an error.
+        for (pid, process) in &self.processes {
+            for (index, (count, last)) in &process.scan_errors {
+                eprintln!(
+                    "pyprobe: log point {} in PID {pid}: {count} looks for its code failed (last: {last})",
+                    index + 1
+                );
+            }
+        }
         let mut never = Vec::new();
         for (index, point) in self.points.iter().enumerate() {
             let waiting_in: Vec<u32> = self
@@ -958,7 +1062,25 @@ impl Session {
                 .map(|(pid, _)| *pid)
                 .collect();
             let armed_somewhere = self.armed.iter().any(|a| a.point == index);
-            if !armed_somewhere {
+            // Where every process it waited in exited, the path may be right:
+            // said, but not an error.
+            let all_exited = !self.opts.all
+                && if waiting_in.is_empty() {
+                    !self.gone_during_setup.is_empty()
+                } else {
+                    waiting_in
+                        .iter()
+                        .all(|pid| self.processes.get(pid).is_some_and(|p| p.exited))
+                };
+            if !armed_somewhere && all_exited {
+                eprintln!(
+                    "pyprobe: log point {} ({}) never armed: {} exited before {} was loaded",
+                    index + 1,
+                    point.spec.at,
+                    pid_list(&waiting_in),
+                    point.location.file_or_module(),
+                );
+            } else if !armed_somewhere {
                 let r#where = if self.opts.all {
                     "by any Python process".to_owned()
                 } else {
@@ -972,13 +1094,26 @@ impl Session {
                 );
                 never.push(index + 1);
             } else if !self.opts.all && !waiting_in.is_empty() {
-                eprintln!(
-                    "pyprobe: log point {} ({}) never armed in {}: {} was not loaded there",
-                    index + 1,
-                    point.spec.at,
-                    pid_list(&waiting_in),
-                    point.location.file_or_module(),
-                );
+                let (gone, alive): (Vec<u32>, Vec<u32>) = waiting_in
+                    .iter()
+                    .partition(|pid| self.processes.get(pid).is_some_and(|p| p.exited));
+                let file = point.location.file_or_module();
+                if !alive.is_empty() {
+                    eprintln!(
+                        "pyprobe: log point {} ({}) never armed in {}: {file} was not loaded there",
+                        index + 1,
+                        point.spec.at,
+                        pid_list(&alive),
+                    );
+                }
+                if !gone.is_empty() {
+                    eprintln!(
+                        "pyprobe: log point {} ({}) never armed in {}: exited before {file} was loaded",
+                        index + 1,
+                        point.spec.at,
+                        pid_list(&gone),
+                    );
+                }
             }
         }
         let (no_process, no_watch, unreadable) = self.probes.losses()?;

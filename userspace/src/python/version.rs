@@ -15,6 +15,8 @@ use crate::elf::ElfImage;
 pub const OLDEST: (u8, u8) = (3, 8);
 /// Newest supported minor version.
 pub const NEWEST: (u8, u8) = (3, 14);
+/// The supported range, as messages print it.
+pub const SUPPORTED: &str = "3.8-3.14";
 
 /// A CPython version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -77,14 +79,14 @@ pub enum VersionError {
     /// No evidence of any supported CPython version.
     #[error(
         "cannot tell the CPython version of {path}: it has none of Py_Version, Py_NewRef, \
-         PyFrame_GetCode, PyVectorcall_Call (pyprobe supports CPython 3.8-3.14)"
+         PyFrame_GetCode, PyVectorcall_Call (pyprobe supports CPython {SUPPORTED})"
     )]
     Unknown {
         /// The binary.
         path: String,
     },
     /// A version outside 3.8-3.14.
-    #[error("CPython {version} is not supported: pyprobe supports CPython 3.8 to 3.14")]
+    #[error("CPython {version} is not supported ({SUPPORTED})")]
     Unsupported {
         /// The version found.
         version: PythonVersion,
