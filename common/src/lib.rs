@@ -847,6 +847,10 @@ pub mod logpoint {
         pub frame_register: u64,
         /// `PyThreadState.datastack_top` (3.13+), or 0.
         pub tstate_datastack_top: u64,
+        /// Code objects the process freed since it was set up (kept by
+        /// `code_freed`): userspace looks for new code of armed log points
+        /// (a reloaded module) only when it changed.
+        pub code_frees: u64,
     }
 
     /// No frame register.
@@ -1132,7 +1136,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::logpoint::LogState {}
 
-    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 36 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 37 * 8);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 32);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);

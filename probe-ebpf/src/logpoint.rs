@@ -71,6 +71,11 @@ pub fn code_freed(tgid: u32, code: u64) {
         // SAFETY: a value of a successful lookup.
         unsafe { *freed = 1 };
     }
+    if let Some(process) = LOG_PROCESS.get_ptr_mut(&tgid) {
+        // SAFETY: as above; frees happen under the GIL, one at a time per
+        // process.
+        unsafe { (*process).code_frees = (*process).code_frees.wrapping_add(1) };
+    }
 }
 
 /// The hit being built on this CPU (too big for the stack).
@@ -97,8 +102,6 @@ const DICT_VALUES: u64 = 40;
 const LIST_ITEMS: u64 = 24;
 /// `PyLongObject` digits.
 const LONG_DIGITS: u64 = 24;
-/// `PyASCIIObject.state`.
-const UNICODE_STATE: u64 = 32;
 
 /// Adds to a counter shared by all CPUs. A plain add: hits at one log
 /// point in one process run with the GIL held, so two CPUs rarely add at
@@ -475,12 +478,18 @@ fn describe(obj: u64, process: &LogProcess, value: &mut Value) {
         value.raw = u64::from(obj == process.true_);
         return;
     }
-    let Some(ty) = read::<u64>(obj.wrapping_add(8)) else {
+    // The header in one read: type at 8, size (or length, or the float's
+    // value) at 16, a str's state at 32 (an int's digits from 24).
+    let Some(head) = read::<[u64; 5]>(obj).or_else(|| {
+        // A small object at the very end of a mapping.
+        read::<[u64; 3]>(obj).map(|h| [h[0], h[1], h[2], 0, 0])
+    }) else {
         value.status = STATUS_UNREADABLE;
         return;
     };
+    let ty = head[1];
     value.type_ = ty;
-    let size = read::<i64>(obj.wrapping_add(SIZE_AT)).unwrap_or(0);
+    let size = head[2] as i64;
     if ty == process.type_int {
         let (ndigits, negative) = if process.long_tag != 0 {
             let tag = size as u64;
@@ -491,13 +500,18 @@ fn describe(obj: u64, process: &LogProcess, value: &mut Value) {
         value.kind = KIND_INT;
         value.len = ndigits.min(u64::from(u32::MAX)) as u32;
         value.negative = u8::from(negative);
+        if ndigits <= 2 {
+            // The two first digits are in the header read.
+            value.bytes[..8].copy_from_slice(&head[3].to_le_bytes());
+        } else if
         // SAFETY: reads target memory into our buffer; a failure leaves
-        // zeros (then the short read below).
-        if unsafe { bpf_probe_read_user_buf((obj + LONG_DIGITS) as *const u8, &mut value.bytes) }
-            .is_err()
+        // zeros (then the header's two digits).
+        unsafe {
+            bpf_probe_read_user_buf((obj + LONG_DIGITS) as *const u8, &mut value.bytes)
+        }
+        .is_err()
         {
-            let two = read::<u64>(obj.wrapping_add(LONG_DIGITS)).unwrap_or(0);
-            value.bytes[..8].copy_from_slice(&two.to_le_bytes());
+            value.bytes[..8].copy_from_slice(&head[3].to_le_bytes());
         }
         let d0 = u64::from(
             u32::from_le_bytes([
@@ -533,7 +547,7 @@ fn describe(obj: u64, process: &LogProcess, value: &mut Value) {
         return;
     }
     if ty == process.type_str {
-        let state = u64::from(read::<u32>(obj.wrapping_add(UNICODE_STATE)).unwrap_or(0));
+        let state = head[4] & 0xffff_ffff;
         let kind = (state >> 2) & 7;
         let compact = (state >> 5) & 1;
         let ascii = (state >> 6) & 1;
@@ -722,9 +736,11 @@ struct ScanCtx {
 /// the entry, or from `values[i]` for a split dict.
 #[inline(always)]
 fn scan(keys: u64, values: u64, key: Key, process: &LogProcess) -> Result<u64, u8> {
+    // One read of the keys object's header.
+    let head = read::<[u64; 5]>(keys).ok_or(STATUS_UNREADABLE)?;
     let (nentries, entries, entry_size, key_at) = if process.dict_sized != 0 {
-        let size = read::<u64>(keys.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
-        let nentries = read::<u64>(keys.wrapping_add(32)).ok_or(STATUS_UNREADABLE)?;
+        // dk_size at 8, dk_nentries at 32.
+        let (size, nentries) = (head[1], head[4]);
         let width = if size <= 0xff {
             1
         } else if size <= 0xffff {
@@ -736,9 +752,10 @@ fn scan(keys: u64, values: u64, key: Key, process: &LogProcess) -> Result<u64, u
         };
         (nentries, keys + 40 + size.wrapping_mul(width), 24, 8)
     } else {
-        let log2_index_bytes = read::<u8>(keys.wrapping_add(9)).ok_or(STATUS_UNREADABLE)?;
-        let kind = read::<u8>(keys.wrapping_add(10)).ok_or(STATUS_UNREADABLE)?;
-        let nentries = read::<u64>(keys.wrapping_add(24)).ok_or(STATUS_UNREADABLE)?;
+        // dk_log2_index_bytes at 9, dk_kind at 10, dk_nentries at 24.
+        let log2_index_bytes = (head[1] >> 8) as u8;
+        let kind = (head[1] >> 16) as u8;
+        let nentries = head[3];
         let shift = u64::from(log2_index_bytes & 63);
         let general = kind == 0;
         (
@@ -799,21 +816,25 @@ extern "C" fn scan_entry(index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the context given to it.
     let ctx = unsafe { &mut *ctx.cast::<ScanCtx>() };
     let entry = ctx.entries.wrapping_add(index.wrapping_mul(ctx.entry_size));
-    let Some(key) = read::<u64>(entry.wrapping_add(ctx.key_at)) else {
+    // The key and the value beside it, in one read.
+    let Some([key, inline_value]) = read::<[u64; 2]>(entry.wrapping_add(ctx.key_at)) else {
         return 1;
     };
     if key == 0 {
         return 0;
     }
-    let Some(ty) = read::<u64>(key.wrapping_add(8)) else {
+    // The key's header (type at 8; for a str, length at 16, state at 32),
+    // in one read.
+    let Some(head) = read::<[u64; 5]>(key) else {
         return 0;
     };
+    let ty = head[1];
     let matched = if ctx.want_str != 0 {
         if ty != ctx.type_str {
             return 0;
         }
-        let len = read::<u64>(key.wrapping_add(SIZE_AT)).unwrap_or(u64::MAX);
-        let state = read::<u32>(key.wrapping_add(UNICODE_STATE)).unwrap_or(0);
+        let len = head[2];
+        let state = head[4] as u32;
         // Compact ASCII only: names and constants compared here are ASCII.
         if len != ctx.want_len || (state >> 5) & 3 != 3 {
             return 0;
@@ -838,7 +859,7 @@ extern "C" fn scan_entry(index: u64, ctx: *mut c_void) -> i64 {
         if ty != ctx.type_int {
             return 0;
         }
-        let size = read::<i64>(key.wrapping_add(SIZE_AT)).unwrap_or(0);
+        let size = head[2] as i64;
         let (ndigits, negative) = if ctx.long_tag != 0 {
             ((size as u64) >> 3, (size as u64) & 3 == 2)
         } else {
@@ -847,7 +868,8 @@ extern "C" fn scan_entry(index: u64, ctx: *mut c_void) -> i64 {
         if ndigits > 2 {
             return 0;
         }
-        let digits = read::<u64>(key.wrapping_add(LONG_DIGITS)).unwrap_or(0);
+        // The digits start at 24: in the header read.
+        let digits = head[3];
         let d0 = digits & 0x3fff_ffff;
         let d1 = (digits >> 32) & 0x3fff_ffff;
         let magnitude = match ndigits {
@@ -861,12 +883,11 @@ extern "C" fn scan_entry(index: u64, ctx: *mut c_void) -> i64 {
     if !matched {
         return 0;
     }
-    let value_at = if ctx.values != 0 {
-        ctx.values.wrapping_add(index.wrapping_mul(8))
+    ctx.found = if ctx.values != 0 {
+        read::<u64>(ctx.values.wrapping_add(index.wrapping_mul(8))).unwrap_or(0)
     } else {
-        entry.wrapping_add(ctx.key_at + 8)
+        inline_value
     };
-    ctx.found = read::<u64>(value_at).unwrap_or(0);
     1
 }
 

@@ -761,6 +761,13 @@ impl LogProbes {
         Ok(freed.get(&code_key(pid, code), 0).is_ok_and(|v| v != 0))
     }
 
+    /// How many code objects `pid` freed since it was configured.
+    pub fn code_frees(&self, pid: u32) -> Result<u64, BpfError> {
+        let map: BpfHashMap<&MapData, u32, LogProcess> =
+            open_map(&self.ebpf, names::MAP_LOG_PROCESS)?;
+        Ok(map.get(&pid, 0).map_or(0, |p| p.code_frees))
+    }
+
     /// Has the code type's `tp_dealloc` (at `file_offset` of `interp`)
     /// report the code objects process `pid` frees.
     pub fn watch_code_frees(

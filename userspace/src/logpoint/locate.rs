@@ -330,6 +330,11 @@ pub struct Found {
     pub varnames: Vec<String>,
     /// `co_argcount`.
     pub argcount: u32,
+    /// In how many separate places of the code the line's instructions are
+    /// (more than 1 for a `while` test the compiler repeats at the loop's
+    /// end, or a statement spread over lines): the watch is on the first,
+    /// so the log point fires when execution enters the line there.
+    pub places: usize,
 }
 
 impl Found {
@@ -712,6 +717,24 @@ impl Lines {
             .map(|(_, _, l)| *l)
             .next()
             .flatten()
+    }
+
+    /// In how many separate runs of instructions (in code order, at or
+    /// after the start) `line` is.
+    fn places(&self, line: i32) -> usize {
+        let mut places = 0;
+        let mut inside = false;
+        for (_, end, l) in &self.ranges {
+            if *end <= self.start {
+                continue;
+            }
+            let here = *l == Some(line);
+            if here && !inside {
+                places += 1;
+            }
+            inside = here;
+        }
+        places
     }
 
     /// Lines with an instruction at or after the start.
@@ -1309,7 +1332,7 @@ impl<'t, M: Memory> Scan<'t, M> {
         let (_, qualname) = self.qualname(code);
         let lines = self.lines(code).expect("lines read before");
         let line = lines.line_at(index).unwrap_or(fallback_line);
-        let (start, base) = (lines.start, lines.base);
+        let (start, base, places) = (lines.start, lines.base, lines.places(line));
         let node = &self.nodes[&code];
         Ok(Found {
             code,
@@ -1321,6 +1344,7 @@ impl<'t, M: Memory> Scan<'t, M> {
             function_start: index == start,
             varnames,
             argcount: node.argcount,
+            places,
         })
     }
 
@@ -1447,6 +1471,18 @@ impl<'t, M: Memory> Scan<'t, M> {
 }
 
 impl<M: Memory> Target<M> {
+    /// How many modules the interpreters' `sys.modules` hold (`ma_used`):
+    /// a cheap sign that something was imported.
+    pub fn modules_count(&self) -> Result<u64, ReadError> {
+        let mut n = 0;
+        for interp in self.interpreters()? {
+            if let Some(modules) = sys_modules(self, interp)? {
+                n += self.mem.read_u64(modules.wrapping_add(common::DICT_USED))?;
+            }
+        }
+        Ok(n)
+    }
+
     /// Every module in the interpreters' `sys.modules`, with its
     /// `__file__` when it has one: what a log point waiting for a file or
     /// module can be compared with.

@@ -164,12 +164,18 @@ struct Process {
     scan_errors: BTreeMap<usize, (u64, String)>,
     /// It exited (said once).
     exited: bool,
+    /// What the last look for code saw: code objects freed, modules in
+    /// `sys.modules`, and when it was.
+    last_look: Option<(u64, u64, Instant)>,
 }
 
 /// Interval between drains of the hit ring buffer.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 /// Interval between scans for code not loaded yet.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest time between two looks for new code when nothing said it
+/// may have appeared (a function defined later by a running script).
+const LOOK_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
 /// How long a freed code object waits to be reported: if its process
 /// exits meanwhile, the exit is reported instead.
 const FREED_REPORT_DELAY: Duration = Duration::from_millis(500);
@@ -458,9 +464,15 @@ impl Session {
                 type_names: HashMap::new(),
                 scan_errors: BTreeMap::new(),
                 exited: false,
+                last_look: None,
             },
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
+        // What was just looked at: the next look waits for a change.
+        if let Some(p) = self.processes.get_mut(&pid) {
+            let modules = p.target.modules_count().unwrap_or(u64::MAX);
+            p.last_look = Some((0, modules, Instant::now()));
+        }
         for line in &lines {
             eprintln!("pyprobe: {line}");
         }
@@ -626,13 +638,18 @@ impl Session {
             return Err(error);
         }
         let threads = links.len();
+        log::debug!(
+            "log point {}: watchpoint at {:#x} in PID {pid}",
+            point + 1,
+            found.watched_byte()
+        );
         let kernel = if compiled.kernel_atoms.is_empty() {
             String::new()
         } else {
             format!(", kernel tests {}", compiled.kernel_atoms.join(" and "))
         };
         let line = format!(
-            "log point {} armed at {}:{} ({}{}) in PID {pid}: hardware watchpoint on {} thread{}{kernel}",
+            "log point {} armed at {}:{} ({}{}) in PID {pid}: hardware watchpoint on {} thread{}{kernel}{}",
             point + 1,
             found.filename,
             found.line,
@@ -644,6 +661,15 @@ impl Session {
             },
             threads,
             if threads == 1 { "" } else { "s" },
+            if found.places > 1 && !found.function_start {
+                format!(
+                    "; note: the line's code is in {} places (a loop test repeated at the loop's end, or a \
+                     statement over several lines): it fires where execution enters the first",
+                    found.places
+                )
+            } else {
+                String::new()
+            },
         );
         self.armed.push(Armed {
             point,
@@ -771,7 +797,7 @@ impl Session {
     fn rescan(&mut self) -> anyhow::Result<()> {
         let pids: Vec<u32> = self.processes.keys().copied().collect();
         for pid in pids {
-            if !crate::process::is_alive(pid) {
+            if !crate::process::is_alive(pid) || !self.may_have_new_code(pid) {
                 continue;
             }
             for line in self.arm_new_code(pid) {
@@ -801,6 +827,28 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Whether `pid` may hold code it did not when last looked at: a
+    /// scan reads every module and class of the process (tens of ms for a
+    /// web application), so it is done when a module was imported (the
+    /// count of `sys.modules` changed), when code objects were freed (a
+    /// reloaded module replaces its code), and at least every
+    /// [`LOOK_AT_LEAST_EVERY`].
+    fn may_have_new_code(&mut self, pid: u32) -> bool {
+        let frees = self.probes.code_frees(pid).unwrap_or(u64::MAX);
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return false;
+        };
+        let modules = process.target.modules_count().unwrap_or(u64::MAX);
+        let due = match process.last_look {
+            None => true,
+            Some((f, m, at)) => f != frees || m != modules || at.elapsed() >= LOOK_AT_LEAST_EVERY,
+        };
+        if due {
+            process.last_look = Some((frees, modules, Instant::now()));
+        }
+        due
     }
 
     /// Arms the log points already armed in `pid` on the code objects for

@@ -56,7 +56,11 @@ struct Bench {
 
 impl Bench {
     fn start(python: &Path, mode: &str) -> anyhow::Result<Self> {
-        let (fixture, stdin, stdout) = start_fixture_with(python, "logpoint_bench.py", &[mode])?;
+        Self::start_script(python, "logpoint_bench.py", &[mode])
+    }
+
+    fn start_script(python: &Path, script: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let (fixture, stdin, stdout) = start_fixture_with(python, script, args)?;
         Ok(Self {
             pid: fixture.0.id(),
             _fixture: fixture,
@@ -67,24 +71,43 @@ impl Bench {
 
     /// Seconds and breakpoint hits of one command.
     fn once(&mut self, command: &str) -> anyhow::Result<(f64, u64)> {
+        let words = self.answer(command)?;
+        match (words.first(), words.get(1)) {
+            (Some(&s), Some(&h)) => Ok((s, h as u64)),
+            _ => bail!("bad answer {words:?} to {command:?}"),
+        }
+    }
+
+    /// The numbers of the answer to one command.
+    fn answer(&mut self, command: &str) -> anyhow::Result<Vec<f64>> {
         writeln!(self.stdin, "{command}")?;
         self.stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
-        let mut words = line.split_whitespace();
-        let secs = words.next().and_then(|s| s.parse().ok());
-        let hits = words.next().and_then(|s| s.parse().ok());
-        match (secs, hits) {
-            (Some(s), Some(h)) => Ok((s, h)),
-            _ => bail!("bad answer {line:?}"),
-        }
+        line.split_whitespace()
+            .map(|w| w.parse().with_context(|| format!("bad answer {line:?}")))
+            .collect()
     }
 
     /// Starts `pyprobe log` on this process; returns once it is armed.
     fn log(&self, pyprobe: &Path, args: &[&str]) -> anyhow::Result<Probe> {
+        self.log_env(pyprobe, args, None)
+    }
+
+    /// [`Self::log`] with `RUST_LOG` set (its start-up lines are kept).
+    fn log_env(
+        &self,
+        pyprobe: &Path,
+        args: &[&str],
+        rust_log: Option<&str>,
+    ) -> anyhow::Result<Probe> {
         let pid = self.pid.to_string();
         let started = Instant::now();
-        let mut child = Command::new(pyprobe)
+        let mut command = Command::new(pyprobe);
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command
             .args(["log", "--pid", &pid])
             .args(args)
             .stdout(Stdio::null())
@@ -105,7 +128,7 @@ impl Bench {
         }
         // Keep reading stderr so pyprobe never blocks on it; the summary
         // it prints at exit is kept.
-        let kept = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(seen));
         let sink = kept.clone();
         std::thread::spawn(move || {
             let mut line = String::new();
@@ -139,6 +162,8 @@ struct Stopped {
     prog_ns: Option<f64>,
     /// Watchpoint hits in all (runs and other accesses), from its summary.
     hits: u64,
+    /// Runs of the line, from its summary.
+    runs: u64,
 }
 
 impl Probe {
@@ -155,24 +180,30 @@ impl Probe {
             let at = text.find(marker)?;
             text[..at].split_whitespace().last()?.parse().ok()
         };
-        let hits = number_before(" runs in").context("no runs in pyprobe's summary")?
+        let runs = number_before(" runs in").context("no runs in pyprobe's summary")?;
+        let hits = runs
             + number_before(" watchpoint hits were not runs")
                 .context("no hit count in pyprobe's summary")?;
         Ok(Stopped {
             usage,
             prog_ns,
             hits,
+            runs,
         })
     }
 }
 
 fn mark(name: &str) -> anyhow::Result<usize> {
-    let text =
-        std::fs::read_to_string(crate::util::workspace_root().join("fixtures/logpoint_bench.py"))?;
+    mark_in("logpoint_bench.py", name)
+}
+
+/// The line of `fixtures/<file>` marked `# name`.
+fn mark_in(file: &str, name: &str) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(crate::util::workspace_root().join("fixtures").join(file))?;
     text.lines()
         .position(|l| l.trim_end().ends_with(&format!("# {name}")))
         .map(|i| i + 1)
-        .with_context(|| format!("no `# {name}` line in logpoint_bench.py"))
+        .with_context(|| format!("no `# {name}` line in {file}"))
 }
 
 /// A median with its 95% confidence interval.
@@ -303,9 +334,195 @@ fn ratios(pairs: &[(f64, f64)]) -> Vec<f64> {
     pairs.iter().map(|&(a, b)| a / b).collect()
 }
 
-/// Runs the log point benchmark on every interpreter.
+/// Requests per run of the framework workload.
+const REQUESTS: usize = 2_000;
+/// Pairs of runs per condition of the framework workload, per watched
+/// process (the log point is set on one process, then on the other).
+const FRAMEWORK_PAIRS: usize = 40;
+/// Pipe round trips to time a context switch with an armed log point.
+const SWITCHES: usize = 5_000;
+
+/// Ratios of `pairs` runs of `command`, `w` watched by a log point set with
+/// `args`, over `b` bare, then the other way round (so a difference between
+/// the two processes cancels); and the log point's summary of the last.
+fn watched_ratios(
+    pyprobe: &Path,
+    x: &mut Bench,
+    y: &mut Bench,
+    command: &str,
+    args: &[&str],
+) -> anyhow::Result<(Vec<(f64, f64)>, Stopped)> {
+    let mut out = Vec::new();
+    let mut last = None;
+    for first in [true, false] {
+        let (w, b) = if first {
+            (&mut *x, &mut *y)
+        } else {
+            (&mut *y, &mut *x)
+        };
+        let probe = w.log(pyprobe, args)?;
+        out.extend(pairs(w, b, command, FRAMEWORK_PAIRS)?);
+        last = Some(probe.stop()?);
+    }
+    Ok((out, last.expect("two rounds")))
+}
+
+/// The framework-like workload (`fixtures/logpoint_framework.py`): requests
+/// per second bare, with a log point armed and never hit, and with one hit
+/// and dropped by its condition in the kernel on every request; what a
+/// hit costs, what a bare debug trap costs on this machine (the part that
+/// is not pyprobe's), traps per run of the line, the BPF program's run time
+/// per hit, and what an armed log point adds to a context switch.
+fn bench_framework(pyprobe: &Path) -> anyhow::Result<()> {
+    let never = format!(
+        "logpoint_framework.py:{}",
+        mark_in("logpoint_framework.py", "never-runs")?
+    );
+    let view = format!(
+        "logpoint_framework.py:{}",
+        mark_in("logpoint_framework.py", "view-line")?
+    );
+    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+    println!(
+        "\n== log points on a framework-like request loop (fixtures/logpoint_framework.py), release build ==\n\
+         {REQUESTS} requests per run through middleware, router, view, service and models; pairs of runs in \
+         two processes pinned to CPU {cpu}, the log point set on each in turn ({} pairs per condition), \
+         median ratio [95% interval]. never hit: a log point armed on a function no request calls. \
+         hit+dropped: on the view's first line, once per request, its condition (request.user_id < 0) \
+         false in the kernel. µs/hit: the added time per request; µs/local: the same with a condition \
+         on a local alone (request is None: no attribute lookup). bare trap: the added time with a bare \
+         perf read/write breakpoint on the same byte instead (no BPF program, no pyprobe: what this \
+         machine charges for a debug trap there). pyprobe: µs/hit minus bare trap. traps/run: watchpoint traps per run of the line. prog: BPF run time per hit. \
+         switch: µs added to a pipe round trip between two threads (two context switches) with a log \
+         point armed, never hit / with a bare perf breakpoint armed instead ({SWITCHES} round trips).",
+        2 * FRAMEWORK_PAIRS
+    );
+    println!(
+        "{:<44} {:>9} {:>26} {:>26} {:>7} {:>8} {:>10} {:>8} {:>9} {:>7} {:>12} {:>14}",
+        "interpreter",
+        "req/s",
+        "never hit",
+        "hit+dropped",
+        "µs/hit",
+        "µs/local",
+        "bare trap",
+        "pyprobe",
+        "traps/run",
+        "prog",
+        "switch µs",
+        "pyprobe cpu/rss"
+    );
+    let serve = format!("serve {REQUESTS}");
+    for python in interpreters() {
+        let mut x = Bench::start_script(&python, "logpoint_framework.py", &[])?;
+        let mut y = Bench::start_script(&python, "logpoint_framework.py", &[])?;
+        pin(x.pid, cpu)?;
+        pin(y.pid, cpu)?;
+        let warm = pairs(&mut x, &mut y, &serve, 20)?;
+        let bare = median(warm.iter().flat_map(|&(a, b)| [a, b]).collect());
+        let (never_pairs, never_stop) =
+            watched_ratios(pyprobe, &mut x, &mut y, &serve, &["--at", &never])?;
+        let (hit_pairs, hit_stop) = watched_ratios(
+            pyprobe,
+            &mut x,
+            &mut y,
+            &serve,
+            &["--at", &view, "--when", "request.user_id < 0"],
+        )?;
+        let (local_pairs, _) = watched_ratios(
+            pyprobe,
+            &mut x,
+            &mut y,
+            &serve,
+            &["--at", &view, "--when", "request is None"],
+        )?;
+        let added = |p: &[(f64, f64)]| {
+            median(
+                p.iter()
+                    .map(|&(w, b)| (w - b) / REQUESTS as f64 * 1e6)
+                    .collect(),
+            )
+        };
+        let per_hit = added(&hit_pairs);
+        let per_local_hit = added(&local_pairs);
+        // The control: a bare breakpoint (no BPF program, no pyprobe) on
+        // the byte the log point watches, in the same workload.
+        let probe = x.log_env(
+            pyprobe,
+            &["--at", &view, "--when", "request is None"],
+            Some("pyprobe=debug"),
+        )?;
+        let text = probe.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        probe.stop()?;
+        let addr = text
+            .split("watchpoint at ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+            .context("pyprobe did not say where its watchpoint is")?;
+        let trapat = format!("trapat {addr:x} {REQUESTS}");
+        let mut controls = Vec::new();
+        for i in 0..FRAMEWORK_PAIRS {
+            let (a, b) = if i % 2 == 0 {
+                let a = x.once(&trapat)?;
+                (a, y.once(&serve)?.0)
+            } else {
+                let b = y.once(&serve)?.0;
+                (x.once(&trapat)?, b)
+            };
+            if a.1 != REQUESTS as u64 {
+                bail!(
+                    "the bare breakpoint trapped {} times in {REQUESTS} requests",
+                    a.1
+                );
+            }
+            controls.push((a.0 - b) / REQUESTS as f64 * 1e6);
+        }
+        let trap = median(controls);
+        let switch = format!("switch {SWITCHES}");
+        let probe = x.log(pyprobe, &["--at", &never])?;
+        let switched = pairs(&mut x, &mut y, &switch, 10)?;
+        probe.stop()?;
+        let per_switch = median(
+            switched
+                .iter()
+                .map(|&(w, b)| (w - b) / SWITCHES as f64 * 1e6)
+                .collect(),
+        );
+        let switch_bp = format!("switchbp {SWITCHES}");
+        let mut bare_switch = Vec::new();
+        for _ in 0..10 {
+            let w = x.once(&switch_bp)?.0;
+            let b = y.once(&switch)?.0;
+            bare_switch.push((w - b) / SWITCHES as f64 * 1e6);
+        }
+        let bare_switch = median(bare_switch);
+        println!(
+            "{:<44} {:>9.0} {:>26} {:>26} {:>7.2} {:>8.2} {:>9.2}µs {:>7.2}µs {:>9.2} {:>7} {:>12} {:>7.0}ms/{:.0}MB",
+            python.display().to_string(),
+            REQUESTS as f64 / bare,
+            Estimate::of(ratios(&never_pairs)).ratio(),
+            Estimate::of(ratios(&hit_pairs)).ratio(),
+            per_hit,
+            per_local_hit,
+            trap,
+            per_hit - trap,
+            hit_stop.hits as f64 / hit_stop.runs.max(1) as f64,
+            hit_stop
+                .prog_ns
+                .map_or("-".to_owned(), |n| format!("{n:.0}ns")),
+            format!("{per_switch:.2}/{bare_switch:.2}"),
+            hit_stop.usage.cpu_ms.max(never_stop.usage.cpu_ms),
+            hit_stop.usage.max_rss_kb as f64 / 1024.0,
+        );
+    }
+    Ok(())
+}
+
+/// Runs the log point benchmarks on every interpreter.
 pub fn bench_logpoint(pyprobe: &Path) -> anyhow::Result<()> {
     let _stats = BpfStats::enable();
+    bench_framework(pyprobe)?;
     let never = format!("logpoint_bench.py:{}", mark("never-runs")?);
     let hit_line = format!("logpoint_bench.py:{}", mark("hit-line")?);
     let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
