@@ -790,6 +790,12 @@ fn every_line_shape_prints_exactly_one_line_per_run() {
                     "{shape}: no {summary:?} in {stderr}"
                 );
             }
+            // One trap per run: no access of a watched byte was anything
+            // but a run of its instruction.
+            ensure!(
+                stderr.matches("; 0 watchpoint hits were not runs").count() == shapes.len(),
+                "traps that were not runs: {stderr}"
+            );
             ensure!(stdout.lines().count() == lines, "{stdout}");
         }
         Ok(())

@@ -463,6 +463,8 @@ pub struct SampleLosses {
 pub struct Sampler {
     ebpf: Ebpf,
     ring: aya::maps::RingBuf<MapData>,
+    /// `code_freed` in each process.
+    code_frees: std::collections::HashMap<u32, QuietUprobe>,
     attached: bool,
     /// What `SAMPLE_THREADS` holds per process: thread id -> state.
     threads: std::collections::HashMap<u32, BTreeMap<u32, u64>>,
@@ -506,6 +508,7 @@ impl Sampler {
         Ok(Self {
             ebpf,
             ring,
+            code_frees: std::collections::HashMap::new(),
             attached: false,
             threads: std::collections::HashMap::new(),
         })
@@ -549,7 +552,9 @@ impl Sampler {
         file_offset: u64,
         pid: u32,
     ) -> Result<(), BpfError> {
-        attach_code_freed(&mut self.ebpf, interp, file_offset, pid)
+        let probe = attach_code_freed(&mut self.ebpf, interp, file_offset, pid)?;
+        self.code_frees.insert(pid, probe);
+        Ok(())
     }
 
     /// Tells the sampler how to walk process `pid`.
@@ -567,6 +572,7 @@ impl Sampler {
         let mut map: BpfHashMap<&mut MapData, u32, SampleConfig> =
             open_map_mut(&mut self.ebpf, names::MAP_SAMPLE_CONFIG)?;
         let _ = map.remove(&pid);
+        self.code_frees.remove(&pid);
         self.set_threads(pid, &[])
     }
 
@@ -666,6 +672,8 @@ pub type LogCounters = pyprobe_common::logpoint::LogState;
 pub struct LogProbes {
     ebpf: Ebpf,
     ring: aya::maps::RingBuf<MapData>,
+    /// `code_freed` in each process.
+    code_frees: std::collections::HashMap<u32, QuietUprobe>,
 }
 
 impl LogProbes {
@@ -698,7 +706,11 @@ impl LogProbes {
             })?;
         load_uprobe(&mut ebpf, names::PROG_CODE_FREED)?;
         let ring = take_ring(&mut ebpf, names::MAP_LOG_HITS)?;
-        Ok(Self { ebpf, ring })
+        Ok(Self {
+            ebpf,
+            ring,
+            code_frees: std::collections::HashMap::new(),
+        })
     }
 
     /// Tells the program how to read process `pid`.
@@ -761,6 +773,12 @@ impl LogProbes {
         Ok(freed.get(&code_key(pid, code), 0).is_ok_and(|v| v != 0))
     }
 
+    /// Forgets process `pid` (it exited): its `code_freed` probe is
+    /// detached.
+    pub fn forget(&mut self, pid: u32) {
+        self.code_frees.remove(&pid);
+    }
+
     /// How many code objects `pid` freed since it was configured.
     pub fn code_frees(&self, pid: u32) -> Result<u64, BpfError> {
         let map: BpfHashMap<&MapData, u32, LogProcess> =
@@ -776,7 +794,9 @@ impl LogProbes {
         file_offset: u64,
         pid: u32,
     ) -> Result<(), BpfError> {
-        attach_code_freed(&mut self.ebpf, interp, file_offset, pid)
+        let probe = attach_code_freed(&mut self.ebpf, interp, file_offset, pid)?;
+        self.code_frees.insert(pid, probe);
+        Ok(())
     }
 
     /// Removes a watchpoint [`Self::set_watchpoint`] set (with the ones its
@@ -945,22 +965,91 @@ fn code_key(tgid: u32, code: u64) -> WatchKey {
 
 /// Attaches the loaded `code_freed` uprobe at `file_offset` of `interp`
 /// (the code type's `tp_dealloc`) for process `pid`.
+/// `code_freed` on the code type's deallocator in process `pid`, as a
+/// [`QuietUprobe`].
 fn attach_code_freed(
     ebpf: &mut Ebpf,
     interp: &Interpreter,
     file_offset: u64,
     pid: u32,
-) -> Result<(), BpfError> {
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?);
-    uprobe_mut(ebpf, names::PROG_CODE_FREED)?
-        .attach(file_offset, &interp.host_path, scope)
-        .map_err(|source| BpfError::Attach {
-            target: interp.host_path.display().to_string(),
-            pid,
-            offset: file_offset,
-            source,
-        })?;
-    Ok(())
+) -> Result<QuietUprobe, BpfError> {
+    let attach_error = |source: std::io::Error| BpfError::Attach {
+        target: interp.host_path.display().to_string(),
+        pid,
+        offset: file_offset,
+        source: aya::programs::ProgramError::IOError(source),
+    };
+    let program = uprobe_mut(ebpf, names::PROG_CODE_FREED)?;
+    let fd = program.fd().map_err(|source| BpfError::Program {
+        name: names::PROG_CODE_FREED,
+        source,
+    })?;
+    QuietUprobe::attach(fd.as_fd(), &interp.host_path, file_offset, pid).map_err(attach_error)
+}
+
+/// A uprobe in one process whose perf event is never enabled: the kernel
+/// installs the probe in the process and runs the attached BPF program at
+/// every hit (the program hangs off the probe), while a disabled event is
+/// not switched in and out with the process's threads. Detached when
+/// dropped.
+pub struct QuietUprobe {
+    /// The perf event: closing it detaches.
+    _event: std::os::fd::OwnedFd,
+}
+
+impl QuietUprobe {
+    /// Opens the uprobe at `offset` of `path` for process `pid` (disabled)
+    /// and attaches `program` (a loaded uprobe program) to it.
+    fn attach(
+        program: std::os::fd::BorrowedFd<'_>,
+        path: &std::path::Path,
+        offset: u64,
+        pid: u32,
+    ) -> std::io::Result<Self> {
+        use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+        /// `PERF_FLAG_FD_CLOEXEC`.
+        const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+        let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type")?
+            .trim()
+            .parse()
+            .map_err(std::io::Error::other)?;
+        let c_path =
+            std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        // struct perf_event_attr (128 bytes): type, size, config1 = the
+        // file's path, config2 = the offset, flags: disabled. (Not
+        // inherit: threads could then not be started in the process.)
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&pmu.to_ne_bytes());
+        attr[4..8].copy_from_slice(&128u32.to_ne_bytes());
+        attr[40..48].copy_from_slice(&1u64.to_ne_bytes());
+        attr[56..64].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+        attr[64..72].copy_from_slice(&offset.to_ne_bytes());
+        // SAFETY: perf_event_open with a valid attr buffer and a path that
+        // outlives the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                attr.as_ptr(),
+                pid as i32,
+                -1,
+                -1,
+                PERF_FLAG_FD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        /// `PERF_EVENT_IOC_SET_BPF`: `_IOW('$', 8, __u32)`.
+        const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+        // SAFETY: the ioctl takes the program's fd as its argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, program.as_raw_fd()) } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { _event: fd })
+    }
 }
 
 fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, BpfError> {

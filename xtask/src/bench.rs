@@ -193,6 +193,8 @@ pub fn bench(runs: usize, only: &[String], python: Option<String>) -> anyhow::Re
     }
     if wanted("logpoint") {
         logpoint::bench_logpoint(&pyprobe)?;
+    } else if only.iter().any(|o| o == "logpoint-framework") {
+        logpoint::bench_logpoint_framework(&pyprobe)?;
     }
     Ok(())
 }

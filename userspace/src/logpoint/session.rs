@@ -761,6 +761,7 @@ impl Session {
             if let Some(p) = self.processes.get_mut(&pid) {
                 p.exited = true;
             }
+            self.probes.forget(pid);
             lines.push(format!("PID {pid} exited"));
         }
         Ok(lines)

@@ -519,6 +519,12 @@ fn bench_framework(pyprobe: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs the framework-like log point benchmark alone.
+pub fn bench_logpoint_framework(pyprobe: &Path) -> anyhow::Result<()> {
+    let _stats = BpfStats::enable();
+    bench_framework(pyprobe)
+}
+
 /// Runs the log point benchmarks on every interpreter.
 pub fn bench_logpoint(pyprobe: &Path) -> anyhow::Result<()> {
     let _stats = BpfStats::enable();
