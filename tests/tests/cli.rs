@@ -264,3 +264,46 @@ fn untraceable_pids_are_named_for_what_they_are() {
         "non-Python processes reported: {stderr}"
     );
 }
+
+/// Ctrl-C as soon as a command says it attached stops it cleanly, with its
+/// summary and exit 0 (a signal that came before the command listened for
+/// it used to kill it, or be lost).
+#[test]
+fn ctrl_c_right_after_attaching_stops_cleanly() {
+    let found = pyprobe_tests::discover();
+    let interp = found.supported.last().expect("an interpreter");
+    let fixture = Fixture::start(interp, "logpoint_workload.py", &[]).unwrap();
+    let pid = fixture.pid().to_string();
+    let out = std::env::temp_dir().join(format!("pyprobe-ctrlc-{}.txt", std::process::id()));
+    let out = out.to_str().unwrap();
+    let commands: [(&[&str], &str); 3] = [
+        (
+            &[
+                "log",
+                "--pid",
+                &pid,
+                "--at",
+                "logpoint_workload.py:handle_order",
+            ],
+            "log point 1",
+        ),
+        (&["calls", "--pid", &pid], "final totals"),
+        (
+            &["record", "--pid", &pid, "-f", "folded", "-o", out],
+            "samples in",
+        ),
+    ];
+    for (args, summary) in commands {
+        for _ in 0..3 {
+            let probe = Probe::start(args).unwrap();
+            probe.interrupt();
+            let (ok, stdout, stderr) = probe.finish().unwrap();
+            assert!(ok, "{args:?} did not exit cleanly: {stderr}");
+            assert!(
+                stderr.contains(summary) || stdout.contains(summary),
+                "{args:?}: no summary: {stdout}\n{stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(out);
+}

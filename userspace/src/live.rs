@@ -5,10 +5,45 @@ use std::{io::Write, time::Duration};
 
 use serde::Serialize;
 
-/// Resolves when the user wants to stop: Ctrl-C, SIGTERM, or the end of
-/// `duration` if given.
+/// Ctrl-C and SIGTERM, listened for from the moment they are made.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+/// The stop signals [`listen_for_stop`] started listening to.
+static SIGNALS: std::sync::Mutex<Option<StopSignals>> = std::sync::Mutex::new(None);
+
+/// Starts listening for Ctrl-C and SIGTERM, so that one that comes while a
+/// command attaches (before it waits for it) still stops it. Call once at
+/// start, inside the runtime.
+pub fn listen_for_stop() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let signals = StopSignals {
+        interrupt: signal(SignalKind::interrupt())?,
+        terminate: signal(SignalKind::terminate())?,
+    };
+    if let Ok(mut slot) = SIGNALS.lock() {
+        *slot = Some(signals);
+    }
+    Ok(())
+}
+
+/// Resolves when the user wants to stop: Ctrl-C, SIGTERM (also one that
+/// came since [`listen_for_stop`]), or the end of `duration` if given.
 pub async fn stop_requested(duration: Option<Duration>) -> std::io::Result<()> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let taken = SIGNALS.lock().ok().and_then(|mut s| s.take());
+    let mut signals = match taken {
+        Some(signals) => signals,
+        None => {
+            listen_for_stop()?;
+            SIGNALS
+                .lock()
+                .ok()
+                .and_then(|mut s| s.take())
+                .ok_or_else(|| std::io::Error::other("cannot listen for signals"))?
+        }
+    };
     let deadline = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -17,8 +52,8 @@ pub async fn stop_requested(duration: Option<Duration>) -> std::io::Result<()> {
     };
     tokio::select! {
         _ = deadline => {}
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
+        _ = signals.interrupt.recv() => {}
+        _ = signals.terminate.recv() => {}
     }
     Ok(())
 }

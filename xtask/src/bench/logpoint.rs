@@ -130,7 +130,7 @@ impl Bench {
         // it prints at exit is kept.
         let kept = std::sync::Arc::new(std::sync::Mutex::new(seen));
         let sink = kept.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut line = String::new();
             while err.read_line(&mut line).is_ok_and(|n| n > 0) {
                 if let Ok(mut k) = sink.lock() {
@@ -142,6 +142,7 @@ impl Bench {
         Ok(Probe {
             child,
             started,
+            reader,
             stderr: kept,
         })
     }
@@ -151,6 +152,8 @@ impl Bench {
 struct Probe {
     child: Child,
     started: Instant,
+    /// Reads its stderr into `stderr` until the pipe closes.
+    reader: std::thread::JoinHandle<()>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -173,14 +176,15 @@ impl Probe {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let usage = wait_usage(self.child, self.started)?;
-        // The reader thread ends with the pipe.
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The reader thread ends with the pipe: then the summary is in.
+        let _ = self.reader.join();
         let text = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
         let number_before = |marker: &str| -> Option<u64> {
             let at = text.find(marker)?;
             text[..at].split_whitespace().last()?.parse().ok()
         };
-        let runs = number_before(" runs in").context("no runs in pyprobe's summary")?;
+        let runs = number_before(" runs in")
+            .with_context(|| format!("no runs in pyprobe's summary: {text}"))?;
         let hits = runs
             + number_before(" watchpoint hits were not runs")
                 .context("no hit count in pyprobe's summary")?;
@@ -235,18 +239,23 @@ impl Estimate {
     }
 }
 
-/// Pins process `pid` (its main thread: the fixtures run one) to `cpu`.
+/// Pins every thread of process `pid` to `cpu`.
 fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and
-    // sched_setaffinity get valid pointers to it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(pid as i32, std::mem::size_of_val(&set), &set) != 0 {
-            bail!(
-                "pinning {pid} to CPU {cpu}: {}",
-                std::io::Error::last_os_error()
-            );
+    let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for tid in tids {
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and
+        // sched_setaffinity get valid pointers to it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) != 0 {
+                bail!(
+                    "pinning {pid} (thread {tid}) to CPU {cpu}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
     Ok(())
@@ -342,29 +351,87 @@ const FRAMEWORK_PAIRS: usize = 40;
 /// Pipe round trips to time a context switch with an armed log point.
 const SWITCHES: usize = 5_000;
 
-/// Ratios of `pairs` runs of `command`, `w` watched by a log point set with
-/// `args`, over `b` bare, then the other way round (so a difference between
-/// the two processes cancels); and the log point's summary of the last.
+/// Pairs of runs of `command` (watched, bare): `x` watched by a log point
+/// set with `args` against `y` bare, then the other way round; and the log
+/// point's summary of the last.
 fn watched_ratios(
     pyprobe: &Path,
     x: &mut Bench,
     y: &mut Bench,
     command: &str,
     args: &[&str],
-) -> anyhow::Result<(Vec<(f64, f64)>, Stopped)> {
-    let mut out = Vec::new();
+) -> anyhow::Result<([Vec<(f64, f64)>; 2], Stopped)> {
+    watched_ratios_n(pyprobe, x, y, command, args, FRAMEWORK_PAIRS)
+}
+
+/// [`watched_ratios`] with `n` pairs per direction.
+fn watched_ratios_n(
+    pyprobe: &Path,
+    x: &mut Bench,
+    y: &mut Bench,
+    command: &str,
+    args: &[&str],
+    n: usize,
+) -> anyhow::Result<([Vec<(f64, f64)>; 2], Stopped)> {
+    let mut out = [Vec::new(), Vec::new()];
     let mut last = None;
-    for first in [true, false] {
+    for (i, first) in [true, false].into_iter().enumerate() {
         let (w, b) = if first {
             (&mut *x, &mut *y)
         } else {
             (&mut *y, &mut *x)
         };
         let probe = w.log(pyprobe, args)?;
-        out.extend(pairs(w, b, command, FRAMEWORK_PAIRS)?);
+        out[i] = pairs(w, b, command, n)?;
         last = Some(probe.stop()?);
     }
     Ok((out, last.expect("two rounds")))
+}
+
+/// The watched/bare ratio from both directions: two identical processes
+/// on one CPU can differ by a few percent (A/A), which multiplies one
+/// direction's ratio and divides the other's, so the geometric mean of the
+/// two medians cancels it (the interval likewise, from each median's).
+fn unbiased_ratio(both: &[Vec<(f64, f64)>; 2]) -> Estimate {
+    let [a, b] = [
+        Estimate::of(ratios(&both[0])),
+        Estimate::of(ratios(&both[1])),
+    ];
+    Estimate {
+        median: (a.median * b.median).sqrt(),
+        lo: (a.lo * b.lo).sqrt(),
+        hi: (a.hi * b.hi).sqrt(),
+    }
+}
+
+/// The time watched runs add per unit, from both directions (the mean of
+/// the two medians cancels a difference between the processes).
+fn unbiased_added(both: &[Vec<(f64, f64)>; 2], units: usize) -> f64 {
+    let one = |p: &[(f64, f64)]| {
+        median(
+            p.iter()
+                .map(|&(w, b)| (w - b) / units as f64 * 1e6)
+                .collect(),
+        )
+    };
+    (one(&both[0]) + one(&both[1])) / 2.0
+}
+
+/// The address of the byte a log point at `at` watches in `bench`'s
+/// process, from pyprobe's debug log.
+fn watched_byte(pyprobe: &Path, bench: &Bench, at: &str) -> anyhow::Result<u64> {
+    let probe = bench.log_env(
+        pyprobe,
+        &["--at", at, "--when", "request is None"],
+        Some("pyprobe=debug"),
+    )?;
+    let text = probe.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+    probe.stop()?;
+    text.split("watchpoint at ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        .context("pyprobe did not say where its watchpoint is")
 }
 
 /// The framework-like workload (`fixtures/logpoint_framework.py`): requests
@@ -386,8 +453,10 @@ fn bench_framework(pyprobe: &Path) -> anyhow::Result<()> {
     println!(
         "\n== log points on a framework-like request loop (fixtures/logpoint_framework.py), release build ==\n\
          {REQUESTS} requests per run through middleware, router, view, service and models; pairs of runs in \
-         two processes pinned to CPU {cpu}, the log point set on each in turn ({} pairs per condition), \
-         median ratio [95% interval]. never hit: a log point armed on a function no request calls. \
+         two processes pinned to CPU {cpu}, the log point set on each in turn ({} pairs per condition); \
+         each figure combines the two directions (geometric mean of the medians of the ratios, mean of \
+         the medians of the added times), which cancels a difference between the two processes; \
+         [95% interval]. never hit: a log point armed on a function no request calls. \
          hit+dropped: on the view's first line, once per request, its condition (request.user_id < 0) \
          false in the kernel. µs/hit: the added time per request; µs/local: the same with a condition \
          on a local alone (request is None: no attribute lookup). bare trap: the added time with a bare \
@@ -436,73 +505,54 @@ fn bench_framework(pyprobe: &Path) -> anyhow::Result<()> {
             &serve,
             &["--at", &view, "--when", "request is None"],
         )?;
-        let added = |p: &[(f64, f64)]| {
-            median(
-                p.iter()
-                    .map(|&(w, b)| (w - b) / REQUESTS as f64 * 1e6)
-                    .collect(),
-            )
-        };
-        let per_hit = added(&hit_pairs);
-        let per_local_hit = added(&local_pairs);
+        let per_hit = unbiased_added(&hit_pairs, REQUESTS);
+        let per_local_hit = unbiased_added(&local_pairs, REQUESTS);
         // The control: a bare breakpoint (no BPF program, no pyprobe) on
-        // the byte the log point watches, in the same workload.
-        let probe = x.log_env(
-            pyprobe,
-            &["--at", &view, "--when", "request is None"],
-            Some("pyprobe=debug"),
-        )?;
-        let text = probe.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        probe.stop()?;
-        let addr = text
-            .split("watchpoint at ")
-            .nth(1)
-            .and_then(|t| t.split_whitespace().next())
-            .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
-            .context("pyprobe did not say where its watchpoint is")?;
-        let trapat = format!("trapat {addr:x} {REQUESTS}");
-        let mut controls = Vec::new();
-        for i in 0..FRAMEWORK_PAIRS {
-            let (a, b) = if i % 2 == 0 {
-                let a = x.once(&trapat)?;
-                (a, y.once(&serve)?.0)
+        // the byte the log point watches, in the same workload; both
+        // directions, as for the log point.
+        let mut controls = [Vec::new(), Vec::new()];
+        for (k, first) in [true, false].into_iter().enumerate() {
+            let (w, b) = if first {
+                (&mut x, &mut y)
             } else {
-                let b = y.once(&serve)?.0;
-                (x.once(&trapat)?, b)
+                (&mut y, &mut x)
             };
-            if a.1 != REQUESTS as u64 {
-                bail!(
-                    "the bare breakpoint trapped {} times in {REQUESTS} requests",
-                    a.1
-                );
+            let trapat = format!("trapat {:x} {REQUESTS}", watched_byte(pyprobe, w, &view)?);
+            for i in 0..FRAMEWORK_PAIRS {
+                let (t, bare) = if i % 2 == 0 {
+                    let t = w.once(&trapat)?;
+                    (t, b.once(&serve)?.0)
+                } else {
+                    let bare = b.once(&serve)?.0;
+                    (w.once(&trapat)?, bare)
+                };
+                if t.1 != REQUESTS as u64 {
+                    bail!(
+                        "the bare breakpoint trapped {} times in {REQUESTS} requests",
+                        t.1
+                    );
+                }
+                controls[k].push((t.0, bare));
             }
-            controls.push((a.0 - b) / REQUESTS as f64 * 1e6);
         }
-        let trap = median(controls);
+        let trap = unbiased_added(&controls, REQUESTS);
         let switch = format!("switch {SWITCHES}");
-        let probe = x.log(pyprobe, &["--at", &never])?;
-        let switched = pairs(&mut x, &mut y, &switch, 10)?;
-        probe.stop()?;
-        let per_switch = median(
-            switched
-                .iter()
-                .map(|&(w, b)| (w - b) / SWITCHES as f64 * 1e6)
-                .collect(),
-        );
+        let (switched, _) =
+            watched_ratios_n(pyprobe, &mut x, &mut y, &switch, &["--at", &never], 10)?;
+        let per_switch = unbiased_added(&switched, SWITCHES);
         let switch_bp = format!("switchbp {SWITCHES}");
-        let mut bare_switch = Vec::new();
+        let mut bare_switch = [Vec::new(), Vec::new()];
         for _ in 0..10 {
-            let w = x.once(&switch_bp)?.0;
-            let b = y.once(&switch)?.0;
-            bare_switch.push((w - b) / SWITCHES as f64 * 1e6);
+            bare_switch[0].push((x.once(&switch_bp)?.0, y.once(&switch)?.0));
+            bare_switch[1].push((y.once(&switch_bp)?.0, x.once(&switch)?.0));
         }
-        let bare_switch = median(bare_switch);
+        let bare_switch = unbiased_added(&bare_switch, SWITCHES);
         println!(
             "{:<44} {:>9.0} {:>26} {:>26} {:>7.2} {:>8.2} {:>9.2}µs {:>7.2}µs {:>9.2} {:>7} {:>12} {:>7.0}ms/{:.0}MB",
             python.display().to_string(),
             REQUESTS as f64 / bare,
-            Estimate::of(ratios(&never_pairs)).ratio(),
-            Estimate::of(ratios(&hit_pairs)).ratio(),
+            unbiased_ratio(&never_pairs).ratio(),
+            unbiased_ratio(&hit_pairs).ratio(),
             per_hit,
             per_local_hit,
             trap,
