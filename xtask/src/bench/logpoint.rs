@@ -351,6 +351,9 @@ const FRAMEWORK_PAIRS: usize = 40;
 /// Pipe round trips to time a context switch with an armed log point.
 const SWITCHES: usize = 5_000;
 
+/// Pairs of (watched, bare) times: `x` watched then `y` watched.
+type BothWays = [Vec<(f64, f64)>; 2];
+
 /// Pairs of runs of `command` (watched, bare): `x` watched by a log point
 /// set with `args` against `y` bare, then the other way round; and the log
 /// point's summary of the last.
@@ -360,7 +363,7 @@ fn watched_ratios(
     y: &mut Bench,
     command: &str,
     args: &[&str],
-) -> anyhow::Result<([Vec<(f64, f64)>; 2], Stopped)> {
+) -> anyhow::Result<(BothWays, Stopped)> {
     watched_ratios_n(pyprobe, x, y, command, args, FRAMEWORK_PAIRS)
 }
 
@@ -372,7 +375,7 @@ fn watched_ratios_n(
     command: &str,
     args: &[&str],
     n: usize,
-) -> anyhow::Result<([Vec<(f64, f64)>; 2], Stopped)> {
+) -> anyhow::Result<(BothWays, Stopped)> {
     let mut out = [Vec::new(), Vec::new()];
     let mut last = None;
     for (i, first) in [true, false].into_iter().enumerate() {
@@ -392,7 +395,7 @@ fn watched_ratios_n(
 /// on one CPU can differ by a few percent (A/A), which multiplies one
 /// direction's ratio and divides the other's, so the geometric mean of the
 /// two medians cancels it (the interval likewise, from each median's).
-fn unbiased_ratio(both: &[Vec<(f64, f64)>; 2]) -> Estimate {
+fn unbiased_ratio(both: &BothWays) -> Estimate {
     let [a, b] = [
         Estimate::of(ratios(&both[0])),
         Estimate::of(ratios(&both[1])),
@@ -406,7 +409,7 @@ fn unbiased_ratio(both: &[Vec<(f64, f64)>; 2]) -> Estimate {
 
 /// The time watched runs add per unit, from both directions (the mean of
 /// the two medians cancels a difference between the processes).
-fn unbiased_added(both: &[Vec<(f64, f64)>; 2], units: usize) -> f64 {
+fn unbiased_added(both: &BothWays, units: usize) -> f64 {
     let one = |p: &[(f64, f64)]| {
         median(
             p.iter()
