@@ -235,7 +235,8 @@ enum Command {
     /// Samples as `record` does (see `pyprobe record --help`) and shows,
     /// every interval, each function's share of the last interval's samples
     /// where it was running (%Own) and anywhere on the stack (%Total), and
-    /// the CPU time so far.
+    /// the CPU time so far. The final view, at the end (Ctrl-C,
+    /// --duration), gives the shares over the whole run.
     ///
     /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
     Top {
