@@ -224,12 +224,132 @@ pub fn fixture_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Lines of a fixture file marked with a trailing `# name` comment.
+pub fn marks(file: &str) -> anyhow::Result<std::collections::BTreeMap<String, u32>> {
+    let text = std::fs::read_to_string(fixture_path(file))?;
+    let mut out = std::collections::BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if let Some((code, mark)) = line.rsplit_once("  # ")
+            && !code.trim_start().starts_with('#')
+            && !mark.contains(' ')
+        {
+            out.insert(mark.to_owned(), i as u32 + 1);
+        }
+    }
+    Ok(out)
+}
+
 /// A fixture program running under one interpreter. Killed on drop.
 pub struct Fixture {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Receiver<String>,
     name: String,
+    /// The Python process's host PID (under `unshare --fork`, a child of
+    /// `child`).
+    pid: u32,
+    /// What an isolated fixture leaves to clean up.
+    isolated: Option<Isolated>,
+}
+
+/// How a fixture is kept apart from the host, the ways container runtimes
+/// do it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// A container: its own root directory (holding Debian sid's `/usr`,
+    /// the fixtures at `/app`), entered by `chroot` inside new mount and
+    /// PID namespaces, and a Docker-style cgroup
+    /// (`system.slice/docker-<64 hex>.scope`).
+    Container,
+    /// Only a mount namespace whose root is that directory (`pivot_root`,
+    /// as Docker does): host PIDs, container paths.
+    MountNamespace,
+    /// Only a PID namespace: host paths, thread ids of its own.
+    PidNamespace,
+}
+
+impl Isolation {
+    /// Every kind.
+    pub const ALL: [Isolation; 3] = [
+        Isolation::Container,
+        Isolation::MountNamespace,
+        Isolation::PidNamespace,
+    ];
+
+    /// Whether the process sees its own root (files at `/app`).
+    pub fn has_own_root(self) -> bool {
+        self != Isolation::PidNamespace
+    }
+
+    /// Whether the process has its own PID namespace.
+    pub fn has_own_pids(self) -> bool {
+        self != Isolation::MountNamespace
+    }
+}
+
+/// The root directory and cgroup of an isolated fixture, removed on drop.
+struct Isolated {
+    root: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+    container_id: Option<String>,
+}
+
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        if let Some(cgroup) = &self.cgroup {
+            // Empty once its process is gone.
+            for _ in 0..50 {
+                if std::fs::remove_dir(cgroup).is_ok() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(root) = &self.root {
+            // Only empty mount points and symlinks: never a recursive
+            // removal, which could reach through a bind mount still alive.
+            for link in ["lib64", "lib", "bin"] {
+                let _ = std::fs::remove_file(root.join(link));
+            }
+            for dir in ["usr", "app", "proc", ".old", "tmp"] {
+                let _ = std::fs::remove_dir(root.join(dir));
+            }
+            let _ = remove_empty_dirs_up(root, &pyenv_mount_point(root));
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+}
+
+/// Removes `dir` and its parents up to (not including) `root` while they
+/// are empty.
+fn remove_empty_dirs_up(root: &Path, dir: &Option<PathBuf>) -> std::io::Result<()> {
+    let Some(mut dir) = dir.clone() else {
+        return Ok(());
+    };
+    while dir.starts_with(root) && dir != root {
+        std::fs::remove_dir(&dir)?;
+        dir = dir.parent().map(Path::to_owned).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// The pyenv prefix a root holds a mount point for, if any (recorded in
+/// `.pyenv-prefix`).
+fn pyenv_mount_point(root: &Path) -> Option<PathBuf> {
+    let prefix = std::fs::read_to_string(root.join(".pyenv-prefix")).ok()?;
+    let _ = std::fs::remove_file(root.join(".pyenv-prefix"));
+    Some(root.join(prefix.trim().trim_start_matches('/')))
+}
+
+/// The unified cgroup hierarchy's mount point (`/sys/fs/cgroup` or, on a
+/// hybrid host, `/sys/fs/cgroup/unified`).
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(at))
+    })
 }
 
 impl Fixture {
@@ -258,17 +378,193 @@ impl Fixture {
         });
         let mut fixture = Fixture {
             stdin: child.stdin.take(),
+            pid: child.id(),
             child,
             lines,
             name: format!("{script} under {}", interp.label),
+            isolated: None,
         };
         fixture.expect("ready")?;
         Ok(fixture)
     }
 
-    /// Process ID of the fixture.
+    /// Whether `interp` can run inside [`Isolation`]s that change the root:
+    /// Debian sid's (its `/usr` is the root's) and pyenv's (its prefix is
+    /// mounted at the same path and runs on sid's C library).
+    pub fn can_isolate(interp: &Interpreter) -> bool {
+        matches!(interp.origin, Origin::Private | Origin::Pyenv)
+    }
+
+    /// Starts `fixtures/<script>` under `interp` as [`Isolation`] says, and
+    /// waits for its `ready` line. Inside its own root the fixtures are at
+    /// `/app`.
+    pub fn start_isolated(
+        interp: &Interpreter,
+        isolation: Isolation,
+        script: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Fixture> {
+        anyhow::ensure!(
+            Self::can_isolate(interp),
+            "{} cannot run in a container root",
+            interp.label
+        );
+        static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let fixtures = fixture_path("");
+        let sid_usr = private_dir().join("root").join("usr");
+        // The interpreter as the process starts it, and a pyenv prefix to
+        // mount at the same path.
+        let (python, pyenv) = match interp.origin {
+            Origin::Private => (
+                PathBuf::from(format!(
+                    "/usr/bin/python{}.{}",
+                    interp.version.0, interp.version.1
+                )),
+                None,
+            ),
+            _ => (
+                interp.path.clone(),
+                interp
+                    .path
+                    .parent()
+                    .and_then(Path::parent)
+                    .map(Path::to_owned),
+            ),
+        };
+        let mut command = Command::new("unshare");
+        let mut root = None;
+        match isolation {
+            Isolation::PidNamespace => {
+                command
+                    .args(["--pid", "--fork", "--kill-child"])
+                    .arg(&interp.path)
+                    .arg(fixture_path(script));
+            }
+            Isolation::Container | Isolation::MountNamespace => {
+                let dir = std::env::temp_dir()
+                    .join(format!("pyprobe-root-{}-{serial}", std::process::id()));
+                for sub in ["usr", "app", "proc", ".old", "tmp"] {
+                    std::fs::create_dir_all(dir.join(sub))?;
+                }
+                for (link, to) in [
+                    ("lib64", "usr/lib64"),
+                    ("lib", "usr/lib"),
+                    ("bin", "usr/bin"),
+                ] {
+                    let _ = std::fs::remove_file(dir.join(link));
+                    std::os::unix::fs::symlink(to, dir.join(link))?;
+                }
+                if let Some(prefix) = &pyenv {
+                    std::fs::create_dir_all(dir.join(prefix.strip_prefix("/").unwrap_or(prefix)))?;
+                    std::fs::write(
+                        dir.join(".pyenv-prefix"),
+                        prefix.to_string_lossy().as_bytes(),
+                    )?;
+                }
+                let mounts = "mount --bind \"$SID_USR\" \"$R/usr\"; \
+                     mount --bind \"$FIXTURES\" \"$R/app\"; \
+                     if [ -n \"$PYENV_PREFIX\" ]; then mount --bind \"$PYENV_PREFIX\" \"$R$PYENV_PREFIX\"; fi; \
+                     mount -t proc proc \"$R/proc\"";
+                let script_text = if isolation == Isolation::Container {
+                    command.args([
+                        "--mount",
+                        "--pid",
+                        "--fork",
+                        "--kill-child",
+                        "--propagation",
+                        "private",
+                    ]);
+                    format!("set -e; R=\"$0\"; {mounts}; exec chroot \"$R\" \"$@\"")
+                } else {
+                    command.args(["--mount", "--propagation", "private"]);
+                    format!(
+                        "set -e; R=\"$0\"; mount --bind \"$R\" \"$R\"; {mounts}; \
+                         cd \"$R\"; pivot_root . .old; exec \"$@\""
+                    )
+                };
+                command
+                    .arg("sh")
+                    .arg("-c")
+                    .arg(script_text)
+                    .arg(&dir)
+                    .arg(&python)
+                    .arg(format!("/app/{script}"))
+                    .env("SID_USR", &sid_usr)
+                    .env("FIXTURES", &fixtures)
+                    .env("PYENV_PREFIX", pyenv.as_deref().unwrap_or(Path::new("")));
+                root = Some(dir);
+            }
+        }
+        let mut child = command
+            .args(args)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting unshare")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut fixture = Fixture {
+            stdin: child.stdin.take(),
+            pid: child.id(),
+            child,
+            lines,
+            name: format!("{script} under {} ({isolation:?})", interp.label),
+            isolated: Some(Isolated {
+                root,
+                cgroup: None,
+                container_id: None,
+            }),
+        };
+        fixture.expect("ready")?;
+        if isolation.has_own_pids() {
+            // unshare --fork: Python is its only child.
+            let children = std::fs::read_to_string(format!(
+                "/proc/{0}/task/{0}/children",
+                fixture.child.id()
+            ))?;
+            fixture.pid = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .context("the forked Python process")?;
+        }
+        if isolation == Isolation::Container {
+            let unified = cgroup2_mount().context("no cgroup2 hierarchy is mounted")?;
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos();
+            let id = format!("{:0>64}", format!("{:x}{:08x}", nanos, fixture.pid));
+            let cgroup = unified.join(format!("system.slice/docker-{id}.scope"));
+            std::fs::create_dir_all(&cgroup)?;
+            let isolated = fixture.isolated.as_mut().expect("isolated");
+            isolated.cgroup = Some(cgroup.clone());
+            std::fs::write(cgroup.join("cgroup.procs"), fixture.pid.to_string())
+                .with_context(|| format!("placing PID {} in {}", fixture.pid, cgroup.display()))?;
+            isolated.container_id = Some(id);
+        }
+        Ok(fixture)
+    }
+
+    /// Process ID of the fixture's Python process, as the host sees it.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    /// The Docker-style container id of a fixture started in an
+    /// [`Isolation::Container`].
+    pub fn container_id(&self) -> Option<&str> {
+        self.isolated.as_ref()?.container_id.as_deref()
     }
 
     /// Sends one command line, in a single write so the fixture reads it in
@@ -309,8 +605,14 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
+        if self.pid != self.child.id() {
+            // A PID namespace's init ignores SIGTERM; SIGKILL reaches it.
+            // SAFETY: plain kill(2) on the fixture's process.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // `isolated` drops after this: its cgroup is empty by then.
     }
 }
 
@@ -438,22 +740,72 @@ pub fn record_coverage(test: &str, interp: &Interpreter, result: &str) {
     }
 }
 
+/// Runs `check` on the interpreters that container tests use: every Debian
+/// sid one (a container root is built from sid's packages) and the oldest
+/// and newest pyenv builds (mounted into the root). The others are listed
+/// as not run, with the reason.
+pub fn for_each_container_interpreter(
+    test: &str,
+    check: impl FnMut(&Interpreter) -> anyhow::Result<()>,
+) {
+    let found = discover();
+    let pyenv: Vec<&Interpreter> = found
+        .supported
+        .iter()
+        .filter(|i| i.origin == Origin::Pyenv)
+        .collect();
+    let chosen: Vec<Interpreter> = found
+        .supported
+        .iter()
+        .filter(|i| {
+            i.origin == Origin::Private
+                || pyenv.first().is_some_and(|p| p.path == i.path)
+                || pyenv.last().is_some_and(|p| p.path == i.path)
+        })
+        .cloned()
+        .collect();
+    for interp in &found.supported {
+        if !chosen.iter().any(|c| c.path == interp.path) {
+            eprintln!(
+                "{test}: not run on {}: container roots hold Debian sid's interpreters and the oldest and newest pyenv builds",
+                interp.label
+            );
+            record_coverage(
+                test,
+                interp,
+                "not run (containers: sid and two pyenv builds)",
+            );
+        }
+    }
+    run_on(test, &chosen, &found.unsupported, check);
+}
+
 /// Runs `check` on every supported interpreter, prints one line per
 /// interpreter, records coverage, and panics listing every failure. Panics if
 /// no supported interpreter exists (a test that covers nothing must not
 /// pass).
-pub fn for_each_interpreter(test: &str, mut check: impl FnMut(&Interpreter) -> anyhow::Result<()>) {
+pub fn for_each_interpreter(test: &str, check: impl FnMut(&Interpreter) -> anyhow::Result<()>) {
     let found = discover();
+    run_on(test, &found.supported, &found.unsupported, check);
+}
+
+/// Runs `check` on each of `chosen` (see [`for_each_interpreter`]).
+fn run_on(
+    test: &str,
+    chosen: &[Interpreter],
+    unsupported: &[Interpreter],
+    mut check: impl FnMut(&Interpreter) -> anyhow::Result<()>,
+) {
     assert!(
-        !found.supported.is_empty(),
+        !chosen.is_empty(),
         "{test}: no CPython 3.8-3.14 interpreter found (looked in $PYENV_ROOT/versions and /usr/bin/python3.N)"
     );
-    for interp in &found.unsupported {
+    for interp in unsupported {
         eprintln!("{test}: not tested on {} (outside 3.8-3.14)", interp.label);
         record_coverage(test, interp, "unsupported");
     }
     let mut failures = Vec::new();
-    for interp in &found.supported {
+    for interp in chosen {
         match check(interp) {
             Ok(()) => {
                 eprintln!("{test}: ok on {}", interp.label);
@@ -470,7 +822,7 @@ pub fn for_each_interpreter(test: &str, mut check: impl FnMut(&Interpreter) -> a
         failures.is_empty(),
         "{test} failed on {} of {} interpreters:\n{}",
         failures.len(),
-        found.supported.len(),
+        chosen.len(),
         failures.join("\n")
     );
 }

@@ -4,26 +4,11 @@
 //!
 //! Needs root (run through `cargo xtask test`).
 
-use std::{collections::BTreeMap, process::Command, thread, time::Duration};
+use std::{process::Command, thread, time::Duration};
 
 use anyhow::{Context, ensure};
-use pyprobe_tests::{Fixture, Probe, for_each_interpreter, pyprobe_bin};
+use pyprobe_tests::{Fixture, Probe, for_each_interpreter, marks, pyprobe_bin};
 use serde_json::Value;
-
-/// Lines of the fixture files marked `# name`.
-fn marks(file: &str) -> anyhow::Result<BTreeMap<String, u32>> {
-    let text = std::fs::read_to_string(pyprobe_tests::fixture_path(file))?;
-    let mut out = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
-        if let Some((code, mark)) = line.rsplit_once("  # ")
-            && !code.trim_start().starts_with('#')
-            && !mark.contains(' ')
-        {
-            out.insert(mark.to_owned(), i as u32 + 1);
-        }
-    }
-    Ok(out)
-}
 
 /// The message of an output line `time pid tid file:line message`.
 fn message(line: &str) -> &str {

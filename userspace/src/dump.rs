@@ -1,15 +1,20 @@
 //! `pyprobe dump`: every thread's Python stack (and optionally locals) of a
 //! live process, read from outside without stopping it, like `py-spy dump`.
 
-use std::{io::Write, path::PathBuf};
+use std::{collections::HashMap, io::Write, path::PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::python::{
-    memory::{Memory, ProcessMemory, Recorder},
-    reader::{Target, Thread},
-    values::Bounds,
+use crate::{
+    container::Placement,
+    process::{Tasks, thread_id_text},
+    python::{
+        memory::{Memory, Recorder},
+        reader::{Target, Thread},
+        threads::ThreadMapper,
+        values::Bounds,
+    },
 };
 
 /// Options of `pyprobe dump`.
@@ -34,6 +39,9 @@ pub struct Dump {
     pub pid: u32,
     /// Command line of the process.
     pub command: String,
+    /// Its container (if any) and cgroup.
+    #[serde(flatten)]
+    pub placement: Option<Placement>,
     /// Python version.
     pub version: String,
     /// ELF file holding the interpreter.
@@ -47,9 +55,13 @@ pub struct Dump {
 /// A thread in a dump.
 #[derive(Debug, Clone, Serialize)]
 pub struct DumpThread {
-    /// What the reader found.
+    /// What the reader found; `native_id` is the host's thread id.
     #[serde(flatten)]
     pub thread: Thread,
+    /// The thread's id in the process's own PID namespace, when it differs
+    /// from the host's (a container).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace_id: Option<u32>,
     /// Kernel thread name (`/proc/PID/task/TID/comm`), when the TID is known.
     pub name: Option<String>,
 }
@@ -57,20 +69,24 @@ pub struct DumpThread {
 /// Reads the process and builds a [`Dump`]. Also used by tests.
 pub fn read(opts: &DumpOptions) -> anyhow::Result<Dump> {
     let bounds = opts.locals.then_some(&opts.bounds);
-    let (version, offsets, interp, threads) = match &opts.save_snapshot {
+    let tasks = Tasks::read(opts.pid);
+    let (version, offsets, interp, threads, host_tids) = match &opts.save_snapshot {
         None => {
             let target = Target::attach(opts.pid)?;
             let threads = target.threads(bounds)?;
+            let host_tids = host_tids(&tasks, &target);
             (
                 target.version,
                 target.offsets_source,
                 target.interpreter,
                 threads,
+                host_tids,
             )
         }
         Some(path) => {
             let target = Target::attach_with(opts.pid, Recorder::new)?;
             let threads = target.threads(bounds)?;
+            let host_tids = host_tids(&tasks, &target);
             let meta = target.snapshot_meta(&format!("pyprobe dump of PID {}", opts.pid));
             let (version, source, interp) =
                 (target.version, target.offsets_source, target.interpreter);
@@ -78,22 +94,26 @@ pub fn read(opts: &DumpOptions) -> anyhow::Result<Dump> {
             snapshot.meta = meta;
             std::fs::write(path, serde_json::to_vec(&snapshot)?)
                 .with_context(|| format!("writing {}", path.display()))?;
-            (version, source, interp, threads)
+            (version, source, interp, threads, host_tids)
         }
     };
     let interp = interp.context("a live target knows its interpreter")?;
     let threads = threads
         .into_iter()
         .map(|mut thread| {
-            if thread.native_id.is_none() {
-                thread.native_id = glibc_tid(opts.pid, thread.thread_id);
-            }
+            // The host's id, whatever the process calls the thread.
+            thread.native_id = host_tids.get(&thread.tstate).copied();
             let name = thread.native_id.and_then(|tid| {
                 std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", opts.pid))
                     .ok()
                     .map(|s| s.trim_end().to_owned())
             });
-            DumpThread { thread, name }
+            let namespace_id = thread.native_id.and_then(|tid| tasks.ns_of(tid));
+            DumpThread {
+                thread,
+                namespace_id,
+                name,
+            }
         })
         .collect();
     let command = std::fs::read(format!("/proc/{}/cmdline", opts.pid))
@@ -108,6 +128,7 @@ pub fn read(opts: &DumpOptions) -> anyhow::Result<Dump> {
     Ok(Dump {
         pid: opts.pid,
         command,
+        placement: Placement::of(opts.pid),
         version: version.to_string(),
         interpreter: interp.binary.display().to_string(),
         offsets: offsets.to_owned(),
@@ -115,22 +136,29 @@ pub fn read(opts: &DumpOptions) -> anyhow::Result<Dump> {
     })
 }
 
-/// Before 3.11 CPython does not record the kernel TID. glibc keeps it in
-/// `struct pthread` (whose address is `pthread_self()`), at offset 0x2d0 on
-/// x86_64; the value is accepted only if that TID is a thread of the process.
-fn glibc_tid(pid: u32, pthread: u64) -> Option<u32> {
-    const PTHREAD_TID_OFFSET: u64 = 0x2d0;
-    let mem = ProcessMemory::open(pid).ok()?;
-    let tid = mem.read_u32(pthread + PTHREAD_TID_OFFSET).ok()?;
-    std::path::Path::new(&format!("/proc/{pid}/task/{tid}"))
-        .exists()
-        .then_some(tid)
+/// Thread state -> host thread id, for the threads that could be matched.
+fn host_tids<M: Memory>(tasks: &Tasks, target: &Target<M>) -> HashMap<u64, u32> {
+    ThreadMapper::default()
+        .map_tasks(tasks, target)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&(_, tstate)| tstate != 0)
+        .map(|(tid, tstate)| (tstate, tid))
+        .collect()
 }
 
 /// Renders a dump as text, in the layout py-spy users know.
 pub fn to_text(dump: &Dump) -> String {
     let mut out = String::new();
     out.push_str(&format!("Process {}: {}\n", dump.pid, dump.command));
+    if let Some(c) = dump.placement.as_ref().and_then(|p| p.container.as_ref()) {
+        let pod = c
+            .pod
+            .as_deref()
+            .map(|p| format!(", pod {p}"))
+            .unwrap_or_default();
+        out.push_str(&format!("Container: {}{pod}\n", c.short()));
+    }
     out.push_str(&format!(
         "Python v{} ({}), offsets from {}\n",
         dump.version, dump.interpreter, dump.offsets
@@ -139,7 +167,7 @@ pub fn to_text(dump: &Dump) -> String {
         let th = &t.thread;
         let id = th
             .native_id
-            .map(|tid| format!("{tid} "))
+            .map(|tid| format!("{} ", thread_id_text(tid, t.namespace_id)))
             .unwrap_or_default();
         let state = if th.holds_gil { " (holds the GIL)" } else { "" };
         let name = t

@@ -7,6 +7,7 @@
 
 pub mod bpf;
 pub mod calls;
+pub mod container;
 pub mod dump;
 pub mod elf;
 pub mod entries;

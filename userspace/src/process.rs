@@ -6,6 +6,7 @@
 //! `_PyEval_EvalFrameDefault` is the one pyprobe probes.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::{self, Read, Seek, SeekFrom},
     path::{Path, PathBuf},
@@ -109,6 +110,22 @@ pub enum ProcessError {
         #[source]
         source: ElfError,
     },
+    /// No path of ours opens a file the process maps.
+    #[error(
+        "PID {pid} maps {path} (device {}:{}, inode {}), but pyprobe cannot open that file \
+         from its own mount namespace ({tried}); run pyprobe as root in the host's namespaces",
+        id.dev.0, id.dev.1, id.inode
+    )]
+    Unreachable {
+        /// PID asked for.
+        pid: u32,
+        /// The file as the process sees it.
+        path: PathBuf,
+        /// Its device and inode.
+        id: FileId,
+        /// What was tried and why each failed.
+        tried: String,
+    },
     /// The interpreter file is mapped, but not where its ELF headers say.
     #[error("PID {pid}: cannot find where {path} is loaded in /proc/{pid}/maps")]
     NoLoadBias {
@@ -181,6 +198,9 @@ pub struct MapEntry {
     pub perms: String,
     /// Offset in the mapped file.
     pub offset: u64,
+    /// Device of the mapped file (major, minor; 0:0 for anonymous
+    /// mappings).
+    pub dev: (u32, u32),
     /// Inode of the mapped file (0 for anonymous mappings).
     pub inode: u64,
     /// Path of the mapped file, or pseudo-name like `[heap]`; `None` if
@@ -199,7 +219,11 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
     let (start, end) = fields.next()?.split_once('-')?;
     let perms = fields.next()?.to_owned();
     let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-    let _dev = fields.next()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let dev = (
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
     let inode = fields.next()?.parse().ok()?;
     let path = fields
         .next()
@@ -211,6 +235,7 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
         end: u64::from_str_radix(end, 16).ok()?,
         perms,
         offset,
+        dev,
         inode,
         path,
     })
@@ -260,6 +285,120 @@ pub enum Linkage {
     Executable,
 }
 
+/// A file as the kernel knows it, whatever path reaches it: the device
+/// and inode that `/proc/PID/maps` shows and `stat` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    /// Device (major, minor).
+    pub dev: (u32, u32),
+    /// Inode on that device.
+    pub inode: u64,
+}
+
+impl FileId {
+    /// The file a maps line maps.
+    pub fn of_mapping(entry: &MapEntry) -> Self {
+        FileId {
+            dev: entry.dev,
+            inode: entry.inode,
+        }
+    }
+
+    /// The file a path of ours opens (symlinks followed).
+    fn of_path(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)?;
+        let dev = meta.dev();
+        Ok(FileId {
+            dev: (libc::major(dev), libc::minor(dev)),
+            inode: meta.ino(),
+        })
+    }
+}
+
+/// A file mapped in a process, as the process names it and as pyprobe
+/// opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedFile {
+    /// The path as the process sees it (inside its container, if any).
+    pub seen_as: PathBuf,
+    /// A path in pyprobe's own mount namespace that opens the same file
+    /// (checked by device and inode): the path itself when pyprobe shares
+    /// the process's root, else through `/proc/PID/root` or
+    /// `/proc/PID/map_files`.
+    pub reach: PathBuf,
+    /// The file's device and inode.
+    pub id: FileId,
+}
+
+/// Finds a path of ours to the file of mapping `entry` of process `pid`.
+///
+/// `/proc/PID/maps` names a file relative to the reader's root: a chrooted
+/// process's files show as host paths (under its root directory), while a
+/// process in another mount namespace (a container after `pivot_root`)
+/// shows its own paths, which on the host name other files or none. So
+/// the candidates are tried in turn and the first that opens the mapped
+/// device and inode wins: the path as shown, the process's own path under
+/// `/proc/PID/root`, and `/proc/PID/map_files/START-END` (which needs
+/// CAP_SYS_ADMIN).
+pub fn reach_mapped(pid: u32, entry: &MapEntry) -> Result<MappedFile, ProcessError> {
+    let shown = entry.path.as_deref().unwrap_or_default();
+    let id = FileId::of_mapping(entry);
+    let root = fs::read_link(format!("/proc/{pid}/root"))
+        .map_err(|e| ProcessError::from_io(pid, "root", e))?;
+    let seen_as = seen_by_process(&root, Path::new(shown));
+    let candidates = [
+        PathBuf::from(shown),
+        Path::new(&format!("/proc/{pid}/root")).join(seen_as.strip_prefix("/").unwrap_or(&seen_as)),
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            entry.start, entry.end
+        )),
+    ];
+    let mut tried = Vec::new();
+    for path in candidates {
+        match FileId::of_path(&path) {
+            Ok(found) if found == id => {
+                return Ok(MappedFile {
+                    seen_as,
+                    reach: path,
+                    id,
+                });
+            }
+            Ok(found) => tried.push(format!(
+                "{} is another file (device {}:{}, inode {})",
+                path.display(),
+                found.dev.0,
+                found.dev.1,
+                found.inode
+            )),
+            Err(e) => tried.push(format!("{}: {}", path.display(), e)),
+        }
+    }
+    if !is_alive(pid) {
+        return Err(ProcessError::NoSuchProcess { pid });
+    }
+    Err(ProcessError::Unreachable {
+        pid,
+        path: seen_as,
+        id,
+        tried: tried.join("; "),
+    })
+}
+
+/// The path a process uses for a file that `/proc/PID/maps` shows as
+/// `shown`: without the process's root directory when it is chrooted below
+/// ours.
+fn seen_by_process(root: &Path, shown: &Path) -> PathBuf {
+    if root == Path::new("/") {
+        return shown.to_owned();
+    }
+    match shown.strip_prefix(root) {
+        Ok(rest) => Path::new("/").join(rest),
+        Err(_) => shown.to_owned(),
+    }
+}
+
 /// The interpreter of a live Python process, as found from `/proc`.
 #[derive(Debug, Clone)]
 pub struct Interpreter {
@@ -267,9 +406,13 @@ pub struct Interpreter {
     pub pid: u32,
     /// Path of the ELF file holding the interpreter, as the process sees it.
     pub binary: PathBuf,
-    /// The same file reached from our mount namespace (`/proc/PID/root/...`),
-    /// so processes in containers work too.
+    /// The same file reached from our mount namespace (see
+    /// [`reach_mapped`]), so processes in containers work too: where
+    /// pyprobe reads it and attaches uprobes.
     pub host_path: PathBuf,
+    /// The file's device and inode: one file for every process that maps
+    /// it, whatever the path.
+    pub file: FileId,
     /// Shared library or executable.
     pub linkage: Linkage,
     /// Runtime address minus link-time address for this file.
@@ -278,6 +421,111 @@ pub struct Interpreter {
     pub eval_frame: Symbol,
     /// File offset of `_PyEval_EvalFrameDefault`, where uprobes attach.
     pub eval_frame_offset: u64,
+}
+
+/// The threads of a process by host thread id, with the id each has in
+/// the process's own PID namespace: a containerised Python records, and
+/// shows, the ids of its namespace, while the kernel (and BPF) give host
+/// ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tasks {
+    /// Host TID -> TID in the process's PID namespace (the same number
+    /// when the process shares pyprobe's).
+    ns_tid: BTreeMap<u32, u32>,
+    /// The process's PID in its own namespace.
+    pub ns_pid: u32,
+}
+
+impl Tasks {
+    /// Lists the threads of `pid` (none if it is gone). A thread's ids come
+    /// from the `NSpid` line of `/proc/PID/task/TID/status`, read only when
+    /// the process is in another PID namespace.
+    pub fn read(pid: u32) -> Tasks {
+        let status = |path: String| fs::read_to_string(path).ok();
+        let own = status(format!("/proc/{pid}/status"))
+            .as_deref()
+            .and_then(innermost_nspid);
+        let ns_pid = own.unwrap_or(pid);
+        let hosts = fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+        let ns_tid = if ns_pid == pid {
+            hosts.map(|t| (t, t)).collect()
+        } else {
+            hosts
+                .filter_map(|t| {
+                    let status = status(format!("/proc/{pid}/task/{t}/status"))?;
+                    Some((t, innermost_nspid(&status)?))
+                })
+                .collect()
+        };
+        Tasks { ns_tid, ns_pid }
+    }
+
+    /// Host thread ids.
+    pub fn host_tids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ns_tid.keys().copied()
+    }
+
+    /// Thread ids as the process sees them.
+    pub fn ns_tids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ns_tid.values().copied()
+    }
+
+    /// The host id of the thread the process knows as `ns_tid`.
+    pub fn host_of(&self, ns_tid: u32) -> Option<u32> {
+        if self.in_own_namespace() {
+            return self
+                .ns_tid
+                .iter()
+                .find(|&(_, &ns)| ns == ns_tid)
+                .map(|(&h, _)| h);
+        }
+        self.ns_tid.contains_key(&ns_tid).then_some(ns_tid)
+    }
+
+    /// The id the process knows host thread `tid` by, when it differs.
+    pub fn ns_of(&self, tid: u32) -> Option<u32> {
+        self.ns_tid.get(&tid).copied().filter(|&ns| ns != tid)
+    }
+
+    /// Whether the process is in a PID namespace of its own.
+    pub fn in_own_namespace(&self) -> bool {
+        self.ns_tid.iter().next().is_some_and(|(h, n)| h != n)
+    }
+
+    /// Builds a list from (host, namespace) pairs (tests).
+    #[cfg(test)]
+    pub fn from_pairs(ns_pid: u32, pairs: &[(u32, u32)]) -> Tasks {
+        Tasks {
+            ns_tid: pairs.iter().copied().collect(),
+            ns_pid,
+        }
+    }
+}
+
+/// How every output names a thread: its host id, and the id the process
+/// knows it by when that differs (a container's PID namespace), as
+/// `4066(ns:2)`: one word, so columns stay columns.
+pub fn thread_id_text(tid: u32, namespace_tid: Option<u32>) -> String {
+    match namespace_tid {
+        Some(ns) => format!("{tid}(ns:{ns})"),
+        None => tid.to_string(),
+    }
+}
+
+/// The last id of a `status` file's `NSpid:` line: the id in the
+/// innermost PID namespace, the one the process itself sees.
+fn innermost_nspid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
 }
 
 /// Whether a process is running (a zombie still has `/proc/PID` but is
@@ -308,6 +556,7 @@ pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), Proce
     let exe_str = exe.to_string_lossy().into_owned();
 
     // The executable first (static builds), then any mapped libpython.
+    // Paths are as /proc/PID/maps shows them (see `reach_mapped`).
     let mut candidates: Vec<(String, Linkage)> = vec![(exe_str.clone(), Linkage::Executable)];
     for m in &maps {
         if let Some(path) = &m.path {
@@ -332,8 +581,17 @@ pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), Proce
         if path.ends_with(" (deleted)") {
             continue;
         }
-        let host_path = host_view(pid, Path::new(&path));
-        let image = match ElfImage::open(&host_path) {
+        // The mapping of the file's first page: its device and inode, and
+        // where the load bias is read.
+        let Some(first) = maps
+            .iter()
+            .filter(|m| m.path.as_deref() == Some(path.as_str()))
+            .min_by_key(|m| m.offset)
+        else {
+            continue;
+        };
+        let file = reach_mapped(pid, first)?;
+        let image = match ElfImage::open(&file.reach) {
             Ok(image) => image,
             Err(ElfError::Parse { .. }) => continue,
             Err(ElfError::Io { source, .. }) => {
@@ -347,16 +605,16 @@ pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), Proce
         let eval_frame_offset = image
             .vaddr_to_file_offset(eval_frame.vaddr)
             .map_err(|source| ProcessError::Elf { pid, source })?;
-        let binary = PathBuf::from(&path);
         let load_bias =
-            load_bias(&maps, &binary, &image).ok_or_else(|| ProcessError::NoLoadBias {
+            load_bias(&maps, Path::new(&path), &image).ok_or_else(|| ProcessError::NoLoadBias {
                 pid,
-                path: binary.clone(),
+                path: file.seen_as.clone(),
             })?;
         let interp = Interpreter {
             pid,
-            binary,
-            host_path,
+            binary: file.seen_as,
+            host_path: file.reach,
+            file: file.id,
             linkage,
             load_bias,
             eval_frame,
@@ -423,18 +681,6 @@ fn check_live_user_process(pid: u32) -> Result<(), ProcessError> {
     Ok(())
 }
 
-/// The path under `/proc/PID/root` that reaches `path` as process `pid` sees
-/// it, or `path` itself when we share the process's root.
-fn host_view(pid: u32, path: &Path) -> PathBuf {
-    let same_root = fs::read_link(format!("/proc/{pid}/root")).ok() == Some(PathBuf::from("/"))
-        && fs::read_link("/proc/self/root").ok() == Some(PathBuf::from("/"));
-    if same_root {
-        path.to_owned()
-    } else {
-        Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -459,6 +705,7 @@ mod tests {
         assert_eq!(maps[0].start, 0x400000);
         assert_eq!(maps[0].end, 0x423000);
         assert_eq!(maps[0].inode, 1835106);
+        assert_eq!(maps[0].dev, (0xfe, 0x01));
         assert_eq!(maps[0].path.as_deref(), Some("/usr/bin/python3.11"));
         assert_eq!(maps[1].path, None);
         assert_eq!(maps[2].path.as_deref(), Some("[stack]"));
@@ -468,6 +715,59 @@ mod tests {
             maps[3].path.as_deref(),
             Some("/opt/my python/libpython3.12.so.1.0")
         );
+    }
+
+    #[test]
+    fn a_chrooted_process_sees_its_files_below_its_root() {
+        let seen = |root: &str, shown: &str| seen_by_process(Path::new(root), Path::new(shown));
+        // Chrooted: maps shows host paths under the process's root.
+        assert_eq!(
+            seen("/srv/ctr", "/srv/ctr/usr/bin/python3"),
+            Path::new("/usr/bin/python3")
+        );
+        // Another mount namespace: its root reads as "/", paths are its own.
+        assert_eq!(seen("/", "/usr/bin/python3"), Path::new("/usr/bin/python3"));
+        // Not below the root (a file opened before chroot): as shown.
+        assert_eq!(seen("/srv/ctr", "/opt/lib.so"), Path::new("/opt/lib.so"));
+        // A sibling directory whose name only starts like the root.
+        assert_eq!(
+            seen("/srv/ctr", "/srv/ctr2/lib.so"),
+            Path::new("/srv/ctr2/lib.so")
+        );
+    }
+
+    #[test]
+    fn our_own_executable_is_reached_by_its_path() {
+        let pid = std::process::id();
+        let maps = read_maps(pid).unwrap();
+        let exe = fs::read_link("/proc/self/exe").unwrap();
+        let first = maps
+            .iter()
+            .find(|m| m.path.as_deref() == exe.to_str())
+            .unwrap();
+        let file = reach_mapped(pid, first).unwrap();
+        assert_eq!(file.seen_as, exe);
+        assert_eq!(file.reach, exe);
+        assert_eq!(file.id, FileId::of_path(&exe).unwrap());
+    }
+
+    #[test]
+    fn a_thread_in_a_pid_namespace_is_known_by_its_innermost_id() {
+        let status = "Name:\tpython3\nTgid:\t4065\nNSpid:\t4066\t2\nNSsid:\t1\n";
+        assert_eq!(innermost_nspid(status), Some(2));
+        assert_eq!(innermost_nspid("NSpid:\t77\n"), Some(77));
+        assert_eq!(innermost_nspid("Name: x\n"), None);
+        let tasks = Tasks::from_pairs(1, &[(4065, 1), (4066, 2)]);
+        assert!(tasks.in_own_namespace());
+        assert_eq!(tasks.host_of(2), Some(4066));
+        assert_eq!(tasks.host_of(3), None);
+        assert_eq!(tasks.ns_of(4066), Some(2));
+        // Our own threads: the same ids.
+        let ours = Tasks::read(std::process::id());
+        assert!(!ours.in_own_namespace());
+        assert_eq!(ours.ns_pid, std::process::id());
+        assert_eq!(ours.host_of(std::process::id()), Some(std::process::id()));
+        assert_eq!(ours.ns_of(std::process::id()), None);
     }
 
     #[test]

@@ -125,7 +125,7 @@ struct Session {
     counter: CallCounter,
     symbols: Symbols,
     /// Interpreter files probed for every process (`--all`).
-    probed_files: BTreeSet<std::path::PathBuf>,
+    probed_files: BTreeSet<crate::process::FileId>,
     /// PIDs that are not Python (or could not be read), not to retry.
     ignored: BTreeSet<u32>,
     all: bool,
@@ -202,7 +202,7 @@ impl Session {
         // From 3.11 a generator resumed by throw()/close() runs no RESUME;
         // it enters the eval loop with throwflag set.
         let throw_site = interpreter_frames;
-        if !self.all || self.probed_files.insert(interp.host_path.clone()) {
+        if !self.all || self.probed_files.insert(interp.file) {
             // Before the start sites: no cache slot may be filled while a
             // free could go unseen.
             if let Some(offset) = code_freed {

@@ -36,6 +36,7 @@ use super::{
 use crate::{
     bpf::{LogCounters, LogProbes, WatchError},
     live,
+    process::{Tasks, thread_id_text},
     python::{
         memory::{Memory, ProcessMemory},
         offsets::{InstanceDictModel, InstructionModel, LongModel},
@@ -167,6 +168,22 @@ struct Process {
     /// What the last look for code saw: code objects freed, modules in
     /// `sys.modules`, and when it was.
     last_look: Option<(u64, u64, Instant)>,
+    /// Its threads, for the ids they have in its PID namespace (a
+    /// container): re-read when a hit comes from a thread not listed.
+    tasks: Tasks,
+}
+
+impl Process {
+    /// The id the process knows host thread `tid` by, when it differs.
+    fn namespace_tid(&mut self, pid: u32, tid: u32) -> Option<u32> {
+        if !self.tasks.in_own_namespace() {
+            return None;
+        }
+        if !self.tasks.host_tids().any(|t| t == tid) {
+            self.tasks = Tasks::read(pid);
+        }
+        self.tasks.ns_of(tid)
+    }
 }
 
 /// Interval between drains of the hit ring buffer.
@@ -465,6 +482,7 @@ impl Session {
                 scan_errors: BTreeMap::new(),
                 exited: false,
                 last_look: None,
+                tasks: Tasks::read(pid),
             },
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
@@ -609,7 +627,10 @@ impl Session {
             },
         )?;
         let mut links = Vec::new();
-        for tid in crate::profile::threads::task_ids(pid) {
+        for tid in crate::process::Tasks::read(pid)
+            .host_tids()
+            .collect::<Vec<_>>()
+        {
             let error = match self.probes.set_watchpoint(tid, found.watched_byte()) {
                 Ok(link) => {
                     links.push(link);
@@ -958,6 +979,7 @@ impl Session {
                 }
             }
             let message = eval::render(&armed.template, &values, self.opts.redact);
+            let namespace_tid = process.namespace_tid(h.tgid, h.tid);
             // Frames that are not Python code (3.12+ entry frames) are
             // left out. The innermost frame has not stored its position
             // yet when the probed instruction is read: its line is the log
@@ -1014,6 +1036,9 @@ impl Session {
                     "message": message,
                     "values": captured,
                 });
+                if let Some(ns) = namespace_tid {
+                    obj["namespace_tid"] = json!(ns);
+                }
                 if self.opts.stack {
                     obj["stack"] = serde_json::Value::Array(stack);
                 }
@@ -1024,7 +1049,7 @@ impl Session {
                     "{} {} {} {}:{} {}",
                     clock_text(wall),
                     h.tgid,
-                    h.tid,
+                    thread_id_text(h.tid, namespace_tid),
                     found.filename,
                     found.line,
                     message

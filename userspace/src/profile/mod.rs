@@ -4,7 +4,7 @@
 //! The flow of a sample:
 //! 1. [`Session::add`] builds the process's [`SampleConfig`]
 //!    ([`config::sample_config`]) and maps its threads to thread states
-//!    ([`threads::ThreadMapper`]); both go into BPF maps.
+//!    ([`ThreadMapper`]); both go into BPF maps.
 //! 2. The `sample_cpu` program (probe-ebpf/src/sample.rs) runs on every
 //!    CPU-clock tick of every CPU; for a mapped thread it walks the frame
 //!    chain and sends (code object, instruction word) per frame.
@@ -20,7 +20,6 @@ pub mod config;
 pub mod idle;
 pub mod output;
 pub mod stacks;
-pub mod threads;
 pub mod walk;
 
 use std::{
@@ -39,12 +38,11 @@ use self::{
     idle::{IDLE_PERIOD, IdleSampler},
     output::{Roots, TopRow},
     stacks::{Keep, Process, Profile},
-    threads::ThreadMapper,
 };
 use crate::{
     bpf::{SampleLosses, Sampler},
     live, process,
-    python::reader::Target,
+    python::{reader::Target, threads::ThreadMapper},
 };
 
 /// How often samples are taken from the ring buffer.
@@ -138,7 +136,8 @@ impl Session {
                 crate::python::memory::Memory::read_u64(&target.mem, a).ok()
             })?;
         let mut mapper = ThreadMapper::default();
-        let threads = mapper.map(pid, &target)?;
+        let tasks = process::Tasks::read(pid);
+        let threads = mapper.map_tasks(&tasks, &target)?;
         self.sampler.configure(pid, &cfg)?;
         // Before any sample: a free that went unseen would leave a stale
         // name trusted.
@@ -175,7 +174,7 @@ impl Session {
         self.roots
             .process_names
             .insert(pid, command_line(pid).unwrap_or_default());
-        self.note_threads(pid, &threads);
+        self.note_threads(pid, &threads, &tasks);
         self.mappers.insert(pid, mapper);
         self.processes.insert(pid, Process::new(target, watched));
         Ok(line)
@@ -183,10 +182,13 @@ impl Session {
 
     /// Remembers a process's Python threads (for `--idle`) and the names
     /// of threads not seen before (for `--threads`).
-    fn note_threads(&mut self, pid: u32, threads: &[(u32, u64)]) {
+    fn note_threads(&mut self, pid: u32, threads: &[(u32, u64)], tasks: &process::Tasks) {
         for &(tid, _) in threads {
             if self.roots.thread_names.contains_key(&tid) {
                 continue;
+            }
+            if let Some(ns) = tasks.ns_of(tid) {
+                self.roots.namespace_tids.insert(tid, ns);
             }
             if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) {
                 self.roots.thread_names.insert(tid, comm.trim().to_owned());
@@ -214,10 +216,11 @@ impl Session {
             };
             // A thread list read while it changes can fail; the next
             // refresh tries again.
-            if let Ok(threads) = mapper.map(pid, &process.target)
+            let tasks = process::Tasks::read(pid);
+            if let Ok(threads) = mapper.map_tasks(&tasks, &process.target)
                 && self.sampler.set_threads(pid, &threads).is_ok()
             {
-                self.note_threads(pid, &threads);
+                self.note_threads(pid, &threads, &tasks);
             }
         }
     }
@@ -460,6 +463,18 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
     )
     .await?;
     let summary = Summary::of(&session, started)?;
+    if summary.samples == 0 && summary.kernel.unknown_thread > 0 {
+        // Ticks landed on the targets' threads, none could be named: an
+        // empty profile would read as "idle".
+        let _ = std::fs::remove_file(&opts.output);
+        anyhow::bail!(
+            "no sample could be attributed: the CPU clock ticked {} times on threads pyprobe \
+             could not match to Python thread states (nothing written to {}); \
+             run with -v and report it",
+            summary.kernel.unknown_thread,
+            opts.output.display()
+        );
+    }
     let profile = &session.profile;
     let roots = &session.roots;
     let file = std::fs::File::create(&opts.output)

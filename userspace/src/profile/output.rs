@@ -21,6 +21,9 @@ pub struct Roots {
     pub process_names: HashMap<u32, String>,
     /// Name of each thread (`comm`).
     pub thread_names: HashMap<u32, String>,
+    /// The id a thread has in its process's PID namespace, where it
+    /// differs from the host's.
+    pub namespace_tids: HashMap<u32, u32>,
 }
 
 impl Roots {
@@ -34,15 +37,21 @@ impl Roots {
             }
         }
         if key.tid != 0 {
-            match self.thread_names.get(&key.tid) {
-                Some(name) => out.push(format!("thread {} ({name})", key.tid)),
-                None => out.push(format!("thread {}", key.tid)),
-            }
+            out.push(self.thread(key.tid));
         }
         if key.truncated {
             out.push("[truncated]".to_owned());
         }
         out
+    }
+
+    /// `thread TID (name)`, with the namespace's id where it differs.
+    fn thread(&self, tid: u32) -> String {
+        let id = crate::process::thread_id_text(tid, self.namespace_tids.get(&tid).copied());
+        match self.thread_names.get(&tid) {
+            Some(name) => format!("thread {id} ({name})"),
+            None => format!("thread {id}"),
+        }
     }
 }
 
@@ -125,10 +134,8 @@ pub fn speedscope(profile: &Profile, roots: &Roots, rate: u64, name: &str) -> se
                 None => format!("process {pid}"),
             };
             if tid != 0 {
-                match roots.thread_names.get(&tid) {
-                    Some(t) => title.push_str(&format!(" thread {tid} ({t})")),
-                    None => title.push_str(&format!(" thread {tid}")),
-                }
+                title.push(' ');
+                title.push_str(&roots.thread(tid));
             }
             json!({
                 "type": "sampled",

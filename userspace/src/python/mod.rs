@@ -9,6 +9,7 @@ pub mod offsets;
 pub mod offsets_dwarf;
 pub mod reader;
 pub mod start_sites;
+pub mod threads;
 pub mod values;
 pub mod version;
 

@@ -1,33 +1,29 @@
 //! Which kernel thread runs which Python thread state: read from the
 //! interpreter's thread list, so the sampler can go from the interrupted
-//! task to its Python frames.
+//! task to its Python frames, and `dump` can name each thread.
 //!
 //! From 3.11 a thread state records its kernel thread id
 //! (`native_thread_id`). Up to 3.10 it records only `pthread_self()`, the
 //! address of glibc's `struct pthread`, whose `tid` field is found once per
 //! process: the offset where the main thread's structure holds the PID.
+//! Either way the id is the one the process sees: in a container with its
+//! own PID namespace, not the host's, so it is translated through
+//! [`Tasks`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::python::{
-    memory::{Memory, ProcessMemory},
-    reader::{ReadError, Target},
+use crate::{
+    process::Tasks,
+    python::{
+        memory::Memory,
+        reader::{ReadError, Target},
+    },
 };
 
 /// Where glibc 2.x on x86_64 keeps `tid` in `struct pthread`; tried first.
 const GLIBC_TID_OFFSET: u64 = 0x2d0;
 /// How far into `struct pthread` the `tid` field is looked for.
 const PTHREAD_SCAN: u64 = 0x1000;
-
-/// Kernel thread ids of a process.
-pub fn task_ids(pid: u32) -> BTreeSet<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect()
-}
 
 /// Maps a process's threads to their thread states.
 #[derive(Debug, Default)]
@@ -37,14 +33,25 @@ pub struct ThreadMapper {
 }
 
 impl ThreadMapper {
-    /// Every thread of the process: (thread id, its thread state, or 0 for
-    /// a thread the interpreter does not know).
-    pub fn map(
+    /// Every thread of the process: (host thread id, its thread state, or
+    /// 0 for a thread the interpreter does not know).
+    pub fn map<M: Memory>(
         &mut self,
         pid: u32,
-        target: &Target<ProcessMemory>,
+        target: &Target<M>,
     ) -> Result<Vec<(u32, u64)>, ReadError> {
-        let tids = task_ids(pid);
+        self.map_tasks(&Tasks::read(pid), target)
+    }
+
+    /// [`Self::map`] over threads already listed.
+    pub fn map_tasks<M: Memory>(
+        &mut self,
+        tasks: &Tasks,
+        target: &Target<M>,
+    ) -> Result<Vec<(u32, u64)>, ReadError> {
+        // Ids as the process sees them: the interpreter recorded those.
+        let tids: BTreeSet<u32> = tasks.ns_tids().collect();
+        let pid = tasks.ns_pid;
         let o = &target.info.offsets;
         let mut states: Vec<(u64, u64)> = Vec::new(); // (tstate, id word)
         for interp in target.interpreters()? {
@@ -59,6 +66,14 @@ impl ThreadMapper {
             }
         }
         let mut by_tid: BTreeMap<u32, u64> = tids.iter().map(|&t| (t, 0)).collect();
+        let by_host = |by_tid: BTreeMap<u32, u64>| {
+            let mut out: Vec<(u32, u64)> = by_tid
+                .into_iter()
+                .filter_map(|(ns, tstate)| Some((tasks.host_of(ns)?, tstate)))
+                .collect();
+            out.sort_unstable();
+            out
+        };
         if o.tstate_native_thread_id.is_some() {
             for (tstate, id) in states {
                 if let Some(slot) = by_tid.get_mut(&(id as u32)) {
@@ -83,12 +98,12 @@ impl ThreadMapper {
                 }
             }
         }
-        Ok(by_tid.into_iter().collect())
+        Ok(by_host(by_tid))
     }
 
     /// Whether threads could be told apart (false when the `struct pthread`
     /// layout was not recognised: only up to 3.10).
-    pub fn knows_threads(&self, target: &Target<ProcessMemory>) -> bool {
+    pub fn knows_threads<M: Memory>(&self, target: &Target<M>) -> bool {
         target.info.offsets.tstate_native_thread_id.is_some() || self.pthread_tid.is_some()
     }
 }
