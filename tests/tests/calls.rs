@@ -204,6 +204,51 @@ fn calls_all_picks_up_a_process_started_later() {
 }
 
 #[test]
+fn calls_name_counts_the_selected_process_and_never_traps_the_others() {
+    for_each_interpreter(
+        "calls_name_counts_the_selected_process_and_never_traps_the_others",
+        |interp| {
+            // The tag is an argument the fixture ignores, on its command line.
+            let tag = format!("selected-by-pyprobe-test-{}", std::process::id());
+            let mut chosen = Fixture::start(interp, "calls_workload.py", &[&tag])?;
+            let mut other = Fixture::start(interp, "calls_workload.py", &[])?;
+            let probe = Probe::start(&["calls", "--name", &tag, "--json", "--interval", "0.2"])?;
+            let startup = probe.startup();
+            ensure!(
+                startup.contains(&format!("watching PID {}:", chosen.pid()))
+                    && !startup.contains(&format!("PID {}:", other.pid())),
+                "start-up: {startup}"
+            );
+            other.call("run", "done")?;
+            chosen.call("run", "done")?;
+            thread::sleep(Duration::from_millis(300));
+            probe.interrupt();
+            let (ok, stdout, stderr) = probe.finish()?;
+            ensure!(ok, "pyprobe failed: {stderr}");
+            let report = final_report(&stdout)?;
+            let counted = fixture_rows(&report, chosen.pid())?;
+            let fib = counted
+                .get(&27)
+                .map(|(name, calls, ..)| (name.as_str(), *calls));
+            ensure!(fib == Some(("fib", 2073)), "fib: {fib:?}");
+            ensure!(
+                fixture_rows(&report, other.pid())?.is_empty(),
+                "rows of the unselected process: {report}"
+            );
+            // Its 2000-odd calls never reached the program: uprobes went on
+            // the selected process alone (a probe on the whole file would
+            // have counted them as calls of an unconfigured process).
+            ensure!(
+                report["lost"]["unconfigured"] == 0,
+                "lost: {}",
+                report["lost"]
+            );
+            Ok(())
+        },
+    );
+}
+
+#[test]
 fn calls_filter_stops_counting_other_functions_in_the_kernel() {
     for_each_interpreter(
         "calls_filter_stops_counting_other_functions_in_the_kernel",

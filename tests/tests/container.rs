@@ -205,10 +205,18 @@ fn check_record(fixture: &Fixture, isolation: Isolation) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `calls`: a window of 40 orders counts handle() 40 times exactly.
+/// `calls`: a window of 40 orders counts handle() 40 times exactly. The
+/// container is selected by `--container` and an id prefix, the others by
+/// PID.
 fn check_calls(fixture: &mut Fixture, isolation: Isolation) -> anyhow::Result<()> {
     let pid = fixture.pid().to_string();
-    let probe = Probe::start(&["calls", "--json", "--interval", "0.3", "--pid", &pid])?;
+    let select = match fixture.container_id() {
+        Some(id) => ["--container", &id[..12]],
+        None => ["--pid", pid.as_str()],
+    };
+    let mut args = vec!["calls", "--json", "--interval", "0.3"];
+    args.extend(select);
+    let probe = Probe::start(&args)?;
     fixture.call("run 40", "done")?;
     thread::sleep(Duration::from_millis(400));
     probe.interrupt();
@@ -230,6 +238,13 @@ fn check_calls(fixture: &mut Fixture, isolation: Isolation) -> anyhow::Result<()
         }
     }
     let defs = marks(APP)?;
+    if let Some(id) = fixture.container_id() {
+        ensure!(
+            last["containers"][&pid]["id"] == id,
+            "containers: {}",
+            last["containers"]
+        );
+    }
     for (function, mark) in [
         ("handle", "handle-def"),
         ("__init__", "order-init"),

@@ -116,15 +116,7 @@ pub fn read(opts: &DumpOptions) -> anyhow::Result<Dump> {
             }
         })
         .collect();
-    let command = std::fs::read(format!("/proc/{}/cmdline", opts.pid))
-        .map(|raw| {
-            raw.split(|&b| b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
+    let command = crate::selection::command_line(opts.pid).unwrap_or_default();
     Ok(Dump {
         pid: opts.pid,
         command,

@@ -18,3 +18,4 @@ pub mod privileges;
 pub mod process;
 pub mod profile;
 pub mod python;
+pub mod selection;

@@ -9,6 +9,7 @@ use pyprobe::{
     entries::{self, EntriesOptions},
     profile::{self, Format, ProfileOptions, RecordOptions, TopOptions},
     python::values::Bounds,
+    selection::Selector,
 };
 
 /// Trace live CPython 3.8-3.14 processes from the kernel, without stopping
@@ -55,17 +56,8 @@ enum Command {
     ///
     /// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE).
     Log {
-        /// Process to watch (repeat for several).
-        #[arg(
-            short,
-            long = "pid",
-            value_name = "PID",
-            required_unless_present = "all"
-        )]
-        pids: Vec<u32>,
-        /// Every Python process on the host that runs the code, including ones started later.
-        #[arg(short, long, conflicts_with = "pids")]
-        all: bool,
+        #[command(flatten)]
+        targets: TargetArgs,
         /// Where: FILE:LINE, FILE:FUNCTION or MODULE:QUALNAME (repeat for several log points).
         #[arg(long = "at", value_name = "WHERE", required_unless_present = "probes")]
         at: Vec<String>,
@@ -110,7 +102,7 @@ enum Command {
     /// Needs root or CAP_SYS_PTRACE.
     Dump {
         /// Process to read.
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = parse_pid)]
         pid: u32,
         /// Also show arguments and local variables.
         #[arg(short, long)]
@@ -165,17 +157,8 @@ enum Command {
     ///
     /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
     Calls {
-        /// Process to watch (repeat for several).
-        #[arg(
-            short,
-            long = "pid",
-            value_name = "PID",
-            required_unless_present = "all"
-        )]
-        pids: Vec<u32>,
-        /// Watch every Python process on the host, including ones started later.
-        #[arg(short, long, conflicts_with = "pids")]
-        all: bool,
+        #[command(flatten)]
+        targets: TargetArgs,
         /// Seconds between reports.
         #[arg(short, long, default_value_t = 1.0, value_parser = positive_seconds)]
         interval: f64,
@@ -284,17 +267,8 @@ enum Command {
 /// What to sample and how, for `record` and `top`.
 #[derive(clap::Args)]
 struct SamplingArgs {
-    /// Process to sample (repeat for several).
-    #[arg(
-        short,
-        long = "pid",
-        value_name = "PID",
-        required_unless_present = "all"
-    )]
-    pids: Vec<u32>,
-    /// Sample every Python process on the host, including ones started later.
-    #[arg(short, long, conflicts_with = "pids")]
-    all: bool,
+    #[command(flatten)]
+    targets: TargetArgs,
     /// Samples per second of CPU time, per CPU (1 to 20000).
     #[arg(short, long, default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=profile::MAX_RATE))]
     rate: u64,
@@ -312,11 +286,73 @@ struct SamplingArgs {
     threads: bool,
 }
 
+/// Which processes to trace: `--pid`s, or a selection (`--all`, `--name`,
+/// `--container`) that also takes processes started later.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// Process to trace, by PID as the host sees it (repeat for several).
+    #[arg(
+        short,
+        long = "pid",
+        value_name = "PID",
+        value_parser = parse_pid,
+        required_unless_present_any = ["all", "name", "container"]
+    )]
+    pids: Vec<u32>,
+    /// Every Python process on the host, containers included, and every one started later.
+    #[arg(short, long, conflicts_with = "pids")]
+    all: bool,
+    /// Python processes whose command line matches REGEX, now and later (others are not touched).
+    #[arg(long, value_name = "REGEX", conflicts_with = "pids", value_parser = parse_regex)]
+    name: Option<regex::Regex>,
+    /// Python processes in the container whose id starts with ID (as `docker ps` shows it), now and later.
+    #[arg(long, value_name = "ID", conflicts_with = "pids")]
+    container: Option<String>,
+}
+
+impl TargetArgs {
+    /// The PIDs, whether a selection was asked for, and the selection.
+    fn split(self) -> (Vec<u32>, bool, Selector) {
+        let selector = Selector {
+            name: self.name,
+            container: self.container,
+        };
+        let all = self.all || !selector.is_everything();
+        (self.pids, all, selector)
+    }
+}
+
+/// A PID, or a one-line hint for a name given as one.
+fn parse_pid(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(0) => Err("0 is not a process ID".to_owned()),
+        Ok(pid) => Ok(pid),
+        Err(_) if !text.is_empty() && !text.starts_with(|c: char| c.is_ascii_digit()) => {
+            Err(format!(
+                "'{text}' is not a process ID: to select processes by command line, use --name {text}"
+            ))
+        }
+        Err(_) => Err(format!("'{text}' is not a process ID (a positive number)")),
+    }
+}
+
+/// A regular expression for `--name`.
+fn parse_regex(text: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(text).map_err(|e| {
+        let detail = e.to_string();
+        let last = detail.lines().last().unwrap_or("").trim();
+        let last = last.strip_prefix("error: ").unwrap_or(last);
+        format!("not a regular expression: {last}")
+    })
+}
+
 impl SamplingArgs {
     fn options(self) -> ProfileOptions {
+        let (pids, all, select) = self.targets.split();
         ProfileOptions {
-            pids: self.pids,
-            all: self.all,
+            pids,
+            all,
+            select,
             rate: self.rate,
             duration: self.duration.map(Duration::from_secs_f64),
             idle: self.idle,
@@ -425,8 +461,7 @@ fn main() -> ExitCode {
                 save_snapshot,
             }),
             Command::Calls {
-                pids,
-                all,
+                targets,
                 interval,
                 duration,
                 top,
@@ -436,12 +471,14 @@ fn main() -> ExitCode {
                 latency,
                 bench_empty_program,
             } => {
+                let (pids, all, select) = targets.split();
                 calls::run(CallsOptions {
                     builtins: !no_builtins,
                     latency,
                     empty_program: bench_empty_program,
                     pids,
                     all,
+                    select,
                     interval: Duration::from_secs_f64(interval),
                     duration: duration.map(Duration::from_secs_f64),
                     top: top.or(if json { None } else { Some(20) }),
@@ -456,7 +493,7 @@ fn main() -> ExitCode {
                 format,
             } => {
                 let output = output.unwrap_or_else(|| {
-                    let who = match sampling.pids.as_slice() {
+                    let who = match sampling.targets.pids.as_slice() {
                         [pid] => pid.to_string(),
                         _ => "all".to_owned(),
                     };
@@ -489,8 +526,7 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Log {
-                pids,
-                all,
+                targets,
                 at,
                 when,
                 msg,
@@ -513,9 +549,11 @@ fn main() -> ExitCode {
                 });
                 match points {
                     Ok(points) => {
+                        let (pids, all, select) = targets.split();
                         pyprobe::logpoint::session::run(pyprobe::logpoint::session::LogOptions {
                             pids,
                             all,
+                            select,
                             points,
                             rate,
                             count,

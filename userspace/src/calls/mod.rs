@@ -100,6 +100,9 @@ pub struct CallsOptions {
     pub pids: Vec<u32>,
     /// Watch every Python process, including ones started later.
     pub all: bool,
+    /// With `all`: which processes (`--name`, `--container`); the others
+    /// are left alone.
+    pub select: crate::selection::Selector,
     /// Time between two reports.
     pub interval: Duration,
     /// Stop after this long; `None` runs until Ctrl-C (or, without `--all`,
@@ -128,7 +131,12 @@ struct Session {
     probed_files: BTreeSet<crate::process::FileId>,
     /// PIDs that are not Python (or could not be read), not to retry.
     ignored: BTreeSet<u32>,
+    /// Probes go on every process that maps an interpreter file, set up
+    /// or not (plain `--all`); else on each set-up process alone, so
+    /// processes left out of a selection never trap.
     all: bool,
+    /// Which processes `--all` takes.
+    select: crate::selection::Selector,
     empty_program: bool,
     builtins: bool,
     latency: bool,
@@ -341,13 +349,11 @@ impl Session {
 
     /// Under `--all`: sets up Python processes not seen before.
     fn scan(&mut self) {
-        for pid in all_pids() {
-            if pid == std::process::id()
-                || self.ignored.contains(&pid)
-                || self.symbols.has_process(pid)
-            {
-                continue;
-            }
+        let symbols = &self.symbols;
+        let pids = self
+            .select
+            .new_pids(&mut self.ignored, |pid| symbols.has_process(pid));
+        for pid in pids {
             let result = self.add(pid);
             note_scanned(pid, result, "watching", &mut self.ignored);
         }
@@ -399,18 +405,6 @@ fn describe_sites(sites: &[start_sites::StartSite]) -> String {
         .join(", ")
 }
 
-/// Every PID in /proc.
-pub(crate) fn all_pids() -> Vec<u32> {
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
 /// Runs `pyprobe calls` until Ctrl-C, SIGTERM, the duration, or (without
 /// `--all`) the exit of every target; then prints the final totals.
 pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
@@ -424,7 +418,8 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         symbols: Symbols::default(),
         probed_files: BTreeSet::new(),
         ignored: BTreeSet::new(),
-        all: opts.all,
+        all: opts.all && opts.select.is_everything(),
+        select: opts.select.clone(),
         empty_program: opts.empty_program,
         builtins: opts.builtins,
         latency: opts.latency,
@@ -439,7 +434,10 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     }
     if opts.all {
         session.scan();
-        eprintln!("pyprobe: watching every Python process (new ones are picked up every interval)");
+        eprintln!(
+            "pyprobe: watching {} (new ones are picked up every interval)",
+            opts.select.describe()
+        );
     }
     eprintln!("pyprobe: counting calls; Ctrl-C to stop");
 

@@ -14,7 +14,7 @@ use super::{
     latency::{Latency, human},
     symbols::{Resolved, Symbols},
 };
-use crate::bpf::CallLosses;
+use crate::{bpf::CallLosses, container::Container};
 
 /// One function of one process.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -73,6 +73,9 @@ pub struct CallsReport {
     /// Whether calls are timed (`--latency`): the table then shows TIMED,
     /// P50, P99 and MAX.
     pub latency: bool,
+    /// The container of each process of the rows that runs in one, by PID.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub containers: BTreeMap<u32, Container>,
 }
 
 impl CallsReport {
@@ -256,6 +259,10 @@ impl Reporter {
             .map(|(k, c)| (*k, c.starts + c.resumes))
             .collect();
         self.last_at = now;
+        let containers = rows
+            .iter()
+            .filter_map(|r| Some((r.pid, symbols.container(r.pid)?.clone())))
+            .collect();
         CallsReport {
             kind,
             elapsed_s: elapsed,
@@ -265,6 +272,7 @@ impl Reporter {
             rows,
             lost,
             latency: latencies.is_some(),
+            containers,
         }
     }
 }
@@ -402,6 +410,7 @@ mod tests {
                 frame_mismatches: 0,
                 recursion_misses: 4,
             },
+            containers: BTreeMap::new(),
             latency: false,
         };
         assert!(r.to_table().contains(

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use pyprobe_common::calls::{self, BuiltinKey, CodeKey};
 
+use crate::container::{Container, Placement};
 use crate::python::{
     memory::{Memory, ProcessMemory},
     reader::{CodeSummary, Target},
@@ -70,12 +71,22 @@ pub struct Symbols {
     /// For each builtin row, the kernel key to name it from (see
     /// [`naming_key`]).
     builtins: HashMap<CodeKey, BuiltinKey>,
+    /// The container of each process in one.
+    containers: BTreeMap<u32, Container>,
 }
 
 impl Symbols {
     /// Adds a process to read names from.
     pub fn add_process(&mut self, pid: u32, target: Target<ProcessMemory>) {
         self.processes.insert(pid, target);
+        if let Some(container) = Placement::of(pid).and_then(|p| p.container) {
+            self.containers.insert(pid, container);
+        }
+    }
+
+    /// The container process `pid` runs in, if any.
+    pub fn container(&self, pid: u32) -> Option<&Container> {
+        self.containers.get(&pid)
     }
 
     /// Whether `pid` was added.

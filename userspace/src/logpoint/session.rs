@@ -103,6 +103,9 @@ pub struct LogOptions {
     pub pids: Vec<u32>,
     /// Every Python process running the files.
     pub all: bool,
+    /// With `all`: which processes (`--name`, `--container`); the others
+    /// are left alone.
+    pub select: crate::selection::Selector,
     /// The log points.
     pub points: Vec<PointSpec>,
     /// Hits printed per second per log point at most (0: no limit).
@@ -171,6 +174,8 @@ struct Process {
     /// Its threads, for the ids they have in its PID namespace (a
     /// container): re-read when a hit comes from a thread not listed.
     tasks: Tasks,
+    /// The container it runs in, if any.
+    container: Option<crate::container::Container>,
 }
 
 impl Process {
@@ -246,7 +251,8 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     if opts.all {
         session.scan()?;
         eprintln!(
-            "pyprobe: watching every Python process for the log points (new ones are picked up every second)"
+            "pyprobe: watching {} for the log points (new ones are picked up every second)",
+            opts.select.describe()
         );
     }
     let mut ticks: u64 = 0;
@@ -483,6 +489,7 @@ impl Session {
                 exited: false,
                 last_look: None,
                 tasks: Tasks::read(pid),
+                container: crate::container::Placement::of(pid).and_then(|p| p.container),
             },
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
@@ -791,13 +798,12 @@ impl Session {
     /// Under `--all`: sets up the Python processes not seen before. A
     /// process that cannot be set up is skipped with a line saying why.
     fn scan(&mut self) -> anyhow::Result<()> {
-        for pid in crate::calls::all_pids() {
-            if pid == std::process::id()
-                || self.ignored.contains(&pid)
-                || self.processes.contains_key(&pid)
-            {
-                continue;
-            }
+        let processes = &self.processes;
+        let pids = self
+            .opts
+            .select
+            .new_pids(&mut self.ignored, |pid| processes.contains_key(&pid));
+        for pid in pids {
             if let Err(e) = self.add(pid, true) {
                 self.processes.remove(&pid);
                 let quiet = crate::calls::is_not_python(&e) || !crate::process::is_alive(pid);
@@ -1038,6 +1044,9 @@ impl Session {
                 });
                 if let Some(ns) = namespace_tid {
                     obj["namespace_tid"] = json!(ns);
+                }
+                if let Some(c) = &process.container {
+                    obj["container"] = json!(c);
                 }
                 if self.opts.stack {
                     obj["stack"] = serde_json::Value::Array(stack);

@@ -60,6 +60,9 @@ pub struct ProfileOptions {
     pub pids: Vec<u32>,
     /// Sample every Python process, including ones started later.
     pub all: bool,
+    /// With `all`: which processes (`--name`, `--container`); the others
+    /// are left alone.
+    pub select: crate::selection::Selector,
     /// Samples per second of CPU time (per thread).
     pub rate: u64,
     /// Stop after this long (`None`: Ctrl-C, or every target exited).
@@ -102,6 +105,8 @@ struct Session {
     rate: u64,
     /// `unknown_thread` count when threads were last re-read.
     unknown_seen: u64,
+    /// Which processes `--all` takes.
+    select: crate::selection::Selector,
 }
 
 impl Session {
@@ -125,6 +130,7 @@ impl Session {
             idle_sampler: IdleSampler::default(),
             rate: opts.rate,
             unknown_seen: 0,
+            select: opts.select.clone(),
         })
     }
 
@@ -227,13 +233,11 @@ impl Session {
 
     /// Under `--all`: sets up Python processes not seen before.
     fn scan(&mut self) {
-        for pid in crate::calls::all_pids() {
-            if pid == std::process::id()
-                || self.ignored.contains(&pid)
-                || self.processes.contains_key(&pid)
-            {
-                continue;
-            }
+        let processes = &self.processes;
+        let pids = self
+            .select
+            .new_pids(&mut self.ignored, |pid| processes.contains_key(&pid));
+        for pid in pids {
             let result = self.add(pid);
             crate::calls::note_scanned(pid, result, "sampling", &mut self.ignored);
         }
@@ -288,13 +292,7 @@ impl Session {
 
 /// A process's command line, shortened for labels.
 fn command_line(pid: u32) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let text: Vec<String> = raw
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    let mut line = text.join(" ");
+    let mut line = crate::selection::command_line(pid)?;
     if line.chars().count() > 80 {
         line = line.chars().take(77).collect::<String>() + "...";
     }
@@ -316,7 +314,10 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
     }
     if opts.all {
         session.scan();
-        eprintln!("pyprobe: sampling every Python process (new ones are picked up every second)");
+        eprintln!(
+            "pyprobe: sampling {} (new ones are picked up every second)",
+            opts.select.describe()
+        );
     }
     session.sampler.start(opts.rate)?;
     eprintln!(
