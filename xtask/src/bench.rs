@@ -29,7 +29,7 @@ mod logpoint;
 mod profile;
 
 use crate::{
-    python314, setup,
+    setup, sid,
     util::{KillOnDrop, cargo, run, workspace_root},
 };
 
@@ -111,7 +111,7 @@ fn all_interpreters() -> Vec<PathBuf> {
     }
     // The private Debian sid 3.14 that setup installs.
     if let Ok(data) = setup::data_dir() {
-        let p = python314::sid_dir(&data).join("bin").join("python3.14");
+        let p = sid::sid_dir(&data).join("bin").join("python3.14");
         if p.exists() {
             out.push(p);
         }

@@ -8,8 +8,8 @@
 
 mod bench;
 mod demo;
-mod python314;
 mod setup;
+mod sid;
 mod test;
 mod util;
 

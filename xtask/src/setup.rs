@@ -8,7 +8,7 @@
 //!    rustup tree, which rustup prunes on updates, into
 //!    `~/.local/share/pyprobe/`, and the linker is linked against that copy.
 //!
-//! 3. A private Debian sid CPython 3.14 for the tests (see `python314`).
+//! 3. Debian sid's CPython 3.13, 3.14 and 3.15 for the tests (see `sid`).
 //!
 //! A stamp file records what was built; a second run only checks and takes
 //! seconds.
@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
-    python314,
+    sid,
     util::{self, cargo_home, home, run, stdout_of},
 };
 
@@ -40,11 +40,14 @@ pub fn setup() -> anyhow::Result<f64> {
     step("nightly toolchain", ensure_nightly)?;
     step("nightly rust-src", ensure_rust_src)?;
     step("bpf-linker", ensure_bpf_linker)?;
-    // Only the tests need 3.14; without it they still run (and say 3.14 was
-    // not covered), so a failed download warns instead of stopping setup.
+    // Only the tests need sid's interpreters; without them they still run
+    // (and say which versions were not covered), so a failed download
+    // warns instead of stopping setup.
     let data = data_dir()?;
-    if let Err(e) = step("python3.14 (tests)", || python314::ensure(&data)) {
-        println!("  python3.14 (tests) NOT AVAILABLE, tests will not cover 3.14: {e:#}");
+    if let Err(e) = step("Debian sid python3.13-3.15 (tests)", || sid::ensure(&data)) {
+        println!(
+            "  Debian sid python3.13-3.15 (tests) NOT AVAILABLE, tests will not cover them: {e:#}"
+        );
     }
     let secs = started.elapsed().as_secs_f64();
     println!("xtask setup: done in {secs:.1}s");
