@@ -816,6 +816,20 @@ fn a_file_path_names_one_file_or_pyprobe_says_which_it_could_be() {
                 "--at {at}: {e}"
             );
         }
+        // Under --all the same refusal, at once, not a retry every second
+        // and "never armed" at the end.
+        let out = output_within(
+            &["log", "--all", "--at", "app.py:5000", "--duration", "10"],
+            Duration::from_secs(6),
+        )?;
+        let e = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && e.lines().last().is_some_and(|l| l.contains(&both))
+                && !e.contains("trying again")
+                && !e.contains("never armed"),
+            "--all --at app.py:5000: {e}"
+        );
         // Suggestions from the one file: shop/app.py ends at line 6, the
         // framework's at line 20.
         let e = fails(&["log", "--pid", &pid, "--at", "shop/app.py:5000"])?;

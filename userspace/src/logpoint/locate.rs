@@ -442,6 +442,13 @@ impl LocateError {
             LocateError::NotLoaded { .. } | LocateError::ModuleNotLoaded { .. }
         )
     }
+
+    /// Whether the `--at` itself is wrong for the loaded code (an
+    /// ambiguous file, a line without code, an unknown function): looking
+    /// again will not help.
+    pub fn is_wrong_spec(&self) -> bool {
+        !self.is_not_loaded() && !matches!(self, LocateError::Read(_))
+    }
 }
 
 /// The shortest tail of the first candidate that matches no other one: a

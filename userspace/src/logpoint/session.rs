@@ -563,7 +563,16 @@ impl Session {
                     }
                     still.push(index);
                 }
-                Err(e) if first => bail!("{}: {e}", self.points[index].spec.label()),
+                // A wrong --at ends the run wherever it is found first (under
+                // --all too: every process would say the same), unless the
+                // log point armed already elsewhere (a later process with
+                // other code).
+                Err(e)
+                    if first
+                        || (e.is_wrong_spec() && !self.armed.iter().any(|a| a.point == index)) =>
+                {
+                    return Err(anyhow::Error::new(e).context(self.points[index].spec.label()));
+                }
                 Err(e) => {
                     // A process changing its modules while read: said the
                     // first time, counted, and tried again at the next scan.
@@ -806,6 +815,11 @@ impl Session {
         for pid in pids {
             if let Err(e) = self.add(pid, true) {
                 self.processes.remove(&pid);
+                if e.downcast_ref::<super::locate::LocateError>()
+                    .is_some_and(|l| l.is_wrong_spec())
+                {
+                    return Err(e.context(format!("in PID {pid}")));
+                }
                 let quiet = crate::calls::is_not_python(&e) || !crate::process::is_alive(pid);
                 if !quiet {
                     eprintln!(
@@ -1155,7 +1169,16 @@ impl Session {
                         .iter()
                         .all(|pid| self.processes.get(pid).is_some_and(|p| p.exited))
                 };
-            if !armed_somewhere && all_exited {
+            if !armed_somewhere && all_exited && waiting_in.is_empty() {
+                let gone: Vec<u32> = self.gone_during_setup.iter().copied().collect();
+                eprintln!(
+                    "pyprobe: log point {} ({}) never armed: {} exited while pyprobe set {} up",
+                    index + 1,
+                    point.spec.at,
+                    pid_list(&gone),
+                    if gone.len() == 1 { "it" } else { "them" },
+                );
+            } else if !armed_somewhere && all_exited {
                 eprintln!(
                     "pyprobe: log point {} ({}) never armed: {} exited before {} was loaded",
                     index + 1,
