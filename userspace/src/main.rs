@@ -46,10 +46,11 @@ enum Command {
     /// that does not reach it never traps; each run of the probed line is
     /// one debug trap. Measured on a framework-like request loop on the
     /// test VM (cargo xtask bench --only logpoint): a hit dropped by its
-    /// condition costs 25-37 µs, what the VM charges for a bare debug trap
-    /// there (pyprobe's BPF program runs about 2 µs of it); an armed log
-    /// point never hit slows requests by 1-4% and each context switch of
-    /// a watched thread by about 1 µs (the debug registers). x86 has 4
+    /// condition costs 29-38 µs, what the VM charges for a bare debug trap
+    /// there (pyprobe's BPF program runs 1.5-2.3 µs of it); an armed log
+    /// point never hit slows requests by 1-6% (10% on Debian's 3.11, where
+    /// an enabled debug register alone costs 4-5%) and each context switch
+    /// of a watched thread by about 1 µs (the debug registers). x86 has 4
     /// watchpoints per thread: at most 4 log points per process. FILE
     /// matches loaded files by the end of their path and must match one.
     /// With --all, every Python process running the code, now or later.
