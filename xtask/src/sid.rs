@@ -47,23 +47,39 @@ fn packages() -> Vec<String> {
 }
 
 /// Libraries the interpreters need.
-const SHARED: &[&str] = &["libc6", "libexpat1", "zlib1g", "libffi8", "libzstd1"];
+/// (libgcc_s is for python3.15: on the host the system's would do, but
+/// not in the tests' container roots, which hold sid's /usr alone.)
+const SHARED: &[&str] = &[
+    "libc6",
+    "libgcc-s1",
+    "libexpat1",
+    "zlib1g",
+    "libffi8",
+    "libzstd1",
+];
 
 /// Where the private interpreters live: `<pyprobe data dir>/debian-sid`.
 pub fn sid_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("debian-sid")
 }
 
-/// Makes sure every `<data>/debian-sid/bin/python3.X` runs; downloads and
-/// unpacks Debian sid's packages if one does not.
+/// Makes sure every `<data>/debian-sid/bin/python3.X` runs from a root
+/// unpacked from today's package list; downloads and unpacks Debian sid's
+/// packages if not.
 pub fn ensure(data_dir: &Path) -> anyhow::Result<String> {
     let dir = sid_dir(data_dir);
     let wrapper = |v: &str| dir.join("bin").join(format!("python{v}"));
+    // The package list the root was unpacked from: a root from another
+    // list is unpacked again.
+    let stamp = dir.join("root").join(".pyprobe-packages");
+    let wanted = packages().join(" ");
     let present: Vec<String> = VERSIONS
         .iter()
         .filter_map(|v| runs(&wrapper(v), v))
         .collect();
-    if present.len() == VERSIONS.len() {
+    if present.len() == VERSIONS.len()
+        && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted)
+    {
         return Ok(format!("present ({})", present.join(", ")));
     }
     if !Path::new("/usr/bin/apt-get").exists() {
@@ -157,6 +173,7 @@ pub fn ensure(data_dir: &Path) -> anyhow::Result<String> {
         }
     }
     std::fs::remove_dir_all(&debs)?;
+    std::fs::write(&stamp, &wanted)?;
     Ok(format!("installed ({})", installed.join(", ")))
 }
 
