@@ -328,6 +328,13 @@ fn count_frame(
             .wrapping_add(config.instruction_bias)
             .wrapping_sub(code.wrapping_add(config.code_adaptive)) as i64)
             / 2;
+        // 3.15's generator expressions run a RESUME before their start
+        // (`RESUME_AT_GEN_EXPR_START`, in the call that makes the generator
+        // and takes the iterator); the generator starts at the RESUME at
+        // `_co_firsttraceable`, later. That early one is no call.
+        if units < first_traceable as i64 - 1 {
+            return Ok(());
+        }
         // A start runs RESUME at `_co_firsttraceable`; depending on where in
         // the handler the probe sits, the frame's pointer may already have
         // been advanced to the RESUME itself (one unit further). A resumption

@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context, bail};
 
 /// Oldest and newest CPython minor versions pyprobe supports.
-pub const SUPPORTED: ((u32, u32), (u32, u32)) = ((3, 8), (3, 14));
+pub const SUPPORTED: ((u32, u32), (u32, u32)) = ((3, 8), (3, 15));
 
 /// How long a fixture may take to print `ready` or answer a command.
 pub const FIXTURE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -357,15 +357,25 @@ impl Fixture {
     /// `ready` line.
     pub fn start(interp: &Interpreter, script: &str, args: &[&str]) -> anyhow::Result<Fixture> {
         let path = fixture_path(script);
-        let mut child = Command::new(&interp.path)
-            .arg(&path)
-            .args(args)
+        let mut command = Command::new(&interp.path);
+        command.arg(&path).args(args);
+        Self::spawn(command, format!("{script} under {}", interp.label), None)
+            .with_context(|| format!("starting {} {}", interp.path.display(), path.display()))
+    }
+
+    /// Starts `command` with the fixtures' environment and pipes, reads its
+    /// stdout on a thread and waits for its `ready` line.
+    fn spawn(
+        mut command: Command,
+        name: String,
+        isolated: Option<Isolated>,
+    ) -> anyhow::Result<Fixture> {
+        let mut child = command
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {} {}", interp.path.display(), path.display()))?;
+            .spawn()?;
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
@@ -381,8 +391,8 @@ impl Fixture {
             pid: child.id(),
             child,
             lines,
-            name: format!("{script} under {}", interp.label),
-            isolated: None,
+            name,
+            isolated,
         };
         fixture.expect("ready")?;
         Ok(fixture)
@@ -496,37 +506,14 @@ impl Fixture {
                 root = Some(dir);
             }
         }
-        let mut child = command
-            .args(args)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting unshare")?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut fixture = Fixture {
-            stdin: child.stdin.take(),
-            pid: child.id(),
-            child,
-            lines,
-            name: format!("{script} under {} ({isolation:?})", interp.label),
-            isolated: Some(Isolated {
-                root,
-                cgroup: None,
-                container_id: None,
-            }),
+        command.args(args);
+        let isolated = Isolated {
+            root,
+            cgroup: None,
+            container_id: None,
         };
-        fixture.expect("ready")?;
+        let name = format!("{script} under {} ({isolation:?})", interp.label);
+        let mut fixture = Self::spawn(command, name, Some(isolated)).context("starting unshare")?;
         if isolation.has_own_pids() {
             // unshare --fork: Python is its only child.
             let children = std::fs::read_to_string(format!(
@@ -798,10 +785,10 @@ fn run_on(
 ) {
     assert!(
         !chosen.is_empty(),
-        "{test}: no CPython 3.8-3.14 interpreter found (looked in $PYENV_ROOT/versions and /usr/bin/python3.N)"
+        "{test}: no CPython 3.8-3.15 interpreter found (looked in $PYENV_ROOT/versions and /usr/bin/python3.N)"
     );
     for interp in unsupported {
-        eprintln!("{test}: not tested on {} (outside 3.8-3.14)", interp.label);
+        eprintln!("{test}: not tested on {} (outside 3.8-3.15)", interp.label);
         record_coverage(test, interp, "unsupported");
     }
     let mut failures = Vec::new();

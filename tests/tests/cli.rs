@@ -239,7 +239,7 @@ fn untraceable_pids_are_named_for_what_they_are() {
                 false,
                 1,
                 &format!(
-                    "PID {} runs CPython {}.{}, which is not supported (3.8-3.14)",
+                    "PID {} runs CPython {}.{}, which is not supported (3.8-3.15)",
                     old.id(),
                     py2.version.0,
                     py2.version.1

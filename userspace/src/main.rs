@@ -12,7 +12,7 @@ use pyprobe::{
     selection::Selector,
 };
 
-/// Trace live CPython 3.8-3.14 processes from the kernel, without stopping
+/// Trace live CPython 3.8-3.15 processes from the kernel, without stopping
 /// them or running code inside them.
 #[derive(Parser)]
 #[command(name = "pyprobe", version, propagate_version = true)]

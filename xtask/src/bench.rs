@@ -70,7 +70,7 @@ fn measure(cmd: &mut Command) -> anyhow::Result<Usage> {
 static PYTHON_FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 /// Interpreters to benchmark: pyenv 3.8+, /usr/bin/python3.N and the
-/// private sid 3.14, as `--python` narrows them.
+/// private sid 3.13-3.15, as `--python` narrows them.
 fn interpreters() -> Vec<PathBuf> {
     let mut out = all_interpreters();
     if let Some(Some(filter)) = PYTHON_FILTER.get() {
@@ -96,24 +96,26 @@ fn all_interpreters() -> Vec<PathBuf> {
                     parts.next()?.parse::<u32>().ok()?,
                     parts.next()?.parse::<u32>().ok()?,
                 );
-                (major == 3 && (8..=14).contains(&minor))
+                (major == 3 && (8..=15).contains(&minor))
                     .then(|| (minor, e.path().join("bin").join(format!("python3.{minor}"))))
             })
             .collect();
         dirs.sort();
         out.extend(dirs.into_iter().map(|(_, p)| p));
     }
-    for minor in 8..=14 {
+    for minor in 8..=15 {
         let p = PathBuf::from(format!("/usr/bin/python3.{minor}"));
         if p.exists() {
             out.push(p);
         }
     }
-    // The private Debian sid 3.14 that setup installs.
+    // The private Debian sid interpreters that setup installs.
     if let Ok(data) = setup::data_dir() {
-        let p = sid::sid_dir(&data).join("bin").join("python3.14");
-        if p.exists() {
-            out.push(p);
+        for v in sid::VERSIONS {
+            let p = sid::sid_dir(&data).join("bin").join(format!("python{v}"));
+            if p.exists() {
+                out.push(p);
+            }
         }
     }
     out

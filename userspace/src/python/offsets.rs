@@ -834,6 +834,61 @@ pub const PY314: VersionInfo = VersionInfo {
     ),
 };
 
+/// CPython 3.15: the thread state grew (ids moved), the runtime's
+/// small-int cache grew (the interpreter list moved), opcodes were
+/// renumbered; frames and code objects are laid out as in 3.14.
+pub const PY315: VersionInfo = VersionInfo {
+    offsets: Offsets {
+        runtime_interpreters_head: 936,
+        gil: GilLocation::InterpPointer {
+            pointer: 16,
+            last_holder: 8,
+            locked: 16,
+        },
+        interp_next: 7264,
+        interp_threads_head: 7336,
+        tstate_thread_id: 176,
+        tstate_native_thread_id: Some(184),
+        tstate_frame: FrameLink::Direct(72),
+        frame_owner: Some(74),
+        frame_localsplus: 80,
+        tuple_items: 32,
+        interp_sysdict: 7576,
+        interp_builtins: 7584,
+        // Measured on a gcc build of 3.15.0rc1 (gdb): `_Py_DebugOffsets`
+        // does not publish these (3.15 publishes ht_cached_keys).
+        interp_static_types: Some(180_264),
+        static_type_size: Some(48),
+        static_type_dict: Some(24),
+        heaptype_cached_keys: 888,
+        dict_values_items: Some(8),
+        tstate_datastack_top: Some(264),
+        code_framesize: Some(76),
+        ..offsets_311_plus(52, 68, 72, 208, 192)
+    },
+    layout: layout_311_plus(
+        InstructionModel::InstrPtr,
+        InstanceDictModel::InlineValues,
+        EntryFrames::OwnerAtLeast(3),
+        LongModel::LvTag,
+        !3,
+        ResumeOpcodes {
+            resume: 128,
+            quick: None,
+            check: Some(200),
+            instrumented: Some(244),
+        },
+        ExitOpcodes {
+            return_value: 33,
+            return_const: None,
+            yield_value: 119,
+            instrumented_return_value: Some(245),
+            instrumented_return_const: None,
+            instrumented_yield_value: Some(246),
+        },
+    ),
+};
+
 /// The built-in table for a version, if supported.
 pub fn builtin(version: &PythonVersion) -> Option<VersionInfo> {
     Some(match version.minor_version() {
@@ -844,6 +899,7 @@ pub fn builtin(version: &PythonVersion) -> Option<VersionInfo> {
         (3, 12) => PY312,
         (3, 13) => PY313,
         (3, 14) => PY314,
+        (3, 15) => PY315,
         _ => return None,
     })
 }
@@ -877,7 +933,8 @@ pub const DEBUG_OFFSETS_HEADER: usize = 16;
 pub fn debug_offsets_size(version: &PythonVersion) -> usize {
     let words = match version.minor_version() {
         (3, 13) => DEBUG313.words,
-        _ => DEBUG314.words,
+        (3, 14) => DEBUG314.words,
+        _ => DEBUG315.words,
     };
     8 + 8 * words
 }
@@ -1009,6 +1066,50 @@ const DEBUG314: DebugFieldIndex = DebugFieldIndex {
     words: 94,
 };
 
+/// CPython 3.15's field list: `thread_state` gains `base_frame`,
+/// `last_profiled_frame` and `last_profiled_frame_seq` (after
+/// `current_frame`) and `holds_gil`, `gil_requested`,
+/// `current_exception`, `exc_state` (after `status`); `err_stackitem`,
+/// `type_object.tp_basicsize`/`tp_dictoffset`, `heap_type_object`,
+/// `unicode_object.compactunicodeobject_size` and three `gc` fields are
+/// new.
+const DEBUG315: DebugFieldIndex = DebugFieldIndex {
+    runtime_interpreters_head: 4,
+    interp_next: 7,
+    interp_threads_head: 8,
+    interp_sysdict: 12,
+    interp_builtins: 13,
+    interp_ceval_gil: 14,
+    interp_gil_runtime_state: 15,
+    interp_gil_locked: 17,
+    interp_gil_holder: 18,
+    tstate_next: 23,
+    tstate_interp: 24,
+    tstate_current_frame: 25,
+    tstate_thread_id: 29,
+    tstate_native_thread_id: 30,
+    frame_previous: 39,
+    frame_executable: 40,
+    frame_instr_ptr: 41,
+    frame_localsplus: 42,
+    frame_owner: 43,
+    code_filename: 47,
+    code_name: 48,
+    code_qualname: 49,
+    code_linetable: 50,
+    code_firstlineno: 51,
+    code_argcount: 52,
+    code_localsplusnames: 53,
+    code_localspluskinds: 54,
+    code_code_adaptive: 55,
+    pyobject_ob_type: 58,
+    tuple_ob_item: 68,
+    list_ob_item: 71,
+    float_ob_fval: 81,
+    unicode_asciiobject_size: 91,
+    words: 110,
+};
+
 /// Reads the version and offsets from the `_Py_DebugOffsets` structure at the
 /// start of `_PyRuntime` (CPython 3.13+). Fields the structure does not
 /// publish (`co_nlocalsplus`, `_co_firsttraceable`, behaviour flags) come
@@ -1027,6 +1128,8 @@ pub fn from_debug_offsets(bytes: &[u8]) -> Result<(PythonVersion, VersionInfo), 
     let (index, mut info) = match version.minor_version() {
         (3, 13) => (&DEBUG313, PY313),
         (3, 14) => (&DEBUG314, PY314),
+        // The field list settled in 3.15.0b4.
+        (3, 15) if version >= PythonVersion::from_hex(0x030f_00b4) => (&DEBUG315, PY315),
         _ => return Err(DebugOffsetsError::UnknownLayout(version.to_string())),
     };
     if bytes.len() < 8 + index.words * 8 {
@@ -1127,6 +1230,32 @@ mod tests {
         assert_eq!(info, PY314);
     }
 
+    /// The 3.15.2 `_Py_DebugOffsets` words of Debian sid's stripped
+    /// python3.15 (its `.PyRuntime` section as the file holds it, after
+    /// the cookie).
+    const PY3152_WORDS: [u64; 110] = [
+        51315440, 0, 346568, 912, 936, 226240, 7272, 7264, 7336, 7352, 7400, 7592, 7576, 7584, 16,
+        7736, 0, 7752, 7744, 7944, 0, 888, 0, 8, 16, 72, 80, 88, 96, 176, 184, 256, 32, 36, 40,
+        136, 288, 0, 88, 8, 0, 56, 80, 74, 64, 0, 216, 112, 120, 128, 136, 68, 52, 96, 104, 208, 0,
+        16, 8, 424, 24, 88, 168, 32, 288, 944, 888, 40, 32, 16, 40, 24, 16, 200, 24, 40, 32, 48,
+        32, 40, 24, 16, 32, 16, 24, 40, 16, 32, 64, 32, 16, 40, 56, 176, 112, 120, 1120, 104, 160,
+        24, 72, 67, 0, 8, 24, 344, 8028, 0, 4, 512,
+    ];
+
+    #[test]
+    fn reads_the_debug_offsets_of_3_15() {
+        let (version, info) = from_debug_offsets(&debug_bytes(&PY3152_WORDS)).unwrap();
+        assert_eq!(version.to_string(), "3.15.2");
+        assert_eq!(info, PY315);
+        // 3.14's field list does not fit 3.15's bytes.
+        let mut words = PY3152_WORDS;
+        words[0] = 0x030e_0af0;
+        assert!(matches!(
+            from_debug_offsets(&debug_bytes(&words)),
+            Err(DebugOffsetsError::UnknownLayout(_))
+        ));
+    }
+
     #[test]
     fn a_field_list_that_does_not_fit_is_refused() {
         // 3.14 bytes announced as 3.13: the check fields do not line up.
@@ -1155,7 +1284,13 @@ mod tests {
             from_debug_offsets(&debug_bytes(&words)),
             Err(DebugOffsetsError::FreeThreaded)
         );
-        words[0] = 0x030f00f0;
+        words[0] = 0x031000f0;
+        assert!(matches!(
+            from_debug_offsets(&debug_bytes(&words)),
+            Err(DebugOffsetsError::UnknownLayout(_))
+        ));
+        // 3.15's field list changed until 3.15.0b4.
+        words[0] = 0x030f00a3;
         assert!(matches!(
             from_debug_offsets(&debug_bytes(&words)),
             Err(DebugOffsetsError::UnknownLayout(_))
@@ -1164,7 +1299,7 @@ mod tests {
 
     #[test]
     fn every_supported_minor_has_a_table() {
-        for minor in 8..=14 {
+        for minor in 8..=15 {
             let v = PythonVersion {
                 major: 3,
                 minor,

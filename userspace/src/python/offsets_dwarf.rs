@@ -270,11 +270,11 @@ const FRAME_CFRAME_CURRENT: Target = Target {
 };
 
 /// Every supported minor version.
-const ALL: (u8, u8) = (8, 14);
+const ALL: (u8, u8) = (8, 15);
 /// `PyFrameObject` chains (3.8-3.10).
 const OLD: (u8, u8) = (8, 10);
 /// `_PyInterpreterFrame` chains (3.11+).
-const NEW: (u8, u8) = (11, 14);
+const NEW: (u8, u8) = (11, 15);
 
 /// Where every [`Offsets`] field lives in CPython's DWARF, per minor version.
 /// For each supported minor, the entries that apply set every field the
@@ -285,9 +285,9 @@ pub const FIELDS: &[FieldSource] = &[
     member((8, 11), some!(runtime_tstate_current),     "_PyRuntimeState", "gilstate.tstate_current"),
     member((8, 11), GIL_RUNTIME_LAST_HOLDER,           "_PyRuntimeState", "ceval.gil.last_holder"),
     member((8, 11), GIL_RUNTIME_LOCKED,                "_PyRuntimeState", "ceval.gil.locked"),
-    member((12, 14), GIL_INTERP_POINTER,               "PyInterpreterState", "ceval.gil"),
-    member((12, 14), GIL_INTERP_LAST_HOLDER,           "_gil_runtime_state", "last_holder"),
-    member((12, 14), GIL_INTERP_LOCKED,                "_gil_runtime_state", "locked"),
+    member((12, 15), GIL_INTERP_POINTER,               "PyInterpreterState", "ceval.gil"),
+    member((12, 15), GIL_INTERP_LAST_HOLDER,           "_gil_runtime_state", "last_holder"),
+    member((12, 15), GIL_INTERP_LOCKED,                "_gil_runtime_state", "locked"),
 
     member(ALL, plain!(interp_next),                   "PyInterpreterState", "next"),
     member(OLD, plain!(interp_threads_head),           "PyInterpreterState", "tstate_head"),
@@ -300,16 +300,16 @@ pub const FIELDS: &[FieldSource] = &[
     member(OLD, FRAME_DIRECT,                          "PyThreadState", "frame"),
     member((11, 12), FRAME_CFRAME,                     "PyThreadState", "cframe"),
     member((11, 12), FRAME_CFRAME_CURRENT,             "_PyCFrame", "current_frame"),
-    member((13, 14), FRAME_DIRECT,                     "PyThreadState", "current_frame"),
+    member((13, 15), FRAME_DIRECT,                     "PyThreadState", "current_frame"),
 
     member(OLD, plain!(frame_previous),                "PyFrameObject", "f_back"),
     member(NEW, plain!(frame_previous),                "_PyInterpreterFrame", "previous"),
     member(OLD, plain!(frame_code),                    "PyFrameObject", "f_code"),
     member((11, 12), plain!(frame_code),               "_PyInterpreterFrame", "f_code"),
-    member((13, 14), plain!(frame_code),               "_PyInterpreterFrame", "f_executable"),
+    member((13, 15), plain!(frame_code),               "_PyInterpreterFrame", "f_executable"),
     member(OLD, plain!(frame_instruction),             "PyFrameObject", "f_lasti"),
     member((11, 12), plain!(frame_instruction),        "_PyInterpreterFrame", "prev_instr"),
-    member((13, 14), plain!(frame_instruction),        "_PyInterpreterFrame", "instr_ptr"),
+    member((13, 15), plain!(frame_instruction),        "_PyInterpreterFrame", "instr_ptr"),
     member(OLD, plain!(frame_localsplus),              "PyFrameObject", "f_localsplus"),
     member(NEW, plain!(frame_localsplus),              "_PyInterpreterFrame", "localsplus"),
     member(NEW, some!(frame_owner),                    "_PyInterpreterFrame", "owner"),
@@ -328,7 +328,7 @@ pub const FIELDS: &[FieldSource] = &[
     member(ALL, plain!(code_name),                     "PyCodeObject", "co_name"),
     member(NEW, some!(code_qualname),                  "PyCodeObject", "co_qualname"),
     member((8, 9), plain!(code_linetable),             "PyCodeObject", "co_lnotab"),
-    member((10, 14), plain!(code_linetable),           "PyCodeObject", "co_linetable"),
+    member((10, 15), plain!(code_linetable),           "PyCodeObject", "co_linetable"),
     member(NEW, some!(code_firsttraceable),            "PyCodeObject", "_co_firsttraceable"),
 
     member(ALL, plain!(tuple_items),                   "PyTupleObject", "ob_item"),
@@ -338,11 +338,11 @@ pub const FIELDS: &[FieldSource] = &[
     member(ALL, plain!(interp_sysdict),                "PyInterpreterState", "sysdict"),
     member(ALL, plain!(interp_builtins),               "PyInterpreterState", "builtins"),
     member((12, 12), some!(interp_static_types),       "PyInterpreterState", "types.builtins"),
-    member((13, 14), some!(interp_static_types),       "PyInterpreterState", "types.builtins.initialized"),
+    member((13, 15), some!(interp_static_types),       "PyInterpreterState", "types.builtins.initialized"),
     size((12, 12), some!(static_type_size),            "static_builtin_state"),
-    size((13, 14), some!(static_type_size),            "managed_static_type_state"),
+    size((13, 15), some!(static_type_size),            "managed_static_type_state"),
     member((12, 12), some!(static_type_dict),          "static_builtin_state", "tp_dict"),
-    member((13, 14), some!(static_type_dict),          "managed_static_type_state", "tp_dict"),
+    member((13, 15), some!(static_type_dict),          "managed_static_type_state", "tp_dict"),
 
     member(ALL, plain!(cfunction_ml),                  "PyCFunctionObject", "m_ml"),
     member(ALL, plain!(cfunction_self),                "PyCFunctionObject", "m_self"),
@@ -358,8 +358,8 @@ pub const FIELDS: &[FieldSource] = &[
     member(ALL, plain!(code_consts),                   "PyCodeObject", "co_consts"),
     member(ALL, plain!(heaptype_cached_keys),          "PyHeapTypeObject", "ht_cached_keys"),
     member(NEW, some!(dict_values_items),              "_dictvalues", "values"),
-    member((13, 14), some!(tstate_datastack_top),           "PyThreadState", "datastack_top"),
-    member((13, 14), some!(code_framesize),                 "PyCodeObject", "co_framesize"),
+    member((13, 15), some!(tstate_datastack_top),           "PyThreadState", "datastack_top"),
+    member((13, 15), some!(code_framesize),                 "PyCodeObject", "co_framesize"),
 ];
 
 /// The entries of [`FIELDS`] that apply to CPython 3.`minor`, in table order.
@@ -763,7 +763,7 @@ pub(crate) mod tests {
     #[test]
     fn every_field_of_every_minor_is_mapped_exactly_once() {
         const SENTINEL: u64 = 1 << 40;
-        for minor in 8..=14 {
+        for minor in 8..=15 {
             let builtin = offsets::builtin(&version(minor)).unwrap();
             let mut mapped = builtin.offsets;
             let entries: Vec<_> = fields(minor).collect();
@@ -804,7 +804,7 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(fields(7).count(), 0);
-        assert_eq!(fields(15).count(), 0);
+        assert_eq!(fields(16).count(), 0);
     }
 
     #[test]

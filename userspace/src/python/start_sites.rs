@@ -1750,6 +1750,13 @@ impl DataReader<'_> {
             let mut flush = |run: &mut Vec<u64>, end: u64| {
                 if run.len() == OPCODE_TABLE_LEN {
                     found.push((end - OPCODE_TABLE_LEN as u64 * POINTER, std::mem::take(run)));
+                } else if let Some(half) = dispatch_half(run) {
+                    // 3.15 puts the tracing table (every entry the
+                    // recording handler) right after the dispatch table.
+                    let start = end - 2 * OPCODE_TABLE_LEN as u64 * POINTER;
+                    let at = start + (half * OPCODE_TABLE_LEN) as u64 * POINTER;
+                    let table = run[half * OPCODE_TABLE_LEN..][..OPCODE_TABLE_LEN].to_vec();
+                    found.push((at, table));
                 }
                 run.clear();
             };
@@ -1772,6 +1779,25 @@ impl DataReader<'_> {
             flush(&mut run, end);
         }
         found
+    }
+}
+
+/// Of two adjacent 256-entry tables (CPython 3.15's dispatch table and its
+/// JIT tracing table, whose entries all lead to the few handlers that
+/// record a trace), the index of the dispatch table: the half with many
+/// distinct targets, when the other has only a few.
+fn dispatch_half(run: &[u64]) -> Option<usize> {
+    /// A tracing table's distinct targets, at most.
+    const FEW: usize = 8;
+    if run.len() != 2 * OPCODE_TABLE_LEN {
+        return None;
+    }
+    let distinct = |half: &[u64]| half.iter().collect::<std::collections::BTreeSet<_>>().len();
+    let (a, b) = run.split_at(OPCODE_TABLE_LEN);
+    match (distinct(a), distinct(b)) {
+        (x, y) if y <= FEW && x > 4 * FEW => Some(0),
+        (x, y) if x <= FEW && y > 4 * FEW => Some(1),
+        _ => None,
     }
 }
 

@@ -14,9 +14,9 @@ use crate::elf::ElfImage;
 /// Oldest supported minor version.
 pub const OLDEST: (u8, u8) = (3, 8);
 /// Newest supported minor version.
-pub const NEWEST: (u8, u8) = (3, 14);
+pub const NEWEST: (u8, u8) = (3, 15);
 /// The supported range, as messages print it.
-pub const SUPPORTED: &str = "3.8-3.14";
+pub const SUPPORTED: &str = "3.8-3.15";
 
 /// A CPython version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -85,7 +85,7 @@ pub enum VersionError {
         /// The binary.
         path: String,
     },
-    /// A version outside 3.8-3.14.
+    /// A version outside 3.8-3.15.
     #[error("CPython {version} is not supported ({SUPPORTED})")]
     Unsupported {
         /// The version found.
@@ -205,7 +205,8 @@ mod tests {
         assert_eq!(PythonVersion::from_hex(0x030e00b2).to_string(), "3.14.0b2");
         assert!(PythonVersion::from_hex(0x030e0af0).is_supported());
         assert!(!PythonVersion::from_hex(0x030700f0).is_supported());
-        assert!(!PythonVersion::from_hex(0x030f00a1).is_supported());
+        assert!(PythonVersion::from_hex(0x030f02f0).is_supported());
+        assert!(!PythonVersion::from_hex(0x031000a1).is_supported());
     }
 
     #[test]

@@ -1387,3 +1387,25 @@ fn site_descriptions() {
     );
     assert!(kept.to_string().contains("0x90a51"), "{kept}");
 }
+
+#[test]
+fn of_two_adjacent_tables_the_dispatch_one_is_taken() {
+    // 3.15: the dispatch table, then the JIT tracing table whose entries
+    // all lead to one handler.
+    let dispatch: Vec<u64> = (0..256).map(|i| 0x1000 + i * 16).collect();
+    let tracing = vec![0x9000; 256];
+    assert_eq!(
+        dispatch_half(&[dispatch.clone(), tracing.clone()].concat()),
+        Some(0)
+    );
+    assert_eq!(
+        dispatch_half(&[tracing.clone(), dispatch.clone()].concat()),
+        Some(1)
+    );
+    // Two real-looking tables, or one table: not this case.
+    assert_eq!(
+        dispatch_half(&[dispatch.clone(), dispatch.clone()].concat()),
+        None
+    );
+    assert_eq!(dispatch_half(&dispatch), None);
+}
