@@ -840,53 +840,36 @@ pub const PY314: VersionInfo = VersionInfo {
 pub const PY315: VersionInfo = VersionInfo {
     offsets: Offsets {
         runtime_interpreters_head: 936,
-        gil: GilLocation::InterpPointer {
-            pointer: 16,
-            last_holder: 8,
-            locked: 16,
-        },
         interp_next: 7264,
         interp_threads_head: 7336,
         tstate_thread_id: 176,
         tstate_native_thread_id: Some(184),
-        tstate_frame: FrameLink::Direct(72),
-        frame_owner: Some(74),
-        frame_localsplus: 80,
-        tuple_items: 32,
         interp_sysdict: 7576,
         interp_builtins: 7584,
         // Measured on a gcc build of 3.15.0rc1 (gdb): `_Py_DebugOffsets`
         // does not publish these (3.15 publishes ht_cached_keys).
         interp_static_types: Some(180_264),
-        static_type_size: Some(48),
-        static_type_dict: Some(24),
         heaptype_cached_keys: 888,
-        dict_values_items: Some(8),
         tstate_datastack_top: Some(264),
-        code_framesize: Some(76),
-        ..offsets_311_plus(52, 68, 72, 208, 192)
+        ..PY314.offsets
     },
-    layout: layout_311_plus(
-        InstructionModel::InstrPtr,
-        InstanceDictModel::InlineValues,
-        EntryFrames::OwnerAtLeast(3),
-        LongModel::LvTag,
-        !3,
-        ResumeOpcodes {
+    layout: Layout {
+        resume_opcodes: Some(ResumeOpcodes {
             resume: 128,
             quick: None,
             check: Some(200),
             instrumented: Some(244),
-        },
-        ExitOpcodes {
+        }),
+        exit_opcodes: Some(ExitOpcodes {
             return_value: 33,
             return_const: None,
             yield_value: 119,
             instrumented_return_value: Some(245),
             instrumented_return_const: None,
             instrumented_yield_value: Some(246),
-        },
-    ),
+        }),
+        ..PY314.layout
+    },
 };
 
 /// The built-in table for a version, if supported.
