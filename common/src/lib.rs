@@ -50,8 +50,11 @@ pub mod stats {
     pub const LOG_NO_WATCH: u32 = 12;
     /// A watchpoint hit whose thread state or frame could not be read.
     pub const LOG_UNREADABLE: u32 = 13;
+    /// A process event (see [`super::process`]) dropped because its ring
+    /// buffer was full.
+    pub const PROCESS_EVENTS_LOST: u32 = 14;
     /// Number of counters in the `STATS` array.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Names of the maps and programs in the eBPF object, shared so a rename on one
@@ -134,6 +137,119 @@ pub mod names {
     /// when one is freed, so its watchpoints come off before the memory
     /// holds something else.
     pub const MAP_LOG_FREED: &str = "LOG_FREED";
+    /// Hash map: template index (`u32`) -> [`super::calls::ProcessConfig`]
+    /// of one interpreter file, from which `call_start` configures a
+    /// process of that file it meets for the first time
+    /// ([`super::calls::cookie`]).
+    pub const MAP_CALL_TEMPLATES: &str = "CALL_TEMPLATES";
+    /// Ring buffer of [`super::process::ProcessEvent`]s.
+    pub const MAP_PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+    /// Raw tracepoint program on `sched_process_exec`.
+    pub const PROG_PROCESS_EXEC: &str = "process_exec";
+    /// Raw tracepoint program on `sched_process_exit`.
+    pub const PROG_PROCESS_EXIT: &str = "process_exit";
+}
+
+/// What the kernel tells userspace about watched processes as it happens:
+/// a process configured from its interpreter's template at its first call,
+/// one that called `exec`, one that exited. The per-process configurations
+/// of an exec'ing or exiting process are removed in the kernel at that
+/// moment, before any of its later calls could be read with stale offsets.
+pub mod process {
+    /// `call_start` configured the process from a template at its first
+    /// Python call (a process started after pyprobe, e.g. a new worker).
+    pub const NEW: u32 = 0;
+    /// A watched process called `exec`: whatever it runs now, nothing of
+    /// its old image applies.
+    pub const EXEC: u32 = 1;
+    /// A watched process exited.
+    pub const EXIT: u32 = 2;
+    /// `call_start` counted a code object for the first time (on this
+    /// CPU): a [`CodeEvent`] carries the bytes that name it, read in the
+    /// kernel at that moment, so that even a process gone a millisecond
+    /// later has its functions named.
+    pub const CODE: u32 = 3;
+
+    /// One [`NEW`], [`EXEC`] or [`EXIT`] event in the `PROCESS_EVENTS`
+    /// ring buffer.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct ProcessEvent {
+        /// [`NEW`], [`EXEC`] or [`EXIT`].
+        pub kind: u32,
+        /// The process (host tgid).
+        pub tgid: u32,
+        /// [`NEW`]: the template it was configured from.
+        pub template: u32,
+        /// Padding, zero.
+        pub _pad: u32,
+    }
+
+    /// `builtin_function` or `builtin_method` counted a builtin for the
+    /// first time: a [`BuiltinEvent`] carries what names it.
+    pub const BUILTIN: u32 = 4;
+
+    /// Bytes captured of a C string (a `PyMethodDef`'s `ml_name`).
+    pub const CSTR_CAPTURE: usize = 64;
+
+    /// A [`BUILTIN`] event: a builtin counted for the first time, with
+    /// what names it as it was at that moment: its `PyMethodDef`'s name and
+    /// its owner (a module name `str`, or a type and its `tp_name`).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct BuiltinEvent {
+        /// [`BUILTIN`].
+        pub kind: u32,
+        /// The process's template.
+        pub template: u32,
+        /// The builtin, as counted.
+        pub key: super::calls::BuiltinKey,
+        /// `ml_name`.
+        pub name: u64,
+        /// The owner's `ob_type` (0 without an owner).
+        pub owner_type: u64,
+        /// That type's `tp_flags`.
+        pub owner_flags: u64,
+        /// A type owner's `tp_name` (0 otherwise).
+        pub owner_name: u64,
+        /// Bytes of `ml_name` copied, its NUL included (0: not read;
+        /// [`CSTR_CAPTURE`]: maybe cut short).
+        pub name_len: u32,
+        /// Bytes copied into `owner_bytes` (as `name_len`, for a type's
+        /// name; [`STR_CAPTURE`] for a `str` owner).
+        pub owner_len: u32,
+        /// `ml_name`'s bytes.
+        pub name_bytes: [u8; CSTR_CAPTURE],
+        /// A `str` owner's first [`STR_CAPTURE`] bytes, or a type owner's
+        /// `tp_name`.
+        pub owner_bytes: [u8; STR_CAPTURE],
+    }
+
+    /// Bytes captured from the start of each `str` object a [`CodeEvent`]
+    /// names: the object header and then the characters (152 ASCII
+    /// characters from 3.12, 144 before).
+    pub const STR_CAPTURE: usize = 192;
+
+    /// A [`CODE`] event: a code object counted for the first time, with
+    /// the two strings that name it as they were at that moment.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct CodeEvent {
+        /// [`CODE`].
+        pub kind: u32,
+        /// The process's template ([`super::calls::ProcessConfig::template`]).
+        pub template: u32,
+        /// The code object, as counted.
+        pub key: super::calls::CodeKey,
+        /// Address of `co_qualname` (`co_name` up to 3.10).
+        pub qualname: u64,
+        /// Address of `co_filename`.
+        pub filename: u64,
+        /// [`STR_CAPTURE`] bytes from `qualname` (zero if unreadable).
+        pub qualname_bytes: [u8; STR_CAPTURE],
+        /// [`STR_CAPTURE`] bytes from `filename` (zero if unreadable).
+        pub filename_bytes: [u8; STR_CAPTURE],
+    }
 }
 
 /// Sampling Python stacks on a CPU clock (`pyprobe record`, `pyprobe top`).
@@ -403,6 +519,16 @@ pub mod calls {
         pub filtering: u8,
         /// Padding, zero.
         pub _pad: [u8; 2],
+        /// The template index of the process's interpreter file, passed on
+        /// in [`super::process::CodeEvent`]s so userspace knows how to read
+        /// what they carry.
+        pub template: u32,
+        /// `co_qualname` (3.11+; `co_name` before) in the code window.
+        pub code_qualname_at: u32,
+        /// `co_filename` in the code window.
+        pub code_filename_at: u32,
+        /// Padding, zero.
+        pub _pad2: u32,
     }
 
     /// The first [`ProcessConfig::code_epoch`] of the `n`th process
@@ -411,6 +537,29 @@ pub mod calls {
     /// that got the same PID.
     pub const fn epoch_base(n: u64) -> u64 {
         (n + 1) << 40
+    }
+
+    /// Set in the first [`ProcessConfig::code_epoch`] of a process that
+    /// the kernel configured from a template, whose low bits are the
+    /// monotonic clock at that moment: a later owner of the same PID starts
+    /// later than its predecessor, which freed fewer code objects than the
+    /// nanoseconds it lived, so the two never share an epoch; and the bit
+    /// keeps them apart from [`epoch_base`]'s.
+    pub const KERNEL_EPOCH: u64 = 1 << 63;
+
+    /// Templates the kernel can hold: one per interpreter file watched.
+    pub const MAX_TEMPLATES: u32 = 256;
+
+    /// Bits of a uprobe's cookie holding the probed instruction's link-time
+    /// address; the template index sits above them.
+    pub const COOKIE_VADDR_BITS: u32 = 48;
+
+    /// The cookie of a probe on an interpreter file: the file's template
+    /// index and the link-time address of the probed instruction, so that
+    /// the program finds the file's template and, from the instruction
+    /// pointer, the file's load bias in the process that hit it.
+    pub const fn cookie(template: u32, vaddr: u64) -> u64 {
+        ((template as u64) << COOKIE_VADDR_BITS) | (vaddr & ((1 << COOKIE_VADDR_BITS) - 1))
     }
 
     /// `rbx` (for [`ProcessConfig::frame_register`]).
@@ -1103,6 +1252,12 @@ mod pod {
     // padding (checked by the size assertions below).
     unsafe impl aya::Pod for super::calls::ProcessConfig {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::process::ProcessEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::process::CodeEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::process::BuiltinEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::CodeKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::calls::CallCounts {}
@@ -1147,7 +1302,16 @@ mod pod {
     const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 14 * 8);
     const _: () = assert!(core::mem::size_of::<super::sample::ThreadState>() == 16);
     const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 40);
-    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 25 * 8 + 8);
+    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 25 * 8 + 8 + 16);
+    const _: () = assert!(core::mem::size_of::<super::process::ProcessEvent>() == 16);
+    const _: () = assert!(
+        core::mem::size_of::<super::process::CodeEvent>()
+            == 8 + 24 + 16 + 2 * super::process::STR_CAPTURE
+    );
+    const _: () = assert!(
+        core::mem::size_of::<super::process::BuiltinEvent>()
+            == 8 + 24 + 32 + 8 + super::process::CSTR_CAPTURE + super::process::STR_CAPTURE
+    );
     const _: () = assert!(core::mem::size_of::<super::calls::Running>() == 32);
     const _: () = assert!(
         core::mem::size_of::<super::calls::Histogram>() == super::calls::LATENCY_BUCKETS * 4 + 24

@@ -58,6 +58,12 @@ static LOG_HITS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map(name = "LOG_FREED")]
 static LOG_FREED: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_LOGPOINTS, 0);
 
+/// Forgets `tgid` (it exec'd or exited); whether it was configured.
+#[inline(always)]
+pub fn forget(tgid: u32) -> bool {
+    LOG_PROCESS.remove(&tgid).is_ok()
+}
+
 /// Called by `code_freed`: code object `code` of process `tgid` is being
 /// freed; if a log point is armed on it, userspace is told to take its
 /// watchpoints off.

@@ -11,11 +11,15 @@ mod logpoint;
 mod sample;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
-    programs::{ProbeContext, RetProbeContext},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated,
+    },
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use pyprobe_common::{
     MAX_PROCESSES,
@@ -23,6 +27,7 @@ use pyprobe_common::{
         self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, Running,
         RunningKey, SkipSet,
     },
+    process::{self, BuiltinEvent, CodeEvent, ProcessEvent},
     stats,
 };
 
@@ -77,6 +82,182 @@ pub fn eval_entry(_ctx: ProbeContext) -> u32 {
 /// Per-process knowledge for `call_start`, written by userspace.
 #[map(name = "CALL_CONFIG")]
 static CALL_CONFIG: HashMap<u32, ProcessConfig> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// Per-interpreter-file configurations, written by userspace, indexed by
+/// the template part of a probe's cookie ([`calls::cookie`]): a process of
+/// that file met for the first time is configured from it in the kernel,
+/// from its first call, with no wait for userspace.
+#[map(name = "CALL_TEMPLATES")]
+static CALL_TEMPLATES: HashMap<u32, ProcessConfig> =
+    HashMap::with_max_entries(calls::MAX_TEMPLATES, 0);
+
+/// Processes configured, exec'd and exited, as they happen (see
+/// [`process`]).
+#[map(name = "PROCESS_EVENTS")]
+static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Tells userspace about `tgid`; a full ring is counted.
+#[inline(always)]
+fn process_event(kind: u32, tgid: u32, template: u32) {
+    let event = ProcessEvent {
+        kind,
+        tgid,
+        template,
+        _pad: 0,
+    };
+    if PROCESS_EVENTS.output::<ProcessEvent>(&event, 0).is_err() {
+        count_error(stats::PROCESS_EVENTS_LOST);
+    }
+}
+
+/// Bytes of a `str` object's header in every supported version: where a
+/// compact ASCII string's characters start (40 from 3.12, 48 before), or
+/// past that.
+const STR_HEADER: u32 = 48;
+
+/// Copies [`process::STR_CAPTURE`] bytes of the `str` object at `addr` to
+/// `dst`; when they cannot all be read (a new object near the end of its
+/// heap), [`STR_HEADER`] bytes and then the bytes after them up to a NUL:
+/// all of a compact ASCII string's characters, and little past them. A
+/// failed read leaves zeros.
+///
+/// # Safety
+///
+/// `dst` must point at [`process::STR_CAPTURE`] writable bytes.
+#[inline(always)]
+unsafe fn capture_str(dst: *mut u8, addr: u64) {
+    const SIZE: u32 = process::STR_CAPTURE as u32;
+    // SAFETY: `dst` holds `SIZE` bytes (the caller's promise); the helpers
+    // fail cleanly on bad user addresses, zero-filling what they did not
+    // copy.
+    unsafe {
+        if generated::bpf_probe_read_user(dst.cast(), SIZE, addr as *const core::ffi::c_void) == 0 {
+            return;
+        }
+        if generated::bpf_probe_read_user(dst.cast(), STR_HEADER, addr as *const core::ffi::c_void)
+            == 0
+        {
+            generated::bpf_probe_read_user_str(
+                dst.add(STR_HEADER as usize).cast(),
+                SIZE - STR_HEADER,
+                addr.wrapping_add(STR_HEADER as u64) as *const core::ffi::c_void,
+            );
+        }
+    }
+}
+
+/// Tells userspace of a code object counted for the first time, with the
+/// bytes of its qualified name and file name as they are now: the process
+/// may be gone before userspace could read them (a full ring is counted;
+/// userspace then reads the names itself while it can).
+#[inline(always)]
+fn code_event(config: &ProcessConfig, key: &CodeKey) {
+    let Some(mut entry) = PROCESS_EVENTS.reserve::<CodeEvent>(0) else {
+        count_error(stats::PROCESS_EVENTS_LOST);
+        return;
+    };
+    let base = key.code.wrapping_add(config.code_window);
+    let qualname = read::<u64>(base.wrapping_add(config.code_qualname_at as u64)).unwrap_or(0);
+    let filename = read::<u64>(base.wrapping_add(config.code_filename_at as u64)).unwrap_or(0);
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` is the reserved record, ours until submitted; every
+    // field is written before the submit (a failed read zero-fills its
+    // buffer).
+    unsafe {
+        (*event).kind = process::CODE;
+        (*event).template = config.template;
+        (*event).key = *key;
+        (*event).qualname = qualname;
+        (*event).filename = filename;
+        capture_str(
+            core::ptr::addr_of_mut!((*event).qualname_bytes).cast(),
+            qualname,
+        );
+        capture_str(
+            core::ptr::addr_of_mut!((*event).filename_bytes).cast(),
+            filename,
+        );
+    }
+    entry.submit(0);
+}
+
+/// The configuration of the process running the probe `ctx`: the one
+/// userspace wrote, or else one made now from the template of the probed
+/// file, its thread-state slot moved by the file's load bias in this
+/// process (the instruction pointer minus the probed instruction's
+/// link-time address, both known here) and its code epoch fresh
+/// ([`calls::KERNEL_EPOCH`]). Userspace hears of it by a [`process::NEW`]
+/// event, to name its code objects.
+#[inline(always)]
+fn call_config(ctx: &ProbeContext, tgid: u32) -> Result<&'static ProcessConfig, u32> {
+    // SAFETY: the value is only read while this program runs; userspace
+    // replaces whole entries, never part of one.
+    if let Some(config) = unsafe { CALL_CONFIG.get(&tgid) } {
+        return Ok(config);
+    }
+    // SAFETY: a helper reading the probe's own cookie (0 when none).
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let index = (cookie >> calls::COOKIE_VADDR_BITS) as u32;
+    let vaddr = cookie & ((1 << calls::COOKIE_VADDR_BITS) - 1);
+    // SAFETY: as above.
+    let template = unsafe { CALL_TEMPLATES.get(&index) }.ok_or(stats::CALLS_NO_CONFIG)?;
+    // SAFETY: `regs` is the probe's pt_regs; at a uprobe, `rip` is the
+    // probed instruction's address.
+    let ip = unsafe { core::ptr::read_volatile(&(*ctx.regs).rip) };
+    let bias = ip.wrapping_sub(vaddr);
+    // Inserted as is and then patched in place: the template is too big
+    // to copy on the BPF stack, and no other thread of a process can run
+    // Python before its first call has.
+    CALL_CONFIG
+        .insert(&tgid, template, BPF_NOEXIST as u64)
+        .map_err(|_| stats::CALLS_NO_CONFIG)?;
+    let config = CALL_CONFIG
+        .get_ptr_mut(&tgid)
+        .ok_or(stats::CALLS_NO_CONFIG)?;
+    // SAFETY: the entry just inserted, not yet seen by userspace.
+    unsafe {
+        (*config).tstate_slot = (*config).tstate_slot.wrapping_add(bias);
+        (*config).code_epoch = calls::KERNEL_EPOCH | now_ns();
+    }
+    process_event(process::NEW, tgid, index);
+    // SAFETY: as above.
+    Ok(unsafe { &*config })
+}
+
+/// Forgets `tgid` everywhere it may be configured; whether it was.
+#[inline(always)]
+fn forget_process(tgid: u32) -> bool {
+    let calls = CALL_CONFIG.remove(&tgid).is_ok();
+    let sampled = sample::forget(tgid);
+    let logged = logpoint::forget(tgid);
+    calls | sampled | logged
+}
+
+/// Raw tracepoint `sched_process_exec`: the calling process now runs a new
+/// image, so nothing configured for the old one may be applied to it.
+/// Forgets it and tells userspace, which sets the new image up if it is a
+/// Python interpreter and reports it dropped if not.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if forget_process(tgid) {
+        process_event(process::EXEC, tgid, 0);
+    }
+    0
+}
+
+/// Raw tracepoint `sched_process_exit`, run by every exiting thread: when
+/// the thread group's leader exits, forgets the process (keeping the maps
+/// to live processes) and tells userspace.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn process_exit(_ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    let tgid = (id >> 32) as u32;
+    if tgid == id as u32 && forget_process(tgid) {
+        process_event(process::EXIT, tgid, 0);
+    }
+    0
+}
 
 /// Function starts and resumptions per code object, per CPU.
 #[map(name = "CALL_COUNTS")]
@@ -226,9 +407,7 @@ impl Window {
 #[inline(always)]
 fn count_call(ctx: &ProbeContext) -> Result<(), u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: the value is only read while this program runs; userspace
-    // replaces whole entries, never part of one.
-    let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
+    let config = call_config(ctx, tgid)?;
     let frame = starting_frame(ctx, config).ok_or(stats::CALLS_UNREADABLE)?;
     let at = if config.latency == calls::LATENCY_BY_STACK {
         stack_pointer(ctx.regs)
@@ -308,6 +487,7 @@ fn count_frame(
                         ..CacheSlot::default()
                     };
                     check_frame_register(config, frame, resume);
+                    code_event(config, &key);
                 }
                 (slot.key == key).then(|| {
                     slot.epoch = epoch;
@@ -387,6 +567,7 @@ fn count_frame(
             resumes: !start as u64,
         };
         if CALL_COUNTS.insert(&key, &first, BPF_NOEXIST as u64).is_ok() {
+            code_event(config, &key);
             return Ok(());
         }
     }
@@ -450,10 +631,12 @@ pub fn call_throw(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: see `count_call`.
-    let Some(config) = (unsafe { CALL_CONFIG.get(&tgid) }) else {
-        count_error(stats::CALLS_NO_CONFIG);
-        return 0;
+    let config = match call_config(&ctx, tgid) {
+        Ok(config) => config,
+        Err(index) => {
+            count_error(index);
+            return 0;
+        }
     };
     if let Err(index) = count_frame(tgid, config, frame, Some(true), frame) {
         count_error(index);
@@ -517,8 +700,7 @@ fn time_exit(tgid: u32, at: u64) -> Result<(), u32> {
 pub fn call_exit(ctx: ProbeContext) -> u32 {
     let run = || -> Result<(), u32> {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        // SAFETY: see `count_call`.
-        let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
+        let config = call_config(&ctx, tgid)?;
         let frame = starting_frame(&ctx, config).ok_or(stats::CALLS_UNREADABLE)?;
         time_exit(tgid, frame)
     };
@@ -546,19 +728,95 @@ pub fn call_exit_stack(ctx: RetProbeContext) -> u32 {
 static BUILTIN_COUNTS: PerCpuHashMap<BuiltinKey, u64> =
     PerCpuHashMap::with_max_entries(calls::MAX_BUILTINS, 0);
 
-/// Counts one call of the builtin `key`.
+/// Counts one call of the builtin `key`; the first one (on this CPU) is
+/// also told to userspace with what names it.
 #[inline(always)]
-fn count_builtin(key: &BuiltinKey) -> Result<(), u32> {
+fn count_builtin(config: &ProcessConfig, key: &BuiltinKey) -> Result<(), u32> {
     for _ in 0..2 {
         if let Some(ptr) = BUILTIN_COUNTS.get_ptr_mut(key) {
             bump(ptr);
             return Ok(());
         }
         if BUILTIN_COUNTS.insert(key, &1, BPF_NOEXIST as u64).is_ok() {
+            builtin_event(config, key);
             return Ok(());
         }
     }
     Err(stats::CALLS_MAP_FULL)
+}
+
+/// `ob_type` in every object.
+const OB_TYPE: u64 = 8;
+/// `tp_name` in `PyTypeObject`.
+const TP_NAME: u64 = 24;
+/// `tp_flags` in `PyTypeObject`.
+const TP_FLAGS: u64 = 168;
+/// `Py_TPFLAGS_UNICODE_SUBCLASS`: a module name owner.
+const TPFLAGS_UNICODE_SUBCLASS: u64 = 1 << 28;
+/// `Py_TPFLAGS_TYPE_SUBCLASS`: a type owner.
+const TPFLAGS_TYPE_SUBCLASS: u64 = 1 << 31;
+
+/// Tells userspace of a builtin counted for the first time, with the bytes
+/// that name it (see [`process::BuiltinEvent`]).
+#[inline(always)]
+fn builtin_event(config: &ProcessConfig, key: &BuiltinKey) {
+    let Some(mut entry) = PROCESS_EVENTS.reserve::<BuiltinEvent>(0) else {
+        count_error(stats::PROCESS_EVENTS_LOST);
+        return;
+    };
+    // `ml_name` is the first field of `PyMethodDef`.
+    let name = read::<u64>(key.method_def).unwrap_or(0);
+    let (owner_type, owner_flags) = if key.owner == 0 {
+        (0, 0)
+    } else {
+        let ty = read::<u64>(key.owner.wrapping_add(OB_TYPE)).unwrap_or(0);
+        (ty, read::<u64>(ty.wrapping_add(TP_FLAGS)).unwrap_or(0))
+    };
+    let owner_name = if owner_flags & TPFLAGS_TYPE_SUBCLASS != 0 {
+        read::<u64>(key.owner.wrapping_add(TP_NAME)).unwrap_or(0)
+    } else {
+        0
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` is the reserved record, ours until submitted; every
+    // field userspace reads is written before the submit.
+    unsafe {
+        (*event).kind = process::BUILTIN;
+        (*event).template = config.template;
+        (*event).key = *key;
+        (*event).name = name;
+        (*event).owner_type = owner_type;
+        (*event).owner_flags = owner_flags;
+        (*event).owner_name = owner_name;
+        let copied = generated::bpf_probe_read_user_str(
+            core::ptr::addr_of_mut!((*event).name_bytes).cast(),
+            process::CSTR_CAPTURE as u32,
+            name as *const core::ffi::c_void,
+        );
+        (*event).name_len = if copied > 0 { copied as u32 } else { 0 };
+        (*event).owner_len = if owner_flags & TPFLAGS_UNICODE_SUBCLASS != 0 {
+            let failed = generated::bpf_probe_read_user(
+                core::ptr::addr_of_mut!((*event).owner_bytes).cast(),
+                process::STR_CAPTURE as u32,
+                key.owner as *const core::ffi::c_void,
+            );
+            if failed == 0 {
+                process::STR_CAPTURE as u32
+            } else {
+                0
+            }
+        } else if owner_name != 0 {
+            let copied = generated::bpf_probe_read_user_str(
+                core::ptr::addr_of_mut!((*event).owner_bytes).cast(),
+                process::STR_CAPTURE as u32,
+                owner_name as *const core::ffi::c_void,
+            );
+            if copied > 0 { copied as u32 } else { 0 }
+        } else {
+            0
+        };
+    }
+    entry.submit(0);
 }
 
 /// The callable (first argument) at a builtin call site, with the
@@ -566,8 +824,7 @@ fn count_builtin(key: &BuiltinKey) -> Result<(), u32> {
 #[inline(always)]
 fn builtin_site(ctx: &ProbeContext) -> Result<(u32, &'static ProcessConfig, u64), u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: see `count_call`.
-    let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
+    let config = call_config(ctx, tgid)?;
     Ok((tgid, config, args(ctx).0))
 }
 
@@ -597,12 +854,15 @@ pub fn builtin_function(ctx: ProbeContext) -> u32 {
                 read::<u64>(bound.wrapping_add(8)).ok_or(stats::CALLS_UNREADABLE)?
             }
         };
-        count_builtin(&BuiltinKey {
-            tgid,
-            kind: calls::BUILTIN_FUNCTION,
-            method_def: w.u64_at(config.cfunction_ml_at),
-            owner,
-        })
+        count_builtin(
+            config,
+            &BuiltinKey {
+                tgid,
+                kind: calls::BUILTIN_FUNCTION,
+                method_def: w.u64_at(config.cfunction_ml_at),
+                owner,
+            },
+        )
     };
     if let Err(index) = run() {
         count_error(index);
@@ -622,12 +882,15 @@ pub fn builtin_method(ctx: ProbeContext) -> u32 {
             config.descr_window_len,
         )
         .ok_or(stats::CALLS_UNREADABLE)?;
-        count_builtin(&BuiltinKey {
-            tgid,
-            kind: calls::BUILTIN_METHOD,
-            method_def: w.u64_at(config.descr_method_at),
-            owner: w.u64_at(config.descr_type_at),
-        })
+        count_builtin(
+            config,
+            &BuiltinKey {
+                tgid,
+                kind: calls::BUILTIN_METHOD,
+                method_def: w.u64_at(config.descr_method_at),
+                owner: w.u64_at(config.descr_type_at),
+            },
+        )
     };
     if let Err(index) = run() {
         count_error(index);

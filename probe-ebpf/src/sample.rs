@@ -251,3 +251,9 @@ pub fn code_freed(tgid: u32) {
         unsafe { (*config).code_epoch = (*config).code_epoch.wrapping_add(1) };
     }
 }
+
+/// Forgets `tgid` (it exec'd or exited); whether it was configured.
+#[inline(always)]
+pub fn forget(tgid: u32) -> bool {
+    SAMPLE_CONFIG.remove(&tgid).is_ok()
+}

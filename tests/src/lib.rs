@@ -735,6 +735,23 @@ pub fn for_each_container_interpreter(
     test: &str,
     check: impl FnMut(&Interpreter) -> anyhow::Result<()>,
 ) {
+    for_each_sid_and_pyenv_ends(
+        test,
+        "container roots hold Debian sid's interpreters and the oldest and newest pyenv builds",
+        "not run (containers: sid and two pyenv builds)",
+        check,
+    );
+}
+
+/// Runs `check` on every Debian sid interpreter and the oldest and newest
+/// pyenv builds, for tests too long to run on all ten; the others are
+/// listed as not run, saying `why` (and `coverage` in the coverage table).
+pub fn for_each_sid_and_pyenv_ends(
+    test: &str,
+    why: &str,
+    coverage: &str,
+    check: impl FnMut(&Interpreter) -> anyhow::Result<()>,
+) {
     let found = discover();
     let pyenv: Vec<&Interpreter> = found
         .supported
@@ -753,15 +770,8 @@ pub fn for_each_container_interpreter(
         .collect();
     for interp in &found.supported {
         if !chosen.iter().any(|c| c.path == interp.path) {
-            eprintln!(
-                "{test}: not run on {}: container roots hold Debian sid's interpreters and the oldest and newest pyenv builds",
-                interp.label
-            );
-            record_coverage(
-                test,
-                interp,
-                "not run (containers: sid and two pyenv builds)",
-            );
+            eprintln!("{test}: not run on {}: {why}", interp.label);
+            record_coverage(test, interp, coverage);
         }
     }
     run_on(test, &chosen, &found.unsupported, check);

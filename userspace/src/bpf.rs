@@ -18,6 +18,7 @@ use pyprobe_common::{
     calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, SkipSet},
     logpoint::{LogProcess, LogState, Program, Watch, WatchKey},
     names,
+    process::{self, BuiltinEvent, CodeEvent, ProcessEvent},
     sample::{SampleConfig, ThreadState},
     stats,
 };
@@ -170,6 +171,10 @@ pub struct CallLosses {
     /// disagreed with the thread state (counts may have gone to the wrong
     /// function; 0 unless pyprobe misjudged the build).
     pub frame_mismatches: u64,
+    /// News of processes (new, exec'd, exited) the kernel could not pass
+    /// on: a full ring buffer. Such a process may go unnamed or be set up
+    /// late. Not calls, so not in [`CallLosses::total`].
+    pub process_events: u64,
     /// Program runs the kernel skipped (another BPF program was running on
     /// that CPU).
     pub recursion_misses: u64,
@@ -252,9 +257,82 @@ fn latency_codes() -> u32 {
     (fit as u32).clamp(64, calls::MAX_LATENCY_CODES)
 }
 
+/// The kernel's news of watched processes (see
+/// [`pyprobe_common::process`]): the `sched_process_exec` and
+/// `sched_process_exit` raw tracepoints, attached for as long as this
+/// lives, and the ring buffer they (and `call_start`) write to.
+pub struct ProcessEvents {
+    ring: aya::maps::RingBuf<MapData>,
+}
+
+impl ProcessEvents {
+    /// Loads and attaches the tracepoint programs of `ebpf` and takes its
+    /// event ring.
+    fn attach(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        for (name, tracepoint) in [
+            (names::PROG_PROCESS_EXEC, "sched_process_exec"),
+            (names::PROG_PROCESS_EXIT, "sched_process_exit"),
+        ] {
+            let program: &mut aya::programs::RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing(name))?
+                .try_into()
+                .map_err(|source| BpfError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| BpfError::Program { name, source })?;
+            program
+                .attach(tracepoint)
+                .map_err(|source| BpfError::Program { name, source })?;
+        }
+        Ok(Self {
+            ring: take_ring(ebpf, names::MAP_PROCESS_EVENTS)?,
+        })
+    }
+
+    /// Hands the events waiting to `f`, oldest first.
+    pub fn drain(&mut self, mut f: impl FnMut(News)) {
+        while let Some(item) = self.ring.next() {
+            let kind = item
+                .get(..4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+            if kind == Some(process::CODE) && item.len() >= std::mem::size_of::<CodeEvent>() {
+                // SAFETY: the program writes whole `CodeEvent`s under this
+                // kind (repr(C), integers and bytes); the read is
+                // unaligned-safe.
+                let event: CodeEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                f(News::Code(Box::new(event)));
+            } else if kind == Some(process::BUILTIN)
+                && item.len() >= std::mem::size_of::<BuiltinEvent>()
+            {
+                // SAFETY: as above, a whole `BuiltinEvent`.
+                let event: BuiltinEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                f(News::Builtin(Box::new(event)));
+            } else if item.len() >= std::mem::size_of::<ProcessEvent>() {
+                // SAFETY: as above, a whole `ProcessEvent`.
+                f(News::Process(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast())
+                }));
+            }
+        }
+    }
+}
+
+/// One piece of the kernel's news of processes.
+pub enum News {
+    /// A process configured, exec'd or exited.
+    Process(ProcessEvent),
+    /// A code object counted for the first time, with its names' bytes.
+    Code(Box<CodeEvent>),
+    /// A builtin counted for the first time, with its names' bytes.
+    Builtin(Box<BuiltinEvent>),
+}
+
 /// Counts Python function starts per code object, in the kernel.
 pub struct CallCounter {
     ebpf: Ebpf,
+    /// News of exec'd, exited and newly configured processes, until taken.
+    events: Option<ProcessEvents>,
 }
 
 impl CallCounter {
@@ -271,9 +349,28 @@ impl CallCounter {
         } else {
             vec![(names::MAP_CALL_LATENCY, 1), (names::MAP_CALL_RUNNING, 1)]
         };
-        Ok(Self {
-            ebpf: load_programs(&names, &sizes)?,
-        })
+        let mut ebpf = load_programs(&names, &sizes)?;
+        let events = Some(ProcessEvents::attach(&mut ebpf)?);
+        Ok(Self { ebpf, events })
+    }
+
+    /// The kernel's news of processes, to be read (once).
+    pub fn take_events(&mut self) -> Option<ProcessEvents> {
+        self.events.take()
+    }
+
+    /// Gives the probes whose cookie names template `index`
+    /// ([`calls::cookie`]) the configuration a process of their file gets
+    /// when the kernel meets it before userspace has configured it. Its
+    /// `tstate_slot` is a link-time address: the kernel adds the load bias.
+    pub fn set_template(&mut self, index: u32, config: &ProcessConfig) -> Result<(), BpfError> {
+        let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> =
+            open_map_mut(&mut self.ebpf, names::MAP_CALL_TEMPLATES)?;
+        map.insert(index, config, 0)
+            .map_err(|source| BpfError::Map {
+                name: names::MAP_CALL_TEMPLATES,
+                source,
+            })
     }
 
     /// Tells the program how to read process `pid` (replaces any earlier
@@ -300,21 +397,27 @@ impl CallCounter {
 
     /// Attaches `program` at `file_offset` of `interp`'s ELF file, for one
     /// process (`Some(pid)`) or for every process that maps the file,
-    /// including ones started later (`None`).
+    /// including ones started later (`None`), with `cookie`
+    /// ([`calls::cookie`]).
     pub fn attach(
         &mut self,
         program: CallProgram,
         interp: &Interpreter,
         file_offset: u64,
         pid: Option<u32>,
+        cookie: u64,
     ) -> Result<(), BpfError> {
         let scope = match pid {
             Some(pid) => UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?),
             None => UProbeScope::AllProcesses,
         };
         let name = program.name();
+        let point = aya::programs::uprobe::UProbeAttachPoint {
+            location: file_offset.into(),
+            cookie: Some(cookie),
+        };
         uprobe_mut(&mut self.ebpf, name)?
-            .attach(file_offset, &interp.host_path, scope)
+            .attach(point, &interp.host_path, scope)
             .map_err(|source| BpfError::Attach {
                 target: interp.host_path.display().to_string(),
                 pid: pid.unwrap_or(0),
@@ -432,6 +535,7 @@ impl CallCounter {
             unreadable: stat(stats::CALLS_UNREADABLE)?,
             untimed: stat(stats::LATENCY_MAP_FULL)?,
             frame_mismatches: stat(stats::FRAME_REGISTER_MISMATCH)?,
+            process_events: stat(stats::PROCESS_EVENTS_LOST)?,
             recursion_misses: CallProgram::ALL
                 .iter()
                 .map(|p| recursion_misses(&self.ebpf, p.name()))
@@ -464,7 +568,7 @@ pub struct Sampler {
     ebpf: Ebpf,
     ring: aya::maps::RingBuf<MapData>,
     /// `code_freed` in each process.
-    code_frees: std::collections::HashMap<u32, QuietUprobe>,
+    code_frees: CodeFrees,
     attached: bool,
     /// What `SAMPLE_THREADS` holds per process: thread id -> state.
     threads: std::collections::HashMap<u32, BTreeMap<u32, u64>>,
@@ -508,7 +612,7 @@ impl Sampler {
         Ok(Self {
             ebpf,
             ring,
-            code_frees: std::collections::HashMap::new(),
+            code_frees: CodeFrees::default(),
             attached: false,
             threads: std::collections::HashMap::new(),
         })
@@ -545,16 +649,18 @@ impl Sampler {
 
     /// Counts the code object frees of process `pid` (uprobe at
     /// `file_offset` of its interpreter: the code type's `tp_dealloc`), so
-    /// names of code objects are re-read only when one was freed.
+    /// names of code objects are re-read only when one was freed. With
+    /// `whole_file`, one probe serves every process of the file (see
+    /// [`CodeFrees`]).
     pub fn watch_code_frees(
         &mut self,
         interp: &Interpreter,
         file_offset: u64,
         pid: u32,
+        whole_file: bool,
     ) -> Result<(), BpfError> {
-        let probe = attach_code_freed(&mut self.ebpf, interp, file_offset, pid)?;
-        self.code_frees.insert(pid, probe);
-        Ok(())
+        self.code_frees
+            .watch(&mut self.ebpf, interp, file_offset, pid, whole_file)
     }
 
     /// Tells the sampler how to walk process `pid`.
@@ -572,7 +678,7 @@ impl Sampler {
         let mut map: BpfHashMap<&mut MapData, u32, SampleConfig> =
             open_map_mut(&mut self.ebpf, names::MAP_SAMPLE_CONFIG)?;
         let _ = map.remove(&pid);
-        self.code_frees.remove(&pid);
+        self.code_frees.forget(pid);
         self.set_threads(pid, &[])
     }
 
@@ -673,7 +779,7 @@ pub struct LogProbes {
     ebpf: Ebpf,
     ring: aya::maps::RingBuf<MapData>,
     /// `code_freed` in each process.
-    code_frees: std::collections::HashMap<u32, QuietUprobe>,
+    code_frees: CodeFrees,
 }
 
 impl LogProbes {
@@ -709,7 +815,7 @@ impl LogProbes {
         Ok(Self {
             ebpf,
             ring,
-            code_frees: std::collections::HashMap::new(),
+            code_frees: CodeFrees::default(),
         })
     }
 
@@ -776,7 +882,7 @@ impl LogProbes {
     /// Forgets process `pid` (it exited): its `code_freed` probe is
     /// detached.
     pub fn forget(&mut self, pid: u32) {
-        self.code_frees.remove(&pid);
+        self.code_frees.forget(pid);
     }
 
     /// How many code objects `pid` freed since it was configured.
@@ -787,16 +893,17 @@ impl LogProbes {
     }
 
     /// Has the code type's `tp_dealloc` (at `file_offset` of `interp`)
-    /// report the code objects process `pid` frees.
+    /// report the code objects process `pid` frees (with `whole_file`,
+    /// every process of the file: see [`CodeFrees`]).
     pub fn watch_code_frees(
         &mut self,
         interp: &Interpreter,
         file_offset: u64,
         pid: u32,
+        whole_file: bool,
     ) -> Result<(), BpfError> {
-        let probe = attach_code_freed(&mut self.ebpf, interp, file_offset, pid)?;
-        self.code_frees.insert(pid, probe);
-        Ok(())
+        self.code_frees
+            .watch(&mut self.ebpf, interp, file_offset, pid, whole_file)
     }
 
     /// Removes a watchpoint [`Self::set_watchpoint`] set (with the ones its
@@ -985,6 +1092,52 @@ fn attach_code_freed(
         source,
     })?;
     QuietUprobe::attach(fd.as_fd(), &interp.host_path, file_offset, pid).map_err(attach_error)
+}
+
+/// The `code_freed` probes of one loaded object: one per process
+/// ([`QuietUprobe`]s: the other processes of the file never trap), or one
+/// per interpreter file for every process that maps it (under plain
+/// `--all`: set-up and detach cost no longer grow with the processes, and
+/// a process started later is covered from its first free).
+#[derive(Default)]
+pub struct CodeFrees {
+    /// Per-process probes.
+    per_process: std::collections::HashMap<u32, QuietUprobe>,
+    /// Files probed for every process.
+    files: std::collections::HashSet<crate::process::FileId>,
+}
+
+impl CodeFrees {
+    /// Watches the frees of `pid` (of every process of its file with
+    /// `whole_file`).
+    fn watch(
+        &mut self,
+        ebpf: &mut Ebpf,
+        interp: &Interpreter,
+        file_offset: u64,
+        pid: u32,
+        whole_file: bool,
+    ) -> Result<(), BpfError> {
+        if !whole_file {
+            let probe = attach_code_freed(ebpf, interp, file_offset, pid)?;
+            self.per_process.insert(pid, probe);
+        } else if self.files.insert(interp.file) {
+            uprobe_mut(ebpf, names::PROG_CODE_FREED)?
+                .attach(file_offset, &interp.host_path, UProbeScope::AllProcesses)
+                .map_err(|source| BpfError::Attach {
+                    target: interp.host_path.display().to_string(),
+                    pid: 0,
+                    offset: file_offset,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Drops the probe of `pid` alone, if it has one.
+    fn forget(&mut self, pid: u32) {
+        self.per_process.remove(&pid);
+    }
 }
 
 /// A uprobe in one process whose perf event is never enabled: the kernel

@@ -202,6 +202,27 @@ impl ElfImage {
         })
     }
 
+    /// Translates a file offset (in a loaded, file-backed part) to its
+    /// link-time virtual address.
+    pub fn file_offset_to_vaddr(&self, offset: u64) -> Result<u64, ElfError> {
+        self.segments
+            .iter()
+            .find(|s| offset >= s.offset && offset - s.offset < s.filesz)
+            .map(|s| s.vaddr + (offset - s.offset))
+            .ok_or_else(|| ElfError::AddressNotMapped {
+                vaddr: offset,
+                path: self.path.clone(),
+            })
+    }
+
+    /// Whether `vaddr` lies in memory the file's load segments give
+    /// (`.bss` included): a link-time address of static data.
+    pub fn is_loaded(&self, vaddr: u64) -> bool {
+        self.segments
+            .iter()
+            .any(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.memsz)
+    }
+
     /// The GNU build-id (the `NT_GNU_BUILD_ID` note), if the file has a
     /// non-empty one.
     pub fn build_id(&self) -> Option<&[u8]> {

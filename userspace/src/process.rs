@@ -528,6 +528,57 @@ fn innermost_nspid(status: &str) -> Option<u32> {
         .ok()
 }
 
+/// The parent of process `pid` (`PPid` in its status).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether process `child` maps its programs and libraries where `parent`
+/// does: every file both map with code is at the same address, as after a
+/// fork and before any exec (an exec'd image is laid out anew). Data files
+/// (shared memory, semaphores) are left out: either may map one again
+/// after the fork. False when either cannot be read or they share no
+/// file.
+pub fn same_image(child: u32, parent: u32) -> bool {
+    let (Ok(a), Ok(b)) = (read_maps(child), read_maps(parent)) else {
+        return false;
+    };
+    let starts = |maps: &[MapEntry]| -> BTreeMap<(u32, u32, u64), Vec<u64>> {
+        let mut out: BTreeMap<_, Vec<u64>> = BTreeMap::new();
+        for m in maps
+            .iter()
+            .filter(|m| m.inode != 0 && m.perms.contains('x'))
+        {
+            out.entry((m.dev.0, m.dev.1, m.inode))
+                .or_default()
+                .push(m.start);
+        }
+        out
+    };
+    let (a, b) = (starts(&a), starts(&b));
+    let shared: Vec<_> = a.keys().filter(|k| b.contains_key(k)).collect();
+    !shared.is_empty() && shared.iter().all(|k| a[*k].first() == b[*k].first())
+}
+
+/// What process `pid` runs, for messages: its executable's path (as the
+/// process sees it), else its `comm`.
+pub fn command_name(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
+        .or_else(|| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .ok()
+                .map(|c| c.trim_end().to_owned())
+        })
+}
+
 /// Whether a process is running (a zombie still has `/proc/PID` but is
 /// not).
 pub fn is_alive(pid: u32) -> bool {

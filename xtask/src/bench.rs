@@ -14,6 +14,8 @@
 //!   pyprobe's CPU time and peak RSS.
 //! - `pyprobe record` against `py-spy record` at 100 Hz and 1 kHz (see
 //!   [`profile`]).
+//! - `calls`, `record` and `log` under `--all` with 100 Python processes:
+//!   time to ready and to exit, CPU and peak RSS (see [`scale`]).
 
 use std::{
     io::{BufRead, BufReader},
@@ -27,6 +29,7 @@ use anyhow::{Context, bail};
 
 mod logpoint;
 mod profile;
+mod scale;
 
 use crate::{
     setup, sid,
@@ -192,6 +195,9 @@ pub fn bench(runs: usize, only: &[String], python: Option<String>) -> anyhow::Re
     }
     if wanted("calls") {
         bench_calls(&pyprobe, runs.min(7))?;
+    }
+    if wanted("scale") {
+        scale::bench_scale(&pyprobe)?;
     }
     if wanted("logpoint") {
         logpoint::bench_logpoint(&pyprobe)?;

@@ -108,6 +108,8 @@ pub fn process_config(
         o.code_name,
         o.code_firstlineno,
         o.code_firsttraceable.unwrap_or(o.code_firstlineno),
+        o.code_qualname.unwrap_or(o.code_name),
+        o.code_filename,
     ];
     let (code_window, code_window_len, at) = window(version, "code", &code_fields)?;
     (c.code_window, c.code_window_len) = (code_window, code_window_len);
@@ -116,6 +118,7 @@ pub fn process_config(
         c.code_firstlineno_at,
         c.code_firsttraceable_at,
     ) = (at[0], at[1], at[2]);
+    (c.code_qualname_at, c.code_filename_at) = (at[3] as u32, at[4] as u32);
     let (base, len, at) = window(
         version,
         "builtin_function_or_method",

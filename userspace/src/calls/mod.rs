@@ -21,7 +21,7 @@ use std::{
 use anyhow::Context;
 
 use crate::{
-    bpf::{CallCounter, CallProgram},
+    bpf::{CallCounter, CallProgram, News},
     elf::ElfImage,
     live,
     process::{self, ProcessError},
@@ -93,6 +93,13 @@ pub(crate) fn code_dealloc_site<M: Memory>(
 /// How often new code objects are named (at most; reports may be rarer).
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How often the kernel's news of processes is read.
+const EVENTS_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How long a process that exec'd may take to map an interpreter before it
+/// is reported as no longer Python.
+const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Options of `pyprobe calls`.
 #[derive(Debug, Clone)]
 pub struct CallsOptions {
@@ -129,6 +136,23 @@ struct Session {
     symbols: Symbols,
     /// Interpreter files probed for every process (`--all`).
     probed_files: BTreeSet<crate::process::FileId>,
+    /// (process, interpreter file) pairs probed for that process alone: a
+    /// process that execs the same interpreter keeps its probes.
+    probed_for: BTreeSet<(u32, crate::process::FileId)>,
+    /// Template index of each interpreter file (see
+    /// [`pyprobe_common::calls::cookie`]).
+    templates: BTreeMap<crate::process::FileId, u32>,
+    /// Interpreter files probed for every process whose template the
+    /// kernel applies by itself: another process of such a file needs no
+    /// set-up (plain `--all`).
+    kernel_ready: BTreeMap<crate::process::FileId, u32>,
+    /// Processes that exec'd, to set up again once their new image shows
+    /// (or to drop when it is no Python), with the time to give up.
+    exec_pending: BTreeMap<u32, Instant>,
+    /// The kernel's news of processes ([`read_news`]).
+    news: std::sync::mpsc::Receiver<Arrival>,
+    /// A watched process exec'd something pyprobe cannot watch.
+    dropped: bool,
     /// PIDs that are not Python (or could not be read), not to retry.
     ignored: BTreeSet<u32>,
     /// Probes go on every process that maps an interpreter file, set up
@@ -205,17 +229,34 @@ impl Session {
         self.configured += 1;
         cfg.epoch_watched = code_freed.is_some() as u8;
         cfg.filtering = self.filtering as u8;
+        let template = self.template(&interp, &image, &mut cfg)?;
         self.counter.configure(pid, &cfg)?;
+        let cookie = |file_offset: u64| {
+            pyprobe_common::calls::cookie(
+                template,
+                image.file_offset_to_vaddr(file_offset).unwrap_or(0),
+            )
+        };
         let scope = if self.all { None } else { Some(pid) };
         // From 3.11 a generator resumed by throw()/close() runs no RESUME;
         // it enters the eval loop with throwflag set.
         let throw_site = interpreter_frames;
-        if !self.all || self.probed_files.insert(interp.file) {
+        let fresh = if self.all {
+            self.probed_files.insert(interp.file)
+        } else {
+            self.probed_for.insert((pid, interp.file))
+        };
+        if fresh {
             // Before the start sites: no cache slot may be filled while a
             // free could go unseen.
             if let Some(offset) = code_freed {
-                self.counter
-                    .attach(CallProgram::CodeFreed, &interp, offset, scope)?;
+                self.counter.attach(
+                    CallProgram::CodeFreed,
+                    &interp,
+                    offset,
+                    scope,
+                    cookie(offset),
+                )?;
             }
             let start = if self.empty_program {
                 CallProgram::Empty
@@ -223,8 +264,13 @@ impl Session {
                 CallProgram::Start
             };
             for site in &sites {
-                self.counter
-                    .attach(start, &interp, site.file_offset, scope)?;
+                self.counter.attach(
+                    start,
+                    &interp,
+                    site.file_offset,
+                    scope,
+                    cookie(site.file_offset),
+                )?;
             }
             if throw_site && !self.empty_program {
                 self.counter.attach(
@@ -232,11 +278,17 @@ impl Session {
                     &interp,
                     interp.eval_frame_offset,
                     scope,
+                    cookie(interp.eval_frame_offset),
                 )?;
             }
             for site in &exit_sites {
-                self.counter
-                    .attach(CallProgram::Exit, &interp, site.file_offset, scope)?;
+                self.counter.attach(
+                    CallProgram::Exit,
+                    &interp,
+                    site.file_offset,
+                    scope,
+                    cookie(site.file_offset),
+                )?;
             }
             if timed && !interpreter_frames {
                 self.counter.attach(
@@ -244,6 +296,7 @@ impl Session {
                     &interp,
                     interp.eval_frame_offset,
                     scope,
+                    cookie(interp.eval_frame_offset),
                 )?;
             }
             for site in &builtin_sites {
@@ -251,12 +304,9 @@ impl Session {
                     BuiltinKind::Function => CallProgram::BuiltinFunction,
                     BuiltinKind::MethodDescriptor => CallProgram::BuiltinMethod,
                 };
-                self.counter.attach(
-                    program,
-                    &interp,
-                    past_endbr64(&image, site.file_offset),
-                    scope,
-                )?;
+                let offset = past_endbr64(&image, site.file_offset);
+                self.counter
+                    .attach(program, &interp, offset, scope, cookie(offset))?;
             }
         }
         let builtins_line = if !self.builtins {
@@ -295,13 +345,138 @@ impl Session {
             describe_sites(&sites),
             target.offsets_source,
         );
-        self.symbols.add_process(pid, target);
+        self.symbols.add_process(pid, target, template);
         Ok(line)
     }
 
+    /// The template index of `interp`'s file, assigned (and its template
+    /// written, when one works for every process of the file) the first
+    /// time: `cfg` (which gets the index), with its thread-state slot as a
+    /// link-time address.
+    /// A slot outside the file's static data (a heap address, which no
+    /// other process shares) gives no template: a process of that file
+    /// then waits for userspace to set it up, its calls counted as lost
+    /// until then.
+    fn template(
+        &mut self,
+        interp: &crate::process::Interpreter,
+        image: &ElfImage,
+        cfg: &mut pyprobe_common::calls::ProcessConfig,
+    ) -> anyhow::Result<u32> {
+        if let Some(&index) = self.templates.get(&interp.file) {
+            cfg.template = index;
+            return Ok(index);
+        }
+        let index = self.templates.len() as u32;
+        cfg.template = index;
+        anyhow::ensure!(
+            index < pyprobe_common::calls::MAX_TEMPLATES,
+            "more than {} interpreter files watched at once",
+            pyprobe_common::calls::MAX_TEMPLATES
+        );
+        self.templates.insert(interp.file, index);
+        let slot = cfg.tstate_slot.wrapping_sub(interp.load_bias);
+        let slot_unused = matches!(
+            cfg.frame_mode,
+            pyprobe_common::calls::FRAME_ARG0 | pyprobe_common::calls::FRAME_ARG1
+        );
+        if slot_unused || image.is_loaded(slot) {
+            let template = pyprobe_common::calls::ProcessConfig {
+                tstate_slot: slot,
+                ..*cfg
+            };
+            self.counter.set_template(index, &template)?;
+            self.kernel_ready.insert(interp.file, index);
+        } else {
+            log::info!(
+                "{}: the thread-state slot {:#x} is not static data; new processes of this \
+                 file are set up by pyprobe, not from their first call",
+                interp.binary.display(),
+                cfg.tstate_slot
+            );
+        }
+        Ok(index)
+    }
+
+    /// Acts on what the kernel says of watched processes: names code
+    /// objects counted for the first time at once (short-lived processes
+    /// are gone by the next report), reads the processes the kernel set up
+    /// from a template, and sets up again processes that exec'd, or drops
+    /// them when they no longer run Python.
+    fn on_process_events(&mut self) {
+        let arrivals: Vec<Arrival> = self.news.try_iter().collect();
+        for Arrival { news, forked_from } in arrivals {
+            let event = match news {
+                News::Code(code) => {
+                    self.symbols.name_captured(&code);
+                    continue;
+                }
+                News::Builtin(builtin) => {
+                    self.symbols.name_captured_builtin(&builtin);
+                    continue;
+                }
+                News::Process(event) => event,
+            };
+            let pid = event.tgid;
+            match event.kind {
+                pyprobe_common::process::NEW
+                    if !self.symbols.has_process(pid) && !self.exec_pending.contains_key(&pid) =>
+                {
+                    self.symbols
+                        .add_kernel_set_up(pid, event.template, forked_from);
+                    eprintln!("pyprobe: watching PID {pid} (counted from its first call)");
+                }
+                pyprobe_common::process::EXEC => {
+                    self.symbols.forget_process(pid);
+                    self.exec_pending
+                        .insert(pid, Instant::now() + EXEC_SETUP_TIMEOUT);
+                }
+                pyprobe_common::process::EXIT => {
+                    self.exec_pending.remove(&pid);
+                    self.symbols.forget_process(pid);
+                }
+                _ => {}
+            }
+        }
+        self.set_up_exec_pending();
+    }
+
+    /// Sets up again processes that exec'd, once their new image maps an
+    /// interpreter; reports and drops those that run no Python.
+    fn set_up_exec_pending(&mut self) {
+        let now = Instant::now();
+        let pending: Vec<(u32, Instant)> =
+            self.exec_pending.iter().map(|(&p, &d)| (p, d)).collect();
+        for (pid, deadline) in pending {
+            if !process::is_alive(pid) {
+                self.exec_pending.remove(&pid);
+                continue;
+            }
+            match self.add(pid) {
+                Ok(line) => {
+                    self.exec_pending.remove(&pid);
+                    eprintln!("pyprobe: PID {pid} exec'd: watching {line}");
+                }
+                Err(e) if is_not_python(&e) && now < deadline => {}
+                Err(e) => {
+                    self.exec_pending.remove(&pid);
+                    self.ignored.insert(pid);
+                    self.dropped = true;
+                    let what = process::command_name(pid).unwrap_or_else(|| "a program".into());
+                    eprintln!(
+                        "pyprobe: PID {pid} exec'd {what}, which pyprobe cannot watch ({}): dropped",
+                        crate::errors::one_line(e.as_ref())
+                    );
+                }
+            }
+        }
+    }
+
     /// Counts so far: code objects, and builtins under
-    /// [`symbols::builtin_row_key`].
+    /// [`symbols::builtin_row_key`]. The kernel's news is read first, so
+    /// that what it named is not read again from processes maybe gone.
     fn counts(&mut self) -> anyhow::Result<BTreeMap<CodeKey, CallCounts>> {
+        self.on_process_events();
         let mut counts = self.counter.counts()?;
         let builtins = self.counter.builtin_counts()?;
         self.symbols.note_builtins(builtins.keys().copied());
@@ -354,10 +529,76 @@ impl Session {
             .select
             .new_pids(&mut self.ignored, |pid| symbols.has_process(pid));
         for pid in pids {
+            if let Some(template) = self.kernel_ready_template(pid) {
+                self.symbols.add_kernel_set_up(pid, template, None);
+                eprintln!(
+                    "pyprobe: watching PID {pid} (an interpreter already probed; set up by the kernel at its next call)"
+                );
+                continue;
+            }
             let result = self.add(pid);
             note_scanned(pid, result, "watching", &mut self.ignored);
         }
     }
+
+    /// Under plain `--all`: the template of an interpreter file that
+    /// process `pid` maps, when that file is probed for every process and
+    /// the kernel sets its processes up by itself. Set-up then costs a
+    /// read of `/proc/PID/maps`, not a parse of the interpreter.
+    fn kernel_ready_template(&self, pid: u32) -> Option<u32> {
+        if !self.all {
+            return None;
+        }
+        let maps = process::read_maps(pid).ok()?;
+        maps.iter().find_map(|m| {
+            self.kernel_ready
+                .get(&crate::process::FileId {
+                    dev: m.dev,
+                    inode: m.inode,
+                })
+                .copied()
+        })
+    }
+}
+
+/// One piece of the kernel's news, with what had to be read at once.
+struct Arrival {
+    news: News,
+    /// For a process the kernel set up: the process it was forked from
+    /// with no exec since, read as soon as the news came (a pool's worker
+    /// may live a few milliseconds).
+    forked_from: Option<u32>,
+}
+
+/// How often the news thread reads the kernel's ring.
+const NEWS_POLL: Duration = Duration::from_millis(2);
+
+/// Reads the kernel's news of processes on a thread of its own, so that
+/// what must be read while a process lives (its parent) is read within
+/// milliseconds, whatever the main loop is busy with (reading large count
+/// maps takes a while).
+fn read_news(mut events: crate::bpf::ProcessEvents) -> std::sync::mpsc::Receiver<Arrival> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        loop {
+            let mut open = true;
+            events.drain(|news| {
+                let forked_from = match &news {
+                    News::Process(e) if e.kind == pyprobe_common::process::NEW => {
+                        process::parent_pid(e.tgid)
+                            .filter(|&parent| process::same_image(e.tgid, parent))
+                    }
+                    _ => None,
+                };
+                open &= tx.send(Arrival { news, forked_from }).is_ok();
+            });
+            if !open {
+                return;
+            }
+            std::thread::sleep(NEWS_POLL);
+        }
+    });
+    rx
 }
 
 /// `--all`: reports the set-up of a newly seen PID (`verb` PID ...), or why
@@ -413,10 +654,18 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     for &pid in &opts.pids {
         process::find_interpreter(pid)?;
     }
+    let mut counter = CallCounter::load(opts.latency)?;
+    let news = read_news(counter.take_events().expect("a new counter has its events"));
     let mut session = Session {
-        counter: CallCounter::load(opts.latency)?,
+        counter,
+        news,
         symbols: Symbols::default(),
         probed_files: BTreeSet::new(),
+        probed_for: BTreeSet::new(),
+        templates: BTreeMap::new(),
+        kernel_ready: BTreeMap::new(),
+        exec_pending: BTreeMap::new(),
+        dropped: false,
         ignored: BTreeSet::new(),
         all: opts.all && opts.select.is_everything(),
         select: opts.select.clone(),
@@ -434,10 +683,17 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     }
     if opts.all {
         session.scan();
-        eprintln!(
-            "pyprobe: watching {} (new ones are picked up every interval)",
-            opts.select.describe()
-        );
+        if session.all {
+            eprintln!(
+                "pyprobe: watching {} (new ones are counted from their first call)",
+                opts.select.describe()
+            );
+        } else {
+            eprintln!(
+                "pyprobe: watching {} (new ones are picked up every interval)",
+                opts.select.describe()
+            );
+        }
     }
     eprintln!("pyprobe: counting calls; Ctrl-C to stop");
 
@@ -450,9 +706,21 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     // more often than reports, so short-lived ones get names too.
     let resolve_every = opts.interval.min(RESOLVE_INTERVAL);
     let mut resolver = live::ticker(resolve_every);
+    let mut events = live::ticker(EVENTS_INTERVAL);
 
     loop {
         tokio::select! {
+            _ = events.tick() => {
+                session.on_process_events();
+                if !opts.all && session.exec_pending.is_empty() && !session.symbols.any_alive() {
+                    if session.dropped {
+                        eprintln!("pyprobe: no target process runs Python any more");
+                    } else {
+                        eprintln!("pyprobe: every target process has exited");
+                    }
+                    break;
+                }
+            }
             _ = resolver.tick() => {
                 let counts = session.counts()?;
                 session.resolve(counts.keys(), opts.filter.as_deref())?;
@@ -465,9 +733,6 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
                 emit(&report, opts.json)?;
                 if opts.all {
                     session.scan();
-                } else if !session.symbols.any_alive() {
-                    eprintln!("pyprobe: every target process has exited");
-                    break;
                 }
             }
             r = &mut stop => {

@@ -122,8 +122,16 @@ impl CallsReport {
             "Python function calls"
         };
         let l = &self.lost;
+        let news = if l.process_events > 0 {
+            format!(
+                " (process news lost: {}; rows may go unnamed)",
+                l.process_events
+            )
+        } else {
+            String::new()
+        };
         let lost = if l.total() == 0 {
-            "lost: 0".to_owned()
+            format!("lost: 0{news}")
         } else {
             let untimed = if self.latency {
                 format!(", not timed (latency map full): {}", l.untimed)
@@ -136,7 +144,7 @@ impl CallsReport {
                 String::new()
             };
             format!(
-                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {}{untimed}{mismatches})",
+                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {}{untimed}{mismatches}){news}",
                 l.total(),
                 l.map_full,
                 l.unconfigured,
@@ -218,7 +226,7 @@ impl Reporter {
                         "<unknown>".to_owned(),
                         "?".to_owned(),
                         i64::from(key.firstlineno),
-                        Some("not read yet".to_owned()),
+                        Some("process not set up".to_owned()),
                     ),
                 };
                 FunctionRow {
@@ -328,7 +336,7 @@ mod tests {
             r.rows.iter().map(|r| (r.code, r.calls)).collect::<Vec<_>>(),
             vec![(2, 10), (1, 5)]
         );
-        assert_eq!(r.rows[0].unknown.as_deref(), Some("not read yet"));
+        assert_eq!(r.rows[0].unknown.as_deref(), Some("process not set up"));
         let text = r.to_table();
         assert!(text.contains("16 calls in 3 functions, lost: 0"), "{text}");
 
@@ -408,6 +416,7 @@ mod tests {
                 unreadable: 3,
                 untimed: 0,
                 frame_mismatches: 0,
+                process_events: 0,
                 recursion_misses: 4,
             },
             containers: BTreeMap::new(),

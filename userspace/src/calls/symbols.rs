@@ -6,15 +6,17 @@
 //! reading the code object from the live process; the name stays valid after
 //! the code object is gone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use pyprobe_common::calls::{self, BuiltinKey, CodeKey};
 
 use crate::container::{Container, Placement};
+use crate::python::offsets;
 use crate::python::{
-    memory::{Memory, ProcessMemory},
+    memory::{Captured, Memory, NoMemory, ProcessMemory},
     reader::{CodeSummary, Target},
 };
+use pyprobe_common::process::{BuiltinEvent, CSTR_CAPTURE, CodeEvent, STR_CAPTURE};
 
 /// File name shown for builtins.
 pub const BUILTIN_FILE: &str = "<builtin>";
@@ -53,6 +55,24 @@ pub fn naming_key(candidates: impl IntoIterator<Item = BuiltinKey>) -> Option<Bu
         .min_by_key(|b| (b.kind != calls::BUILTIN_METHOD, b.owner))
 }
 
+/// The kind of builtin a kernel key counts.
+fn builtin_kind(b: &BuiltinKey) -> super::builtins::BuiltinKind {
+    if b.kind == calls::BUILTIN_METHOD {
+        super::builtins::BuiltinKind::MethodDescriptor
+    } else {
+        super::builtins::BuiltinKind::Function
+    }
+}
+
+/// How a builtin labelled `label` is shown.
+fn builtin_summary(label: String) -> CodeSummary {
+    CodeSummary {
+        qualname: label,
+        filename: BUILTIN_FILE.into(),
+        first_line: 0,
+    }
+}
+
 /// What is known about a counted code object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
@@ -73,14 +93,191 @@ pub struct Symbols {
     builtins: HashMap<CodeKey, BuiltinKey>,
     /// The container of each process in one.
     containers: BTreeMap<u32, Container>,
+    /// Build facts of each interpreter file, by template index: how to
+    /// read the bytes [`CodeEvent`]s carry.
+    facts: BTreeMap<u32, Target<NoMemory>>,
+    /// Processes the kernel set up from a template, not read by pyprobe
+    /// (yet): their template.
+    kernel_set_up: BTreeMap<u32, u32>,
+    /// Processes that exited or exec'd (until their PID is set up again).
+    gone: BTreeSet<u32>,
+    /// Labels of builtins named from [`BuiltinEvent`]s.
+    builtin_labels: HashMap<BuiltinKey, String>,
+    /// Processes the kernel set up that were forked (with no exec since)
+    /// from another watched process: that parent.
+    fork_parent: BTreeMap<u32, u32>,
+    /// Builtin labels by where they are: (template, kind, `PyMethodDef`,
+    /// owner) addresses. Processes of one interpreter file share them
+    /// only when forked from one another (or one ancestor) with no exec
+    /// since: anything else lays the file out at another random address.
+    labels_by_site: HashMap<(u32, u32, u64, u64), String>,
+    /// The template of each process seen, gone or not.
+    template_of: BTreeMap<u32, u32>,
+    /// Keys named from the kernel's events since [`Symbols::resolve`] last
+    /// returned: it returns them too.
+    named_from_events: Vec<CodeKey>,
 }
 
 impl Symbols {
-    /// Adds a process to read names from.
-    pub fn add_process(&mut self, pid: u32, target: Target<ProcessMemory>) {
+    /// Adds a process to read names from, whose interpreter file has
+    /// template index `template` (its build facts are kept to read what
+    /// [`CodeEvent`]s carry).
+    pub fn add_process(&mut self, pid: u32, target: Target<ProcessMemory>, template: u32) {
+        self.facts.entry(template).or_insert_with(|| target.facts());
         self.processes.insert(pid, target);
+        self.template_of.insert(pid, template);
+        self.gone.remove(&pid);
         if let Some(container) = Placement::of(pid).and_then(|p| p.container) {
             self.containers.insert(pid, container);
+        }
+    }
+
+    /// Stops reading process `pid` (it exited or exec'd); the names found
+    /// so far stay.
+    pub fn forget_process(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+        self.kernel_set_up.remove(&pid);
+        self.gone.insert(pid);
+    }
+
+    /// Notes a process the kernel set up from template `template` at its
+    /// first call: its names come from [`CodeEvent`]s, read in the kernel,
+    /// and its container is read now, while it lives. `forked_from` is the
+    /// process it was forked from with no exec since, if known.
+    pub fn add_kernel_set_up(&mut self, pid: u32, template: u32, forked_from: Option<u32>) {
+        self.kernel_set_up.insert(pid, template);
+        self.template_of.insert(pid, template);
+        self.gone.remove(&pid);
+        self.fork_parent.remove(&pid);
+        if let Some(parent) = forked_from
+            && self.has_process(parent)
+        {
+            self.fork_parent.insert(pid, parent);
+        }
+
+        if let Some(container) = Placement::of(pid).and_then(|p| p.container) {
+            self.containers.insert(pid, container);
+        }
+    }
+
+    /// Labels a builtin from the bytes the kernel read when it first
+    /// counted it; one cut short or not captured is left to
+    /// [`Symbols::resolve`].
+    pub fn name_captured_builtin(&mut self, event: &BuiltinEvent) {
+        self.label_captured_builtin(event);
+        let key = event.key;
+        if !self.builtin_labels.contains_key(&key) {
+            // Not all captured (e.g. a page of the interpreter's data that
+            // a process just forked has not touched yet, which the kernel
+            // cannot read without a fault): read it now, while the
+            // process surely lives.
+            self.note_builtins([key]);
+            let named = self.resolve([&builtin_row_key(&key)]);
+            self.named_from_events.extend(named);
+        }
+    }
+
+    /// The labelling part of [`Symbols::name_captured_builtin`].
+    fn label_captured_builtin(&mut self, event: &BuiltinEvent) {
+        let key = event.key;
+        if self.builtin_labels.contains_key(&key) {
+            return;
+        }
+        // A row named unknown before this event was read is named again.
+        let row = builtin_row_key(&key);
+        if let Some(Resolved::Unknown(_)) = self.names.get(&row) {
+            self.names.remove(&row);
+        }
+        let Some(facts) = self.facts.get(&event.template) else {
+            return;
+        };
+        let whole_c = |len: u32, cap: usize| len > 0 && (len as usize) < cap;
+        if !whole_c(event.name_len, CSTR_CAPTURE) {
+            return;
+        }
+        let owner_type = event.owner_type.to_le_bytes();
+        let owner_flags = event.owner_flags.to_le_bytes();
+        let owner_name = event.owner_name.to_le_bytes();
+        let name_ptr = event.name.to_le_bytes();
+        let mut regions: Vec<(u64, &[u8])> = vec![
+            (
+                key.method_def
+                    .wrapping_add(facts.info.offsets.method_def_name),
+                &name_ptr[..],
+            ),
+            (event.name, &event.name_bytes[..]),
+        ];
+        if key.owner != 0 {
+            regions.push((
+                key.owner.wrapping_add(offsets::common::OB_TYPE),
+                &owner_type[..],
+            ));
+            regions.push((
+                event.owner_type.wrapping_add(offsets::common::TP_FLAGS),
+                &owner_flags[..],
+            ));
+            if event.owner_name != 0 {
+                if !whole_c(event.owner_len, STR_CAPTURE) {
+                    return;
+                }
+                regions.push((
+                    key.owner.wrapping_add(offsets::common::TP_NAME),
+                    &owner_name[..],
+                ));
+                regions.push((event.owner_name, &event.owner_bytes[..]));
+            } else if event.owner_len as usize == STR_CAPTURE {
+                regions.push((key.owner, &event.owner_bytes[..]));
+            }
+        }
+        let target = facts.over(Captured { regions: &regions });
+        if let Ok(label) =
+            super::builtins::builtin_label(&target, builtin_kind(&key), key.method_def, key.owner)
+        {
+            self.labels_by_site.insert(
+                (event.template, key.kind, key.method_def, key.owner),
+                label.clone(),
+            );
+            self.builtin_labels.insert(key, label);
+        }
+    }
+
+    /// Names a code object from the bytes the kernel read when it first
+    /// counted it. Names cut short by the capture, or not captured, are
+    /// left to [`Symbols::resolve`] (which reads the live process).
+    pub fn name_captured(&mut self, event: &CodeEvent) {
+        if let Some(Resolved::Code(_)) = self.names.get(&event.key) {
+            return;
+        }
+        let Some(facts) = self.facts.get(&event.template) else {
+            return;
+        };
+        let regions = [
+            (event.qualname, &event.qualname_bytes[..]),
+            (event.filename, &event.filename_bytes[..]),
+        ];
+        let target = facts.over(Captured { regions: &regions });
+        let whole = |addr: u64| -> Option<String> {
+            let (text, len) = target.read_str_bounded(addr, STR_CAPTURE).ok()?;
+            (text.chars().count() as u64 == len).then_some(text)
+        };
+        let names = whole(event.qualname).zip(whole(event.filename));
+        if let Some((qualname, filename)) = names {
+            self.named_from_events.push(event.key);
+            self.names.insert(
+                event.key,
+                Resolved::Code(CodeSummary {
+                    qualname,
+                    filename,
+                    first_line: event.key.firstlineno as i32,
+                }),
+            );
+        } else {
+            // Not all captured (a long name, a page the kernel could not
+            // read without a fault): read it now, while the process
+            // surely lives.
+            self.names.remove(&event.key);
+            let named = self.resolve([&event.key]);
+            self.named_from_events.extend(named);
         }
     }
 
@@ -89,9 +286,9 @@ impl Symbols {
         self.containers.get(&pid)
     }
 
-    /// Whether `pid` was added.
+    /// Whether `pid` was added (or set up by the kernel).
     pub fn has_process(&self, pid: u32) -> bool {
-        self.processes.contains_key(&pid)
+        self.processes.contains_key(&pid) || self.kernel_set_up.contains_key(&pid)
     }
 
     /// Whether any added process is still running.
@@ -113,35 +310,57 @@ impl Symbols {
         }
     }
 
-    /// Names every key not named yet; returns the keys named now.
+    /// Names every key not named yet; returns the keys named now (and
+    /// those named from the kernel's events since the last call).
     pub fn resolve<'a>(&mut self, keys: impl IntoIterator<Item = &'a CodeKey>) -> Vec<CodeKey> {
-        let mut new = Vec::new();
+        let mut new = std::mem::take(&mut self.named_from_events);
         for key in keys {
             if self.names.contains_key(key) {
                 continue;
             }
-            new.push(*key);
-            let resolved = match self.processes.get(&key.tgid) {
-                None => Resolved::Unknown("process not set up".into()),
-                Some(_) if is_builtin_row(key) && !self.builtins.contains_key(key) => {
-                    Resolved::Unknown("builtin not noted".into())
+            let builtin = if is_builtin_row(key) {
+                match self.builtins.get(key).copied() {
+                    Some(b) => Some(b),
+                    None => continue,
                 }
-                Some(target) if let Some(b) = self.builtins.get(key) => {
-                    let kind = if b.kind == calls::BUILTIN_METHOD {
-                        super::builtins::BuiltinKind::MethodDescriptor
-                    } else {
-                        super::builtins::BuiltinKind::Function
-                    };
-                    match super::builtins::builtin_label(target, kind, b.method_def, b.owner) {
-                        Ok(label) => Resolved::Code(CodeSummary {
-                            qualname: label,
-                            filename: BUILTIN_FILE.into(),
-                            first_line: 0,
-                        }),
-                        Err(e) => Resolved::Unknown(e.to_string()),
+            } else {
+                None
+            };
+            if let Some(label) = builtin.and_then(|b| self.builtin_labels.get(&b)) {
+                new.push(*key);
+                self.names
+                    .insert(*key, Resolved::Code(builtin_summary(label.clone())));
+                continue;
+            }
+            // A process the kernel set up is read only when a name did not
+            // come with its event (a full ring, a long name, a page the
+            // kernel could not read).
+            self.ensure_read(key.tgid);
+            let resolved = match (self.processes.get(&key.tgid), builtin) {
+                (None, _) if self.gone.contains(&key.tgid) => builtin
+                    .and_then(|b| self.parent_label(&b))
+                    .map(|label| Resolved::Code(builtin_summary(label)))
+                    .unwrap_or_else(|| {
+                        Resolved::Unknown("the process ended before its names were read".into())
+                    }),
+                // Maybe later: the kernel counts a new process before
+                // pyprobe reads it. Final reports call it unknown.
+                (None, _) => continue,
+                (Some(target), Some(b)) => {
+                    match super::builtins::builtin_label(
+                        target,
+                        builtin_kind(&b),
+                        b.method_def,
+                        b.owner,
+                    ) {
+                        Ok(label) => Resolved::Code(builtin_summary(label)),
+                        Err(e) => match self.parent_label(&b) {
+                            Some(label) => Resolved::Code(builtin_summary(label)),
+                            None => Resolved::Unknown(e.to_string()),
+                        },
                     }
                 }
-                Some(target) => {
+                (Some(target), None) => {
                     // The name's address and the first line are part of
                     // the key: a mismatch means the code object was
                     // replaced since it was counted.
@@ -160,9 +379,53 @@ impl Symbols {
                     }
                 }
             };
+            if let (Some(b), Resolved::Code(code)) = (builtin, &resolved)
+                && let Some(&template) = self.template_of.get(&b.tgid)
+            {
+                self.labels_by_site
+                    .entry((template, b.kind, b.method_def, b.owner))
+                    .or_insert_with(|| code.qualname.clone());
+            }
+            new.push(*key);
             self.names.insert(*key, resolved);
         }
         new
+    }
+
+    /// Reads process `pid` if the kernel set it up and pyprobe has not
+    /// read it yet.
+    fn ensure_read(&mut self, pid: u32) {
+        if !self.processes.contains_key(&pid)
+            && self.kernel_set_up.contains_key(&pid)
+            && let Ok(target) = Target::attach(pid)
+        {
+            self.processes.insert(pid, target);
+        }
+    }
+
+    /// The label of builtin `b` read in the process its process was forked
+    /// from, with the same image: what a process reads from its
+    /// interpreter's (and extensions') read-only data is at the same
+    /// address, the same bytes, in its parent, which may well outlive it
+    /// (a pool's workers).
+    fn parent_label(&mut self, b: &BuiltinKey) -> Option<String> {
+        let Some(&parent) = self.fork_parent.get(&b.tgid) else {
+            // Not known to be forked (it ended before its parent was
+            // read): a label at the very same addresses in a process of
+            // the same file, which only a fork relative can have.
+            let template = *self.template_of.get(&b.tgid)?;
+            return self
+                .labels_by_site
+                .get(&(template, b.kind, b.method_def, b.owner))
+                .cloned();
+        };
+        let in_parent = BuiltinKey { tgid: parent, ..*b };
+        if let Some(label) = self.builtin_labels.get(&in_parent) {
+            return Some(label.clone());
+        }
+        self.ensure_read(parent);
+        let target = self.processes.get(&parent)?;
+        super::builtins::builtin_label(target, builtin_kind(b), b.method_def, b.owner).ok()
     }
 
     /// The name of a key, if [`Symbols::resolve`] has seen it.

@@ -475,7 +475,9 @@ impl Session {
         if let Some(interp) = &target.interpreter
             && let Some(offset) = crate::calls::code_dealloc_site(&target, &image, interp.load_bias)
         {
-            self.probes.watch_code_frees(interp, offset, pid)?;
+            let whole_file = self.opts.all && self.opts.select.is_everything();
+            self.probes
+                .watch_code_frees(interp, offset, pid, whole_file)?;
         }
         let version = target.version.to_string();
         self.processes.insert(

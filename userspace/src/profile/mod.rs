@@ -107,6 +107,8 @@ struct Session {
     unknown_seen: u64,
     /// Which processes `--all` takes.
     select: crate::selection::Selector,
+    /// Plain `--all`: per-file probes serve every process.
+    whole_files: bool,
 }
 
 impl Session {
@@ -131,6 +133,7 @@ impl Session {
             rate: opts.rate,
             unknown_seen: 0,
             select: opts.select.clone(),
+            whole_files: opts.all && opts.select.is_everything(),
         })
     }
 
@@ -153,7 +156,8 @@ impl Session {
             .expect("a live target knows its interpreter");
         let watched = match crate::calls::code_dealloc_site(&target, &image, interp.load_bias) {
             Some(offset) => {
-                self.sampler.watch_code_frees(&interp, offset, pid)?;
+                self.sampler
+                    .watch_code_frees(&interp, offset, pid, self.whole_files)?;
                 true
             }
             None => false,

@@ -34,6 +34,47 @@ pub enum MemoryError {
     },
 }
 
+/// No memory at all: every read fails. A [`super::reader::Target`] over
+/// it keeps what is known of an interpreter build (version, offsets) to be
+/// put over other memory later ([`super::reader::Target::over`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoMemory;
+
+impl Memory for NoMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        Err(MemoryError::Unreadable {
+            addr,
+            len: buf.len(),
+        })
+    }
+}
+
+/// A few byte ranges captured from a process (e.g. by a BPF program when
+/// it saw them): reads inside one of them succeed, all others fail.
+#[derive(Debug, Clone, Copy)]
+pub struct Captured<'a> {
+    /// (address, bytes there).
+    pub regions: &'a [(u64, &'a [u8])],
+}
+
+impl Memory for Captured<'_> {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        for &(start, bytes) in self.regions {
+            if addr >= start {
+                let at = (addr - start) as usize;
+                if let Some(src) = at.checked_add(buf.len()).and_then(|end| bytes.get(at..end)) {
+                    buf.copy_from_slice(src);
+                    return Ok(());
+                }
+            }
+        }
+        Err(MemoryError::Unreadable {
+            addr,
+            len: buf.len(),
+        })
+    }
+}
+
 /// A source of target memory.
 pub trait Memory {
     /// Fills `buf` with the bytes at `addr`.

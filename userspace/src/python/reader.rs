@@ -380,6 +380,27 @@ impl<M: Memory> Target<M> {
         })
     }
 
+    /// What is known of this target's build, over no memory: to be put
+    /// over other memory with [`Target::over`].
+    pub fn facts(&self) -> Target<super::memory::NoMemory> {
+        self.over(super::memory::NoMemory)
+    }
+
+    /// This target's build facts (version, offsets, known objects) over
+    /// `mem`, e.g. bytes captured from another process of the same build.
+    pub fn over<N: Memory>(&self, mem: N) -> Target<N> {
+        Target {
+            mem,
+            version: self.version,
+            info: self.info,
+            offsets_source: self.offsets_source,
+            runtime: self.runtime,
+            known: self.known.clone(),
+            interpreter: self.interpreter.clone(),
+            code_cache: RefCell::new(HashMap::new()),
+        }
+    }
+
     /// What a snapshot of this target needs besides memory.
     pub fn snapshot_meta(&self, note: &str) -> SnapshotMeta {
         let mut symbols: BTreeMap<String, u64> = self.known.types.clone();

@@ -1,0 +1,203 @@
+//! Processes that come and go while pyprobe watches: pool workers replaced
+//! every few tasks (fork and spawn), and a watched process that execs.
+//!
+//! Needs root (run through `cargo xtask test`).
+
+use std::{collections::BTreeMap, thread, time::Duration};
+
+use anyhow::{Context, ensure};
+use pyprobe_tests::{
+    Fixture, Interpreter, Origin, Probe, fixture_path, for_each_interpreter,
+    for_each_sid_and_pyenv_ends, marks,
+};
+use serde_json::Value;
+
+/// Tasks the pool runs: 60 workers of 5 tasks each.
+const TASKS: u64 = 300;
+
+/// The last JSON document pyprobe printed, which must be its final report.
+fn final_report(stdout: &str) -> anyhow::Result<Value> {
+    let last = stdout.lines().last().context("no report")?;
+    let report: Value = serde_json::from_str(last).context("the last line is JSON")?;
+    ensure!(report["kind"] == "final", "last report is not final");
+    Ok(report)
+}
+
+/// Runs the pool fixture's 300 tasks under `method` while `pyprobe calls
+/// --all` watches, and checks that every task call of every replacement
+/// worker was counted and named.
+fn pool_counted_from_first_call(interp: &Interpreter, method: &str) -> anyhow::Result<()> {
+    let marks = marks("pool_churn.py")?;
+    let exe = interp.path.display().to_string();
+    let mut args = vec![method];
+    // A wrapper-started interpreter's sys.executable cannot start alone.
+    if interp.origin == Origin::Private {
+        args.push(&exe);
+    }
+    let mut pool = Fixture::start(interp, "pool_churn.py", &args)?;
+    // One report, the final one: a spawned worker alone has 30k rows.
+    let probe = Probe::start(&["calls", "--all", "--json", "--interval", "600"])?;
+    let done = pool.call(&format!("run {TASKS}"), "done")?;
+    ensure!(done == format!("done {TASKS}"), "the pool answered {done}");
+    thread::sleep(Duration::from_millis(300));
+    probe.interrupt();
+    let (ok, stdout, stderr) = probe.finish()?;
+    ensure!(ok, "pyprobe failed: {stderr}");
+    let report = final_report(&stdout)?;
+    let rows = report["rows"].as_array().context("rows")?;
+    let mut per_function: BTreeMap<(&str, i64), u64> = BTreeMap::new();
+    let mut workers = std::collections::BTreeSet::new();
+    for row in rows {
+        // A spawned worker names the file by its normalized path.
+        if !row["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("/fixtures/pool_churn.py"))
+        {
+            continue;
+        }
+        let name = row["function"].as_str().unwrap_or("");
+        let line = row["line"].as_i64().unwrap_or(-1);
+        let calls = row["calls"].as_u64().context("calls")?;
+        *per_function.entry((name, line)).or_default() += calls;
+        if name == "task" {
+            ensure!(
+                row["pid"] != pool.pid(),
+                "task() ran in the pool's parent: {row}"
+            );
+            ensure!(calls <= 5, "a worker ran task() {calls} times: {row}");
+            workers.insert(row["pid"].as_u64().context("pid")?);
+        }
+    }
+    let task = per_function.get(&("task", marks["task-def"] as i64));
+    let work = per_function.get(&("work", marks["work-def"] as i64));
+    ensure!(
+        task == Some(&TASKS) && work == Some(&TASKS),
+        "task {task:?}, work {work:?} of {TASKS} ({} workers): {per_function:?}",
+        workers.len()
+    );
+    ensure!(workers.len() >= 60, "{} workers ran task()", workers.len());
+    let unnamed: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["function"] == "<unknown>")
+        .collect();
+    ensure!(
+        unnamed.is_empty(),
+        "{} of {} rows unnamed, e.g. {:?}",
+        unnamed.len(),
+        rows.len(),
+        unnamed.iter().take(3).collect::<Vec<_>>()
+    );
+    let lost = &report["lost"];
+    ensure!(
+        lost["unconfigured"] == 0 && lost["unreadable"] == 0 && lost["process_events"] == 0,
+        "lost: {lost}"
+    );
+    Ok(())
+}
+
+#[test]
+fn calls_all_counts_every_task_of_replaced_pool_workers_under_fork_and_spawn() {
+    for_each_sid_and_pyenv_ends(
+        "calls_all_counts_every_task_of_replaced_pool_workers_under_fork_and_spawn",
+        "60 workers started twice take 10-20 s per interpreter",
+        "not run (churn: sid and two pyenv builds)",
+        |interp| {
+            pool_counted_from_first_call(interp, "fork").context("fork")?;
+            pool_counted_from_first_call(interp, "spawn").context("spawn")
+        },
+    );
+}
+
+/// `calls_workload.py`'s `fib` starts at this line and is called 2073
+/// times per run.
+const FIB: (i64, u64) = (27, 2073);
+
+/// The calls of `fib` counted for `pid` in a final report.
+fn fib_calls(report: &Value, pid: u32) -> u64 {
+    report["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["pid"] == pid && r["function"] == "fib" && r["line"] == FIB.0)
+        .filter_map(|r| r["calls"].as_u64())
+        .sum()
+}
+
+#[test]
+fn calls_follows_a_watched_process_into_a_new_interpreter_image() {
+    for_each_interpreter(
+        "calls_follows_a_watched_process_into_a_new_interpreter_image",
+        |interp| {
+            let mut fixture = Fixture::start(interp, "exec_into.py", &[])?;
+            let pid = fixture.pid();
+            let probe = Probe::start(&[
+                "calls",
+                "--json",
+                "--interval",
+                "600",
+                "--pid",
+                &pid.to_string(),
+            ])?;
+            fixture.send(&format!(
+                "exec {} {}",
+                interp.path.display(),
+                fixture_path("calls_workload.py").display()
+            ))?;
+            fixture.expect("ready")?;
+            // pyprobe says when it has set the new image up.
+            let mut said = Vec::new();
+            while let Some(line) = probe.stderr_line(Duration::from_secs(5)) {
+                let done = line.contains(&format!("PID {pid} exec'd: watching"));
+                said.push(line);
+                if done {
+                    break;
+                }
+            }
+            ensure!(
+                said.iter().any(|l| l.contains("exec'd: watching")),
+                "no re-attach: {said:?}"
+            );
+            fixture.call("run", "done")?;
+            thread::sleep(Duration::from_millis(300));
+            probe.interrupt();
+            let (ok, stdout, stderr) = probe.finish()?;
+            ensure!(ok, "pyprobe failed: {stderr}");
+            let report = final_report(&stdout)?;
+            let fib = fib_calls(&report, pid);
+            ensure!(
+                fib == FIB.1,
+                "fib counted {fib} times after exec, not {}",
+                FIB.1
+            );
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn calls_reports_and_drops_a_watched_process_that_execs_no_python() {
+    for_each_interpreter(
+        "calls_reports_and_drops_a_watched_process_that_execs_no_python",
+        |interp| {
+            let mut fixture = Fixture::start(interp, "exec_into.py", &[])?;
+            let pid = fixture.pid();
+            let probe = Probe::start(&["calls", "--interval", "600", "--pid", &pid.to_string()])?;
+            fixture.send("exec /bin/sleep 30")?;
+            // pyprobe ends by itself: its one target runs no Python now.
+            let (ok, _, stderr) = probe.finish()?;
+            ensure!(ok, "pyprobe failed: {stderr}");
+            let dropped = format!("PID {pid} exec'd /usr/bin/sleep");
+            ensure!(
+                stderr
+                    .lines()
+                    .any(|l| l.contains(&dropped) && l.ends_with("dropped")),
+                "stderr: {stderr}"
+            );
+            ensure!(
+                stderr.contains("no target process runs Python any more"),
+                "stderr: {stderr}"
+            );
+            Ok(())
+        },
+    );
+}
