@@ -234,9 +234,13 @@ fn record_attributes_cpu_shares_to_functions_lines_and_call_chains() {
             threads.len()
         );
         // The main thread sleeps: on-CPU sampling sees it (almost) never.
+        // Almost: it wakes 20 times a second and takes the GIL back from
+        // three busy threads, on-CPU time that is really there (2-11
+        // samples of 1500 in most runs, up to 29 on a busy VM). Sampled
+        // while asleep it would have a quarter of them.
         let idle = leaf_samples(&stacks, "idle_wait");
         ensure!(
-            idle * 100 <= total,
+            idle * 100 <= total * 3,
             "{idle} samples of idle_wait() without --idle"
         );
         eprintln!(

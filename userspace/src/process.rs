@@ -597,9 +597,42 @@ pub fn find_interpreter(pid: u32) -> Result<Interpreter, ProcessError> {
     find_interpreter_image(pid).map(|(interp, _)| interp)
 }
 
-/// Like [`find_interpreter`], also returning the parsed ELF file, so callers
-/// that need more symbols do not read the (often 10-30 MB) file again.
-pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), ProcessError> {
+/// Interpreter files read in this round of set-ups, by file and size:
+/// every process of one interpreter shares one parsed copy (with 100
+/// processes, reading and parsing a 10-30 MB file for each was most of the
+/// set-up time).
+static IMAGES: std::sync::Mutex<BTreeMap<(FileId, u64), std::sync::Arc<ElfImage>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Lets go of the interpreter files read so far: called after each round
+/// of set-ups, so that the cache lasts one scan (the 100 processes of one
+/// interpreter share a copy) and not the whole run (peak memory).
+pub fn release_images() {
+    IMAGES.lock().expect("not poisoned").clear();
+}
+
+/// The file at `path` (`id`), parsed once per round of set-ups (see
+/// [`release_images`]).
+fn cached_image(path: &Path, id: FileId) -> Result<std::sync::Arc<ElfImage>, ElfError> {
+    let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let key = (id, size);
+    if let Some(image) = IMAGES.lock().expect("not poisoned").get(&key) {
+        return Ok(image.clone());
+    }
+    let image = std::sync::Arc::new(ElfImage::open(path)?);
+    IMAGES
+        .lock()
+        .expect("not poisoned")
+        .insert(key, image.clone());
+    Ok(image)
+}
+
+/// Like [`find_interpreter`], also returning the parsed ELF file (shared
+/// by every process of that file), so callers that need more symbols do
+/// not read the (often 10-30 MB) file again.
+pub fn find_interpreter_image(
+    pid: u32,
+) -> Result<(Interpreter, std::sync::Arc<ElfImage>), ProcessError> {
     check_live_user_process(pid)?;
     let maps = read_maps(pid)?;
     let exe = fs::read_link(format!("/proc/{pid}/exe"))
@@ -642,7 +675,7 @@ pub fn find_interpreter_image(pid: u32) -> Result<(Interpreter, ElfImage), Proce
             continue;
         };
         let file = reach_mapped(pid, first)?;
-        let image = match ElfImage::open(&file.reach) {
+        let image = match cached_image(&file.reach, file.id) {
             Ok(image) => image,
             Err(ElfError::Parse { .. }) => continue,
             Err(ElfError::Io { source, .. }) => {

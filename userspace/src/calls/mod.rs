@@ -539,6 +539,7 @@ impl Session {
             let result = self.add(pid);
             note_scanned(pid, result, "watching", &mut self.ignored);
         }
+        process::release_images();
     }
 
     /// Under plain `--all`: the template of an interpreter file that

@@ -380,7 +380,7 @@ fn clock_text(ns: i128) -> String {
 struct Attached {
     pid: u32,
     target: Target<ProcessMemory>,
-    image: crate::elf::ElfImage,
+    image: std::sync::Arc<crate::elf::ElfImage>,
     /// What each log point resolved to, by index.
     located: Vec<Result<Vec<Found>, LocateError>>,
 }
@@ -832,6 +832,7 @@ impl Session {
                 self.ignored.insert(pid);
             }
         }
+        crate::process::release_images();
         Ok(())
     }
 

@@ -245,6 +245,7 @@ impl Session {
             let result = self.add(pid);
             crate::calls::note_scanned(pid, result, "sampling", &mut self.ignored);
         }
+        crate::process::release_images();
     }
 
     /// Takes the waiting samples; re-reads thread lists if the kernel saw

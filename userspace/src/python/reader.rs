@@ -244,7 +244,7 @@ impl<M: Memory> Target<M> {
     pub fn attach_with_image(
         pid: u32,
         wrap: impl FnOnce(ProcessMemory) -> M,
-    ) -> Result<(Self, ElfImage), ReadError> {
+    ) -> Result<(Self, std::sync::Arc<ElfImage>), ReadError> {
         let (interp, image) = process::find_interpreter_image(pid)?;
         let file_version = version::detect(&image)?;
         let mem = wrap(ProcessMemory::open(pid)?);
