@@ -7,8 +7,7 @@ use std::{collections::BTreeMap, thread, time::Duration};
 
 use anyhow::{Context, ensure};
 use pyprobe_tests::{
-    Fixture, Interpreter, Origin, Probe, fixture_path, for_each_interpreter,
-    for_each_sid_and_pyenv_ends, marks,
+    Fixture, Interpreter, Origin, Probe, fixture_path, for_each_sid_and_pyenv_ends, marks,
 };
 use serde_json::Value;
 
@@ -125,8 +124,10 @@ fn fib_calls(report: &Value, pid: u32) -> u64 {
 
 #[test]
 fn calls_follows_a_watched_process_into_a_new_interpreter_image() {
-    for_each_interpreter(
+    for_each_sid_and_pyenv_ends(
         "calls_follows_a_watched_process_into_a_new_interpreter_image",
+        "exec is followed alike on every version; CI time is budgeted",
+        "not run (exec: sid and two pyenv builds)",
         |interp| {
             let mut fixture = Fixture::start(interp, "exec_into.py", &[])?;
             let pid = fixture.pid();
@@ -176,8 +177,10 @@ fn calls_follows_a_watched_process_into_a_new_interpreter_image() {
 
 #[test]
 fn calls_reports_and_drops_a_watched_process_that_execs_no_python() {
-    for_each_interpreter(
+    for_each_sid_and_pyenv_ends(
         "calls_reports_and_drops_a_watched_process_that_execs_no_python",
+        "exec is followed alike on every version; CI time is budgeted",
+        "not run (exec: sid and two pyenv builds)",
         |interp| {
             let mut fixture = Fixture::start(interp, "exec_into.py", &[])?;
             let pid = fixture.pid();
