@@ -702,6 +702,19 @@ impl Drop for Probe {
     }
 }
 
+/// The final report of a `pyprobe calls --json` run: every stdout line is
+/// one JSON document, and the last must be the final one.
+pub fn final_calls_report(stdout: &str) -> anyhow::Result<serde_json::Value> {
+    let docs: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("every stdout line is one JSON document")?;
+    let last = docs.last().context("no report")?.clone();
+    anyhow::ensure!(last["kind"] == "final", "last report is not final: {last}");
+    Ok(last)
+}
+
 /// The `pyprobe` executable to test: `$PYPROBE_BIN` (set by `cargo xtask
 /// test`), else the one beside the test binary in the target directory.
 pub fn pyprobe_bin() -> PathBuf {

@@ -7,7 +7,9 @@
 use std::{collections::BTreeMap, process::Command, thread, time::Duration};
 
 use anyhow::{Context, bail, ensure};
-use pyprobe_tests::{Fixture, Interpreter, Origin, Probe, fixture_path, for_each_interpreter};
+use pyprobe_tests::{
+    Fixture, Interpreter, Origin, Probe, final_calls_report, fixture_path, for_each_interpreter,
+};
 use serde_json::Value;
 
 /// cProfile's `[first_line, co_name, ncalls]` rows for the fixture's
@@ -32,17 +34,6 @@ fn cprofile_counts(interp: &Interpreter) -> anyhow::Result<BTreeMap<i64, (String
 /// first line -> (qualified name, calls, starts, resumes).
 type Counted = BTreeMap<i64, (String, u64, u64, u64)>;
 
-fn final_report(stdout: &str) -> anyhow::Result<Value> {
-    let docs: Vec<Value> = stdout
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("every stdout line is one JSON document")?;
-    let last = docs.last().context("no report")?.clone();
-    ensure!(last["kind"] == "final", "last report is not final: {last}");
-    Ok(last)
-}
-
 /// Watches one "run" of `fixture` with `pyprobe calls --json`; returns the
 /// final report and pyprobe's start-up lines.
 fn watch_one_run(fixture: &mut Fixture) -> anyhow::Result<(Value, String)> {
@@ -54,7 +45,7 @@ fn watch_one_run(fixture: &mut Fixture) -> anyhow::Result<(Value, String)> {
     probe.interrupt();
     let (ok, stdout, stderr) = probe.finish()?;
     ensure!(ok, "pyprobe failed: {stderr}");
-    Ok((final_report(&stdout)?, startup))
+    Ok((final_calls_report(&stdout)?, startup))
 }
 
 /// Watches one "run" of a fixture that answers with one JSON line of its
@@ -77,7 +68,7 @@ fn watch_measured_run(
     probe.interrupt();
     let (ok, stdout, stderr) = probe.finish()?;
     ensure!(ok, "pyprobe failed: {stderr}");
-    let report = final_report(&stdout)?;
+    let report = final_calls_report(&stdout)?;
     for (field, lost) in report["lost"].as_object().context("lost")? {
         ensure!(*lost == 0, "lost {field}: {}", report["lost"]);
     }
@@ -194,7 +185,7 @@ fn calls_all_picks_up_a_process_started_later() {
         probe.interrupt();
         let (ok, stdout, stderr) = probe.finish()?;
         ensure!(ok, "pyprobe failed: {stderr}");
-        let counted = fixture_rows(&final_report(&stdout)?, fixture.pid())?;
+        let counted = fixture_rows(&final_calls_report(&stdout)?, fixture.pid())?;
         let fib = counted
             .get(&27)
             .map(|(name, calls, ..)| (name.as_str(), *calls));
@@ -225,7 +216,7 @@ fn calls_name_counts_the_selected_process_and_never_traps_the_others() {
             probe.interrupt();
             let (ok, stdout, stderr) = probe.finish()?;
             ensure!(ok, "pyprobe failed: {stderr}");
-            let report = final_report(&stdout)?;
+            let report = final_calls_report(&stdout)?;
             let counted = fixture_rows(&report, chosen.pid())?;
             let fib = counted
                 .get(&27)
@@ -291,7 +282,7 @@ fn calls_filter_stops_counting_other_functions_in_the_kernel() {
                 .find(|w| w[0] > 0 && w[0] == w[1] && w[1] == w[2])
                 .map(|w| w[0])
                 .with_context(|| format!("no idle stretch in totals {totals:?}"))?;
-            let report = final_report(&stdout)?;
+            let report = final_calls_report(&stdout)?;
             let rows = fixture_rows(&report, fixture.pid())?;
             let only: Vec<_> = rows
                 .iter()

@@ -7,20 +7,13 @@ use std::{collections::BTreeMap, thread, time::Duration};
 
 use anyhow::{Context, ensure};
 use pyprobe_tests::{
-    Fixture, Interpreter, Origin, Probe, fixture_path, for_each_sid_and_pyenv_ends, marks,
+    Fixture, Interpreter, Origin, Probe, final_calls_report, fixture_path,
+    for_each_sid_and_pyenv_ends, marks,
 };
 use serde_json::Value;
 
 /// Tasks the pool runs: 60 workers of 5 tasks each.
 const TASKS: u64 = 300;
-
-/// The last JSON document pyprobe printed, which must be its final report.
-fn final_report(stdout: &str) -> anyhow::Result<Value> {
-    let last = stdout.lines().last().context("no report")?;
-    let report: Value = serde_json::from_str(last).context("the last line is JSON")?;
-    ensure!(report["kind"] == "final", "last report is not final");
-    Ok(report)
-}
 
 /// Runs the pool fixture's 300 tasks under `method` while `pyprobe calls
 /// --all` watches, and checks that every task call of every replacement
@@ -42,7 +35,7 @@ fn pool_counted_from_first_call(interp: &Interpreter, method: &str) -> anyhow::R
     probe.interrupt();
     let (ok, stdout, stderr) = probe.finish()?;
     ensure!(ok, "pyprobe failed: {stderr}");
-    let report = final_report(&stdout)?;
+    let report = final_calls_report(&stdout)?;
     let rows = report["rows"].as_array().context("rows")?;
     let mut per_function: BTreeMap<(&str, i64), u64> = BTreeMap::new();
     let mut workers = std::collections::BTreeSet::new();
@@ -163,7 +156,7 @@ fn calls_follows_a_watched_process_into_a_new_interpreter_image() {
             probe.interrupt();
             let (ok, stdout, stderr) = probe.finish()?;
             ensure!(ok, "pyprobe failed: {stderr}");
-            let report = final_report(&stdout)?;
+            let report = final_calls_report(&stdout)?;
             let fib = fib_calls(&report, pid);
             ensure!(
                 fib == FIB.1,

@@ -96,9 +96,9 @@ pub struct Symbols {
     /// Build facts of each interpreter file, by template index: how to
     /// read the bytes [`CodeEvent`]s carry.
     facts: BTreeMap<u32, Target<NoMemory>>,
-    /// Processes the kernel set up from a template, not read by pyprobe
-    /// (yet): their template.
-    kernel_set_up: BTreeMap<u32, u32>,
+    /// Live processes the kernel set up from a template, not read by
+    /// pyprobe (yet); their template is in `template_of`.
+    kernel_set_up: BTreeSet<u32>,
     /// Processes that exited or exec'd (until their PID is set up again).
     gone: BTreeSet<u32>,
     /// Labels of builtins named from [`BuiltinEvent`]s.
@@ -145,7 +145,7 @@ impl Symbols {
     /// and its container is read now, while it lives. `forked_from` is the
     /// process it was forked from with no exec since, if known.
     pub fn add_kernel_set_up(&mut self, pid: u32, template: u32, forked_from: Option<u32>) {
-        self.kernel_set_up.insert(pid, template);
+        self.kernel_set_up.insert(pid);
         self.template_of.insert(pid, template);
         self.gone.remove(&pid);
         self.fork_parent.remove(&pid);
@@ -288,7 +288,7 @@ impl Symbols {
 
     /// Whether `pid` was added (or set up by the kernel).
     pub fn has_process(&self, pid: u32) -> bool {
-        self.processes.contains_key(&pid) || self.kernel_set_up.contains_key(&pid)
+        self.processes.contains_key(&pid) || self.kernel_set_up.contains(&pid)
     }
 
     /// Whether any added process is still running.
@@ -396,7 +396,7 @@ impl Symbols {
     /// read it yet.
     fn ensure_read(&mut self, pid: u32) {
         if !self.processes.contains_key(&pid)
-            && self.kernel_set_up.contains_key(&pid)
+            && self.kernel_set_up.contains(&pid)
             && let Ok(target) = Target::attach(pid)
         {
             self.processes.insert(pid, target);
