@@ -1057,18 +1057,6 @@ const DEBUG314: DebugFieldIndex = DebugFieldIndex {
 /// `unicode_object.compactunicodeobject_size` and three `gc` fields are
 /// new.
 const DEBUG315: DebugFieldIndex = DebugFieldIndex {
-    runtime_interpreters_head: 4,
-    interp_next: 7,
-    interp_threads_head: 8,
-    interp_sysdict: 12,
-    interp_builtins: 13,
-    interp_ceval_gil: 14,
-    interp_gil_runtime_state: 15,
-    interp_gil_locked: 17,
-    interp_gil_holder: 18,
-    tstate_next: 23,
-    tstate_interp: 24,
-    tstate_current_frame: 25,
     tstate_thread_id: 29,
     tstate_native_thread_id: 30,
     frame_previous: 39,
@@ -1091,6 +1079,9 @@ const DEBUG315: DebugFieldIndex = DebugFieldIndex {
     float_ob_fval: 81,
     unicode_asciiobject_size: 91,
     words: 110,
+    // The interpreter state and the thread state up to current_frame
+    // are 3.14's.
+    ..DEBUG314
 };
 
 /// Reads the version and offsets from the `_Py_DebugOffsets` structure at the
