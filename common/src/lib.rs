@@ -148,6 +148,16 @@ pub mod names {
     pub const PROG_PROCESS_EXEC: &str = "process_exec";
     /// Raw tracepoint program on `sched_process_exit`.
     pub const PROG_PROCESS_EXIT: &str = "process_exit";
+    /// Raw tracepoint program on `sched_process_fork`.
+    pub const PROG_PROCESS_FORK: &str = "process_fork";
+    /// Array of 2 `u32`: the byte offsets of `pid` and `tgid` in the
+    /// kernel's `struct task_struct` (from its BTF), for `process_fork` to
+    /// read a new task's ids; 0 when unknown (forks are then not followed).
+    pub const MAP_TASK_OFFSETS: &str = "TASK_OFFSETS";
+    /// Hash map: tgid (`u32`) of a process forked by a log-watched one ->
+    /// the watched process it descends from (`u32`), whose watched
+    /// addresses its inherited watchpoints trap on.
+    pub const MAP_LOG_ORIGIN: &str = "LOG_ORIGIN";
 }
 
 /// What the kernel tells userspace about watched processes as it happens:
@@ -169,6 +179,12 @@ pub mod process {
     /// kernel at that moment, so that even a process gone a millisecond
     /// later has its functions named.
     pub const CODE: u32 = 3;
+    /// A process with log points armed forked a child: the child inherited
+    /// the watchpoints (its memory is a copy), and `process_fork` set it up
+    /// in the kernel from the parent's configuration before it ran.
+    /// [`ProcessEvent::template`] holds the watched process it descends
+    /// from.
+    pub const FORKED: u32 = 5;
 
     /// One [`NEW`], [`EXEC`] or [`EXIT`] event in the `PROCESS_EVENTS`
     /// ring buffer.
@@ -179,7 +195,8 @@ pub mod process {
         pub kind: u32,
         /// The process (host tgid).
         pub tgid: u32,
-        /// [`NEW`]: the template it was configured from.
+        /// [`NEW`]: the template it was configured from; [`FORKED`]: the
+        /// watched process (tgid) it descends from.
         pub template: u32,
         /// Padding, zero.
         pub _pad: u32,

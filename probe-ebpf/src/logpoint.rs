@@ -10,7 +10,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf,
         generated::{bpf_loop, bpf_ringbuf_output},
     },
     macros::{map, perf_event},
@@ -58,10 +58,64 @@ static LOG_HITS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map(name = "LOG_FREED")]
 static LOG_FREED: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_LOGPOINTS, 0);
 
+/// Byte offsets of `pid` and `tgid` in `struct task_struct`, written by
+/// userspace from the kernel's BTF (0: unknown).
+#[map(name = "TASK_OFFSETS")]
+static TASK_OFFSETS: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Processes forked by watched ones: the watched process each descends
+/// from. Its watchpoints were inherited at the fork (`perf_event_attr.inherit`),
+/// on the same addresses of a copy of the same memory, so its hits are
+/// looked up among that process's watched addresses.
+#[map(name = "LOG_ORIGIN")]
+static LOG_ORIGIN: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
 /// Forgets `tgid` (it exec'd or exited); whether it was configured.
 #[inline(always)]
 pub fn forget(tgid: u32) -> bool {
+    let _ = LOG_ORIGIN.remove(&tgid);
     LOG_PROCESS.remove(&tgid).is_ok()
+}
+
+/// Called by `process_fork`: task `child` was just created by process
+/// `parent`. When `parent` has log points armed and `child` is a new
+/// process (not a thread), the child is set up from the parent's
+/// configuration before it runs. Returns the child's tgid and the watched
+/// process it descends from, when it was set up.
+#[inline(always)]
+pub fn forked(parent: u32, child: u64) -> Option<(u32, u32)> {
+    // SAFETY: values are only read while this program runs.
+    let Some(process) = (unsafe { LOG_PROCESS.get(&parent) }) else {
+        return None;
+    };
+    let (Some(&pid_at), Some(&tgid_at)) = (TASK_OFFSETS.get(0), TASK_OFFSETS.get(1)) else {
+        return None;
+    };
+    if pid_at == 0 || tgid_at == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails
+    // cleanly; `child` is the tracepoint's new task.
+    let read_id = |at: u32| unsafe {
+        bpf_probe_read_kernel(child.wrapping_add(u64::from(at)) as *const u32).unwrap_or(0)
+    };
+    let (pid, tgid) = (read_id(pid_at), read_id(tgid_at));
+    // A new thread of a process is that process.
+    if tgid == 0 || pid != tgid || tgid == parent {
+        return None;
+    }
+    // SAFETY: as above.
+    let origin = unsafe { LOG_ORIGIN.get(&parent) }
+        .copied()
+        .unwrap_or(parent);
+    if LOG_ORIGIN.insert(&tgid, &origin, 0).is_err()
+        || LOG_PROCESS.insert(&tgid, process, 0).is_err()
+    {
+        let _ = LOG_ORIGIN.remove(&tgid);
+        count_error(stats::LOG_NO_PROCESS);
+        return None;
+    }
+    Some((tgid, origin))
 }
 
 /// Called by `code_freed`: code object `code` of process `tgid` is being
@@ -131,9 +185,24 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         addr,
     };
     // SAFETY: values are only read while this program runs.
-    let Some(watch) = (unsafe { LOG_WATCH.get(&key) }) else {
-        count_error(stats::LOG_NO_WATCH);
-        return 0;
+    let watch = match unsafe { LOG_WATCH.get(&key) } {
+        Some(watch) => watch,
+        // A forked child's inherited watchpoint: the address its watched
+        // ancestor declared.
+        // SAFETY: as above.
+        None => match unsafe { LOG_ORIGIN.get(&tgid) }.and_then(|&origin| unsafe {
+            LOG_WATCH.get(&WatchKey {
+                tgid: origin,
+                _pad: 0,
+                addr,
+            })
+        }) {
+            Some(watch) => watch,
+            None => {
+                count_error(stats::LOG_NO_WATCH);
+                return 0;
+            }
+        },
     };
     let index = watch.logpoint;
     let Some(state) = LOG_STATE.get_ptr_mut(index) else {

@@ -246,6 +246,19 @@ pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Raw tracepoint `sched_process_fork` (`(parent, child)` tasks), run in
+/// the parent for every new process and thread: a child of a process with
+/// log points armed is set up before it runs (see [`logpoint::forked`]).
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn process_fork(ctx: RawTracePointContext) -> i32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let child: u64 = ctx.arg(1);
+    if let Some((tgid, origin)) = logpoint::forked(parent, child) {
+        process_event(process::FORKED, tgid, origin);
+    }
+    0
+}
+
 /// Raw tracepoint `sched_process_exit`, run by every exiting thread: when
 /// the thread group's leader exits, forgets the process (keeping the maps
 /// to live processes) and tells userspace.

@@ -197,3 +197,72 @@ fn calls_reports_and_drops_a_watched_process_that_execs_no_python() {
         },
     );
 }
+
+/// Runs the pool fixture's 300 tasks under fork while `pyprobe log --all`
+/// has a log point on the line of `task` that calls `work`, and checks
+/// that every run of it in every replacement worker printed one line with
+/// the values the worker held.
+fn pool_logged_from_first_run(interp: &Interpreter) -> anyhow::Result<()> {
+    let marks = marks("pool_churn.py")?;
+    let line = marks["task-line"];
+    let mut pool = Fixture::start(interp, "pool_churn.py", &["fork"])?;
+    let at = format!("pool_churn.py:{line}");
+    let probe = Probe::start(&[
+        "log",
+        "--all",
+        "--json",
+        "--rate",
+        "0",
+        "--at",
+        &at,
+        "--msg",
+        "i={i} id={order[\"id\"]}",
+    ])?;
+    let done = pool.call(&format!("run {TASKS}"), "done")?;
+    ensure!(done == format!("done {TASKS}"), "the pool answered {done}");
+    thread::sleep(Duration::from_millis(300));
+    probe.interrupt();
+    let (ok, stdout, stderr) = probe.finish()?;
+    ensure!(ok, "pyprobe failed: {stderr}");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut per_worker: BTreeMap<u64, u64> = BTreeMap::new();
+    for hit in stdout.lines() {
+        let hit: Value = serde_json::from_str(hit).with_context(|| format!("not JSON: {hit}"))?;
+        let i = hit["values"]["i"].as_i64().context("i")?;
+        ensure!(
+            hit["values"]["order[\"id\"]"] == 1000 + i && hit["line"] == line,
+            "wrong values or line: {hit}"
+        );
+        ensure!(seen.insert(i), "task({i}) printed twice");
+        let pid = hit["pid"].as_u64().context("pid")?;
+        ensure!(
+            pid != u64::from(pool.pid()),
+            "a hit in the pool's parent: {hit}"
+        );
+        *per_worker.entry(pid).or_default() += 1;
+    }
+    ensure!(
+        seen.len() as u64 == TASKS && seen.iter().copied().eq(0..TASKS as i64),
+        "{} of {TASKS} task runs printed; stderr: {stderr}",
+        seen.len()
+    );
+    ensure!(
+        per_worker.len() >= 60 && per_worker.values().all(|&n| n <= 5),
+        "hits per worker: {per_worker:?}"
+    );
+    ensure!(
+        stderr.contains(&format!("{TASKS} printed")) && !stderr.contains("not watched"),
+        "summary: {stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn log_all_prints_every_hit_of_replaced_fork_pool_workers() {
+    for_each_sid_and_pyenv_ends(
+        "log_all_prints_every_hit_of_replaced_fork_pool_workers",
+        "60 forked workers take 5 s per interpreter",
+        "not run (churn: sid and two pyenv builds)",
+        pool_logged_from_first_run,
+    );
+}

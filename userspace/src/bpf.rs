@@ -12,7 +12,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::{UProbe, perf_event::PerfEventLinkId, uprobe::UProbeScope},
+    programs::{UProbe, uprobe::UProbeScope},
 };
 use pyprobe_common::{
     calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, SkipSet},
@@ -272,6 +272,7 @@ impl ProcessEvents {
         for (name, tracepoint) in [
             (names::PROG_PROCESS_EXEC, "sched_process_exec"),
             (names::PROG_PROCESS_EXIT, "sched_process_exit"),
+            (names::PROG_PROCESS_FORK, "sched_process_fork"),
         ] {
             let program: &mut aya::programs::RawTracePoint = ebpf
                 .program_mut(name)
@@ -320,7 +321,7 @@ impl ProcessEvents {
 
 /// One piece of the kernel's news of processes.
 pub enum News {
-    /// A process configured, exec'd or exited.
+    /// A process configured, forked from a watched one, exec'd or exited.
     Process(ProcessEvent),
     /// A code object counted for the first time, with its names' bytes.
     Code(Box<CodeEvent>),
@@ -767,8 +768,77 @@ pub enum WatchError {
         tid: u32,
         /// Underlying error.
         #[source]
-        source: aya::programs::ProgramError,
+        source: std::io::Error,
     },
+}
+
+/// A hardware watchpoint running `log_hit`, set on one thread and inherited
+/// by the threads and processes it starts from then on; taken off (with
+/// every inherited copy) when dropped. An `exec` removes it from the task
+/// that execs: the new image's memory is something else.
+pub struct Watchpoint {
+    /// The perf event: closing it detaches the program.
+    _event: std::os::fd::OwnedFd,
+}
+
+impl Watchpoint {
+    /// Opens a read/write watchpoint on the byte at `addr` in thread `tid`
+    /// and attaches `program` (the loaded `log_hit`).
+    fn open(program: std::os::fd::BorrowedFd<'_>, tid: u32, addr: u64) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        /// `PERF_FLAG_FD_CLOEXEC`.
+        const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+        /// `PERF_TYPE_BREAKPOINT`.
+        const PERF_TYPE_BREAKPOINT: u32 = 5;
+        /// `HW_BREAKPOINT_RW`.
+        const HW_BREAKPOINT_RW: u32 = 3;
+        /// `PERF_SAMPLE_RAW`.
+        const PERF_SAMPLE_RAW: u64 = 1 << 10;
+        /// `perf_event_attr` flag bits: `disabled`, `inherit`,
+        /// `precise_ip` = 2, `remove_on_exec`.
+        const FLAGS: u64 = 1 | (1 << 1) | (2 << 15) | (1 << 36);
+        /// `PERF_EVENT_IOC_ENABLE`: `_IO('$', 0)`.
+        const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+        /// `PERF_EVENT_IOC_SET_BPF`: `_IOW('$', 8, __u32)`.
+        const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+        // struct perf_event_attr (128 bytes): type, size, sample_period 1,
+        // sample_type, flags, wakeup_events 1, bp_type, bp_addr, bp_len 1.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&PERF_TYPE_BREAKPOINT.to_ne_bytes());
+        attr[4..8].copy_from_slice(&128u32.to_ne_bytes());
+        attr[16..24].copy_from_slice(&1u64.to_ne_bytes());
+        attr[24..32].copy_from_slice(&PERF_SAMPLE_RAW.to_ne_bytes());
+        attr[40..48].copy_from_slice(&FLAGS.to_ne_bytes());
+        attr[48..52].copy_from_slice(&1u32.to_ne_bytes());
+        attr[52..56].copy_from_slice(&HW_BREAKPOINT_RW.to_ne_bytes());
+        attr[56..64].copy_from_slice(&addr.to_ne_bytes());
+        attr[64..72].copy_from_slice(&1u64.to_ne_bytes());
+        // SAFETY: perf_event_open with a valid attr buffer.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_perf_event_open,
+                attr.as_ptr(),
+                tid as i32,
+                -1,
+                -1,
+                PERF_FLAG_FD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the ioctls take the program's fd, and nothing.
+        unsafe {
+            if libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, program.as_raw_fd()) != 0
+                || libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(Self { _event: fd })
+    }
 }
 
 /// Counters of one log point, as the kernel keeps them.
@@ -780,6 +850,10 @@ pub struct LogProbes {
     ring: aya::maps::RingBuf<MapData>,
     /// `code_freed` in each process.
     code_frees: CodeFrees,
+    /// News of processes forked by watched ones, exec'd and exited.
+    news: ProcessEvents,
+    /// Why forked children are not followed, when they are not.
+    forks_unfollowed: Option<String>,
 }
 
 impl LogProbes {
@@ -803,6 +877,8 @@ impl LogProbes {
             loader.map_max_entries(map, 1);
         }
         loader.map_max_entries(names::MAP_SAMPLES, 4096);
+        // Read beside the verifier's work, which takes longer.
+        let offsets = std::thread::spawn(crate::kernel::TaskOffsets::read);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
         perf_event_mut(&mut ebpf, names::PROG_LOG_HIT)?
             .load()
@@ -812,11 +888,51 @@ impl LogProbes {
             })?;
         load_uprobe(&mut ebpf, names::PROG_CODE_FREED)?;
         let ring = take_ring(&mut ebpf, names::MAP_LOG_HITS)?;
+        let forks_unfollowed = match offsets.join() {
+            Ok(Ok(offsets)) => {
+                let mut map: Array<&mut MapData, u32> =
+                    open_map_mut(&mut ebpf, names::MAP_TASK_OFFSETS)?;
+                for (index, value) in [(0, offsets.pid), (1, offsets.tgid)] {
+                    map.set(index, value, 0).map_err(|source| BpfError::Map {
+                        name: names::MAP_TASK_OFFSETS,
+                        source,
+                    })?;
+                }
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("reading the kernel's BTF failed".to_owned()),
+        };
+        // Attached last: `process_fork` follows forks once the offsets
+        // are known.
+        let news = ProcessEvents::attach(&mut ebpf)?;
         Ok(Self {
             ebpf,
             ring,
             code_frees: CodeFrees::default(),
+            news,
+            forks_unfollowed,
         })
+    }
+
+    /// Why processes forked by watched ones are not followed (their
+    /// inherited watchpoints' hits are then counted as "at addresses not
+    /// watched"), if they are not.
+    pub fn forks_unfollowed(&self) -> Option<&str> {
+        self.forks_unfollowed.as_deref()
+    }
+
+    /// Hands the news of processes waiting to `f`, oldest first.
+    pub fn drain_news(&mut self, f: impl FnMut(News)) {
+        self.news.drain(f);
+    }
+
+    /// The watched process `pid` descends from by fork, as the kernel set
+    /// it up ([`process::FORKED`]), if it does.
+    pub fn origin_of(&self, pid: u32) -> Option<u32> {
+        let map: BpfHashMap<&MapData, u32, u32> =
+            open_map(&self.ebpf, names::MAP_LOG_ORIGIN).ok()?;
+        map.get(&pid, 0).ok()
     }
 
     /// Tells the program how to read process `pid`.
@@ -906,60 +1022,24 @@ impl LogProbes {
             .watch(&mut self.ebpf, interp, file_offset, pid, whole_file)
     }
 
-    /// Removes a watchpoint [`Self::set_watchpoint`] set (with the ones its
-    /// thread's later threads inherited).
-    pub fn remove_watchpoint(&mut self, link: PerfEventLinkId) -> Result<(), BpfError> {
-        perf_event_mut(&mut self.ebpf, names::PROG_LOG_HIT)?
-            .detach(link)
-            .map_err(|source| BpfError::Program {
-                name: names::PROG_LOG_HIT,
-                source,
-            })
-    }
-
     /// Sets a read/write hardware watchpoint on the byte at `addr` (an
-    /// instruction's oparg) in thread `tid`, inherited by the threads it
-    /// starts from now on.
-    pub fn set_watchpoint(&mut self, tid: u32, addr: u64) -> Result<PerfEventLinkId, WatchError> {
-        use aya::programs::perf_event::{
-            BreakpointConfig, PerfBreakpointLength, PerfBreakpointType, PerfEventConfig,
-            PerfEventScope, SamplePolicy,
-        };
+    /// instruction's oparg) in thread `tid`, inherited by the threads and
+    /// processes it starts from now on. Dropping it takes it off.
+    pub fn set_watchpoint(&mut self, tid: u32, addr: u64) -> Result<Watchpoint, WatchError> {
         let program =
             perf_event_mut(&mut self.ebpf, names::PROG_LOG_HIT).map_err(|e| WatchError::Other {
                 tid,
-                source: match e {
-                    BpfError::Program { source, .. } => source,
-                    other => aya::programs::ProgramError::IOError(std::io::Error::other(
-                        other.to_string(),
-                    )),
-                },
+                source: std::io::Error::other(e.to_string()),
             })?;
-        program
-            .attach(
-                PerfEventConfig::Breakpoint(BreakpointConfig::Data {
-                    r#type: PerfBreakpointType::ReadWrite,
-                    address: addr,
-                    length: PerfBreakpointLength::Len1,
-                }),
-                PerfEventScope::OneProcess {
-                    pid: tid,
-                    cpu: None,
-                },
-                SamplePolicy::Period(1),
-                true,
-            )
-            .map_err(|source| {
-                let errno = match &source {
-                    aya::programs::ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
-                    _ => None,
-                };
-                match errno {
-                    Some(libc::ENOSPC) => WatchError::NoSlot { tid },
-                    Some(libc::ESRCH) => WatchError::Gone { tid },
-                    _ => WatchError::Other { tid, source },
-                }
-            })
+        let fd = program.fd().map_err(|e| WatchError::Other {
+            tid,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Watchpoint::open(fd.as_fd(), tid, addr).map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOSPC) => WatchError::NoSlot { tid },
+            Some(libc::ESRCH) => WatchError::Gone { tid },
+            _ => WatchError::Other { tid, source },
+        })
     }
 
     /// Hands every hit waiting in the ring buffer to `f`.

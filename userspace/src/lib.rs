@@ -12,6 +12,7 @@ pub mod dump;
 pub mod elf;
 pub mod entries;
 pub mod errors;
+pub mod kernel;
 pub mod live;
 pub mod logpoint;
 pub mod privileges;

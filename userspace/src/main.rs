@@ -54,6 +54,11 @@ enum Command {
     /// watchpoints per thread: at most 4 log points per process. FILE
     /// matches loaded files by the end of their path and must match one.
     /// With --all, every Python process running the code, now or later.
+    /// A process forked by a watched one (a pre-fork server's or a fork
+    /// pool's new worker) inherits the armed log points: every run is seen
+    /// from its first. One started fresh (exec, multiprocessing spawn) is
+    /// armed once pyprobe sees the file imported, within about 50 ms: its
+    /// runs before that are not seen.
     ///
     /// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE).
     Log {

@@ -10,7 +10,12 @@
 //! is scanned again every second and the log point arms itself when the
 //! code appears; the same scan arms armed log points on new code for their
 //! location (a reloaded module), and a code object's watchpoints come off
-//! when the process frees it. Hits are drained every 50 ms, the full
+//! when the process frees it. A process forked by a watched one inherits
+//! its watchpoints and is set up in the kernel at the fork
+//! ([`pyprobe_common::process::FORKED`]): its hits are printed from its
+//! first run. One that execs is set up again if it runs Python (a
+//! `spawn` worker), as soon as its interpreter has started. Hits are
+//! drained every 50 ms, the full
 //! condition is evaluated over the captured values, and one line (or JSON
 //! object) is printed per hit.
 
@@ -144,8 +149,9 @@ struct Armed {
     condition_false: u64,
     /// Hits whose condition could not be evaluated.
     condition_errors: u64,
-    /// Its watchpoints, one per thread that was running when it armed.
-    links: Vec<aya::programs::perf_event::PerfEventLinkId>,
+    /// Its watchpoints, one per thread that was running when it armed
+    /// (processes forked since inherited copies, removed with them).
+    links: Vec<crate::bpf::Watchpoint>,
     /// Its code object was freed and its watchpoints removed.
     retired: bool,
     /// When its code object was found freed, until that is reported: the
@@ -176,6 +182,17 @@ struct Process {
     tasks: Tasks,
     /// The container it runs in, if any.
     container: Option<crate::container::Container>,
+    /// The watched process it was forked from (directly or not), whose
+    /// watchpoints it inherited, if it was.
+    origin: Option<u32>,
+    /// When it was set up: a young process is looked at for its log
+    /// points' code at every drain, not every second (a `spawn` worker
+    /// may live 100 ms).
+    since: Instant,
+    /// Started by a watched process (forked, or forked and exec'd): a
+    /// worker of a pool. Its exit and the failed looks into it while it
+    /// starts are counted, not printed one by one.
+    worker: bool,
 }
 
 impl Process {
@@ -201,6 +218,11 @@ const LOOK_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
 /// How long a freed code object waits to be reported: if its process
 /// exits meanwhile, the exit is reported instead.
 const FREED_REPORT_DELAY: Duration = Duration::from_millis(500);
+/// How long a process that exec'd may take to start its new interpreter
+/// before it is dropped as not Python.
+const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a process counts as young (see [`Process::since`]).
+const YOUNG: Duration = Duration::from_secs(5);
 
 /// Runs `pyprobe log` until Ctrl-C, `--duration`, `--count`, or the exit of
 /// every target.
@@ -235,7 +257,15 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         clock: Clock::new(),
         printed: 0,
         gone_during_setup: BTreeSet::new(),
+        exec_pending: BTreeMap::new(),
+        forks: BTreeMap::new(),
     };
+    if let Some(why) = session.probes.forks_unfollowed() {
+        eprintln!(
+            "pyprobe: processes forked by watched ones are not followed: {why}; their hits are counted as \
+             \"at addresses not watched\""
+        );
+    }
     for a in attached {
         let pid = a.pid;
         match session.add_attached(a, false) {
@@ -265,6 +295,8 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = &mut stop => break,
             _ = drain.tick() => {
+                session.read_news();
+                session.rescan_young()?;
                 session.drain()?;
                 for line in session.retire_freed()? {
                     eprintln!("pyprobe: {line}");
@@ -449,6 +481,11 @@ struct Session {
     printed: u64,
     /// `--pid` targets that exited while being set up.
     gone_during_setup: BTreeSet<u32>,
+    /// Watched processes that exec'd, until set up again (or dropped) by
+    /// this deadline; with whether to say so if they run no Python.
+    exec_pending: BTreeMap<u32, (Instant, bool)>,
+    /// Processes forked from each watched one since pyprobe started.
+    forks: BTreeMap<u32, u64>,
 }
 
 impl Session {
@@ -456,8 +493,48 @@ impl Session {
     /// `--all`): say nothing of log points waiting for their code, and
     /// print the attach line only when one was armed.
     fn add(&mut self, pid: u32, quiet: bool) -> anyhow::Result<()> {
+        // Forked by a watched process after it armed: it has its
+        // watchpoints already (the news of it may not be read yet).
+        if let Some(origin) = self.probes.origin_of(pid) {
+            self.add_forked(pid, origin);
+            return Ok(());
+        }
         let attached = Attached::new(pid, &self.points)?;
         self.add_attached(attached, quiet)
+    }
+
+    /// Records process `pid`, forked by `origin` (or by one of its
+    /// children) after log points armed there: the kernel set it up at the
+    /// fork and its watchpoints are inherited copies, so nothing is armed;
+    /// its own copy of the memory is read for its hits.
+    fn add_forked(&mut self, pid: u32, origin: u32) {
+        if self.processes.contains_key(&pid) {
+            return;
+        }
+        *self.forks.entry(origin).or_default() += 1;
+        let Some(parent) = self.processes.get(&origin) else {
+            return;
+        };
+        // Gone already (a worker may live milliseconds): its hits are read
+        // in its parent's memory, the same before the fork.
+        let Ok(memory) = ProcessMemory::open(pid) else {
+            return;
+        };
+        let process = Process {
+            target: parent.target.over(memory),
+            waiting: parent.waiting.clone(),
+            refused: BTreeSet::new(),
+            type_names: HashMap::new(),
+            scan_errors: BTreeMap::new(),
+            exited: false,
+            last_look: None,
+            tasks: Tasks::read(pid),
+            container: parent.container.clone(),
+            origin: Some(origin),
+            since: Instant::now(),
+            worker: true,
+        };
+        self.processes.insert(pid, process);
     }
 
     /// [`Self::add`] for a process already attached.
@@ -492,6 +569,9 @@ impl Session {
                 last_look: None,
                 tasks: Tasks::read(pid),
                 container: crate::container::Placement::of(pid).and_then(|p| p.container),
+                origin: None,
+                since: Instant::now(),
+                worker: false,
             },
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
@@ -585,7 +665,7 @@ impl Session {
                         .or_insert((0, String::new()));
                     entry.0 += 1;
                     entry.1 = e.to_string();
-                    if entry.0 == 1 {
+                    if entry.0 == 1 && !process.worker {
                         lines.push(format!(
                             "log point {} in PID {pid}: cannot look for its code now ({e}); trying again every second",
                             index + 1
@@ -663,9 +743,7 @@ impl Session {
             };
             // Half-armed, it would hold debug registers of some threads for
             // nothing (a later rescan may go on without it).
-            for link in links {
-                self.probes.remove_watchpoint(link)?;
-            }
+            drop(links);
             self.probes.unwatch(
                 WatchKey {
                     tgid: pid,
@@ -735,9 +813,7 @@ impl Session {
             if !self.probes.freed_code(armed.pid, armed.found.code)? {
                 continue;
             }
-            for link in armed.links.drain(..) {
-                self.probes.remove_watchpoint(link)?;
-            }
+            armed.links.clear();
             self.probes.unwatch(
                 WatchKey {
                     tgid: armed.pid,
@@ -788,32 +864,126 @@ impl Session {
         for pid in exited {
             for armed in self.armed.iter_mut().filter(|a| a.pid == pid) {
                 armed.freed_at = None;
-                if armed.retired {
-                    continue;
-                }
                 armed.retired = true;
-                for link in armed.links.drain(..) {
-                    // The process is gone: its events may be gone too.
-                    let _ = self.probes.remove_watchpoint(link);
-                }
             }
+            let mut forked = false;
             if let Some(p) = self.processes.get_mut(&pid) {
                 p.exited = true;
+                forked = p.worker;
             }
             self.probes.forget(pid);
-            lines.push(format!("PID {pid} exited"));
+            // Forked workers come and go by the hundred: the summary
+            // counts them.
+            if !forked {
+                lines.push(format!("PID {pid} exited"));
+            }
         }
+        self.drop_unused_watchpoints();
         Ok(lines)
+    }
+
+    /// Closes the watchpoints of log points retired (their process exited
+    /// or exec'd) once no process forked from theirs runs: those hold
+    /// inherited copies, which closing would take off.
+    fn drop_unused_watchpoints(&mut self) {
+        let live_origins: BTreeSet<u32> = self
+            .processes
+            .values()
+            .filter(|p| !p.exited)
+            .filter_map(|p| p.origin)
+            .collect();
+        for armed in self.armed.iter_mut() {
+            if armed.retired && !live_origins.contains(&armed.pid) {
+                armed.links.clear();
+            }
+        }
+    }
+
+    /// Reads the kernel's news of processes: children forked by watched
+    /// processes, watched processes that exec'd.
+    fn read_news(&mut self) {
+        let mut news = Vec::new();
+        self.probes.drain_news(|n| {
+            if let crate::bpf::News::Process(event) = n {
+                news.push(event);
+            }
+        });
+        for event in news {
+            match event.kind {
+                pyprobe_common::process::FORKED => self.add_forked(event.tgid, event.template),
+                pyprobe_common::process::EXEC => self.exec_seen(event.tgid),
+                _ => {}
+            }
+        }
+        self.set_up_exec_pending();
+    }
+
+    /// Process `pid` exec'd: what was armed in it is gone with its old
+    /// image (the kernel removed its watchpoints); it is set up again if
+    /// it now runs Python.
+    fn exec_seen(&mut self, pid: u32) {
+        let Some(process) = self.processes.remove(&pid) else {
+            return;
+        };
+        for armed in self.armed.iter_mut().filter(|a| a.pid == pid) {
+            armed.retired = true;
+            armed.freed_at = None;
+        }
+        self.probes.forget(pid);
+        // A worker that execs (a `spawn` worker, a subprocess) is not
+        // reported if it runs something else.
+        self.exec_pending
+            .insert(pid, (Instant::now() + EXEC_SETUP_TIMEOUT, !process.worker));
+    }
+
+    /// Sets up the processes that exec'd, once their new interpreter has
+    /// started; reports and drops a watched one that runs no Python.
+    fn set_up_exec_pending(&mut self) {
+        let pending: Vec<(u32, (Instant, bool))> =
+            self.exec_pending.iter().map(|(p, v)| (*p, *v)).collect();
+        for (pid, (deadline, say)) in pending {
+            if !crate::process::is_alive(pid) {
+                self.exec_pending.remove(&pid);
+                continue;
+            }
+            let error = match self.add(pid, true) {
+                Ok(()) => {
+                    self.exec_pending.remove(&pid);
+                    if let Some(p) = self.processes.get_mut(&pid) {
+                        p.worker = !say;
+                    }
+                    continue;
+                }
+                Err(e) => e,
+            };
+            self.processes.remove(&pid);
+            if Instant::now() < deadline {
+                continue;
+            }
+            self.exec_pending.remove(&pid);
+            self.ignored.insert(pid);
+            if say {
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "another program".to_owned());
+                eprintln!(
+                    "pyprobe: PID {pid} exec'd {exe}, which pyprobe cannot watch ({}): dropped",
+                    crate::errors::one_line(error.as_ref())
+                );
+            }
+        }
     }
 
     /// Under `--all`: sets up the Python processes not seen before. A
     /// process that cannot be set up is skipped with a line saying why.
     fn scan(&mut self) -> anyhow::Result<()> {
+        // Forked children known first: they are not armed again.
+        self.read_news();
         let processes = &self.processes;
-        let pids = self
-            .opts
-            .select
-            .new_pids(&mut self.ignored, |pid| processes.contains_key(&pid));
+        let pending = &self.exec_pending;
+        let pids = self.opts.select.new_pids(&mut self.ignored, |pid| {
+            processes.contains_key(&pid) || pending.contains_key(&pid)
+        });
         for pid in pids {
             if let Err(e) = self.add(pid, true) {
                 self.processes.remove(&pid);
@@ -842,34 +1012,55 @@ impl Session {
     fn rescan(&mut self) -> anyhow::Result<()> {
         let pids: Vec<u32> = self.processes.keys().copied().collect();
         for pid in pids {
-            if !crate::process::is_alive(pid) || !self.may_have_new_code(pid) {
-                continue;
-            }
-            for line in self.arm_new_code(pid) {
-                eprintln!("pyprobe: {line}");
-            }
-            if self.processes[&pid].waiting.is_empty() {
-                continue;
-            }
-            let lines = match self.arm_waiting(pid, false) {
-                Ok(lines) => lines,
-                // Under --all a process may refuse (no free watchpoint):
-                // it is left alone, the others go on.
-                Err(e) if self.opts.all => {
-                    eprintln!(
-                        "pyprobe: not watching PID {pid} any more: {}",
-                        crate::errors::one_line(e.as_ref())
-                    );
-                    if let Some(p) = self.processes.get_mut(&pid) {
-                        p.waiting.clear();
-                    }
-                    continue;
+            self.rescan_one(pid)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::rescan`] for the young processes only, at every drain: a
+    /// worker started after pyprobe arms as soon as it imports the file.
+    fn rescan_young(&mut self) -> anyhow::Result<()> {
+        let young: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| !p.exited && !p.waiting.is_empty() && p.since.elapsed() < YOUNG)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in young {
+            self.rescan_one(pid)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::rescan`] for process `pid`.
+    fn rescan_one(&mut self, pid: u32) -> anyhow::Result<()> {
+        if !crate::process::is_alive(pid) || !self.may_have_new_code(pid) {
+            return Ok(());
+        }
+        for line in self.arm_new_code(pid) {
+            eprintln!("pyprobe: {line}");
+        }
+        if self.processes[&pid].waiting.is_empty() {
+            return Ok(());
+        }
+        let lines = match self.arm_waiting(pid, false) {
+            Ok(lines) => lines,
+            // Under --all a process may refuse (no free watchpoint): it is
+            // left alone, the others go on.
+            Err(e) if self.opts.all => {
+                eprintln!(
+                    "pyprobe: not watching PID {pid} any more: {}",
+                    crate::errors::one_line(e.as_ref())
+                );
+                if let Some(p) = self.processes.get_mut(&pid) {
+                    p.waiting.clear();
                 }
-                Err(e) => return Err(e),
-            };
-            for line in lines {
-                eprintln!("pyprobe: {line}");
+                return Ok(());
             }
+            Err(e) => return Err(e),
+        };
+        for line in lines {
+            eprintln!("pyprobe: {line}");
         }
         Ok(())
     }
@@ -963,7 +1154,13 @@ impl Session {
             let Some(armed) = self.armed.get_mut(h.logpoint as usize) else {
                 continue;
             };
-            let Some(process) = self.processes.get_mut(&armed.pid) else {
+            // A forked child's hit is read in its own memory.
+            let owner = if self.processes.contains_key(&h.tgid) {
+                h.tgid
+            } else {
+                armed.pid
+            };
+            let Some(process) = self.processes.get_mut(&owner) else {
                 continue;
             };
             let mut type_name = |ty: u64| {
@@ -1107,7 +1304,7 @@ impl Session {
             let c: LogCounters = self.probes.counters(index as u32)?;
 
             eprintln!(
-                "pyprobe: log point {} {}:{} in PID {}{}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
+                "pyprobe: log point {} {}:{} in PID {}{}{}: {} printed; {} runs in {:.1} s; dropped: {} by the condition \
                  in the kernel, {} by the condition in userspace, {} condition errors, {} over the rate limit ({}), \
                  {} after --count, {} lost (ring buffer full); {} watchpoint hits were not runs ({} accesses from \
                  outside the eval loop, {} from other frames, {} second accesses of a run)",
@@ -1121,6 +1318,13 @@ impl Session {
                     " (code object freed since)"
                 } else {
                     ""
+                },
+                match self.forks.get(&armed.pid) {
+                    Some(n) => format!(
+                        " and {n} process{} forked from it",
+                        if *n == 1 { "" } else { "es" }
+                    ),
+                    None => String::new(),
                 },
                 armed.printed,
                 c.hits - c.foreign - c.other_frame - c.repeats,
@@ -1145,7 +1349,7 @@ impl Session {
         // A log point that never armed is most likely a wrong path: say so
         // once per log point (under --all, not once per unrelated process),
         // and end with an error.
-        for (pid, process) in &self.processes {
+        for (pid, process) in self.processes.iter().filter(|(_, p)| !p.worker) {
             for (index, (count, last)) in &process.scan_errors {
                 eprintln!(
                     "pyprobe: log point {} in PID {pid}: {count} looks for its code failed (last: {last})",
