@@ -334,6 +334,24 @@ pub struct CallCounter {
     ebpf: Ebpf,
     /// News of exec'd, exited and newly configured processes, until taken.
     events: Option<ProcessEvents>,
+    /// The programs, loaded for `uprobe_multi` links where the kernel has
+    /// them (6.6+); else aya's perf-event uprobes are used.
+    multi: Option<crate::uprobe_multi::MultiPrograms>,
+    /// Probes asked for since the last [`Self::flush`], by program, file
+    /// and process, in the order asked.
+    pending: Vec<PendingProbes>,
+    /// The `uprobe_multi` links made.
+    links: Vec<crate::uprobe_multi::MultiLink>,
+}
+
+/// Probes of one program on one file, for one process or all, waiting to
+/// become one `uprobe_multi` link.
+struct PendingProbes {
+    program: CallProgram,
+    path: std::path::PathBuf,
+    pid: Option<u32>,
+    offsets: Vec<u64>,
+    cookies: Vec<u64>,
 }
 
 impl CallCounter {
@@ -350,9 +368,25 @@ impl CallCounter {
         } else {
             vec![(names::MAP_CALL_LATENCY, 1), (names::MAP_CALL_RUNNING, 1)]
         };
-        let mut ebpf = load_programs(&names, &sizes)?;
+        let mut ebpf = load_programs(&[], &sizes)?;
+        let multi = match crate::uprobe_multi::MultiPrograms::load(EBPF_OBJECT, &ebpf, &names) {
+            Ok(multi) => Some(multi),
+            Err(e) => {
+                log::debug!("uprobe_multi programs not loaded ({e}): perf-event uprobes");
+                for name in names {
+                    load_uprobe(&mut ebpf, name)?;
+                }
+                None
+            }
+        };
         let events = Some(ProcessEvents::attach(&mut ebpf)?);
-        Ok(Self { ebpf, events })
+        Ok(Self {
+            ebpf,
+            events,
+            multi,
+            pending: Vec::new(),
+            links: Vec::new(),
+        })
     }
 
     /// The kernel's news of processes, to be read (once).
@@ -400,6 +434,9 @@ impl CallCounter {
     /// process (`Some(pid)`) or for every process that maps the file,
     /// including ones started later (`None`), with `cookie`
     /// ([`calls::cookie`]).
+    ///
+    /// With `uprobe_multi`, the probe is put on at the next
+    /// [`Self::flush`], with the others of its program, file and process.
     pub fn attach(
         &mut self,
         program: CallProgram,
@@ -408,6 +445,30 @@ impl CallCounter {
         pid: Option<u32>,
         cookie: u64,
     ) -> Result<(), BpfError> {
+        if self.multi.is_some() {
+            let found = self
+                .pending
+                .iter_mut()
+                .find(|p| p.program == program && p.path == interp.host_path && p.pid == pid);
+            let group = match found {
+                Some(group) => group,
+                None => {
+                    self.pending.push(PendingProbes {
+                        program,
+                        path: interp.host_path.clone(),
+                        pid,
+                        offsets: Vec::new(),
+                        cookies: Vec::new(),
+                    });
+                    self.pending.last_mut().expect("pushed")
+                }
+            };
+            if !group.offsets.contains(&file_offset) {
+                group.offsets.push(file_offset);
+                group.cookies.push(cookie);
+            }
+            return Ok(());
+        }
         let scope = match pid {
             Some(pid) => UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or(BpfError::ZeroPid)?),
             None => UProbeScope::AllProcesses,
@@ -426,6 +487,40 @@ impl CallCounter {
                 source,
             })?;
         Ok(())
+    }
+
+    /// Puts on the probes [`Self::attach`] was asked for since the last
+    /// flush: one `uprobe_multi` link per program, file and process, in
+    /// the order first asked.
+    pub fn flush(&mut self) -> Result<(), BpfError> {
+        let Some(multi) = &self.multi else {
+            return Ok(());
+        };
+        for group in self.pending.drain(..) {
+            let link = multi
+                .attach(
+                    group.program.name(),
+                    &group.path,
+                    &group.offsets,
+                    &group.cookies,
+                    group.pid,
+                    group.program == CallProgram::ExitStack,
+                )
+                .map_err(|e| BpfError::Attach {
+                    target: group.path.display().to_string(),
+                    pid: group.pid.unwrap_or(0),
+                    offset: group.offsets.first().copied().unwrap_or(0),
+                    source: aya::programs::ProgramError::IOError(e),
+                })?;
+            self.links.push(link);
+        }
+        Ok(())
+    }
+
+    /// Whether probes are `uprobe_multi` links (closed with one wait per
+    /// link rather than one per probe).
+    pub fn uses_multi(&self) -> bool {
+        self.multi.is_some()
     }
 
     /// Counts so far, per code object (summed over CPUs): (starts, resumes).

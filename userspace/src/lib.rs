@@ -20,3 +20,4 @@ pub mod process;
 pub mod profile;
 pub mod python;
 pub mod selection;
+pub mod uprobe_multi;

@@ -167,8 +167,12 @@ enum Command {
     /// from what the kernel reads as they first run, so short-lived workers
     /// are named too. A watched process that execs another interpreter is
     /// followed; one that execs anything else is reported and dropped.
-    /// Detaching takes the kernel about 0.1 s per probe (5-18 per
-    /// interpreter file), so exit can take 1-2 s after Ctrl-C.
+    /// The probes of one interpreter file are one `uprobe_multi` link
+    /// (Linux 6.6+), which the kernel detaches with one grace period:
+    /// with 100 processes of one interpreter, ready in 0.36 s and gone
+    /// 0.21 s after Ctrl-C (`cargo xtask bench --only scale`). Older
+    /// kernels get one perf-event uprobe per probe, about 0.1 s each to
+    /// detach (5-18 per file).
     ///
     /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
     Calls {

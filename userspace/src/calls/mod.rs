@@ -308,6 +308,7 @@ impl Session {
                 self.counter
                     .attach(program, &interp, offset, scope, cookie(offset))?;
             }
+            self.counter.flush()?;
         }
         let builtins_line = if !self.builtins {
             String::new()
