@@ -114,6 +114,9 @@ pub struct ElfImage {
     path: PathBuf,
     data: Vec<u8>,
     segments: Vec<LoadSegment>,
+    /// [`Self::unwind_ranges`], parsed at the first call (every process of
+    /// one interpreter file shares the image).
+    unwind: std::sync::OnceLock<Vec<std::ops::Range<u64>>>,
 }
 
 impl ElfImage {
@@ -146,6 +149,7 @@ impl ElfImage {
             path,
             data,
             segments,
+            unwind: std::sync::OnceLock::new(),
         })
     }
 
@@ -336,7 +340,12 @@ impl ElfImage {
     /// contiguous piece of a function (GCC gives a function's `.cold` part its
     /// own FDE). Best effort: parsing stops at the first malformed entry, and
     /// a file without `.eh_frame` yields an empty list.
-    pub fn unwind_ranges(&self) -> Vec<std::ops::Range<u64>> {
+    pub fn unwind_ranges(&self) -> &[std::ops::Range<u64>] {
+        self.unwind.get_or_init(|| self.parse_unwind_ranges())
+    }
+
+    /// [`Self::unwind_ranges`], parsed.
+    fn parse_unwind_ranges(&self) -> Vec<std::ops::Range<u64>> {
         use gimli::UnwindSection as _;
         let Ok(sections) = self.sections() else {
             return Vec::new();

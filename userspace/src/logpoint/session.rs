@@ -229,9 +229,11 @@ const YOUNG: Duration = Duration::from_secs(5);
 pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     let points = parse_points(&opts)?;
     crate::privileges::check()?;
+    // The verifier's work (most of a second) runs beside the reading of
+    // the targets.
+    let loading = std::thread::spawn(LogProbes::load);
     // Every --pid is attached and its log points resolved and compiled
-    // before the programs are loaded into the kernel: a wrong --at or
-    // --when fails in a fraction of a second.
+    // before anything is armed: a wrong --at or --when fails before.
     let mut attached = Vec::new();
     for &pid in &opts.pids {
         crate::process::find_interpreter(pid)?;
@@ -247,12 +249,26 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
             .with_context(|| format!("setting up PID {pid}"))?;
         attached.push(a);
     }
+    // Under --all, the processes running now are read meanwhile too.
+    let mut ignored = BTreeSet::new();
+    let early: Vec<(u32, Option<anyhow::Result<Attached>>)> = if opts.all {
+        opts.select
+            .new_pids(&mut ignored, |pid| opts.pids.contains(&pid))
+            .into_iter()
+            .map(|pid| (pid, Some(Attached::new(pid, &points))))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let probes = loading
+        .join()
+        .map_err(|_| anyhow::anyhow!("loading the eBPF programs failed (a thread panicked)"))??;
     let mut session = Session {
-        probes: LogProbes::load()?,
+        probes,
         points,
         armed: Vec::new(),
         processes: BTreeMap::new(),
-        ignored: BTreeSet::new(),
+        ignored,
         opts: opts.clone(),
         clock: Clock::new(),
         printed: 0,
@@ -279,6 +295,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         }
     }
     if opts.all {
+        session.set_up_found(early)?;
         session.scan()?;
         eprintln!(
             "pyprobe: watching {} for the log points (new ones are picked up every second)",
@@ -984,8 +1001,22 @@ impl Session {
         let pids = self.opts.select.new_pids(&mut self.ignored, |pid| {
             processes.contains_key(&pid) || pending.contains_key(&pid)
         });
-        for pid in pids {
-            if let Err(e) = self.add(pid, true) {
+        self.set_up_found(pids.into_iter().map(|pid| (pid, None)).collect())
+    }
+
+    /// Sets up processes found by a scan, some of them read already; one
+    /// that cannot be set up is skipped with a line saying why.
+    fn set_up_found(
+        &mut self,
+        found: Vec<(u32, Option<anyhow::Result<Attached>>)>,
+    ) -> anyhow::Result<()> {
+        for (pid, read) in found {
+            let result = match read {
+                Some(Ok(attached)) => self.add_attached(attached, true),
+                Some(Err(e)) => Err(e),
+                None => self.add(pid, true),
+            };
+            if let Err(e) = result {
                 self.processes.remove(&pid);
                 if e.downcast_ref::<super::locate::LocateError>()
                     .is_some_and(|l| l.is_wrong_spec())
