@@ -972,8 +972,6 @@ impl LogProbes {
             loader.map_max_entries(map, 1);
         }
         loader.map_max_entries(names::MAP_SAMPLES, 4096);
-        // Read beside the verifier's work, which takes longer.
-        let offsets = std::thread::spawn(crate::kernel::TaskOffsets::read);
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
         perf_event_mut(&mut ebpf, names::PROG_LOG_HIT)?
             .load()
@@ -983,31 +981,42 @@ impl LogProbes {
             })?;
         load_uprobe(&mut ebpf, names::PROG_CODE_FREED)?;
         let ring = take_ring(&mut ebpf, names::MAP_LOG_HITS)?;
-        let forks_unfollowed = match offsets.join() {
-            Ok(Ok(offsets)) => {
-                let mut map: Array<&mut MapData, u32> =
-                    open_map_mut(&mut ebpf, names::MAP_TASK_OFFSETS)?;
-                for (index, value) in [(0, offsets.pid), (1, offsets.tgid)] {
-                    map.set(index, value, 0).map_err(|source| BpfError::Map {
-                        name: names::MAP_TASK_OFFSETS,
-                        source,
-                    })?;
-                }
-                None
-            }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("reading the kernel's BTF failed".to_owned()),
-        };
-        // Attached last: `process_fork` follows forks once the offsets
-        // are known.
+        // `process_fork` follows forks once the offsets are set.
         let news = ProcessEvents::attach(&mut ebpf)?;
         Ok(Self {
             ebpf,
             ring,
             code_frees: CodeFrees::default(),
             news,
-            forks_unfollowed,
+            forks_unfollowed: Some("the kernel's task layout is not read yet".to_owned()),
         })
+    }
+
+    /// Gives `process_fork` where a task's ids are
+    /// ([`crate::kernel::TaskOffsets::read`]), before anything is armed:
+    /// from then on a process forked by a watched one is set up in the
+    /// kernel. An error is kept for [`Self::forks_unfollowed`].
+    pub fn follow_forks(
+        &mut self,
+        offsets: anyhow::Result<crate::kernel::TaskOffsets>,
+    ) -> Result<(), BpfError> {
+        let offsets = match offsets {
+            Ok(offsets) => offsets,
+            Err(e) => {
+                self.forks_unfollowed = Some(e.to_string());
+                return Ok(());
+            }
+        };
+        let mut map: Array<&mut MapData, u32> =
+            open_map_mut(&mut self.ebpf, names::MAP_TASK_OFFSETS)?;
+        for (index, value) in [(0, offsets.pid), (1, offsets.tgid)] {
+            map.set(index, value, 0).map_err(|source| BpfError::Map {
+                name: names::MAP_TASK_OFFSETS,
+                source,
+            })?;
+        }
+        self.forks_unfollowed = None;
+        Ok(())
     }
 
     /// Why processes forked by watched ones are not followed (their

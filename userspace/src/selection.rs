@@ -56,16 +56,12 @@ impl Selector {
 
 impl Selector {
     /// Processes to set up under `--all`: every PID in `/proc` but ours,
-    /// the `ignored` ones and the `known` ones, that the selection takes.
-    /// The others are added to `ignored`, not to be read again.
-    pub fn new_pids(
-        &self,
-        ignored: &mut std::collections::BTreeSet<u32>,
-        known: impl Fn(u32) -> bool,
-    ) -> Vec<u32> {
+    /// the `ignored` ones (as they were when passed over) and the `known`
+    /// ones, that the selection takes. The others are added to `ignored`.
+    pub fn new_pids(&self, ignored: &mut Ignored, known: impl Fn(u32) -> bool) -> Vec<u32> {
         let mut out = Vec::new();
         for pid in all_pids() {
-            if pid == std::process::id() || ignored.contains(&pid) || known(pid) {
+            if pid == std::process::id() || known(pid) || ignored.holds(pid) {
                 continue;
             }
             if self.selects(pid) {
@@ -76,6 +72,85 @@ impl Selector {
         }
         out
     }
+}
+
+/// Processes a scan passed over (not selected, not Python, or not set
+/// up), not read again while each is the same program: a process that
+/// execs (a shell becoming Python, a worker becoming something else), a
+/// PID reused by a new process, and a process passed over while it was
+/// starting (its interpreter not initialized yet) are looked at again.
+#[derive(Debug, Default)]
+pub struct Ignored {
+    by_pid: std::collections::BTreeMap<u32, Passed>,
+}
+
+/// What a passed-over process was.
+#[derive(Debug)]
+struct Passed {
+    /// Its executable.
+    exe: Option<std::path::PathBuf>,
+    /// Its start time (clock ticks after boot).
+    started: Option<u64>,
+    /// It was less than [`YOUNG_MS`] old: looked at again once.
+    young: bool,
+}
+
+/// Age (ms) under which a process may still be starting.
+const YOUNG_MS: u64 = 2000;
+
+impl Ignored {
+    /// Passes over `pid` as it is now.
+    pub fn insert(&mut self, pid: u32) {
+        let (started, age) = start_and_age(pid).unzip();
+        self.by_pid.insert(
+            pid,
+            Passed {
+                exe: exe_of(pid),
+                started,
+                young: age.is_some_and(|a| a < YOUNG_MS),
+            },
+        );
+    }
+
+    /// Whether `pid` was passed over and is the same program since (a
+    /// young one is looked at once more).
+    pub fn holds(&mut self, pid: u32) -> bool {
+        let Some(passed) = self.by_pid.get_mut(&pid) else {
+            return false;
+        };
+        let same = passed.exe == exe_of(pid)
+            && passed.started == start_and_age(pid).map(|(s, _)| s)
+            && !std::mem::take(&mut passed.young);
+        if !same {
+            self.by_pid.remove(&pid);
+        }
+        same
+    }
+
+    /// Forgets `pid`.
+    pub fn remove(&mut self, pid: u32) {
+        self.by_pid.remove(&pid);
+    }
+}
+
+/// The executable of `pid`, if readable.
+fn exe_of(pid: u32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// When `pid` started (clock ticks after boot, `/proc/PID/stat` field 22)
+/// and its age in ms.
+fn start_and_age(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Field 22 is the 20th after the comm.
+    let started: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let seconds: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    let now = (seconds * hz as f64) as u64;
+    Some((started, now.saturating_sub(started) * 1000 / hz.max(1)))
 }
 
 /// Every PID in /proc, in order.

@@ -154,7 +154,7 @@ struct Session {
     /// A watched process exec'd something pyprobe cannot watch.
     dropped: bool,
     /// PIDs that are not Python (or could not be read), not to retry.
-    ignored: BTreeSet<u32>,
+    ignored: crate::selection::Ignored,
     /// Probes go on every process that maps an interpreter file, set up
     /// or not (plain `--all`); else on each set-up process alone, so
     /// processes left out of a selection never trap.
@@ -610,7 +610,7 @@ pub(crate) fn note_scanned(
     pid: u32,
     result: anyhow::Result<String>,
     verb: &str,
-    ignored: &mut BTreeSet<u32>,
+    ignored: &mut crate::selection::Ignored,
 ) {
     match result {
         Ok(line) => eprintln!("pyprobe: {verb} {line}"),
@@ -668,7 +668,7 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         kernel_ready: BTreeMap::new(),
         exec_pending: BTreeMap::new(),
         dropped: false,
-        ignored: BTreeSet::new(),
+        ignored: crate::selection::Ignored::default(),
         all: opts.all && opts.select.is_everything(),
         select: opts.select.clone(),
         empty_program: opts.empty_program,

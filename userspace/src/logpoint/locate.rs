@@ -524,8 +524,16 @@ impl<M: Memory> Target<M> {
                 (Files::Exact(exact, file.is_some()), place)
             }
         };
-        let mut scan = Scan::new(self, files);
+        // First the modules whose `__file__` is wanted (a few reads per
+        // module); every object of every module only if that finds no
+        // code (the file's functions kept elsewhere, its module gone).
+        let mut scan = Scan::new(self, files.clone());
+        scan.only_wanted_modules = true;
         scan.run()?;
+        if scan.nodes.is_empty() {
+            scan = Scan::new(self, files);
+            scan.run()?;
+        }
         log::debug!(
             "locate {loc}: {} code objects of the file, {} objects looked at, in {:?}",
             scan.nodes.len(),
@@ -624,6 +632,7 @@ impl PathKey {
 }
 
 /// Which `co_filename`s are wanted.
+#[derive(Clone)]
 enum Files {
     /// A path as the user gave it.
     Suffix(PathKey),
@@ -788,6 +797,11 @@ struct Scan<'t, M> {
     truncated: bool,
     /// Bytes of a code object read at once: every field used.
     code_window: usize,
+    /// Walk only the modules whose `__file__` is a wanted file.
+    only_wanted_modules: bool,
+    /// Dict key objects read: whether each is the str `__file__` (module
+    /// dicts share interned keys, so each is read once).
+    file_keys: HashMap<u64, bool>,
 }
 
 impl<'t, M: Memory> Scan<'t, M> {
@@ -820,7 +834,34 @@ impl<'t, M: Memory> Scan<'t, M> {
             objects: 0,
             truncated: false,
             code_window: ends.into_iter().max().unwrap_or(0) as usize,
+            only_wanted_modules: false,
+            file_keys: HashMap::new(),
         }
+    }
+
+    /// Whether the module whose dict is at `dict` has a wanted `__file__`.
+    fn module_file_wanted(&mut self, dict: u64) -> Result<bool, ReadError> {
+        if dict == 0 {
+            return Ok(false);
+        }
+        for (key, value) in dict_items(self.t, dict)? {
+            let is_file = match self.file_keys.get(&key) {
+                Some(&is_file) => is_file,
+                None => {
+                    let is_file = self.t.read_str(key).ok().as_deref() == Some("__file__");
+                    self.file_keys.insert(key, is_file);
+                    is_file
+                }
+            };
+            if is_file {
+                return if value == self.t.known.none {
+                    Ok(false)
+                } else {
+                    self.wanted_file(value)
+                };
+            }
+        }
+        Ok(false)
     }
 
     /// Counts one more object; false once the bound is reached.
@@ -867,7 +908,12 @@ impl<'t, M: Memory> Scan<'t, M> {
                     .mem
                     .read_u64(module.wrapping_add(common::MODULE_DICT))
                     .map_err(ReadError::from)
-                    .and_then(|dict| self.namespace(dict, None, 0, 0));
+                    .and_then(|dict| {
+                        if self.only_wanted_modules && !self.module_file_wanted(dict)? {
+                            return Ok(());
+                        }
+                        self.namespace(dict, None, 0, 0)
+                    });
                 if let Err(e) = walked {
                     log::debug!("locate: module at {module:#x} skipped: {e}");
                 }

@@ -193,6 +193,8 @@ struct Process {
     /// worker of a pool. Its exit and the failed looks into it while it
     /// starts are counted, not printed one by one.
     worker: bool,
+    /// "attached to PID" was said (under --all, once a log point armed).
+    announced: bool,
 }
 
 impl Process {
@@ -250,7 +252,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         attached.push(a);
     }
     // Under --all, the processes running now are read meanwhile too.
-    let mut ignored = BTreeSet::new();
+    let mut ignored = crate::selection::Ignored::default();
     let early: Vec<(u32, Option<anyhow::Result<Attached>>)> = if opts.all {
         opts.select
             .new_pids(&mut ignored, |pid| opts.pids.contains(&pid))
@@ -260,9 +262,12 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let probes = loading
+    // Also while the verifier works: where the kernel keeps a task's ids.
+    let offsets = crate::kernel::TaskOffsets::read();
+    let mut probes = loading
         .join()
         .map_err(|_| anyhow::anyhow!("loading the eBPF programs failed (a thread panicked)"))??;
+    probes.follow_forks(offsets)?;
     let mut session = Session {
         probes,
         points,
@@ -492,7 +497,7 @@ struct Session {
     armed: Vec<Armed>,
     processes: BTreeMap<u32, Process>,
     /// Under `--all`: processes that are not Python or could not be set up.
-    ignored: BTreeSet<u32>,
+    ignored: crate::selection::Ignored,
     opts: LogOptions,
     clock: Clock,
     printed: u64,
@@ -550,6 +555,7 @@ impl Session {
             origin: Some(origin),
             since: Instant::now(),
             worker: true,
+            announced: true,
         };
         self.processes.insert(pid, process);
     }
@@ -589,6 +595,7 @@ impl Session {
                 origin: None,
                 since: Instant::now(),
                 worker: false,
+                announced: false,
             },
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
@@ -602,6 +609,9 @@ impl Session {
         }
         if !quiet || !lines.is_empty() {
             eprintln!("pyprobe: attached to PID {pid} (CPython {version})");
+            if let Some(p) = self.processes.get_mut(&pid) {
+                p.announced = true;
+            }
         }
         Ok(())
     }
@@ -1090,8 +1100,21 @@ impl Session {
             }
             Err(e) => return Err(e),
         };
-        for line in lines {
+        for line in &lines {
             eprintln!("pyprobe: {line}");
+        }
+        // A process set up before its file was imported is announced when
+        // a log point arms in it.
+        if let Some(p) = self.processes.get_mut(&pid)
+            && !lines.is_empty()
+            && !p.announced
+            && self.armed.iter().any(|a| a.pid == pid)
+        {
+            p.announced = true;
+            eprintln!(
+                "pyprobe: attached to PID {pid} (CPython {})",
+                p.target.version
+            );
         }
         Ok(())
     }

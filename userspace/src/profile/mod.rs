@@ -23,7 +23,7 @@ pub mod stacks;
 pub mod walk;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     io::IsTerminal,
     path::PathBuf,
     time::{Duration, Instant},
@@ -95,7 +95,7 @@ struct Session {
     /// Python threads of each live process: (thread id, thread state).
     threads: HashMap<u32, Vec<(u32, u64)>>,
     roots: Roots,
-    ignored: BTreeSet<u32>,
+    ignored: crate::selection::Ignored,
     profile: Profile,
     keep: Keep,
     idle: bool,
@@ -122,7 +122,7 @@ impl Session {
                 processes: opts.all || opts.pids.len() > 1,
                 ..Roots::default()
             },
-            ignored: BTreeSet::new(),
+            ignored: crate::selection::Ignored::default(),
             profile: Profile::default(),
             keep: Keep {
                 threads: opts.threads,
