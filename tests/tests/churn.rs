@@ -266,3 +266,60 @@ fn log_all_prints_every_hit_of_replaced_fork_pool_workers() {
         pool_logged_from_first_run,
     );
 }
+
+/// A shell that pyprobe passed over (not Python), then execs an
+/// interpreter: it is watched from then on.
+fn passed_over_then_python(interp: &Interpreter) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut shell = std::process::Command::new("sh")
+        .args(["-c", "read go; exec \"$0\" \"$1\""])
+        .arg(&interp.path)
+        .arg(fixture_path("calls_workload.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting sh")?;
+    let pid = shell.id();
+    let result = (|| {
+        let probe = Probe::start(&["calls", "--all", "--json", "--interval", "600"])?;
+        // Passed over at the first scans, old enough not to be looked at
+        // again for its youth.
+        thread::sleep(Duration::from_millis(2500));
+        let mut stdin = shell.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(shell.stdout.take().context("stdout")?);
+        writeln!(stdin, "go")?;
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        ensure!(line.trim() == "ready", "the workload said {line:?}");
+        // The next scan (every second) sets it up.
+        thread::sleep(Duration::from_millis(1500));
+        writeln!(stdin, "run")?;
+        line.clear();
+        stdout.read_line(&mut line)?;
+        ensure!(line.trim() == "done", "the workload said {line:?}");
+        thread::sleep(Duration::from_millis(300));
+        probe.interrupt();
+        let (ok, out, stderr) = probe.finish()?;
+        ensure!(ok, "pyprobe failed: {stderr}");
+        let fib = fib_calls(&final_calls_report(&out)?, pid);
+        ensure!(
+            fib == FIB.1,
+            "fib counted {fib} times, not {}: {stderr}",
+            FIB.1
+        );
+        Ok(())
+    })();
+    let _ = shell.kill();
+    let _ = shell.wait();
+    result
+}
+
+#[test]
+fn calls_all_watches_a_passed_over_process_once_it_execs_python() {
+    for_each_sid_and_pyenv_ends(
+        "calls_all_watches_a_passed_over_process_once_it_execs_python",
+        "the scan's bookkeeping is the same on every version; CI time is budgeted",
+        "not run (exec into Python: sid and two pyenv builds)",
+        passed_over_then_python,
+    );
+}

@@ -91,8 +91,13 @@ struct Passed {
     exe: Option<std::path::PathBuf>,
     /// Its start time (clock ticks after boot).
     started: Option<u64>,
-    /// It was less than [`YOUNG_MS`] old: looked at again once.
+    /// It was less than [`YOUNG_MS`] old (or exec'd as long ago): looked
+    /// at again once.
     young: bool,
+    /// When it was seen to be another program than when passed over (it
+    /// exec'd): it is looked at, and if passed over again soon after, it
+    /// may be an interpreter still starting.
+    changed: Option<std::time::Instant>,
 }
 
 /// Age (ms) under which a process may still be starting.
@@ -102,12 +107,19 @@ impl Ignored {
     /// Passes over `pid` as it is now.
     pub fn insert(&mut self, pid: u32) {
         let (started, age) = start_and_age(pid).unzip();
+        // exec keeps the start time: a fresh exec counts as young too.
+        let exec_young = self
+            .by_pid
+            .get(&pid)
+            .and_then(|p| p.changed)
+            .is_some_and(|at| at.elapsed().as_millis() < u128::from(YOUNG_MS));
         self.by_pid.insert(
             pid,
             Passed {
                 exe: exe_of(pid),
                 started,
-                young: age.is_some_and(|a| a < YOUNG_MS),
+                young: exec_young || age.is_some_and(|a| a < YOUNG_MS),
+                changed: None,
             },
         );
     }
@@ -118,13 +130,22 @@ impl Ignored {
         let Some(passed) = self.by_pid.get_mut(&pid) else {
             return false;
         };
-        let same = passed.exe == exe_of(pid)
-            && passed.started == start_and_age(pid).map(|(s, _)| s)
-            && !std::mem::take(&mut passed.young);
-        if !same {
+        let started = start_and_age(pid).map(|(s, _)| s);
+        if passed.started != started {
+            // Another process under a reused PID.
             self.by_pid.remove(&pid);
+            return false;
         }
-        same
+        if passed.exe != exe_of(pid) {
+            passed.exe = None;
+            passed.changed = Some(std::time::Instant::now());
+            return false;
+        }
+        // Looked at again while it is being looked at after an exec.
+        if passed.changed.is_some() {
+            return false;
+        }
+        !std::mem::take(&mut passed.young)
     }
 
     /// Forgets `pid`.

@@ -603,6 +603,9 @@ fn read_news(mut events: crate::bpf::ProcessEvents) -> std::sync::mpsc::Receiver
     rx
 }
 
+/// How often `--all` looks for processes it has not seen.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
 /// `--all`: reports the set-up of a newly seen PID (`verb` PID ...), or why
 /// it failed, unless it is simply not Python or already gone; a PID that
 /// failed is put in `ignored`, not to be tried again.
@@ -692,7 +695,7 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
             );
         } else {
             eprintln!(
-                "pyprobe: watching {} (new ones are picked up every interval)",
+                "pyprobe: watching {} (new ones are picked up every second)",
                 opts.select.describe()
             );
         }
@@ -709,6 +712,9 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     let resolve_every = opts.interval.min(RESOLVE_INTERVAL);
     let mut resolver = live::ticker(resolve_every);
     let mut events = live::ticker(EVENTS_INTERVAL);
+    // New processes are looked for every second, whatever the report
+    // interval.
+    let mut scanner = live::ticker(SCAN_INTERVAL);
 
     loop {
         tokio::select! {
@@ -733,9 +739,9 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
                 let latencies = session.latencies()?;
                 let report = reporter.report(&counts, latencies.as_ref(), &session.symbols, session.counter.losses()?, "interval");
                 emit(&report, opts.json)?;
-                if opts.all {
-                    session.scan();
-                }
+            }
+            _ = scanner.tick(), if opts.all => {
+                session.scan();
             }
             r = &mut stop => {
                 r?;
