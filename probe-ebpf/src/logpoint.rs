@@ -971,17 +971,48 @@ extern "C" fn scan_entry(index: u64, ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn condition_may_hold(program: &Program, values: &[Value; MAX_CAPTURES]) -> bool {
     let natoms = (program.natoms as usize).min(MAX_ATOMS);
-    for a in 0..MAX_ATOMS {
-        if a >= natoms {
-            break;
-        }
-        let atom = &program.atoms[a];
-        let value = &values[(atom.capture as usize) & (MAX_CAPTURES - 1)];
-        if atom_is_false(atom, value) {
-            return false;
-        }
+    let mut ctx = AtomCtx {
+        program,
+        values,
+        holds: true,
+    };
+    // In a `bpf_loop` callback, checked once by the verifier: unrolled,
+    // each atom's branches multiplied the states of the ones before.
+    // SAFETY: the callback and its context follow bpf_loop's contract.
+    unsafe {
+        bpf_loop(
+            natoms as u32,
+            test_atom as *mut c_void,
+            (&mut ctx as *mut AtomCtx).cast(),
+            0,
+        )
+    };
+    ctx.holds
+}
+
+/// What [`test_atom`] reads and writes.
+struct AtomCtx<'a> {
+    program: &'a Program,
+    values: &'a [Value; MAX_CAPTURES],
+    /// Cleared by the first atom found false.
+    holds: bool,
+}
+
+/// `bpf_loop` callback: tests atom `index`; stops at a false one.
+extern "C" fn test_atom(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the context given to it.
+    let ctx = unsafe { &mut *ctx.cast::<AtomCtx>() };
+    let a = index as usize;
+    if a >= MAX_ATOMS {
+        return 1;
     }
-    true
+    let atom = &ctx.program.atoms[a];
+    let value = &ctx.values[(atom.capture as usize) & (MAX_CAPTURES - 1)];
+    if atom_is_false(atom, value) {
+        ctx.holds = false;
+        return 1;
+    }
+    0
 }
 
 /// Whether one comparison is surely false.

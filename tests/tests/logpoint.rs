@@ -661,16 +661,21 @@ fn all_arms_in_every_process_running_the_file_including_later_ones() {
         let mut second = Fixture::start(interp, "logpoint_workload.py", &[])?;
         let wanted = format!("attached to PID {}", second.pid());
         let mut attached = false;
+        let mut said = Vec::new();
         for _ in 0..40 {
-            if probe
-                .stderr_line(Duration::from_millis(100))
-                .is_some_and(|l| l.contains(&wanted))
-            {
-                attached = true;
-                break;
+            if let Some(line) = probe.stderr_line(Duration::from_millis(100)) {
+                attached = line.contains(&wanted);
+                said.push(line);
+                if attached {
+                    break;
+                }
             }
         }
-        ensure!(attached, "the second process was not picked up");
+        ensure!(
+            attached,
+            "the second process (PID {}) was not picked up; pyprobe said: {said:?}",
+            second.pid()
+        );
         first.call("run", "done")?;
         second.call("run", "done")?;
         let (stdout, stderr) = stop(probe)?;

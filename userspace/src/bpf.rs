@@ -980,6 +980,15 @@ impl LogProbes {
                 source,
             })?;
         load_uprobe(&mut ebpf, names::PROG_CODE_FREED)?;
+        if let Ok(program) = perf_event_mut(&mut ebpf, names::PROG_LOG_HIT)
+            && let Ok(info) = program.info()
+        {
+            log::debug!(
+                "log_hit: {:?} instructions verified, {:?} translated bytes",
+                info.verified_instruction_count(),
+                info.size_translated()
+            );
+        }
         let ring = take_ring(&mut ebpf, names::MAP_LOG_HITS)?;
         // `process_fork` follows forks once the offsets are set.
         let news = ProcessEvents::attach(&mut ebpf)?;

@@ -579,6 +579,11 @@ pub fn command_name(pid: u32) -> Option<String> {
         })
 }
 
+/// The executable of process `pid` (`/proc/PID/exe`), if readable.
+pub fn exe_of(pid: u32) -> Option<std::path::PathBuf> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
 /// Whether a process is running (a zombie still has `/proc/PID` but is
 /// not).
 pub fn is_alive(pid: u32) -> bool {

@@ -116,7 +116,7 @@ impl Ignored {
         self.by_pid.insert(
             pid,
             Passed {
-                exe: exe_of(pid),
+                exe: crate::process::exe_of(pid),
                 started,
                 young: exec_young || age.is_some_and(|a| a < YOUNG_MS),
                 changed: None,
@@ -136,7 +136,7 @@ impl Ignored {
             self.by_pid.remove(&pid);
             return false;
         }
-        if passed.exe != exe_of(pid) {
+        if passed.exe != crate::process::exe_of(pid) {
             passed.exe = None;
             passed.changed = Some(std::time::Instant::now());
             return false;
@@ -152,11 +152,6 @@ impl Ignored {
     pub fn remove(&mut self, pid: u32) {
         self.by_pid.remove(&pid);
     }
-}
-
-/// The executable of `pid`, if readable.
-fn exe_of(pid: u32) -> Option<std::path::PathBuf> {
-    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 
 /// When `pid` started (clock ticks after boot, `/proc/PID/stat` field 22)

@@ -195,6 +195,10 @@ struct Process {
     worker: bool,
     /// "attached to PID" was said (under --all, once a log point armed).
     announced: bool,
+    /// Its executable when set up: another one means it exec'd (the
+    /// kernel's news of it is missed when the exec came between reading
+    /// the process and configuring it).
+    exe: Option<std::path::PathBuf>,
 }
 
 impl Process {
@@ -225,6 +229,8 @@ const FREED_REPORT_DELAY: Duration = Duration::from_millis(500);
 const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a process counts as young (see [`Process::since`]).
 const YOUNG: Duration = Duration::from_secs(5);
+/// The longest time between two looks for new code in a young process.
+const YOUNG_LOOK_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs `pyprobe log` until Ctrl-C, `--duration`, `--count`, or the exit of
 /// every target.
@@ -433,6 +439,8 @@ fn clock_text(ns: i128) -> String {
 /// loaded into the kernel.
 struct Attached {
     pid: u32,
+    /// Its executable when it was read.
+    exe: Option<std::path::PathBuf>,
     target: Target<ProcessMemory>,
     image: std::sync::Arc<crate::elf::ElfImage>,
     /// What each log point resolved to, by index.
@@ -441,6 +449,7 @@ struct Attached {
 
 impl Attached {
     fn new(pid: u32, points: &[Point]) -> anyhow::Result<Attached> {
+        let exe = crate::process::exe_of(pid);
         let (target, image) = Target::attach_with_image(pid, |m| m)?;
         let located = points
             .iter()
@@ -448,6 +457,7 @@ impl Attached {
             .collect();
         Ok(Attached {
             pid,
+            exe,
             target,
             image,
             located,
@@ -556,6 +566,7 @@ impl Session {
             since: Instant::now(),
             worker: true,
             announced: true,
+            exe: parent.exe.clone(),
         };
         self.processes.insert(pid, process);
     }
@@ -564,6 +575,7 @@ impl Session {
     fn add_attached(&mut self, attached: Attached, quiet: bool) -> anyhow::Result<()> {
         let Attached {
             pid,
+            exe,
             target,
             image,
             located,
@@ -596,6 +608,7 @@ impl Session {
                 since: Instant::now(),
                 worker: false,
                 announced: false,
+                exe,
             },
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
@@ -882,6 +895,17 @@ impl Session {
     /// was armed in it. Returns the lines to print.
     fn note_exits(&mut self) -> anyhow::Result<Vec<String>> {
         let mut lines = Vec::new();
+        let changed: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(pid, p)| !p.exited && p.exe != crate::process::exe_of(**pid))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in changed {
+            if crate::process::is_alive(pid) {
+                self.exec_seen(pid);
+            }
+        }
         let exited: Vec<u32> = self
             .processes
             .iter()
@@ -1034,6 +1058,7 @@ impl Session {
                     return Err(e.context(format!("in PID {pid}")));
                 }
                 let quiet = crate::calls::is_not_python(&e) || !crate::process::is_alive(pid);
+                log::debug!("PID {pid} passed over: {e:#}");
                 if !quiet {
                     eprintln!(
                         "pyprobe: not watching PID {pid}: {}",
@@ -1131,9 +1156,16 @@ impl Session {
             return false;
         };
         let modules = process.target.modules_count().unwrap_or(u64::MAX);
+        // A young process may be running the body of a module already in
+        // `sys.modules` (its `__main__`): looked at every quarter second.
+        let every = if process.since.elapsed() < YOUNG {
+            YOUNG_LOOK_EVERY
+        } else {
+            LOOK_AT_LEAST_EVERY
+        };
         let due = match process.last_look {
             None => true,
-            Some((f, m, at)) => f != frees || m != modules || at.elapsed() >= LOOK_AT_LEAST_EVERY,
+            Some((f, m, at)) => f != frees || m != modules || at.elapsed() >= every,
         };
         if due {
             process.last_look = Some((frees, modules, Instant::now()));
