@@ -880,9 +880,6 @@ impl Watchpoint {
     /// Opens a read/write watchpoint on the byte at `addr` in thread `tid`
     /// and attaches `program` (the loaded `log_hit`).
     fn open(program: std::os::fd::BorrowedFd<'_>, tid: u32, addr: u64) -> std::io::Result<Self> {
-        use std::os::fd::FromRawFd;
-        /// `PERF_FLAG_FD_CLOEXEC`.
-        const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
         /// `PERF_TYPE_BREAKPOINT`.
         const PERF_TYPE_BREAKPOINT: u32 = 5;
         /// `HW_BREAKPOINT_RW`.
@@ -894,8 +891,6 @@ impl Watchpoint {
         const FLAGS: u64 = 1 | (1 << 1) | (2 << 15) | (1 << 36);
         /// `PERF_EVENT_IOC_ENABLE`: `_IO('$', 0)`.
         const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-        /// `PERF_EVENT_IOC_SET_BPF`: `_IOW('$', 8, __u32)`.
-        const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
         // struct perf_event_attr (128 bytes): type, size, sample_period 1,
         // sample_type, flags, wakeup_events 1, bp_type, bp_addr, bp_len 1.
         let mut attr = [0u8; 128];
@@ -908,29 +903,10 @@ impl Watchpoint {
         attr[52..56].copy_from_slice(&HW_BREAKPOINT_RW.to_ne_bytes());
         attr[56..64].copy_from_slice(&addr.to_ne_bytes());
         attr[64..72].copy_from_slice(&1u64.to_ne_bytes());
-        // SAFETY: perf_event_open with a valid attr buffer.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                attr.as_ptr(),
-                tid as i32,
-                -1,
-                -1,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
+        let fd = perf_event_with_program(&attr, tid, program)?;
+        // SAFETY: the ioctl takes no argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) } != 0 {
             return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new fd nothing else owns.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        // SAFETY: the ioctls take the program's fd, and nothing.
-        unsafe {
-            if libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, program.as_raw_fd()) != 0
-                || libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
         }
         Ok(Self { _event: fd })
     }
@@ -1352,9 +1328,7 @@ impl QuietUprobe {
         offset: u64,
         pid: u32,
     ) -> std::io::Result<Self> {
-        use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-        /// `PERF_FLAG_FD_CLOEXEC`.
-        const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+        use std::os::unix::ffi::OsStrExt;
         let pmu: u32 = std::fs::read_to_string("/sys/bus/event_source/devices/uprobe/type")?
             .trim()
             .parse()
@@ -1370,32 +1344,45 @@ impl QuietUprobe {
         attr[40..48].copy_from_slice(&1u64.to_ne_bytes());
         attr[56..64].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
         attr[64..72].copy_from_slice(&offset.to_ne_bytes());
-        // SAFETY: perf_event_open with a valid attr buffer and a path that
-        // outlives the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                attr.as_ptr(),
-                pid as i32,
-                -1,
-                -1,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a new fd nothing else owns.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        /// `PERF_EVENT_IOC_SET_BPF`: `_IOW('$', 8, __u32)`.
-        const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
-        // SAFETY: the ioctl takes the program's fd as its argument.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, program.as_raw_fd()) } != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
+        // `c_path` outlives the call.
+        let fd = perf_event_with_program(&attr, pid, program)?;
         Ok(Self { _event: fd })
     }
+}
+
+/// Opens the perf event `attr` (a 128-byte `struct perf_event_attr`, whose
+/// pointers outlive the call) on task `pid` and attaches `program` to it.
+fn perf_event_with_program(
+    attr: &[u8; 128],
+    pid: u32,
+    program: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    /// `PERF_FLAG_FD_CLOEXEC`.
+    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+    /// `PERF_EVENT_IOC_SET_BPF`: `_IOW('$', 8, __u32)`.
+    const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+    // SAFETY: perf_event_open with a valid attr buffer.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr.as_ptr(),
+            pid as i32,
+            -1,
+            -1,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the ioctl takes the program's fd as its argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, program.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 fn uprobe_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, BpfError> {

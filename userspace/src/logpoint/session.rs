@@ -202,6 +202,33 @@ struct Process {
 }
 
 impl Process {
+    /// Process `pid`, just set up, with log points `waiting` for their
+    /// code; neither forked from a watched one nor announced.
+    fn new(
+        pid: u32,
+        target: Target<ProcessMemory>,
+        waiting: Vec<usize>,
+        container: Option<crate::container::Container>,
+        exe: Option<std::path::PathBuf>,
+    ) -> Self {
+        Process {
+            target,
+            waiting,
+            refused: BTreeSet::new(),
+            type_names: HashMap::new(),
+            scan_errors: BTreeMap::new(),
+            exited: false,
+            last_look: None,
+            tasks: Tasks::read(pid),
+            container,
+            origin: None,
+            since: Instant::now(),
+            worker: false,
+            announced: false,
+            exe,
+        }
+    }
+
     /// The id the process knows host thread `tid` by, when it differs.
     fn namespace_tid(&mut self, pid: u32, tid: u32) -> Option<u32> {
         if !self.tasks.in_own_namespace() {
@@ -552,22 +579,16 @@ impl Session {
         let Ok(memory) = ProcessMemory::open(pid) else {
             return;
         };
-        let process = Process {
-            target: parent.target.over(memory),
-            waiting: parent.waiting.clone(),
-            refused: BTreeSet::new(),
-            type_names: HashMap::new(),
-            scan_errors: BTreeMap::new(),
-            exited: false,
-            last_look: None,
-            tasks: Tasks::read(pid),
-            container: parent.container.clone(),
-            origin: Some(origin),
-            since: Instant::now(),
-            worker: true,
-            announced: true,
-            exe: parent.exe.clone(),
-        };
+        let mut process = Process::new(
+            pid,
+            parent.target.over(memory),
+            parent.waiting.clone(),
+            parent.container.clone(),
+            parent.exe.clone(),
+        );
+        process.origin = Some(origin);
+        process.worker = true;
+        process.announced = true;
         self.processes.insert(pid, process);
     }
 
@@ -594,22 +615,13 @@ impl Session {
         let version = target.version.to_string();
         self.processes.insert(
             pid,
-            Process {
+            Process::new(
+                pid,
                 target,
-                waiting: (0..self.points.len()).collect(),
-                refused: BTreeSet::new(),
-                type_names: HashMap::new(),
-                scan_errors: BTreeMap::new(),
-                exited: false,
-                last_look: None,
-                tasks: Tasks::read(pid),
-                container: crate::container::Placement::of(pid).and_then(|p| p.container),
-                origin: None,
-                since: Instant::now(),
-                worker: false,
-                announced: false,
+                (0..self.points.len()).collect(),
+                crate::container::Placement::of(pid).and_then(|p| p.container),
                 exe,
-            },
+            ),
         );
         let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
         // What was just looked at: the next look waits for a change.
