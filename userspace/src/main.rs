@@ -169,8 +169,8 @@ enum Command {
     /// followed; one that execs anything else is reported and dropped.
     /// The probes of one interpreter file are one `uprobe_multi` link
     /// (Linux 6.6+), which the kernel detaches with one grace period:
-    /// with 100 processes of one interpreter, ready in 0.36 s and gone
-    /// 0.21 s after Ctrl-C (`cargo xtask bench --only scale`). Older
+    /// with 100 processes of one interpreter, ready in 0.4-0.6 s and gone
+    /// 0.2-0.3 s after Ctrl-C (`cargo xtask bench --only scale`). Older
     /// kernels get one perf-event uprobe per probe, about 0.1 s each to
     /// detach (5-18 per file).
     ///
