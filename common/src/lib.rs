@@ -13,8 +13,7 @@ pub const MAX_PROCESSES: u32 = 4096;
 /// could not do. Userspace sums them over CPUs and shows them, so nothing is
 /// lost silently.
 pub mod stats {
-    /// An eval entry could not be counted because the per-process map was full.
-    pub const EVAL_MAP_FULL: u32 = 0;
+    // 0 is free (it counted the eval-entry counter's misses).
     /// A function start could not be counted because the per-code map was
     /// full.
     pub const CALLS_MAP_FULL: u32 = 1;
@@ -60,10 +59,6 @@ pub mod stats {
 /// Names of the maps and programs in the eBPF object, shared so a rename on one
 /// side cannot silently break the other.
 pub mod names {
-    /// Uprobe program counting entries into `_PyEval_EvalFrameDefault`.
-    pub const PROG_EVAL_ENTRY: &str = "eval_entry";
-    /// Per-CPU hash map: tgid (`u32`) -> entries counted on this CPU (`u64`).
-    pub const MAP_EVAL_ENTRIES: &str = "EVAL_ENTRIES";
     /// Per-CPU array of `u64` error counters, indexed by [`super::stats`].
     pub const MAP_STATS: &str = "STATS";
     /// Uprobe program counting Python function starts per code object.
@@ -126,10 +121,14 @@ pub mod names {
     pub const MAP_LOG_PROCESS: &str = "LOG_PROCESS";
     /// Hash map: [`super::logpoint::WatchKey`] -> [`super::logpoint::Watch`].
     pub const MAP_LOG_WATCH: &str = "LOG_WATCH";
-    /// Array of [`super::logpoint::Program`], indexed by log point.
+    /// Array of [`super::logpoint::Program`] ([`super::logpoint::Watch::program`]).
     pub const MAP_LOG_PROGRAMS: &str = "LOG_PROGRAMS";
-    /// Array of [`super::logpoint::LogState`], indexed by log point.
+    /// Array of [`super::logpoint::LogState`], one per armed code object
+    /// ([`super::logpoint::Watch::logpoint`]).
     pub const MAP_LOG_STATE: &str = "LOG_STATE";
+    /// Array of [`super::logpoint::LogLimit`], one per log point
+    /// ([`super::logpoint::Watch::point`]).
+    pub const MAP_LOG_LIMITS: &str = "LOG_LIMITS";
     /// Ring buffer of [`super::logpoint::Hit`]s.
     pub const MAP_LOG_HITS: &str = "LOG_HITS";
     /// Code objects log points are armed on ([`super::logpoint::WatchKey`]
@@ -848,8 +847,15 @@ pub mod calls {
 /// 5. sends a [`Hit`] to userspace, which evaluates the full condition and
 ///    renders the message from the captured values.
 pub mod logpoint {
-    /// Log points at once (over every process).
+    /// Log points at once (`--at`s).
     pub const MAX_LOGPOINTS: u32 = 64;
+    /// Armed code objects at once, over every process (one set of
+    /// [`LogState`] counters each).
+    pub const MAX_ARMED: u32 = 4096;
+    /// Distinct compiled [`Program`]s at once: armed code objects of the
+    /// same log point with the same layout (the same file on the same
+    /// interpreter, in any number of processes) share one.
+    pub const MAX_PROGRAMS: u32 = 256;
     /// Values one log point captures.
     pub const MAX_CAPTURES: usize = 8;
     /// Steps after the local in one captured path (`a.b["k"][0]` is 3).
@@ -1048,10 +1054,10 @@ pub mod logpoint {
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct Watch {
-        /// Log point (index into `LOG_PROGRAMS` and `LOG_STATE`).
+        /// The armed code object (index into `LOG_STATE`; hits carry it).
         pub logpoint: u32,
-        /// Padding, zero.
-        pub _pad: u32,
+        /// Its program (index into `LOG_PROGRAMS`).
+        pub program: u32,
         /// The code object the instruction belongs to: a hit from a frame
         /// of another code object is not a run of this instruction.
         pub code: u64,
@@ -1070,6 +1076,11 @@ pub mod logpoint {
         /// caller (3.14); the callee is then the newest frame on the
         /// thread's data stack, this many bytes below its top.
         pub frame_bytes: u64,
+        /// The log point (index into `LOG_LIMITS`): its rate and count
+        /// limits hold over every process it is armed in.
+        pub point: u32,
+        /// Padding, zero.
+        pub _pad: u32,
     }
 
     /// One step of a captured path.
@@ -1180,6 +1191,15 @@ pub mod logpoint {
         pub lost: u64,
         /// Hits sent.
         pub sent: u64,
+    }
+
+    /// Rate and count limits of one log point, over every process and
+    /// code object it is armed in; updated by the program.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct LogLimit {
+        /// Hits sent.
+        pub sent: u64,
         /// Start of the current one-second rate window (ns).
         pub window_start: u64,
         /// Hits sent in the current window.
@@ -1244,7 +1264,7 @@ pub mod logpoint {
         pub tgid: u32,
         /// Thread.
         pub tid: u32,
-        /// Log point.
+        /// The armed code object ([`Watch::logpoint`]).
         pub logpoint: u32,
         /// `HIT_*`.
         pub flags: u32,
@@ -1307,9 +1327,11 @@ mod pod {
     unsafe impl aya::Pod for super::logpoint::Program {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::logpoint::LogState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::logpoint::LogLimit {}
 
     const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 37 * 8);
-    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 32);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 40);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Name>() == 40);
@@ -1336,4 +1358,95 @@ mod pod {
     const _: () = assert!(core::mem::size_of::<super::calls::CodeKey>() == 24);
     const _: () = assert!(core::mem::size_of::<super::calls::CallCounts>() == 16);
     const _: () = assert!(core::mem::size_of::<super::calls::CacheSlot>() == 56);
+}
+
+/// `PyDictKeysObject` (`Objects/dict-common.h` up to 3.10,
+/// `Include/internal/pycore_dict.h` from 3.11): where a dict's entries are.
+/// One description for the kernel's dict scan (`log_hit`) and every
+/// userspace reader, which read the first [`HEADER`](dict_keys::HEADER)
+/// bytes of the keys object as five words and ask [`entries`](dict_keys::entries).
+pub mod dict_keys {
+    /// Bytes of the keys object read: every field either layout needs.
+    pub const HEADER: usize = 40;
+    /// `dk_size` (3.8-3.10): slots of the index array.
+    pub const SIZED_SIZE: usize = 8;
+    /// `dk_nentries` (3.8-3.10).
+    pub const SIZED_NENTRIES: usize = 32;
+    /// `dk_indices` (3.8-3.10).
+    pub const SIZED_INDICES: u64 = 40;
+    /// `dk_log2_size` (3.11+).
+    pub const LOG2_SIZE: usize = 8;
+    /// `dk_log2_index_bytes` (3.11+).
+    pub const LOG2_INDEX_BYTES: usize = 9;
+    /// `dk_kind` (3.11+): 0 general, 1 unicode, 2 split.
+    pub const KIND: usize = 10;
+    /// `dk_nentries` (3.11+).
+    pub const LOG2_NENTRIES: usize = 24;
+    /// `dk_indices` (3.11+).
+    pub const LOG2_INDICES: u64 = 32;
+    /// `DICT_KEYS_GENERAL`: entries hold the key's hash.
+    pub const KIND_GENERAL: u8 = 0;
+    /// `DICT_KEYS_SPLIT`: the values are in the dict's `ma_values`.
+    pub const KIND_SPLIT: u8 = 2;
+
+    /// Where the entries of a keys object are.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Entries {
+        /// `dk_nentries`: entries used so far (deleted ones included).
+        pub count: u64,
+        /// Address of the first entry.
+        pub start: u64,
+        /// Bytes of one entry: 24 with the hash, 16 without (3.11+
+        /// unicode-only keys).
+        pub size: u64,
+        /// Offset of the key in an entry (the value follows it).
+        pub key_at: u64,
+    }
+
+    /// Bytes of one slot of a 3.8-3.10 index array of `size` slots.
+    #[inline(always)]
+    pub fn index_width(size: u64) -> u64 {
+        if size <= 0xff {
+            1
+        } else if size <= 0xffff {
+            2
+        } else if size <= 0xffff_ffff {
+            4
+        } else {
+            8
+        }
+    }
+
+    /// `dk_log2_index_bytes` (3.11+) from the header words.
+    #[inline(always)]
+    pub fn log2_index_bytes(head: &[u64; 5]) -> u8 {
+        (head[1] >> 8) as u8
+    }
+
+    /// Where the entries of the keys object at `keys` are, from its first
+    /// [`HEADER`] bytes as five little-endian words; `sized` for the
+    /// 3.8-3.10 layout.
+    #[inline(always)]
+    pub fn entries(sized: bool, keys: u64, head: &[u64; 5]) -> Entries {
+        if sized {
+            let size = head[SIZED_SIZE / 8];
+            Entries {
+                count: head[SIZED_NENTRIES / 8],
+                start: keys
+                    .wrapping_add(SIZED_INDICES)
+                    .wrapping_add(size.wrapping_mul(index_width(size))),
+                size: 24,
+                key_at: 8,
+            }
+        } else {
+            let shift = u64::from(log2_index_bytes(head) & 63);
+            let general = (head[1] >> (8 * (KIND - 8))) as u8 == KIND_GENERAL;
+            Entries {
+                count: head[LOG2_NENTRIES / 8],
+                start: keys.wrapping_add(LOG2_INDICES).wrapping_add(1u64 << shift),
+                size: if general { 24 } else { 16 },
+                key_at: if general { 8 } else { 0 },
+            }
+        }
+    }
 }

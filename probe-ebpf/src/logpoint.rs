@@ -18,15 +18,15 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use pyprobe_common::{
-    MAX_PROCESSES, calls,
+    MAX_PROCESSES, calls, dict_keys,
     logpoint::{
         Atom, CMP_EQ, CMP_GE, CMP_GT, CMP_IS_NONE, CMP_IS_NOT_NONE, CMP_LE, CMP_LT, CMP_NE,
         CONST_FLOAT, CONST_INT, CONST_STR, Capture, EVAL_RANGES, HIT_STACK, Hit, KIND_BOOL,
-        KIND_FLOAT, KIND_INT, KIND_NONE, KIND_OTHER, KIND_STR, LogProcess, LogState, MAX_ATOMS,
-        MAX_CAPTURES, MAX_DICT_SCAN, MAX_LOGPOINTS, MAX_NAMES, MAX_STACK, MAX_STEPS, NAME_BYTES,
-        Name, OP_ATTR, OP_KEY_INT, OP_KEY_STR, OP_LEN, Program, STATUS_MISSING, STATUS_OK,
-        STATUS_UNREADABLE, STATUS_UNSUPPORTED, STATUS_WRONG_TYPE, STR_ASCII, VALUE_BYTES, Value,
-        Watch, WatchKey,
+        KIND_FLOAT, KIND_INT, KIND_NONE, KIND_OTHER, KIND_STR, LogLimit, LogProcess, LogState,
+        MAX_ARMED, MAX_ATOMS, MAX_CAPTURES, MAX_DICT_SCAN, MAX_LOGPOINTS, MAX_NAMES, MAX_PROGRAMS,
+        MAX_STACK, MAX_STEPS, NAME_BYTES, Name, OP_ATTR, OP_KEY_INT, OP_KEY_STR, OP_LEN, Program,
+        STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE, STATUS_UNSUPPORTED, STATUS_WRONG_TYPE,
+        STR_ASCII, VALUE_BYTES, Value, Watch, WatchKey,
     },
     stats,
 };
@@ -43,11 +43,14 @@ static LOG_WATCH: HashMap<WatchKey, Watch> = HashMap::with_max_entries(4096, 0);
 
 /// What each log point captures and tests.
 #[map(name = "LOG_PROGRAMS")]
-static LOG_PROGRAMS: Array<Program> = Array::with_max_entries(MAX_LOGPOINTS, 0);
+static LOG_PROGRAMS: Array<Program> = Array::with_max_entries(MAX_PROGRAMS, 0);
 
 /// Counters and rate-limit state of each log point.
 #[map(name = "LOG_STATE")]
-static LOG_STATE: Array<LogState> = Array::with_max_entries(MAX_LOGPOINTS, 0);
+static LOG_STATE: Array<LogState> = Array::with_max_entries(MAX_ARMED, 0);
+
+#[map(name = "LOG_LIMITS")]
+static LOG_LIMITS: Array<LogLimit> = Array::with_max_entries(MAX_LOGPOINTS, 0);
 
 /// Hits to userspace.
 #[map(name = "LOG_HITS")]
@@ -56,7 +59,7 @@ static LOG_HITS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 /// Code objects armed on, by process and address: 1 once freed (see
 /// [`code_freed`]).
 #[map(name = "LOG_FREED")]
-static LOG_FREED: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_LOGPOINTS, 0);
+static LOG_FREED: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_ARMED, 0);
 
 /// Byte offsets of `pid` and `tgid` in `struct task_struct`, written by
 /// userspace from the kernel's BTF (0: unknown).
@@ -163,12 +166,32 @@ const LIST_ITEMS: u64 = 24;
 /// `PyLongObject` digits.
 const LONG_DIGITS: u64 = 24;
 
-/// Adds to a counter shared by all CPUs. A plain add: hits at one log
-/// point in one process run with the GIL held, so two CPUs rarely add at
-/// once (the BPF target has no atomic read-modify-write in `core`).
+/// Adds one to a counter shared by all CPUs, atomically: a log point
+/// armed in a process also fires in the processes forked from it, which
+/// may run on other CPUs at the same moment.
 #[inline(always)]
 fn add(counter: &mut u64) {
-    *counter += 1;
+    // `core` offers no atomic add on this target; the instruction is
+    // BPF's own (`BPF_ATOMIC | BPF_ADD`).
+    // SAFETY: the counter is an aligned u64 in map memory.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({0} + 0) += {1}",
+            in(reg) counter as *mut u64,
+            in(reg) 1u64,
+        )
+    };
+}
+
+/// Calls `callback(i, ctx)` for `i` in `0..n` through `bpf_loop`: the
+/// verifier checks the callback once, where an unrolled loop multiplies
+/// the states of each turn's branches. The callback casts `ctx` back to a
+/// `C` and returns 1 to stop early.
+#[inline(always)]
+fn in_bpf_loop<C>(n: u32, callback: extern "C" fn(u64, *mut c_void) -> i64, ctx: &mut C) {
+    // SAFETY: the callback takes the context given here, as bpf_loop
+    // passes it back, for the length of the call.
+    unsafe { bpf_loop(n, callback as *mut c_void, (ctx as *mut C).cast(), 0) };
 }
 
 /// The program run by a log point's watchpoint.
@@ -272,10 +295,17 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         add(&mut state.repeats);
         return 0;
     }
-    let Some(program) = LOG_PROGRAMS.get(index) else {
+    let Some(program) = LOG_PROGRAMS.get(watch.program) else {
         return 0;
     };
-    if program.max_hits != 0 && state.sent >= program.max_hits {
+    let Some(limit) = LOG_LIMITS.get_ptr_mut(watch.point) else {
+        return 0;
+    };
+    // SAFETY: as above. Shared by every process of the log point: its
+    // counters are added to atomically; two CPUs passing the tests at
+    // once may each send the last hit a limit allows.
+    let limit = unsafe { &mut *limit };
+    if program.max_hits != 0 && limit.sent >= program.max_hits {
         add(&mut state.over_count);
         return 0;
     }
@@ -298,15 +328,7 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         values: &mut hit.values,
         frame,
     };
-    // SAFETY: the callback and its context follow bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            ncaptures,
-            capture_one as *mut c_void,
-            (&mut capture_ctx as *mut CaptureCtx).cast(),
-            0,
-        )
-    };
+    in_bpf_loop(ncaptures, capture_one, &mut capture_ctx);
     if !condition_may_hold(program, &hit.values) {
         add(&mut state.condition_false);
         return 0;
@@ -314,11 +336,11 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if program.rate != 0 {
-        if now.wrapping_sub(state.window_start) >= 1_000_000_000 {
-            state.window_start = now;
-            state.window_sent = 0;
+        if now.wrapping_sub(limit.window_start) >= 1_000_000_000 {
+            limit.window_start = now;
+            limit.window_sent = 0;
         }
-        if state.window_sent >= u64::from(program.rate) {
+        if limit.window_sent >= u64::from(program.rate) {
             add(&mut state.rate_limited);
             return 0;
         }
@@ -342,7 +364,8 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         return 0;
     }
     add(&mut state.sent);
-    add(&mut state.window_sent);
+    add(&mut limit.sent);
+    add(&mut limit.window_sent);
     0
 }
 
@@ -460,47 +483,107 @@ fn capture_path(
         value.status = STATUS_UNREADABLE;
         return;
     };
-    let mut obj = word & process.ref_mask;
+    let obj = word & process.ref_mask;
     if obj == 0 {
         value.status = STATUS_MISSING;
         return;
     }
     let nsteps = (capture.nsteps as usize).min(MAX_STEPS);
-    for s in 0..MAX_STEPS {
-        if s >= nsteps {
-            break;
+    let mut ctx = StepCtx {
+        capture,
+        names,
+        process,
+        value,
+        obj,
+        done: false,
+    };
+    // In a `bpf_loop` callback, checked once by the verifier: unrolled,
+    // each step's dict scans and instance layouts multiplied the states
+    // of the steps before (a third of the verifier's time on `log_hit`).
+    in_bpf_loop(nsteps as u32, step_one, &mut ctx);
+    if !ctx.done {
+        describe(ctx.obj, process, ctx.value);
+    }
+}
+
+/// What [`step_one`] reads and writes.
+struct StepCtx<'a> {
+    capture: &'a Capture,
+    names: &'a [Name; MAX_NAMES],
+    process: &'a LogProcess,
+    value: &'a mut Value,
+    /// The object reached so far.
+    obj: u64,
+    /// Set when the value is final (an error, or a `len()`).
+    done: bool,
+}
+
+/// `bpf_loop` callback: takes step `index` of a capture path from
+/// `ctx.obj`; stops the loop once the value is final.
+extern "C" fn step_one(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the context given to it.
+    let ctx = unsafe { &mut *ctx.cast::<StepCtx>() };
+    let s = index as usize;
+    if s >= MAX_STEPS {
+        return 1;
+    }
+    let step = &ctx.capture.steps[s];
+    let (obj, process) = (ctx.obj, ctx.process);
+    let name = &ctx.names[(step.arg as usize) & (MAX_NAMES - 1)];
+    let key = if step.op == OP_KEY_INT {
+        Key::Int(step.int_arg)
+    } else {
+        Key::Str(name)
+    };
+    let next = match step.op {
+        OP_ATTR => attribute(obj, process),
+        OP_KEY_STR => {
+            let ty = read::<u64>(obj.wrapping_add(8)).unwrap_or(0);
+            if ty != process.type_dict {
+                Err(STATUS_WRONG_TYPE)
+            } else {
+                dict_table(obj, process)
+            }
         }
-        let step = &capture.steps[s];
-        let outcome = match step.op {
-            OP_ATTR => attribute(obj, &names[(step.arg as usize) & (MAX_NAMES - 1)], process),
-            OP_KEY_STR => {
-                let ty = read::<u64>(obj.wrapping_add(8)).unwrap_or(0);
-                if ty != process.type_dict {
-                    Err(STATUS_WRONG_TYPE)
-                } else {
-                    dict_get(
-                        obj,
-                        Key::Str(&names[(step.arg as usize) & (MAX_NAMES - 1)]),
-                        process,
-                    )
-                }
-            }
-            OP_KEY_INT => subscript_int(obj, step.int_arg, process),
-            OP_LEN => {
-                length(obj, process, value);
-                return;
-            }
-            _ => Err(STATUS_UNSUPPORTED),
-        };
-        match outcome {
-            Ok(next) => obj = next,
-            Err(status) => {
-                value.status = status;
-                return;
-            }
+        OP_KEY_INT => subscript_int(obj, step.int_arg, process),
+        OP_LEN => {
+            length(obj, process, ctx.value);
+            ctx.done = true;
+            return 1;
+        }
+        _ => Err(STATUS_UNSUPPORTED),
+    };
+    // One scan for every kind of step: inlined at each of the places
+    // that find a table, its setup was verified once per place.
+    let outcome = next.and_then(|next| match next {
+        Next::Object(obj) => Ok(obj),
+        Next::Table { keys, values } => scan(keys, values, key, process),
+    });
+    match outcome {
+        Ok(next) => {
+            ctx.obj = next;
+            0
+        }
+        Err(status) => {
+            ctx.value.status = status;
+            ctx.done = true;
+            1
         }
     }
-    describe(obj, process, value);
+}
+
+/// Where a step leads: an object, or a table of keys (and values) to scan
+/// for the step's key.
+#[derive(Clone, Copy)]
+enum Next {
+    Object(u64),
+    Table {
+        /// The dict keys object.
+        keys: u64,
+        /// The values array of a split dict or an instance, or 0 (each
+        /// value is beside its key).
+        values: u64,
+    },
 }
 
 /// `len()` of a str, list, tuple or dict, as an int value.
@@ -655,12 +738,13 @@ fn describe(obj: u64, process: &LogProcess, value: &mut Value) {
     }
 }
 
-/// `obj[int]`: a dict key, or a list or tuple index (negative from the end).
+/// `obj[int]`: a dict key (its table), or a list or tuple index (negative
+/// from the end).
 #[inline(always)]
-fn subscript_int(obj: u64, key: i64, process: &LogProcess) -> Result<u64, u8> {
+fn subscript_int(obj: u64, key: i64, process: &LogProcess) -> Result<Next, u8> {
     let ty = read::<u64>(obj.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
     if ty == process.type_dict {
-        return dict_get(obj, Key::Int(key), process);
+        return dict_table(obj, process);
     }
     let items = if ty == process.type_list {
         read::<u64>(obj.wrapping_add(LIST_ITEMS)).ok_or(STATUS_UNREADABLE)?
@@ -679,7 +763,7 @@ fn subscript_int(obj: u64, key: i64, process: &LogProcess) -> Result<u64, u8> {
     if item == 0 {
         return Err(STATUS_MISSING);
     }
-    Ok(item)
+    Ok(Next::Object(item))
 }
 
 /// A key to find.
@@ -689,95 +773,74 @@ enum Key<'a> {
     Int(i64),
 }
 
-/// `obj.name` from the instance's own attributes (never the class's).
+/// The table holding the instance's own attributes (never the class's).
 #[inline(always)]
-fn attribute(obj: u64, name: &Name, process: &LogProcess) -> Result<u64, u8> {
+fn attribute(obj: u64, process: &LogProcess) -> Result<Next, u8> {
     let ty = read::<u64>(obj.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
     let flags = read::<u64>(ty.wrapping_add(TP_FLAGS)).ok_or(STATUS_UNREADABLE)?;
-    let key = Key::Str(name);
-    if process.instance_model != 0 && flags & TPFLAGS_MANAGED_DICT != 0 {
-        let keys = || read::<u64>(ty.wrapping_add(process.heaptype_cached_keys));
+    let shared_keys = |values: u64| -> Result<Next, u8> {
+        let keys =
+            read::<u64>(ty.wrapping_add(process.heaptype_cached_keys)).ok_or(STATUS_UNREADABLE)?;
+        Ok(Next::Table {
+            keys,
+            values: values.wrapping_add(process.dict_values_items),
+        })
+    };
+    let dict = if process.instance_model != 0 && flags & TPFLAGS_MANAGED_DICT != 0 {
         match process.instance_model {
             1 => {
                 // 3.11: values array at obj - 32, else a dict at obj - 24.
                 let values = read::<u64>(obj.wrapping_sub(32)).ok_or(STATUS_UNREADABLE)?;
                 if values != 0 {
-                    let keys = keys().ok_or(STATUS_UNREADABLE)?;
-                    return scan(
-                        keys,
-                        values.wrapping_add(process.dict_values_items),
-                        key,
-                        process,
-                    );
+                    return shared_keys(values);
                 }
-                let dict = read::<u64>(obj.wrapping_sub(24)).ok_or(STATUS_UNREADABLE)?;
-                return if dict == 0 {
-                    Err(STATUS_MISSING)
-                } else {
-                    dict_get(dict, key, process)
-                };
+                read::<u64>(obj.wrapping_sub(24)).ok_or(STATUS_UNREADABLE)?
             }
             2 => {
                 // 3.12: tagged dict-or-values at obj - 24.
                 let word = read::<u64>(obj.wrapping_sub(24)).ok_or(STATUS_UNREADABLE)?;
                 if word & 1 != 0 {
-                    let keys = keys().ok_or(STATUS_UNREADABLE)?;
                     // Stored as the values pointer minus one (an odd word).
-                    let values = word + 1;
-                    return scan(
-                        keys,
-                        values.wrapping_add(process.dict_values_items),
-                        key,
-                        process,
-                    );
+                    return shared_keys(word + 1);
                 }
-                return if word == 0 {
-                    Err(STATUS_MISSING)
-                } else {
-                    dict_get(word, key, process)
-                };
+                word
             }
             _ => {
                 // 3.13+: a materialized dict at obj - 24 wins over the
                 // inline values.
                 let dict = read::<u64>(obj.wrapping_sub(24)).ok_or(STATUS_UNREADABLE)?;
-                if dict != 0 {
-                    return dict_get(dict, key, process);
+                if dict == 0 {
+                    if flags & TPFLAGS_INLINE_VALUES == 0 {
+                        return Err(STATUS_MISSING);
+                    }
+                    let basicsize =
+                        read::<u64>(ty.wrapping_add(TP_BASICSIZE)).ok_or(STATUS_UNREADABLE)?;
+                    let values = obj.wrapping_add(basicsize);
+                    let valid = read::<u8>(values.wrapping_add(3)).ok_or(STATUS_UNREADABLE)?;
+                    if valid == 0 {
+                        return Err(STATUS_MISSING);
+                    }
+                    return shared_keys(values);
                 }
-                if flags & TPFLAGS_INLINE_VALUES == 0 {
-                    return Err(STATUS_MISSING);
-                }
-                let basicsize =
-                    read::<u64>(ty.wrapping_add(TP_BASICSIZE)).ok_or(STATUS_UNREADABLE)?;
-                let values = obj.wrapping_add(basicsize);
-                let valid = read::<u8>(values.wrapping_add(3)).ok_or(STATUS_UNREADABLE)?;
-                if valid == 0 {
-                    return Err(STATUS_MISSING);
-                }
-                let keys = keys().ok_or(STATUS_UNREADABLE)?;
-                return scan(
-                    keys,
-                    values.wrapping_add(process.dict_values_items),
-                    key,
-                    process,
-                );
+                dict
             }
         }
-    }
-    let offset = read::<i64>(ty.wrapping_add(TP_DICTOFFSET)).ok_or(STATUS_UNREADABLE)?;
-    if offset <= 0 {
-        return Err(STATUS_UNSUPPORTED);
-    }
-    let dict = read::<u64>(obj.wrapping_add(offset as u64)).ok_or(STATUS_UNREADABLE)?;
+    } else {
+        let offset = read::<i64>(ty.wrapping_add(TP_DICTOFFSET)).ok_or(STATUS_UNREADABLE)?;
+        if offset <= 0 {
+            return Err(STATUS_UNSUPPORTED);
+        }
+        read::<u64>(obj.wrapping_add(offset as u64)).ok_or(STATUS_UNREADABLE)?
+    };
     if dict == 0 {
         return Err(STATUS_MISSING);
     }
-    dict_get(dict, key, process)
+    dict_table(dict, process)
 }
 
-/// Looks `key` up in a dict (combined or split).
+/// The table of a dict (combined or split).
 #[inline(always)]
-fn dict_get(dict: u64, key: Key, process: &LogProcess) -> Result<u64, u8> {
+fn dict_table(dict: u64, process: &LogProcess) -> Result<Next, u8> {
     let keys = read::<u64>(dict.wrapping_add(DICT_KEYS)).ok_or(STATUS_UNREADABLE)?;
     let values = read::<u64>(dict.wrapping_add(DICT_VALUES)).ok_or(STATUS_UNREADABLE)?;
     let values = if values == 0 {
@@ -785,7 +848,7 @@ fn dict_get(dict: u64, key: Key, process: &LogProcess) -> Result<u64, u8> {
     } else {
         values.wrapping_add(process.dict_values_items)
     };
-    scan(keys, values, key, process)
+    Ok(Next::Table { keys, values })
 }
 
 /// What a dict scan looks for and finds.
@@ -813,33 +876,12 @@ struct ScanCtx {
 fn scan(keys: u64, values: u64, key: Key, process: &LogProcess) -> Result<u64, u8> {
     // One read of the keys object's header.
     let head = read::<[u64; 5]>(keys).ok_or(STATUS_UNREADABLE)?;
-    let (nentries, entries, entry_size, key_at) = if process.dict_sized != 0 {
-        // dk_size at 8, dk_nentries at 32.
-        let (size, nentries) = (head[1], head[4]);
-        let width = if size <= 0xff {
-            1
-        } else if size <= 0xffff {
-            2
-        } else if size <= 0xffff_ffff {
-            4
-        } else {
-            8
-        };
-        (nentries, keys + 40 + size.wrapping_mul(width), 24, 8)
-    } else {
-        // dk_log2_index_bytes at 9, dk_kind at 10, dk_nentries at 24.
-        let log2_index_bytes = (head[1] >> 8) as u8;
-        let kind = (head[1] >> 16) as u8;
-        let nentries = head[3];
-        let shift = u64::from(log2_index_bytes & 63);
-        let general = kind == 0;
-        (
-            nentries,
-            keys + 32 + (1u64 << shift),
-            if general { 24 } else { 16 },
-            if general { 8 } else { 0 },
-        )
-    };
+    let dict_keys::Entries {
+        count: nentries,
+        start: entries,
+        size: entry_size,
+        key_at,
+    } = dict_keys::entries(process.dict_sized != 0, keys, &head);
     if nentries > u64::from(MAX_DICT_SCAN) {
         return Err(STATUS_UNSUPPORTED);
     }
@@ -870,15 +912,7 @@ fn scan(keys: u64, values: u64, key: Key, process: &LogProcess) -> Result<u64, u
         }
         Key::Int(i) => ctx.want_int = i,
     }
-    // SAFETY: the callback and its context follow bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            nentries as u32,
-            scan_entry as *mut c_void,
-            (&mut ctx as *mut ScanCtx).cast(),
-            0,
-        )
-    };
+    in_bpf_loop(nentries as u32, scan_entry, &mut ctx);
     if ctx.found == 0 {
         Err(STATUS_MISSING)
     } else {
@@ -978,15 +1012,7 @@ fn condition_may_hold(program: &Program, values: &[Value; MAX_CAPTURES]) -> bool
     };
     // In a `bpf_loop` callback, checked once by the verifier: unrolled,
     // each atom's branches multiplied the states of the ones before.
-    // SAFETY: the callback and its context follow bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            natoms as u32,
-            test_atom as *mut c_void,
-            (&mut ctx as *mut AtomCtx).cast(),
-            0,
-        )
-    };
+    in_bpf_loop(natoms as u32, test_atom, &mut ctx);
     ctx.holds
 }
 

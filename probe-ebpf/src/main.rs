@@ -6,6 +6,7 @@
 //! silently.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod logpoint;
 mod sample;
@@ -31,10 +32,6 @@ use pyprobe_common::{
     stats,
 };
 
-/// Entries into `_PyEval_EvalFrameDefault`, per process (tgid), per CPU.
-#[map(name = "EVAL_ENTRIES")]
-static EVAL_ENTRIES: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(MAX_PROCESSES, 0);
-
 /// Error counters, see `pyprobe_common::stats`.
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
@@ -55,28 +52,6 @@ fn count_error(index: u32) {
     if let Some(ptr) = STATS.get_ptr_mut(index) {
         bump(ptr);
     }
-}
-
-/// Uprobe on `_PyEval_EvalFrameDefault`: counts one entry for the current
-/// process. On CPython 3.8-3.10 every Python frame (and generator resumption)
-/// enters here; from 3.11 only frames started from C do.
-#[uprobe]
-pub fn eval_entry(_ctx: ProbeContext) -> u32 {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // Two tries: if another CPU (or a task that preempted us) inserts the key
-    // between our lookup and insert, the insert fails with EEXIST and the
-    // second lookup finds it.
-    for _ in 0..2 {
-        if let Some(ptr) = EVAL_ENTRIES.get_ptr_mut(&tgid) {
-            bump(ptr);
-            return 0;
-        }
-        if EVAL_ENTRIES.insert(&tgid, &1, BPF_NOEXIST as u64).is_ok() {
-            return 0;
-        }
-    }
-    count_error(stats::EVAL_MAP_FULL);
-    0
 }
 
 /// Per-process knowledge for `call_start`, written by userspace.

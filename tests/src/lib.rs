@@ -87,51 +87,20 @@ pub struct Discovery {
 /// [`private_dir`]`/bin`.
 pub fn discover() -> Discovery {
     let mut found: Vec<Interpreter> = Vec::new();
-    let pyenv_root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")));
-    if let Some(root) = pyenv_root {
-        let mut dirs: Vec<_> = std::fs::read_dir(root.join("versions"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        dirs.sort();
-        for dir in dirs {
-            let name = dir
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let mut parts = name.split('.');
-            let (Some(major), Some(minor)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let exe = dir.join("bin").join(format!("python{major}.{minor}"));
-            if let Some((version, binary)) = query(&exe) {
-                found.push(Interpreter {
-                    label: format!("pyenv {}.{}.{}", version.0, version.1, version.2),
-                    path: exe,
-                    binary,
-                    version,
-                    origin: Origin::Pyenv,
-                });
-            }
+    for (_, exe) in pyprobe_testenv::pyenv_versions() {
+        if let Some((version, binary)) = query(&exe) {
+            found.push(Interpreter {
+                label: format!("pyenv {}.{}.{}", version.0, version.1, version.2),
+                path: exe,
+                binary,
+                version,
+                origin: Origin::Pyenv,
+            });
         }
     }
-    let mut system: Vec<PathBuf> = std::fs::read_dir("/usr/bin")
+    let system = pyprobe_testenv::system_pythons()
         .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.strip_prefix("python3.")
-                .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .collect();
-    system.sort();
+        .map(|(_, exe)| exe);
     for exe in system {
         // Skip symlinks into a pyenv tree already listed.
         let real = std::fs::canonicalize(&exe).unwrap_or_else(|_| exe.clone());
@@ -187,12 +156,7 @@ pub fn discover() -> Discovery {
 /// Where `cargo xtask setup` puts private interpreters:
 /// `${XDG_DATA_HOME:-~/.local/share}/pyprobe/debian-sid`.
 pub fn private_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_default()
-        .join("pyprobe")
-        .join("debian-sid")
+    pyprobe_testenv::sid_dir()
 }
 
 /// `sys.version_info[:3]` and the real path of `sys.executable`.
@@ -674,6 +638,33 @@ impl Probe {
         self.stderr.recv_timeout(timeout).ok()
     }
 
+    /// Waits until a stderr line contains `needle` (or one printed before
+    /// [`Probe::start`] returned did): under `--all`, `start` returns at the
+    /// first process attached, and "watching every" follows once every
+    /// process running then is set up.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        if self.startup.iter().any(|l| l.contains(needle)) {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.startup.push(line);
+                    if found {
+                        return Ok(());
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        bail!(
+            "pyprobe did not say {needle:?} within {timeout:?}: {}",
+            self.startup()
+        )
+    }
+
     /// Sends SIGINT (Ctrl-C).
     pub fn interrupt(&self) {
         // SAFETY: plain kill(2) on our own child.
@@ -781,13 +772,46 @@ pub fn for_each_sid_and_pyenv_ends(
         })
         .cloned()
         .collect();
+    run_chosen(test, why, coverage, &found, &chosen, check);
+}
+
+/// Runs `check` on the newest pyenv build only, for tests of what does not
+/// depend on the interpreter and is long to set up; the others are listed
+/// as not run, saying `why` (and `coverage` in the coverage table).
+pub fn for_each_newest_pyenv(
+    test: &str,
+    why: &str,
+    coverage: &str,
+    check: impl FnMut(&Interpreter) -> anyhow::Result<()>,
+) {
+    let found = discover();
+    let chosen: Vec<Interpreter> = found
+        .supported
+        .iter()
+        .rfind(|i| i.origin == Origin::Pyenv)
+        .cloned()
+        .into_iter()
+        .collect();
+    run_chosen(test, why, coverage, &found, &chosen, check);
+}
+
+/// Runs `check` on `chosen` of the interpreters `found`; lists the others
+/// as not run, saying `why` (and `coverage` in the coverage table).
+fn run_chosen(
+    test: &str,
+    why: &str,
+    coverage: &str,
+    found: &Discovery,
+    chosen: &[Interpreter],
+    check: impl FnMut(&Interpreter) -> anyhow::Result<()>,
+) {
     for interp in &found.supported {
         if !chosen.iter().any(|c| c.path == interp.path) {
             eprintln!("{test}: not run on {}: {why}", interp.label);
             record_coverage(test, interp, coverage);
         }
     }
-    run_on(test, &chosen, &found.unsupported, check);
+    run_on(test, chosen, &found.unsupported, check);
 }
 
 /// Runs `check` on every supported interpreter, prints one line per

@@ -13,14 +13,21 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use pyprobe_tests::{Fixture, Probe, for_each_interpreter, pyprobe_bin};
 
+/// The line of `def f(x):` in `map_calls.py`, where calls names `f`.
+fn f_line() -> u64 {
+    let text = std::fs::read_to_string(pyprobe_tests::fixture_path("map_calls.py")).unwrap();
+    let index = text.lines().position(|l| l == "def f(x):").unwrap();
+    index as u64 + 1
+}
+
 #[test]
-fn entries_json_total_is_exact_and_ctrl_c_prints_it() {
+fn calls_json_is_one_document_per_report_and_ctrl_c_prints_the_exact_total() {
     for_each_interpreter(
-        "entries_json_total_is_exact_and_ctrl_c_prints_it",
+        "calls_json_is_one_document_per_report_and_ctrl_c_prints_the_exact_total",
         |interp| {
             let mut fixture = Fixture::start(interp, "map_calls.py", &[])?;
             let pid = fixture.pid().to_string();
-            let probe = Probe::start(&["entries", "--json", "--interval", "0.2", "--pid", &pid])?;
+            let probe = Probe::start(&["calls", "--json", "--interval", "0.2", "--pid", &pid])?;
             fixture.call("2500", "done 2500")?;
             // Let at least one interval report pass, then Ctrl-C.
             thread::sleep(Duration::from_millis(500));
@@ -48,25 +55,38 @@ fn entries_json_total_is_exact_and_ctrl_c_prints_it() {
                     .all(|d| d["kind"] == "interval"),
                 "{stdout}"
             );
-            let row = &last["processes"][0];
-            ensure!(row["pid"] == fixture.pid(), "{row}");
-            ensure!(row["entries"] == 2500, "final total is not 2500: {row}");
+            // f, called 2500 times from C (map), and no other Python
+            // function (the rest are the builtins that read and write the
+            // fixture's pipes).
+            let rows: Vec<&serde_json::Value> = last["rows"]
+                .as_array()
+                .context("rows")?
+                .iter()
+                .filter(|r| r["file"] != "<builtin>")
+                .collect();
+            ensure!(rows.len() == 1, "{last}");
+            let row = rows[0];
             ensure!(
-                last["lost"]["map_full"] == 0 && last["lost"]["recursion_misses"] == 0,
-                "{last}"
+                row["pid"] == fixture.pid()
+                    && row["function"] == "f"
+                    && row["line"] == f_line()
+                    && row["calls"] == 2500,
+                "{row}"
             );
+            let lost = last["lost"].as_object().context("lost")?;
+            ensure!(lost.values().all(|v| v == 0), "{last}");
             Ok(())
         },
     );
 }
 
 #[test]
-fn entries_table_stops_when_the_target_exits() {
+fn calls_table_stops_when_the_target_exits() {
     let found = pyprobe_tests::discover();
     let interp = &found.supported[0];
     let mut fixture = Fixture::start(interp, "map_calls.py", &[]).unwrap();
     let pid = fixture.pid().to_string();
-    let probe = Probe::start(&["entries", "--interval", "0.2", "--pid", &pid]).unwrap();
+    let probe = Probe::start(&["calls", "--interval", "0.2", "--pid", &pid]).unwrap();
     fixture.call("321", "done 321").unwrap();
     fixture.send("quit").unwrap();
     let (ok, stdout, stderr) = probe.finish().unwrap();
@@ -78,12 +98,24 @@ fn entries_table_stops_when_the_target_exits() {
     let final_part = stdout.split("final totals").nth(1).expect(&stdout);
     let row = final_part
         .lines()
-        .find(|l| l.contains(&pid))
+        .find(|l| l.contains(" f "))
         .expect(final_part);
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    assert_eq!(cells[0], pid, "{row}");
-    assert_eq!(cells[2], "321", "{row}");
-    assert!(cells[3].ends_with("(exited)"), "{row}");
+    assert_eq!(
+        cells[1..],
+        [
+            "321",
+            "0",
+            "f",
+            &format!(
+                "{}:{}",
+                pyprobe_tests::fixture_path("map_calls.py").display(),
+                f_line()
+            ),
+            &pid,
+        ],
+        "{row}"
+    );
 }
 
 /// Runs pyprobe with `args`; returns (exit code, stderr).
@@ -118,7 +150,7 @@ fn assert_one_line_error(
 #[test]
 fn bad_input_gets_one_line_errors_and_nonzero_exit() {
     assert_one_line_error(
-        &["entries", "--pid", "99999999"],
+        &["calls", "--pid", "99999999"],
         false,
         1,
         "no process with PID 99999999",
@@ -128,7 +160,7 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
     let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
     let pid = sleeper.id().to_string();
     let result = assert_one_line_error(
-        &["entries", "--pid", &pid],
+        &["calls", "--pid", &pid],
         false,
         1,
         "is not a Python process",
@@ -141,7 +173,7 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
     let found = pyprobe_tests::discover();
     let fixture = Fixture::start(&found.supported[0], "map_calls.py", &[]).unwrap();
     let pid = fixture.pid().to_string();
-    let (status, stderr) = run_pyprobe(&["entries", "--pid", &pid], true);
+    let (status, stderr) = run_pyprobe(&["calls", "--pid", &pid], true);
     assert_eq!(status, 1, "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
@@ -150,7 +182,7 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
     );
 
     // Usage errors are clap's: exit code 2.
-    let (status, stderr) = run_pyprobe(&["entries", "--pid", "1", "--interval", "0"], false);
+    let (status, stderr) = run_pyprobe(&["calls", "--pid", "1", "--interval", "0"], false);
     assert_eq!(status, 2, "{stderr}");
     assert!(stderr.contains("--interval"), "{stderr}");
     for rate in ["0", "20001"] {

@@ -7,12 +7,24 @@
 use std::{process::Command, thread, time::Duration};
 
 use anyhow::{Context, ensure};
-use pyprobe_tests::{Fixture, Probe, for_each_interpreter, marks, pyprobe_bin};
+use pyprobe_tests::{
+    Fixture, Probe, for_each_interpreter, for_each_newest_pyenv, marks, pyprobe_bin,
+};
 use serde_json::Value;
 
 /// The message of an output line `time pid tid file:line message`.
 fn message(line: &str) -> &str {
     line.splitn(5, ' ').nth(4).unwrap_or("")
+}
+
+/// The messages of the output lines of process `pid`, in order.
+fn messages_of(stdout: &str, pid: u32) -> Vec<&str> {
+    let pid = pid.to_string();
+    stdout
+        .lines()
+        .filter(|l| l.split(' ').nth(1) == Some(pid.as_str()))
+        .map(message)
+        .collect()
 }
 
 /// Lets pyprobe print what it has, stops it (Ctrl-C) and checks it exited
@@ -638,18 +650,21 @@ fn a_function_log_point_sees_each_recursive_call_in_its_own_frame() {
     });
 }
 
+/// `log --all` printing the id of each order every process handles.
+const LOG_ALL_ORDER_IDS: [&str; 6] = [
+    "log",
+    "--all",
+    "--at",
+    "logpoint_workload.py:handle_order",
+    "--msg",
+    "{order.id}",
+];
+
 #[test]
 fn all_arms_in_every_process_running_the_file_including_later_ones() {
     for_each_interpreter("logpoint_all", |interp| {
         let mut first = Fixture::start(interp, "logpoint_workload.py", &[])?;
-        let probe = Probe::start(&[
-            "log",
-            "--all",
-            "--at",
-            "logpoint_workload.py:handle_order",
-            "--msg",
-            "{order.id}",
-        ])?;
+        let probe = Probe::start(&LOG_ALL_ORDER_IDS)?;
         ensure!(
             probe
                 .startup()
@@ -680,12 +695,8 @@ fn all_arms_in_every_process_running_the_file_including_later_ones() {
         second.call("run", "done")?;
         let (stdout, stderr) = stop(probe)?;
         for fixture in [&first, &second] {
-            let pid = fixture.pid().to_string();
-            let ids: Vec<&str> = stdout
-                .lines()
-                .filter(|l| l.split(' ').nth(1) == Some(pid.as_str()))
-                .map(message)
-                .collect();
+            let pid = fixture.pid();
+            let ids = messages_of(&stdout, pid);
             let expected: Vec<String> = (100..112).map(|i| i.to_string()).collect();
             ensure!(ids == expected, "PID {pid}: {ids:?}\n{stderr}");
         }
@@ -983,4 +994,73 @@ fn processes_that_exit_are_said_to_have_exited() {
         ensure!(!stderr.contains("pyprobe: error"), "{stderr}");
         Ok(())
     });
+}
+
+/// Processes the scale test watches at once: more than the 64 armed code
+/// objects pyprobe once had room for in the kernel.
+const MANY: usize = 70;
+
+#[test]
+fn all_arms_in_many_processes_and_limits_the_rate_over_all_of_them() {
+    for_each_newest_pyenv(
+        "logpoint_many",
+        "how many processes a log point arms in does not depend on the interpreter",
+        "not run (scale: newest pyenv build)",
+        |interp| {
+            let mut fleet = (0..MANY)
+                .map(|_| Fixture::start(interp, "logpoint_workload.py", &[]))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let args = |rate: &'static str| [&LOG_ALL_ORDER_IDS[..], &["--rate", rate]].concat();
+            // No rate limit: every run of every process, exactly once.
+            let mut probe = Probe::start(&args("0"))?;
+            probe.wait_for("watching every", Duration::from_secs(60))?;
+            for fixture in &mut fleet {
+                fixture.call("run", "done")?;
+            }
+            let (stdout, stderr) = stop(probe)?;
+            let expected: Vec<String> = (100..112).map(|i| i.to_string()).collect();
+            for fixture in &fleet {
+                let pid = fixture.pid();
+                let ids = messages_of(&stdout, pid);
+                ensure!(
+                    ids == expected,
+                    "PID {pid} of {MANY}: {ids:?}\n{}",
+                    stderr
+                        .lines()
+                        .filter(|l| !l.contains("passed over"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            // --rate 5 holds for the log point, over every process: three
+            // processes' 36 runs, well within a second, print 5 lines.
+            let mut probe = Probe::start(&args("5"))?;
+            probe.wait_for("watching every", Duration::from_secs(60))?;
+            for fixture in &mut fleet[..3] {
+                fixture.call("run", "done")?;
+            }
+            let (stdout, stderr) = stop(probe)?;
+            ensure!(
+                stdout.lines().count() == 5,
+                "{stdout}\n{}",
+                stderr
+                    .lines()
+                    .filter(|l| l.contains("over the rate limit") && !l.contains(" 0 runs"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            let over: u64 = stderr
+                .lines()
+                .filter_map(|l| {
+                    let (before, _) = l.split_once(" over the rate limit")?;
+                    before.rsplit(' ').next()?.parse::<u64>().ok()
+                })
+                .sum();
+            ensure!(
+                over == 31,
+                "{over} runs over the rate limit, not 31:\n{stderr}"
+            );
+            Ok(())
+        },
+    );
 }

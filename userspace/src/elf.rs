@@ -117,6 +117,8 @@ pub struct ElfImage {
     /// [`Self::unwind_ranges`], parsed at the first call (every process of
     /// one interpreter file shares the image).
     unwind: std::sync::OnceLock<Vec<std::ops::Range<u64>>>,
+    /// [`Self::derived`] facts, by type.
+    derived: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send + Sync>>>,
 }
 
 impl ElfImage {
@@ -150,6 +152,7 @@ impl ElfImage {
             data,
             segments,
             unwind: std::sync::OnceLock::new(),
+            derived: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -334,6 +337,63 @@ impl ElfImage {
         }
         relocations.sort_unstable();
         Ok(relocations)
+    }
+
+    /// The `[start, end)` link-time address ranges of the executable
+    /// `PT_LOAD` segments (their file-backed part).
+    pub fn executable_ranges(&self) -> Result<Vec<std::ops::Range<u64>>, ElfError> {
+        let elf = parse(&self.path, &self.data)?;
+        let endian = elf.endian();
+        Ok(elf
+            .elf_program_headers()
+            .iter()
+            .filter(|ph| {
+                ph.p_type(endian) == object::elf::PT_LOAD
+                    && ph.p_flags(endian) & object::elf::PF_X != 0
+            })
+            .map(|ph| {
+                let start = ph.p_vaddr(endian);
+                start..start.saturating_add(ph.p_filesz(endian))
+            })
+            .collect())
+    }
+
+    /// `file_offset`, or the instruction after it when it is an `endbr64`
+    /// (the CET landing pad that starts functions in builds with
+    /// `-fcf-protection`): a first instruction that is single-stepped
+    /// (several µs a hit), where the next one, with the argument registers
+    /// still untouched, is usually emulated.
+    pub fn past_endbr64(&self, file_offset: u64) -> u64 {
+        const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+        let at = file_offset as usize;
+        if self.data.get(at..at + 4) == Some(&ENDBR64[..]) {
+            file_offset + 4
+        } else {
+            file_offset
+        }
+    }
+
+    /// A fact other modules derive from the image alone (where the eval
+    /// loop's code is, which register holds its frame), computed by `make`
+    /// at the first call and kept: every process of one interpreter file
+    /// shares the image. The type `T` names the fact.
+    pub fn derived<T: Clone + Send + Sync + 'static>(&self, make: impl FnOnce(&Self) -> T) -> T {
+        let found = |cache: &[Box<dyn std::any::Any + Send + Sync>]| {
+            cache
+                .iter()
+                .find_map(|fact| fact.downcast_ref::<T>())
+                .cloned()
+        };
+        if let Some(fact) = found(&self.derived.lock().unwrap_or_else(|e| e.into_inner())) {
+            return fact;
+        }
+        // Computed without the lock: `make` may ask for other facts.
+        let fact = make(self);
+        let mut cache = self.derived.lock().unwrap_or_else(|e| e.into_inner());
+        if found(&cache).is_none() {
+            cache.push(Box::new(fact.clone()));
+        }
+        fact
     }
 
     /// The code ranges `[start, end)` of the `.eh_frame` FDEs, sorted: one per

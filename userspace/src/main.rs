@@ -6,7 +6,6 @@ use clap::{Parser, Subcommand};
 use pyprobe::{
     calls::{self, CallsOptions},
     dump::{self, DumpOptions},
-    entries::{self, EntriesOptions},
     profile::{self, Format, ProfileOptions, RecordOptions, TopOptions},
     python::values::Bounds,
     selection::Selector,
@@ -55,10 +54,12 @@ enum Command {
     /// matches loaded files by the end of their path and must match one.
     /// With --all, every Python process running the code, now or later.
     /// A process forked by a watched one (a pre-fork server's or a fork
-    /// pool's new worker) inherits the armed log points: every run is seen
-    /// from its first. One started fresh (exec, multiprocessing spawn) is
-    /// armed once pyprobe sees the file imported, within about 50 ms: its
-    /// runs before that are not seen.
+    /// pool's new worker; on 3.14+, a forkserver pool's worker once the
+    /// forkserver is armed) inherits the armed log points: every run is
+    /// seen from its first. One that makes the code itself (exec,
+    /// multiprocessing spawn, forkserver before 3.14) is armed once pyprobe
+    /// sees the file imported, within about 50 ms: its runs before that are
+    /// not seen.
     ///
     /// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE).
     Log {
@@ -119,9 +120,6 @@ enum Command {
         /// Show values of secret-looking names instead of <redacted>.
         #[arg(long)]
         no_redact: bool,
-        /// Save the memory that was read to this file (for offline tests).
-        #[arg(long, hide = true, value_name = "FILE")]
-        save_snapshot: Option<std::path::PathBuf>,
     },
     /// Count every Python function call, exactly, live: a histogram per function.
     ///
@@ -169,8 +167,8 @@ enum Command {
     /// followed; one that execs anything else is reported and dropped.
     /// The probes of one interpreter file are one `uprobe_multi` link
     /// (Linux 6.6+), which the kernel detaches with one grace period:
-    /// with 100 processes of one interpreter, ready in 0.4-0.6 s and gone
-    /// 0.2-0.3 s after Ctrl-C (`cargo xtask bench --only scale`). Older
+    /// with 100 processes of one interpreter, ready in 0.16-0.20 s and gone
+    /// 0.26-0.27 s after Ctrl-C (`cargo xtask bench --only scale`). Older
     /// kernels get one perf-event uprobe per probe, about 0.1 s each to
     /// detach (5-18 per file).
     ///
@@ -199,9 +197,6 @@ enum Command {
         /// Also time each call: p50, p99 and max per function (see Cost above).
         #[arg(short = 'L', long)]
         latency: bool,
-        /// Attach an empty BPF program at the same sites instead of the counter (benchmarks).
-        #[arg(long, hide = true)]
-        bench_empty_program: bool,
     },
     /// Sample Python stacks and write a flamegraph, speedscope or folded profile.
     ///
@@ -251,33 +246,6 @@ enum Command {
         #[arg(short = 'n', long, value_name = "N")]
         top: Option<usize>,
         /// Print one JSON document per view instead of tables.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Count entries into the CPython eval loop (_PyEval_EvalFrameDefault), live.
-    ///
-    /// On CPython 3.8-3.10 every Python function call and generator resumption
-    /// enters the eval loop, so this counts them all. From 3.11 on, calls made
-    /// by Python code run inside the same loop and only frames started from C
-    /// are counted (callbacks from map()/sorted(key=...), C extensions, new
-    /// threads, imports).
-    ///
-    /// Cost: each counted entry traps into the kernel, about 0.5 µs on a VM
-    /// (0.3 µs on bare metal); code that does not enter the eval loop is not
-    /// slowed.
-    ///
-    /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
-    Entries {
-        /// Process to watch (repeat for several).
-        #[arg(short, long = "pid", required = true, value_name = "PID")]
-        pids: Vec<u32>,
-        /// Seconds between reports.
-        #[arg(short, long, default_value_t = 1.0, value_parser = positive_seconds)]
-        interval: f64,
-        /// Stop after this many seconds (default: until Ctrl-C or every target exits).
-        #[arg(short, long, value_parser = positive_seconds)]
-        duration: Option<f64>,
-        /// Print one JSON document per report instead of tables.
         #[arg(long)]
         json: bool,
     },
@@ -439,7 +407,10 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Milliseconds: debug lines time the steps of attaching.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -468,7 +439,6 @@ fn main() -> ExitCode {
                 locals,
                 json,
                 no_redact,
-                save_snapshot,
             } => dump::run(&DumpOptions {
                 pid,
                 locals,
@@ -477,7 +447,7 @@ fn main() -> ExitCode {
                     redact: !no_redact,
                     ..Bounds::default()
                 },
-                save_snapshot,
+                save_snapshot: None,
             }),
             Command::Calls {
                 targets,
@@ -488,13 +458,12 @@ fn main() -> ExitCode {
                 json,
                 no_builtins,
                 latency,
-                bench_empty_program,
             } => {
                 let (pids, all, select) = targets.split();
                 calls::run(CallsOptions {
                     builtins: !no_builtins,
                     latency,
-                    empty_program: bench_empty_program,
+                    empty_program: false,
                     pids,
                     all,
                     select,
@@ -585,20 +554,6 @@ fn main() -> ExitCode {
                     }
                     Err(e) => Err(e),
                 }
-            }
-            Command::Entries {
-                pids,
-                interval,
-                duration,
-                json,
-            } => {
-                entries::run(EntriesOptions {
-                    pids,
-                    interval: Duration::from_secs_f64(interval),
-                    duration: duration.map(Duration::from_secs_f64),
-                    json,
-                })
-                .await
             }
         }
     });

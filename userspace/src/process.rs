@@ -584,16 +584,38 @@ pub fn exe_of(pid: u32) -> Option<std::path::PathBuf> {
     fs::read_link(format!("/proc/{pid}/exe")).ok()
 }
 
-/// Whether a process is running (a zombie still has `/proc/PID` but is
-/// not).
+/// Whether a process is running with its memory: a zombie still has
+/// `/proc/PID` but is not, and neither is a process in the middle of its
+/// exit, which has let go of its memory (its reads fail) before it becomes
+/// a zombie.
 pub fn is_alive(pid: u32) -> bool {
     // The state letter follows the comm field, which may contain ')'.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let running = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit_once(')')
                 .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
         })
-        .unwrap_or(false)
+        .unwrap_or(false);
+    // No memory: `statm` says 0 pages (as for a kernel thread).
+    running
+        && std::fs::read_to_string(format!("/proc/{pid}/statm"))
+            .is_ok_and(|s| s.split(' ').next().is_some_and(|size| size != "0"))
+}
+
+/// Whether process `pid` is gone, or goes within `wait`: a process that
+/// cannot be read while it seems alive may be finalizing (an exiting
+/// interpreter frees and unmaps its memory before the process ends).
+pub fn exits_within(pid: u32, wait: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        if !is_alive(pid) {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Finds the CPython interpreter of process `pid`: the executable or a mapped
@@ -776,6 +798,15 @@ mod tests {
     fn own_process_is_alive_and_unknown_pid_is_not() {
         assert!(super::is_alive(std::process::id()));
         assert!(!super::is_alive(99_999_999));
+    }
+
+    #[test]
+    fn a_task_without_memory_is_not_alive() {
+        // kthreadd: a kernel thread has no memory, as a process has none
+        // between letting go of it in its exit and becoming a zombie.
+        if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+            assert!(!super::is_alive(2));
+        }
     }
 
     use super::*;

@@ -54,26 +54,6 @@ impl Selector {
     }
 }
 
-impl Selector {
-    /// Processes to set up under `--all`: every PID in `/proc` but ours,
-    /// the `ignored` ones (as they were when passed over) and the `known`
-    /// ones, that the selection takes. The others are added to `ignored`.
-    pub fn new_pids(&self, ignored: &mut Ignored, known: impl Fn(u32) -> bool) -> Vec<u32> {
-        let mut out = Vec::new();
-        for pid in all_pids() {
-            if pid == std::process::id() || known(pid) || ignored.holds(pid) {
-                continue;
-            }
-            if self.selects(pid) {
-                out.push(pid);
-            } else {
-                ignored.insert(pid);
-            }
-        }
-        out
-    }
-}
-
 /// Processes a scan passed over (not selected, not Python, or not set
 /// up), not read again while each is the same program: a process that
 /// execs (a shell becoming Python, a worker becoming something else), a
@@ -191,6 +171,21 @@ pub fn command_line(pid: u32) -> Option<String> {
             .collect::<Vec<_>>()
             .join(" "),
     )
+}
+
+/// Whether an error setting up a PID under `--all` only says it is no
+/// Python process to trace (or it is gone): skipped without a word.
+pub fn is_not_python(e: &anyhow::Error) -> bool {
+    let process = e
+        .downcast_ref::<crate::process::ProcessError>()
+        .or_else(|| {
+            e.downcast_ref::<crate::python::reader::ReadError>()
+                .and_then(|r| match r {
+                    crate::python::reader::ReadError::Process(p) => Some(p),
+                    _ => None,
+                })
+        });
+    process.is_some_and(crate::process::ProcessError::is_not_python)
 }
 
 #[cfg(test)]

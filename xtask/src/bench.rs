@@ -83,42 +83,24 @@ fn interpreters() -> Vec<PathBuf> {
 }
 
 fn all_interpreters() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")));
-    if let Some(root) = root {
-        let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir(root.join("versions"))
+    let mut out: Vec<PathBuf> = pyprobe_testenv::pyenv_versions()
+        .into_iter()
+        .filter(|((major, minor, _), _)| *major == 3 && (8..=15).contains(minor))
+        .map(|(_, exe)| exe)
+        .collect();
+    out.extend(
+        pyprobe_testenv::system_pythons()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let mut parts = name.split('.');
-                let (major, minor) = (
-                    parts.next()?.parse::<u32>().ok()?,
-                    parts.next()?.parse::<u32>().ok()?,
-                );
-                (major == 3 && (8..=15).contains(&minor))
-                    .then(|| (minor, e.path().join("bin").join(format!("python3.{minor}"))))
-            })
-            .collect();
-        dirs.sort();
-        out.extend(dirs.into_iter().map(|(_, p)| p));
-    }
-    for minor in 8..=15 {
-        let p = PathBuf::from(format!("/usr/bin/python3.{minor}"));
-        if p.exists() {
-            out.push(p);
-        }
-    }
+            .filter(|(minor, _)| (8..=15).contains(minor))
+            .map(|(_, exe)| exe),
+    );
     // The private Debian sid interpreters that setup installs.
-    if let Ok(data) = setup::data_dir() {
-        for v in sid::VERSIONS {
-            let p = sid::sid_dir(&data).join("bin").join(format!("python{v}"));
-            if p.exists() {
-                out.push(p);
-            }
+    for v in sid::VERSIONS {
+        let minor = v.rsplit_once('.').and_then(|(_, m)| m.parse().ok());
+        if let Some(p) = minor.map(pyprobe_testenv::sid_python)
+            && p.exists()
+        {
+            out.push(p);
         }
     }
     out
@@ -194,7 +176,17 @@ pub fn bench(runs: usize, only: &[String], python: Option<String>) -> anyhow::Re
         profile::bench_profile(&pyprobe)?;
     }
     if wanted("calls") {
-        bench_calls(&pyprobe, runs.min(7))?;
+        // The counter's empty twin, for the cost of the trap alone.
+        run(cargo()?.args([
+            "build",
+            "--release",
+            "-p",
+            "pyprobe-tests",
+            "--bin",
+            "pyprobe-empty-calls",
+        ]))?;
+        let empty_calls = target_dir.join("release").join("pyprobe-empty-calls");
+        bench_calls(&pyprobe, &empty_calls, runs.min(7))?;
     }
     if wanted("scale") {
         scale::bench_scale(&pyprobe)?;
@@ -302,14 +294,17 @@ impl CallBench {
         Ok(percentile(&times, 0.5))
     }
 
-    /// Starts `pyprobe calls` (plus `extra`) on the fixture; returns once
-    /// it counts.
-    fn watch(&self, pyprobe: &Path, extra: &[&str]) -> anyhow::Result<Watcher> {
-        let pid = self.fixture.0.id().to_string();
+    /// The fixture's PID.
+    fn pid(&self) -> String {
+        self.fixture.0.id().to_string()
+    }
+
+    /// Starts `program` with `args` (a calls counter on the fixture);
+    /// returns once it counts.
+    fn watch(&self, program: &Path, args: &[&str]) -> anyhow::Result<Watcher> {
         let started = Instant::now();
-        let mut child = Command::new(pyprobe)
-            .args(["calls", "--pid", &pid, "--interval", "3600", "--json"])
-            .args(extra)
+        let mut child = Command::new(program)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -412,7 +407,7 @@ fn wait_usage(child: std::process::Child, started: Instant) -> anyhow::Result<Us
     })
 }
 
-fn bench_calls(pyprobe: &Path, runs: usize) -> anyhow::Result<()> {
+fn bench_calls(pyprobe: &Path, empty_calls: &Path, runs: usize) -> anyhow::Result<()> {
     let _stats = BpfStats::enable();
     println!(
         "\n== pyprobe calls on fib(25) ({BENCH_CALLS} Python calls), release build ==\n\
@@ -440,12 +435,16 @@ fn bench_calls(pyprobe: &Path, runs: usize) -> anyhow::Result<()> {
         let mut usage = None;
         for _ in 0..RATIO_ROUNDS {
             let bare = bench.time(runs)?;
-            let watcher = bench.watch(pyprobe, &[])?;
+            let pid = bench.pid();
+            let watcher = bench.watch(
+                pyprobe,
+                &["calls", "--pid", &pid, "--interval", "3600", "--json"],
+            )?;
             let with = bench.time(runs)?;
             let cost = watcher.stop()?;
             prog_ns.extend(cost.prog_ns);
             usage.get_or_insert(cost.usage);
-            let watcher = bench.watch(pyprobe, &["--bench-empty-program"])?;
+            let watcher = bench.watch(empty_calls, &[&pid])?;
             let empty = bench.time(runs)?;
             empty_prog_ns.extend(watcher.stop()?.prog_ns);
             let per_call = |t: f64| (t - bare) / BENCH_CALLS * 1e9;

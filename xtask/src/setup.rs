@@ -137,11 +137,11 @@ fn nightly_llvm() -> anyhow::Result<NightlyLlvm> {
 
 /// pyprobe's data directory: `${XDG_DATA_HOME:-~/.local/share}/pyprobe`.
 pub fn data_dir() -> anyhow::Result<PathBuf> {
-    Ok(match std::env::var_os("XDG_DATA_HOME") {
-        Some(dir) => PathBuf::from(dir),
-        None => home()?.join(".local").join("share"),
+    if std::env::var_os("XDG_DATA_HOME").is_none() {
+        // Says what is missing rather than writing under /.
+        home()?;
     }
-    .join("pyprobe"))
+    Ok(pyprobe_testenv::data_dir())
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<String> {

@@ -55,22 +55,13 @@
 //!
 //! [`Offsets::interp_static_types`]: crate::python::offsets::Offsets::interp_static_types
 
-use std::{
-    collections::{HashMap, HashSet},
-    ops::Range,
-};
-
-use object::{
-    Endianness,
-    elf::{PF_X, PT_LOAD},
-    read::elf::{ElfFile64, ProgramHeader},
-};
+use std::collections::{HashMap, HashSet};
 
 use crate::{
     elf::{ElfError, ElfImage},
     python::{
         memory::{Memory, MemoryError},
-        offsets::{DictKeysModel, common},
+        offsets::common,
         reader::{ReadError, Target},
     },
 };
@@ -287,60 +278,10 @@ fn read_c_string<M: Memory>(mem: &M, addr: u64, max: usize) -> Result<String, Re
     Err(ReadError::Corrupt("C string too long"))
 }
 
-/// The `(key, value)` pairs of a dict, in insertion order, NULL slots left
-/// out. Only combined tables (module and type dicts always are): a split
-/// table is an error.
-fn dict_items<M: Memory>(target: &Target<M>, dict: u64) -> Result<Vec<(u64, u64)>, ReadError> {
-    let mem = &target.mem;
-    if let Some(&dict_type) = target.known.types.get("PyDict_Type")
-        && mem.read_u64(dict.wrapping_add(common::OB_TYPE))? != dict_type
-    {
-        return Err(ReadError::Corrupt("not a dict"));
-    }
-    let keys = mem.read_u64(dict.wrapping_add(common::DICT_KEYS))?;
-    if mem.read_u64(dict.wrapping_add(common::DICT_VALUES))? != 0 {
-        return Err(ReadError::Corrupt(
-            "a split dict where a combined one was expected",
-        ));
-    }
-    let size_at = |addr: u64| -> Result<u64, ReadError> {
-        u64::try_from(mem.read_i64(addr)?).map_err(|_| ReadError::Corrupt("negative dict size"))
-    };
-    let (nentries, entries, entry_size, key_offset) = match target.info.layout.dict_keys {
-        DictKeysModel::Sized => {
-            let size = size_at(keys.wrapping_add(8))?;
-            let width = match size {
-                0..=0xff => 1,
-                0x100..=0xffff => 2,
-                0x1_0000..=0xffff_ffff => 4,
-                _ => 8,
-            };
-            let entries = keys.wrapping_add(40).wrapping_add(size.wrapping_mul(width));
-            (size_at(keys.wrapping_add(32))?, entries, 24, 8)
-        }
-        DictKeysModel::Log2 => {
-            let log2_index_bytes = u32::from(mem.read_u8(keys.wrapping_add(9))?);
-            if log2_index_bytes > 40 {
-                return Err(ReadError::Corrupt("dict index size"));
-            }
-            let general = mem.read_u8(keys.wrapping_add(10))? == 0;
-            let entries = keys.wrapping_add(32).wrapping_add(1u64 << log2_index_bytes);
-            let (size, key_offset) = if general { (24, 8) } else { (16, 0) };
-            (size_at(keys.wrapping_add(24))?, entries, size, key_offset)
-        }
-    };
-    if nentries > MAX_DICT_ENTRIES {
-        return Err(ReadError::Corrupt("dict too large"));
-    }
-    let bytes = mem.read_vec(entries, (nentries * entry_size) as usize)?;
-    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-    Ok((0..nentries as usize)
-        .map(|i| {
-            let at = i * entry_size as usize + key_offset;
-            (word(at), word(at + 8))
-        })
-        .filter(|&(key, value)| key != 0 && value != 0)
-        .collect())
+/// The `(key, value)` pairs of a combined-table dict (module, class and
+/// `sys` dicts always are), in insertion order, deleted slots left out.
+fn dict_items<M: Memory>(t: &Target<M>, dict: u64) -> Result<Vec<(u64, u64)>, ReadError> {
+    crate::python::dict::combined_items(t, dict, MAX_DICT_ENTRIES)
 }
 
 /// The walk of [`find_builtin_callables`]: what was seen, what was found.
@@ -562,25 +503,6 @@ pub fn find_builtin_callables<M: Memory>(
     Ok(walk.found)
 }
 
-/// The `[start, end)` link-time address ranges of the executable `PT_LOAD`
-/// segments of `image` (their file-backed part).
-pub fn executable_ranges(image: &ElfImage) -> Result<Vec<Range<u64>>, ElfError> {
-    let elf = ElfFile64::<Endianness>::parse(image.data()).map_err(|source| ElfError::Parse {
-        path: image.path().to_owned(),
-        source,
-    })?;
-    let endian = elf.endian();
-    Ok(elf
-        .elf_program_headers()
-        .iter()
-        .filter(|ph| ph.p_type(endian) == PT_LOAD && ph.p_flags(endian) & PF_X != 0)
-        .map(|ph| {
-            let start = ph.p_vaddr(endian);
-            start..start.saturating_add(ph.p_filesz(endian))
-        })
-        .collect())
-}
-
 /// The sites of `callables` and of the `tp_call` slots `calls` (runtime
 /// addresses) in `image`, loaded at `load_bias`: one per distinct pointer,
 /// sorted by address, each with the first source that used it. Pointers
@@ -594,7 +516,7 @@ pub fn sites_of(
     calls: &[u64],
     bound: &[u64],
 ) -> Result<(Vec<BuiltinSite>, usize), ElfError> {
-    let executable = executable_ranges(image)?;
+    let executable = image.executable_ranges()?;
     let varargs_source = callables
         .iter()
         .find(|c| c.kind == BuiltinKind::Function && c.vectorcall == 0)
@@ -656,7 +578,7 @@ pub fn vectorcall_choices(image: &ElfImage) -> Result<Vec<u64>, ElfError> {
     let function = image
         .symbol("PyCMethod_New")
         .or_else(|_| image.symbol("PyCFunction_NewEx"))?;
-    let executable = executable_ranges(image)?;
+    let executable = image.executable_ranges()?;
     let offset = image.vaddr_to_file_offset(function.vaddr)?;
     let len = usize::try_from(function.size.min(4096)).unwrap_or(0);
     let Some(code) = image.bytes_at(offset, len) else {
@@ -735,6 +657,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::python::offsets::DictKeysModel;
     use crate::python::{reader::KnownObjects, version::PythonVersion};
 
     /// Sparse memory built by the tests: regions at chosen addresses, and a
@@ -1212,7 +1135,7 @@ mod tests {
         let maps = crate::process::read_maps(std::process::id()).unwrap();
         let bias = crate::process::load_bias(&maps, &exe, &image).unwrap();
         let main = image.symbol("main").unwrap().vaddr;
-        let code = executable_ranges(&image).unwrap();
+        let code = image.executable_ranges().unwrap();
         assert!(code.iter().any(|r| r.contains(&main)), "{code:x?}");
         let other = code
             .iter()

@@ -5,79 +5,13 @@
 
 use pyprobe_common::calls::{self, ProcessConfig};
 
-use crate::python::{
-    offsets::{FrameLink, FrameModel, GilLocation, InstructionModel, Offsets, VersionInfo},
-    version::PythonVersion,
+use crate::{
+    kabi::{ConfigError, current_frame_link, gil_addresses, window},
+    python::{
+        offsets::{FrameModel, GilLocation, InstructionModel, VersionInfo},
+        version::PythonVersion,
+    },
 };
-
-/// Why a process cannot be configured.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
-    /// A field the chosen mode needs is missing from the offsets.
-    #[error("CPython {version}: the offsets lack {field}, needed to find starting frames")]
-    MissingField {
-        /// Version of the target.
-        version: String,
-        /// Name of the field.
-        field: &'static str,
-    },
-    /// The fields the program reads from one object do not fit in one
-    /// window (a layout this program was not built for).
-    #[error("CPython {version}: {object} fields {offsets:?} do not fit in one {window}-byte read")]
-    Window {
-        /// Version of the target.
-        version: String,
-        /// "frame" or "code".
-        object: &'static str,
-        /// The offsets.
-        offsets: Vec<u64>,
-        /// [`calls::WINDOW`].
-        window: u64,
-    },
-    /// The process's memory could not be read where its running thread is
-    /// published (e.g. the GIL not created yet: the process is starting).
-    #[error("cannot read where the running thread is published ({0}); is the process starting?")]
-    Unreadable(&'static str),
-}
-
-/// A window of an object: where it starts, how long it is (to the end of
-/// the last field, read as 8 bytes), and where each field is in it.
-pub(crate) fn window(
-    version: &PythonVersion,
-    object: &'static str,
-    offsets: &[u64],
-) -> Result<(u64, u64, Vec<u64>), ConfigError> {
-    let base = offsets.iter().copied().min().unwrap_or(0) & !7;
-    let at: Vec<u64> = offsets.iter().map(|o| o - base).collect();
-    if at.iter().any(|&a| a > calls::WINDOW - 8 || a % 4 != 0) {
-        return Err(ConfigError::Window {
-            version: version.to_string(),
-            object,
-            offsets: offsets.to_vec(),
-            window: calls::WINDOW,
-        });
-    }
-    let len = at.iter().max().map_or(8, |a| a + 8);
-    Ok((base, len, at))
-}
-
-/// The address of the main interpreter's GIL structure (3.12+: behind the
-/// pointer at `pointer` in the interpreter state). It is created once, at
-/// start-up, and never moves, so it is read here rather than in the kernel
-/// on every event.
-pub(crate) fn main_gil(
-    o: &Offsets,
-    runtime: u64,
-    pointer: u64,
-    read_u64: impl Fn(u64) -> Option<u64>,
-) -> Result<u64, ConfigError> {
-    let interp = read_u64(runtime.wrapping_add(o.runtime_interpreters_head))
-        .filter(|&a| a != 0)
-        .ok_or(ConfigError::Unreadable("_PyRuntime.interpreters.head"))?;
-    read_u64(interp.wrapping_add(pointer))
-        .filter(|&a| a != 0)
-        .ok_or(ConfigError::Unreadable("interp->ceval.gil"))
-}
 
 /// Builds the configuration of a process whose `_PyRuntime` is at `runtime`;
 /// `read_u64` reads the process's memory (3.12+ need the GIL's address).
@@ -153,30 +87,18 @@ pub fn process_config(
         }
         FrameModel::Interpreter => {
             c.frame_mode = calls::FRAME_FROM_TSTATE;
-            c.tstate_slot = match (o.runtime_tstate_current, o.gil) {
-                (Some(current), _) => runtime.wrapping_add(current),
-                (
-                    None,
-                    GilLocation::InterpPointer {
-                        pointer,
-                        last_holder,
-                        ..
-                    },
-                ) => main_gil(o, runtime, pointer, &read_u64)?.wrapping_add(last_holder),
-                (None, GilLocation::Runtime { .. }) => {
+            // The word naming the running thread state: 3.8-3.11's
+            // `tstate_current`, else the GIL's last holder behind the
+            // interpreter's pointer.
+            let gil = gil_addresses(o, runtime, &read_u64)?;
+            c.tstate_slot = match (gil.current, o.gil) {
+                (0, GilLocation::InterpPointer { .. }) => gil.last_holder,
+                (0, GilLocation::Runtime { .. }) => {
                     return Err(missing("gilstate.tstate_current"));
                 }
+                (current, _) => current,
             };
-            match o.tstate_frame {
-                FrameLink::Direct(at) => c.tstate_frame = at,
-                FrameLink::ViaCFrame {
-                    cframe,
-                    current_frame,
-                } => {
-                    c.tstate_frame = cframe;
-                    c.cframe_current_frame = current_frame;
-                }
-            }
+            (c.tstate_frame, c.cframe_current_frame) = current_frame_link(o);
             c.start_mode = calls::START_INDEX_FIRST_TRACEABLE;
             c.code_adaptive = o
                 .code_code_adaptive

@@ -2,7 +2,7 @@
 //! the kernel.
 //!
 //! A uprobe program (`call_start` in probe-ebpf) runs at every site where a
-//! Python function starts ([`crate::python::start_sites`]) and counts per
+//! Python function starts ([`crate::interp_binary::start_sites`]) and counts per
 //! (process, code object) in a per-CPU map. This module sets it up for each
 //! target ([`config`]), reads the aggregates every interval, names the code
 //! objects ([`symbols`]), and prints tables or JSON ([`report`]).
@@ -23,14 +23,10 @@ use anyhow::Context;
 use crate::{
     bpf::{CallCounter, CallProgram, News},
     elf::ElfImage,
-    live,
-    process::{self, ProcessError},
-    python::{
-        memory::Memory,
-        offsets::FrameModel,
-        reader::{ReadError, Target},
-        start_sites,
-    },
+    interp_binary::start_sites,
+    live, process,
+    python::{offsets::FrameModel, reader::Target},
+    registry::ExecOutcome,
 };
 
 use builtins::BuiltinKind;
@@ -38,67 +34,11 @@ use pyprobe_common::calls::{CallCounts, CodeKey, Histogram};
 use report::{Reporter, emit};
 use symbols::{Resolved, Symbols};
 
-/// The `endbr64` instruction (CET landing pad) that starts functions in
-/// builds with `-fcf-protection`.
-const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
-
-/// `file_offset`, or the instruction after it when it is an `endbr64`: a
-/// first instruction that is single-stepped (several µs a hit), where the
-/// next one, with the argument registers still untouched, is usually
-/// emulated.
-fn past_endbr64(image: &ElfImage, file_offset: u64) -> u64 {
-    let at = file_offset as usize;
-    if image.data().get(at..at + 4) == Some(&ENDBR64[..]) {
-        file_offset + 4
-    } else {
-        file_offset
-    }
-}
-
-/// Offset of `tp_dealloc` in `PyTypeObject`, every supported version.
-const TP_DEALLOC: u64 = 48;
-
-/// File offset in `image` of the code object type's `tp_dealloc`
-/// (`code_dealloc`, a local symbol, so found from the live type object
-/// `PyCode_Type`, which every build exports), past any `endbr64`. `None`
-/// (logged) when it cannot be found: then every call reads its code
-/// object.
-pub(crate) fn code_dealloc_site<M: Memory>(
-    target: &Target<M>,
-    image: &ElfImage,
-    load_bias: u64,
-) -> Option<u64> {
-    let found = || -> anyhow::Result<u64> {
-        let ty = load_bias.wrapping_add(image.symbol("PyCode_Type")?.vaddr);
-        let pointer = target.mem.read_u64(ty + TP_DEALLOC)?;
-        let vaddr = pointer.wrapping_sub(load_bias);
-        if !builtins::executable_ranges(image)?
-            .iter()
-            .any(|r| r.contains(&vaddr))
-        {
-            anyhow::bail!("PyCode_Type.tp_dealloc {pointer:#x} is not in the interpreter's code");
-        }
-        Ok(past_endbr64(image, image.vaddr_to_file_offset(vaddr)?))
-    };
-    found()
-        .inspect_err(|e| {
-            log::info!(
-                "code objects freed are not watched ({}); every call reads its code object",
-                crate::errors::one_line(e.as_ref())
-            )
-        })
-        .ok()
-}
-
 /// How often new code objects are named (at most; reports may be rarer).
 const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How often the kernel's news of processes is read.
 const EVENTS_INTERVAL: Duration = Duration::from_millis(10);
-
-/// How long a process that exec'd may take to map an interpreter before it
-/// is reported as no longer Python.
-const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options of `pyprobe calls`.
 #[derive(Debug, Clone)]
@@ -146,21 +86,16 @@ struct Session {
     /// kernel applies by itself: another process of such a file needs no
     /// set-up (plain `--all`).
     kernel_ready: BTreeMap<crate::process::FileId, u32>,
-    /// Processes that exec'd, to set up again once their new image shows
-    /// (or to drop when it is no Python), with the time to give up.
-    exec_pending: BTreeMap<u32, Instant>,
     /// The kernel's news of processes ([`read_news`]).
     news: std::sync::mpsc::Receiver<Arrival>,
     /// A watched process exec'd something pyprobe cannot watch.
     dropped: bool,
-    /// PIDs that are not Python (or could not be read), not to retry.
-    ignored: crate::selection::Ignored,
+    /// Processes found, passed over, and waiting after an exec.
+    registry: crate::registry::Registry,
     /// Probes go on every process that maps an interpreter file, set up
     /// or not (plain `--all`); else on each set-up process alone, so
     /// processes left out of a selection never trap.
     all: bool,
-    /// Which processes `--all` takes.
-    select: crate::selection::Selector,
     empty_program: bool,
     builtins: bool,
     latency: bool,
@@ -223,7 +158,7 @@ impl Session {
         let code_freed = if self.empty_program {
             None
         } else {
-            code_dealloc_site(&target, &image, interp.load_bias)
+            crate::kabi::code_dealloc_site(&target, &image, interp.load_bias)
         };
         cfg.code_epoch = pyprobe_common::calls::epoch_base(self.configured);
         self.configured += 1;
@@ -304,7 +239,7 @@ impl Session {
                     BuiltinKind::Function => CallProgram::BuiltinFunction,
                     BuiltinKind::MethodDescriptor => CallProgram::BuiltinMethod,
                 };
-                let offset = past_endbr64(&image, site.file_offset);
+                let offset = image.past_endbr64(site.file_offset);
                 self.counter
                     .attach(program, &interp, offset, scope, cookie(offset))?;
             }
@@ -421,7 +356,7 @@ impl Session {
             let pid = event.tgid;
             match event.kind {
                 pyprobe_common::process::NEW
-                    if !self.symbols.has_process(pid) && !self.exec_pending.contains_key(&pid) =>
+                    if !self.symbols.has_process(pid) && !self.registry.is_exec_pending(pid) =>
                 {
                     self.symbols
                         .add_kernel_set_up(pid, event.template, forked_from);
@@ -429,11 +364,10 @@ impl Session {
                 }
                 pyprobe_common::process::EXEC => {
                     self.symbols.forget_process(pid);
-                    self.exec_pending
-                        .insert(pid, Instant::now() + EXEC_SETUP_TIMEOUT);
+                    self.registry.exec_seen(pid, true);
                 }
                 pyprobe_common::process::EXIT => {
-                    self.exec_pending.remove(&pid);
+                    self.registry.exited(pid);
                     self.symbols.forget_process(pid);
                 }
                 _ => {}
@@ -445,30 +379,19 @@ impl Session {
     /// Sets up again processes that exec'd, once their new image maps an
     /// interpreter; reports and drops those that run no Python.
     fn set_up_exec_pending(&mut self) {
-        let now = Instant::now();
-        let pending: Vec<(u32, Instant)> =
-            self.exec_pending.iter().map(|(&p, &d)| (p, d)).collect();
-        for (pid, deadline) in pending {
-            if !process::is_alive(pid) {
-                self.exec_pending.remove(&pid);
-                continue;
-            }
-            match self.add(pid) {
-                Ok(line) => {
-                    self.exec_pending.remove(&pid);
+        for pid in self.registry.execs_to_retry() {
+            let tried = self.add(pid);
+            match self.registry.exec_tried(pid, tried) {
+                Some(ExecOutcome::Ready { value: line, .. }) => {
                     eprintln!("pyprobe: PID {pid} exec'd: watching {line}");
                 }
-                Err(e) if is_not_python(&e) && now < deadline => {}
-                Err(e) => {
-                    self.exec_pending.remove(&pid);
-                    self.ignored.insert(pid);
+                Some(ExecOutcome::Dropped { line, .. }) => {
                     self.dropped = true;
-                    let what = process::command_name(pid).unwrap_or_else(|| "a program".into());
-                    eprintln!(
-                        "pyprobe: PID {pid} exec'd {what}, which pyprobe cannot watch ({}): dropped",
-                        crate::errors::one_line(e.as_ref())
-                    );
+                    if let Some(line) = line {
+                        eprintln!("pyprobe: {line}");
+                    }
                 }
+                None => {}
             }
         }
     }
@@ -526,9 +449,7 @@ impl Session {
     /// Under `--all`: sets up Python processes not seen before.
     fn scan(&mut self) {
         let symbols = &self.symbols;
-        let pids = self
-            .select
-            .new_pids(&mut self.ignored, |pid| symbols.has_process(pid));
+        let pids = self.registry.new_pids(|pid| symbols.has_process(pid));
         for pid in pids {
             if let Some(template) = self.kernel_ready_template(pid) {
                 self.symbols.add_kernel_set_up(pid, template, None);
@@ -538,7 +459,7 @@ impl Session {
                 continue;
             }
             let result = self.add(pid);
-            note_scanned(pid, result, "watching", &mut self.ignored);
+            self.registry.note_scanned(pid, result, "watching");
         }
         process::release_images();
     }
@@ -606,42 +527,6 @@ fn read_news(mut events: crate::bpf::ProcessEvents) -> std::sync::mpsc::Receiver
 /// How often `--all` looks for processes it has not seen.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// `--all`: reports the set-up of a newly seen PID (`verb` PID ...), or why
-/// it failed, unless it is simply not Python or already gone; a PID that
-/// failed is put in `ignored`, not to be tried again.
-pub(crate) fn note_scanned(
-    pid: u32,
-    result: anyhow::Result<String>,
-    verb: &str,
-    ignored: &mut crate::selection::Ignored,
-) {
-    match result {
-        Ok(line) => eprintln!("pyprobe: {verb} {line}"),
-        Err(e) => {
-            let quiet = is_not_python(&e);
-            if !quiet {
-                eprintln!(
-                    "pyprobe: not {verb} PID {pid}: {}",
-                    crate::errors::one_line(e.as_ref())
-                );
-            }
-            ignored.insert(pid);
-        }
-    }
-}
-
-/// Whether an error setting up a PID under `--all` only says it is no
-/// Python process to trace (or it is gone): skipped without a word.
-pub(crate) fn is_not_python(e: &anyhow::Error) -> bool {
-    let process = e.downcast_ref::<ProcessError>().or_else(|| {
-        e.downcast_ref::<ReadError>().and_then(|r| match r {
-            ReadError::Process(p) => Some(p),
-            _ => None,
-        })
-    });
-    process.is_some_and(ProcessError::is_not_python)
-}
-
 /// Sites for the attach line: `RESUME(151)@0x1143d7→0x114400(jcc), ...`.
 fn describe_sites(sites: &[start_sites::StartSite]) -> String {
     sites
@@ -659,8 +544,13 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     for &pid in &opts.pids {
         process::find_interpreter(pid)?;
     }
-    let mut counter = CallCounter::load(opts.latency)?;
-    let news = read_news(counter.take_events().expect("a new counter has its events"));
+    let object = crate::bpf::Object::load(crate::bpf::Features {
+        calls: true,
+        latency: opts.latency,
+        ..Default::default()
+    })?;
+    let counter = CallCounter::new(&object);
+    let news = read_news(object.take_news().expect("a new object has its news"));
     let mut session = Session {
         counter,
         news,
@@ -669,11 +559,9 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         probed_for: BTreeSet::new(),
         templates: BTreeMap::new(),
         kernel_ready: BTreeMap::new(),
-        exec_pending: BTreeMap::new(),
         dropped: false,
-        ignored: crate::selection::Ignored::default(),
+        registry: crate::registry::Registry::new(opts.select.clone()),
         all: opts.all && opts.select.is_everything(),
-        select: opts.select.clone(),
         empty_program: opts.empty_program,
         builtins: opts.builtins,
         latency: opts.latency,
@@ -720,7 +608,7 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = events.tick() => {
                 session.on_process_events();
-                if !opts.all && session.exec_pending.is_empty() && !session.symbols.any_alive() {
+                if !opts.all && !session.registry.any_exec_pending() && !session.symbols.any_alive() {
                     if session.dropped {
                         eprintln!("pyprobe: no target process runs Python any more");
                     } else {

@@ -131,7 +131,7 @@ use std::{
 use crate::python::{
     linetable,
     memory::Memory,
-    offsets::{DictKeysModel, common},
+    offsets::common,
     reader::{ReadError, Target},
 };
 
@@ -1680,59 +1680,7 @@ fn size_of_object<M: Memory>(t: &Target<M>, addr: u64, max: u64) -> Result<u64, 
 /// The `(key, value)` pairs of a combined-table dict (module, class and
 /// `sys` dicts always are), in insertion order, deleted slots left out.
 fn dict_items<M: Memory>(t: &Target<M>, dict: u64) -> Result<Vec<(u64, u64)>, ReadError> {
-    let mem = &t.mem;
-    // The dict's fields in one read, then the keys object's header in one.
-    let header = mem.read_vec(dict, common::DICT_VALUES as usize + 8)?;
-    if let Some(&dict_type) = t.known.types.get("PyDict_Type")
-        && word(&header, common::OB_TYPE) != dict_type
-    {
-        return Err(ReadError::Corrupt("not a dict"));
-    }
-    let keys = word(&header, common::DICT_KEYS);
-    if word(&header, common::DICT_VALUES) != 0 {
-        return Err(ReadError::Corrupt(
-            "a split dict where a combined one was expected",
-        ));
-    }
-    let k = mem.read_vec(keys, 40)?;
-    let size_at = |at: u64| -> Result<u64, ReadError> {
-        u64::try_from(word(&k, at) as i64).map_err(|_| ReadError::Corrupt("negative dict size"))
-    };
-    let (nentries, entries, entry_size, key_offset) = match t.info.layout.dict_keys {
-        DictKeysModel::Sized => {
-            // dk_size at 8, dk_nentries at 32, indices at 40.
-            let size = size_at(8)?;
-            let width = match size {
-                0..=0xff => 1,
-                0x100..=0xffff => 2,
-                0x1_0000..=0xffff_ffff => 4,
-                _ => 8,
-            };
-            let entries = keys.wrapping_add(40).wrapping_add(size.wrapping_mul(width));
-            (size_at(32)?, entries, 24u64, 8usize)
-        }
-        DictKeysModel::Log2 => {
-            // dk_log2_index_bytes at 9, dk_kind at 10, dk_nentries at 24,
-            // indices at 32.
-            let log2_index_bytes = u32::from(k[9]);
-            if log2_index_bytes > 40 {
-                return Err(ReadError::Corrupt("dict index size"));
-            }
-            let general = k[10] == 0;
-            let entries = keys.wrapping_add(32).wrapping_add(1u64 << log2_index_bytes);
-            let (size, key_offset) = if general { (24, 8) } else { (16, 0) };
-            (size_at(24)?, entries, size, key_offset)
-        }
-    };
-    if nentries > MAX_DICT_ENTRIES {
-        return Err(ReadError::Corrupt("dict too large"));
-    }
-    let bytes = mem.read_vec(entries, (nentries * entry_size) as usize)?;
-    Ok(bytes
-        .chunks_exact(entry_size as usize)
-        .map(|e| (word(e, key_offset as u64), word(e, key_offset as u64 + 8)))
-        .filter(|&(key, value)| key != 0 && value != 0)
-        .collect())
+    crate::python::dict::combined_items(t, dict, MAX_DICT_ENTRIES)
 }
 
 /// The little-endian word at `at` in `buf` (0 past its end).
@@ -1990,21 +1938,10 @@ mod tests {
 
     /// Every interpreter the tests run on: label and executable.
     fn interpreter(label: &str) -> PathBuf {
-        let home = PathBuf::from(std::env::var_os("HOME").expect("HOME is set"));
-        let pyenv = std::env::var_os("PYENV_ROOT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home.join(".pyenv"));
-        let sid = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home.join(".local/share"))
-            .join("pyprobe/debian-sid");
         match label.strip_prefix("pyenv ") {
-            Some(version) => {
-                let minor = version.rsplit_once('.').expect("x.y.z").0;
-                pyenv.join(format!("versions/{version}/bin/python{minor}"))
-            }
+            Some(version) => pyprobe_testenv::pyenv_python(version),
             None if label.starts_with("Debian 3.11") => "/usr/bin/python3.11".into(),
-            None => sid.join("bin/python3.14"),
+            None => pyprobe_testenv::sid_python(14),
         }
     }
 

@@ -27,7 +27,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use pyprobe_common::logpoint::{
-    EVAL_RANGES, LogProcess, MAX_LOGPOINTS, NO_REGISTER, Watch, WatchKey,
+    EVAL_RANGES, LogProcess, MAX_ARMED, MAX_LOGPOINTS, MAX_PROGRAMS, NO_REGISTER, Program, Watch,
+    WatchKey,
 };
 use serde_json::json;
 
@@ -47,6 +48,7 @@ use crate::{
         offsets::{InstanceDictModel, InstructionModel, LongModel},
         reader::Target,
     },
+    registry::ExecOutcome,
 };
 
 /// One log point as the user gave it.
@@ -251,9 +253,9 @@ const LOOK_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
 /// How long a freed code object waits to be reported: if its process
 /// exits meanwhile, the exit is reported instead.
 const FREED_REPORT_DELAY: Duration = Duration::from_millis(500);
-/// How long a process that exec'd may take to start its new interpreter
-/// before it is dropped as not Python.
-const EXEC_SETUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a `--pid` target that could not be set up may take to exit
+/// for the failure to count as its exit, not an error.
+const EXITING_READ_WAIT: Duration = Duration::from_millis(500);
 /// How long a process counts as young (see [`Process::since`]).
 const YOUNG: Duration = Duration::from_secs(5);
 /// The longest time between two looks for new code in a young process.
@@ -264,9 +266,16 @@ const YOUNG_LOOK_EVERY: Duration = Duration::from_millis(250);
 pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     let points = parse_points(&opts)?;
     crate::privileges::check()?;
-    // The verifier's work (most of a second) runs beside the reading of
-    // the targets.
-    let loading = std::thread::spawn(LogProbes::load);
+    // The verifier's work and the reading of the kernel's BTF (where it
+    // keeps a task's ids) run beside the reading of the targets.
+    let loading = std::thread::spawn(|| {
+        let object = crate::bpf::Object::load(crate::bpf::Features {
+            log: true,
+            ..Default::default()
+        })?;
+        LogProbes::new(&object)
+    });
+    let task_offsets = std::thread::spawn(crate::kernel::TaskOffsets::read);
     // Every --pid is attached and its log points resolved and compiled
     // before anything is armed: a wrong --at or --when fails before.
     let mut attached = Vec::new();
@@ -274,7 +283,10 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         crate::process::find_interpreter(pid)?;
         let a = match Attached::new(pid, &points) {
             Ok(a) => a,
-            Err(_) if !crate::process::is_alive(pid) && opts.pids.len() > 1 => {
+            // One of several that could not be read as it exited.
+            Err(_)
+                if opts.pids.len() > 1 && crate::process::exits_within(pid, EXITING_READ_WAIT) =>
+            {
                 eprintln!("pyprobe: PID {pid} exited while pyprobe set it up");
                 continue;
             }
@@ -285,33 +297,34 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         attached.push(a);
     }
     // Under --all, the processes running now are read meanwhile too.
-    let mut ignored = crate::selection::Ignored::default();
+    let mut registry = crate::registry::Registry::new(opts.select.clone());
     let early: Vec<(u32, Option<anyhow::Result<Attached>>)> = if opts.all {
-        opts.select
-            .new_pids(&mut ignored, |pid| opts.pids.contains(&pid))
+        registry
+            .new_pids(|pid| opts.pids.contains(&pid))
             .into_iter()
             .map(|pid| (pid, Some(Attached::new(pid, &points))))
             .collect()
     } else {
         Vec::new()
     };
-    // Also while the verifier works: where the kernel keeps a task's ids.
-    let offsets = crate::kernel::TaskOffsets::read();
     let mut probes = loading
         .join()
         .map_err(|_| anyhow::anyhow!("loading the eBPF programs failed (a thread panicked)"))??;
+    let offsets = task_offsets
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading the kernel's BTF failed (a thread panicked)"))?;
     probes.follow_forks(offsets)?;
     let mut session = Session {
         probes,
         points,
         armed: Vec::new(),
+        programs: Vec::new(),
         processes: BTreeMap::new(),
-        ignored,
+        registry,
         opts: opts.clone(),
         clock: Clock::new(),
         printed: 0,
         gone_during_setup: BTreeSet::new(),
-        exec_pending: BTreeMap::new(),
         forks: BTreeMap::new(),
     };
     if let Some(why) = session.probes.forks_unfollowed() {
@@ -336,7 +349,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         session.set_up_found(early)?;
         session.scan()?;
         eprintln!(
-            "pyprobe: watching {} for the log points (new ones are picked up every second)",
+            "pyprobe: watching {} for the log points (forked ones from their first run, others within a second)",
             opts.select.describe()
         );
     }
@@ -532,17 +545,16 @@ struct Session {
     probes: LogProbes,
     points: Vec<Point>,
     armed: Vec<Armed>,
+    /// The programs in the kernel's `LOG_PROGRAMS`, by index.
+    programs: Vec<Program>,
     processes: BTreeMap<u32, Process>,
-    /// Under `--all`: processes that are not Python or could not be set up.
-    ignored: crate::selection::Ignored,
+    /// Processes found, passed over, and waiting after an exec.
+    registry: crate::registry::Registry,
     opts: LogOptions,
     clock: Clock,
     printed: u64,
     /// `--pid` targets that exited while being set up.
     gone_during_setup: BTreeSet<u32>,
-    /// Watched processes that exec'd, until set up again (or dropped) by
-    /// this deadline; with whether to say so if they run no Python.
-    exec_pending: BTreeMap<u32, (Instant, bool)>,
     /// Processes forked from each watched one since pyprobe started.
     forks: BTreeMap<u32, u64>,
 }
@@ -571,6 +583,7 @@ impl Session {
             return;
         }
         *self.forks.entry(origin).or_default() += 1;
+        log::debug!("PID {pid} forked from watched PID {origin}");
         let Some(parent) = self.processes.get(&origin) else {
             return;
         };
@@ -606,10 +619,11 @@ impl Session {
         // Before any arming: a code object freed unseen would keep its
         // watchpoint on memory that holds something else.
         if let Some(interp) = &target.interpreter
-            && let Some(offset) = crate::calls::code_dealloc_site(&target, &image, interp.load_bias)
+            && let Some(offset) = crate::kabi::code_dealloc_site(&target, &image, interp.load_bias)
         {
             let whole_file = self.opts.all && self.opts.select.is_everything();
             self.probes
+                .object()
                 .watch_code_frees(interp, offset, pid, whole_file)?;
         }
         let version = target.version.to_string();
@@ -717,6 +731,10 @@ impl Session {
                         .or_insert((0, String::new()));
                     entry.0 += 1;
                     entry.1 = e.to_string();
+                    log::debug!(
+                        "log point {} in PID {pid}: looking for its code failed: {e:#}",
+                        index + 1
+                    );
                     if entry.0 == 1 && !process.worker {
                         lines.push(format!(
                             "log point {} in PID {pid}: cannot look for its code now ({e}); trying again every second",
@@ -741,13 +759,26 @@ impl Session {
         };
         let mut compiled = p.compile_for(&found)?;
         let index = self.armed.len() as u32;
-        if index >= MAX_LOGPOINTS {
-            bail!("more than {MAX_LOGPOINTS} armed code objects");
+        if index >= MAX_ARMED {
+            bail!("more than {MAX_ARMED} armed code objects");
         }
         compiled.program.rate = self.opts.rate;
         compiled.program.max_hits = self.opts.count.unwrap_or(0);
         compiled.program.stack = u32::from(self.opts.stack);
-        self.probes.set_program(index, &compiled.program)?;
+        // The same file on the same interpreter compiles to the same
+        // program in every process: one copy in the kernel.
+        let program = match self.programs.iter().position(|p| *p == compiled.program) {
+            Some(at) => at as u32,
+            None => {
+                let at = self.programs.len() as u32;
+                if at >= MAX_PROGRAMS {
+                    bail!("more than {MAX_PROGRAMS} different log point programs");
+                }
+                self.probes.set_program(at, &compiled.program)?;
+                self.programs.push(compiled.program);
+                at
+            }
+        };
         let process = self.processes.get_mut(&pid).expect("added");
         let target = &process.target;
         let frame_bytes = match (found.function_start, target.info.offsets.code_framesize) {
@@ -770,6 +801,8 @@ impl Session {
             },
             &Watch {
                 logpoint: index,
+                program,
+                point: point as u32,
                 code: found.code,
                 started: started_marker(target.info.layout.instruction, &found),
                 frame_bytes,
@@ -993,46 +1026,36 @@ impl Session {
             armed.freed_at = None;
         }
         self.probes.forget(pid);
+        log::debug!("PID {pid} exec'd: set up again once it runs Python");
         // A worker that execs (a `spawn` worker, a subprocess) is not
         // reported if it runs something else.
-        self.exec_pending
-            .insert(pid, (Instant::now() + EXEC_SETUP_TIMEOUT, !process.worker));
+        self.registry.exec_seen(pid, !process.worker);
     }
 
     /// Sets up the processes that exec'd, once their new interpreter has
     /// started; reports and drops a watched one that runs no Python.
     fn set_up_exec_pending(&mut self) {
-        let pending: Vec<(u32, (Instant, bool))> =
-            self.exec_pending.iter().map(|(p, v)| (*p, *v)).collect();
-        for (pid, (deadline, say)) in pending {
-            if !crate::process::is_alive(pid) {
-                self.exec_pending.remove(&pid);
-                continue;
+        for pid in self.registry.execs_to_retry() {
+            let tried = self.add(pid, true);
+            if tried.is_err() {
+                self.processes.remove(&pid);
             }
-            let error = match self.add(pid, true) {
-                Ok(()) => {
-                    self.exec_pending.remove(&pid);
+            match self.registry.exec_tried(pid, tried) {
+                Some(ExecOutcome::Ready { announce, .. }) => {
+                    log::debug!(
+                        "PID {pid} set up after its exec; log points waiting: {:?}",
+                        self.processes.get(&pid).map(|p| p.waiting.clone())
+                    );
                     if let Some(p) = self.processes.get_mut(&pid) {
-                        p.worker = !say;
+                        p.worker = !announce;
                     }
-                    continue;
                 }
-                Err(e) => e,
-            };
-            self.processes.remove(&pid);
-            if Instant::now() < deadline {
-                continue;
-            }
-            self.exec_pending.remove(&pid);
-            self.ignored.insert(pid);
-            if say {
-                let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|_| "another program".to_owned());
-                eprintln!(
-                    "pyprobe: PID {pid} exec'd {exe}, which pyprobe cannot watch ({}): dropped",
-                    crate::errors::one_line(error.as_ref())
-                );
+                Some(ExecOutcome::Dropped {
+                    line: Some(line), ..
+                }) => {
+                    eprintln!("pyprobe: {line}");
+                }
+                Some(ExecOutcome::Dropped { line: None, .. }) | None => {}
             }
         }
     }
@@ -1043,10 +1066,7 @@ impl Session {
         // Forked children known first: they are not armed again.
         self.read_news();
         let processes = &self.processes;
-        let pending = &self.exec_pending;
-        let pids = self.opts.select.new_pids(&mut self.ignored, |pid| {
-            processes.contains_key(&pid) || pending.contains_key(&pid)
-        });
+        let pids = self.registry.new_pids(|pid| processes.contains_key(&pid));
         self.set_up_found(pids.into_iter().map(|pid| (pid, None)).collect())
     }
 
@@ -1069,7 +1089,7 @@ impl Session {
                 {
                     return Err(e.context(format!("in PID {pid}")));
                 }
-                let quiet = crate::calls::is_not_python(&e) || !crate::process::is_alive(pid);
+                let quiet = crate::selection::is_not_python(&e) || !crate::process::is_alive(pid);
                 log::debug!("PID {pid} passed over: {e:#}");
                 if !quiet {
                     eprintln!(
@@ -1077,7 +1097,7 @@ impl Session {
                         crate::errors::one_line(e.as_ref())
                     );
                 }
-                self.ignored.insert(pid);
+                self.registry.pass_over(pid);
             }
         }
         crate::process::release_images();
@@ -1640,7 +1660,7 @@ fn process_config(
         .interpreter
         .as_ref()
         .context("a live target knows its interpreter")?;
-    let eval = crate::python::start_sites::eval_loop_code(image);
+    let eval = crate::interp_binary::start_sites::eval_loop_code(image);
     if eval.is_empty() {
         bail!("the interpreter has no _PyEval_EvalFrameDefault symbol");
     }
@@ -1692,7 +1712,7 @@ fn process_config(
         },
         heaptype_cached_keys: o.heaptype_cached_keys,
         eval_code,
-        frame_register: crate::python::start_sites::eval_frame_register(
+        frame_register: crate::interp_binary::start_sites::eval_frame_register(
             image,
             layout,
             o.frame_instruction,
@@ -1701,9 +1721,8 @@ fn process_config(
         tstate_datastack_top: o.tstate_datastack_top.unwrap_or(0),
         ..LogProcess::default()
     };
-    (c.tstate_frame, c.cframe_current_frame) = crate::profile::config::current_frame_link(o);
-    let gil =
-        crate::profile::config::gil_addresses(o, target.runtime, |a| target.mem.read_u64(a).ok())?;
+    (c.tstate_frame, c.cframe_current_frame) = crate::kabi::current_frame_link(o);
+    let gil = crate::kabi::gil_addresses(o, target.runtime, |a| target.mem.read_u64(a).ok())?;
     c.gil_current = gil.current;
     c.gil_last_holder = gil.last_holder;
     Ok(c)

@@ -4,9 +4,9 @@
 use pyprobe_common::sample::SampleConfig;
 
 use crate::{
-    calls::config::{ConfigError, main_gil, window},
+    kabi::{ConfigError, current_frame_link, gil_addresses, window},
     python::{
-        offsets::{EntryFrames, FrameLink, GilLocation, Offsets, VersionInfo},
+        offsets::{EntryFrames, VersionInfo},
         version::PythonVersion,
     },
 };
@@ -65,66 +65,6 @@ pub fn sample_config(
     c.gil_last_holder = gil.last_holder;
     c.gil_locked = gil.locked;
     Ok(c)
-}
-
-/// How a thread state reaches its current frame, as BPF programs take it:
-/// (offset of the frame, or of `cframe`, in the thread state;
-/// `_PyCFrame.current_frame`, or `u64::MAX` when the first offset leads to
-/// the frame directly).
-pub(crate) fn current_frame_link(o: &Offsets) -> (u64, u64) {
-    match o.tstate_frame {
-        FrameLink::Direct(at) => (at, u64::MAX),
-        FrameLink::ViaCFrame {
-            cframe,
-            current_frame,
-        } => (cframe, current_frame),
-    }
-}
-
-/// Addresses, in the process, that tell which thread holds the GIL (0 where
-/// the version has none).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct GilAddresses {
-    /// The word naming the holder's thread state (3.8-3.11:
-    /// `_PyRuntime.gilstate.tstate_current`).
-    pub current: u64,
-    /// The GIL's `last_holder`.
-    pub last_holder: u64,
-    /// The GIL's `locked`.
-    pub locked: u64,
-}
-
-/// Where the main interpreter's GIL state is, in a process whose
-/// `_PyRuntime` is at `runtime`.
-pub(crate) fn gil_addresses(
-    o: &Offsets,
-    runtime: u64,
-    read_u64: impl Fn(u64) -> Option<u64>,
-) -> Result<GilAddresses, ConfigError> {
-    let mut g = GilAddresses::default();
-    if let Some(current) = o.runtime_tstate_current {
-        g.current = runtime.wrapping_add(current);
-    }
-    match o.gil {
-        GilLocation::InterpPointer {
-            pointer,
-            last_holder,
-            locked,
-        } if o.runtime_tstate_current.is_none() => {
-            let gil = main_gil(o, runtime, pointer, &read_u64)?;
-            g.last_holder = gil.wrapping_add(last_holder);
-            g.locked = gil.wrapping_add(locked);
-        }
-        GilLocation::Runtime {
-            last_holder,
-            locked,
-        } if o.runtime_tstate_current.is_none() => {
-            g.last_holder = runtime.wrapping_add(last_holder);
-            g.locked = runtime.wrapping_add(locked);
-        }
-        _ => {}
-    }
-    Ok(g)
 }
 
 #[cfg(test)]

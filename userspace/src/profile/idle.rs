@@ -108,9 +108,28 @@ impl IdleSampler {
         tstate: u64,
         rate: u64,
     ) -> Option<(Vec<Frame>, u64)> {
-        let now = Instant::now();
         let stat = SchedStat::read(pid, tid)?;
-        let seen = self.seen.entry((pid, tid)).or_insert(Seen {
+        self.account_stat((pid, tid), Instant::now(), stat, rate, || {
+            let frames = match target.frames(tstate, None) {
+                Ok(frames) => frames,
+                Err((frames, _)) => frames,
+            };
+            (frames, SchedStat::read(pid, tid))
+        })
+    }
+
+    /// [`Self::account`] for thread `key` read at `now` as `stat`;
+    /// `read_stack` reads its frames, then its scheduling again (to tell
+    /// whether it ran during the read).
+    fn account_stat(
+        &mut self,
+        key: (u32, u32),
+        now: Instant,
+        stat: SchedStat,
+        rate: u64,
+        read_stack: impl FnOnce() -> (Vec<Frame>, Option<SchedStat>),
+    ) -> Option<(Vec<Frame>, u64)> {
+        let seen = self.seen.entry(key).or_insert(Seen {
             at: now,
             stat,
             stack: None,
@@ -128,27 +147,26 @@ impl IdleSampler {
             .as_ref()
             .is_some_and(|(slices, _)| *slices == stat.timeslices);
         if !fresh && !stat.runnable {
-            let frames = match target.frames(tstate, None) {
-                Ok(frames) => frames,
-                Err((frames, _)) => frames,
-            };
+            let (frames, again) = read_stack();
             self.stack_reads += 1;
             // A thread that ran during the read may have moved on: keep the
-            // read only if it was not scheduled meanwhile.
-            match SchedStat::read(pid, tid) {
-                Some(again) if again.timeslices == stat.timeslices && !again.runnable => {
-                    seen.stack = Some((stat.timeslices, frames));
-                }
-                _ => seen.stack = None,
+            // read only if it was not scheduled meanwhile. Else the stack it
+            // waited at before stays (and is read again next period).
+            if again.is_some_and(|a| a.timeslices == stat.timeslices && !a.runnable) {
+                seen.stack = Some((stat.timeslices, frames));
             }
         }
         let owed = seen.carry + off as f64 * rate as f64 / 1e9;
+        let Some((_, frames)) = seen.stack.as_ref() else {
+            // No stack known yet: what it is owed waits for one.
+            seen.carry = owed;
+            return None;
+        };
         let whole = owed.floor();
-        let (_, frames) = seen.stack.as_ref()?;
+        seen.carry = owed - whole;
         if frames.is_empty() {
             return None;
         }
-        seen.carry = owed - whole;
         Some((frames.clone(), whole as u64))
     }
 
@@ -216,6 +234,89 @@ mod tests {
         wake.send(()).unwrap();
         sleeper.join().unwrap();
         assert_eq!(SchedStat::read(pid, tid), None, "gone");
+    }
+
+    /// A frame named `name`, for the accounting tests.
+    fn frame(name: &str) -> Frame {
+        Frame {
+            function: name.to_owned(),
+            filename: "app.py".to_owned(),
+            line: Some(7),
+            first_line: 5,
+            instruction: 0,
+            code: 0x1000,
+            locals: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_thread_that_runs_during_every_stack_read_loses_no_samples() {
+        let mut idle = IdleSampler::default();
+        let start = Instant::now();
+        let key = (1, 2);
+        // Off CPU the whole time, but scheduled for a moment each period
+        // (a thread that wakes every 50 ms): 100 ms periods at 1000 Hz owe
+        // 100 samples each.
+        let stat = |slices: u64| SchedStat {
+            run_ns: 0,
+            wait_ns: 0,
+            timeslices: slices,
+            runnable: false,
+        };
+        let first = idle.account_stat(key, start, stat(1), 1000, || {
+            (vec![frame("idle_wait")], Some(stat(1)))
+        });
+        assert_eq!(
+            first.map(|(_, n)| n),
+            Some(0),
+            "the first read owes nothing yet"
+        );
+        let mut total = 0;
+        for period in 1..=10u64 {
+            let now = start + Duration::from_millis(100 * period);
+            // It ran during the read every other period.
+            let moved = period % 2 == 1;
+            let after = stat(period * 2 + u64::from(moved));
+            let got = idle.account_stat(key, now, stat(period * 2), 1000, || {
+                (vec![frame("idle_wait")], Some(after))
+            });
+            let (frames, samples) = got.expect("a stack is known");
+            assert_eq!(frames[0].function, "idle_wait");
+            total += samples;
+        }
+        assert_eq!(total, 1000, "every sample owed over 1 s at 1000 Hz");
+    }
+
+    #[test]
+    fn samples_owed_before_any_stack_is_known_are_kept_for_it() {
+        let mut idle = IdleSampler::default();
+        let start = Instant::now();
+        let stat = |slices: u64| SchedStat {
+            run_ns: 0,
+            wait_ns: 0,
+            timeslices: slices,
+            runnable: false,
+        };
+        let key = (1, 3);
+        idle.account_stat(key, start, stat(1), 100, || (vec![], None));
+        // The read raced the thread: no stack yet, 10 samples owed.
+        let got = idle.account_stat(
+            key,
+            start + Duration::from_millis(100),
+            stat(2),
+            100,
+            || (vec![frame("wait")], Some(stat(3))),
+        );
+        assert_eq!(got, None);
+        // Read whole now: the 10 from before and 10 of this period.
+        let got = idle.account_stat(
+            key,
+            start + Duration::from_millis(200),
+            stat(4),
+            100,
+            || (vec![frame("wait")], Some(stat(4))),
+        );
+        assert_eq!(got.map(|(_, n)| n), Some(20));
     }
 
     #[test]

@@ -95,7 +95,8 @@ struct Session {
     /// Python threads of each live process: (thread id, thread state).
     threads: HashMap<u32, Vec<(u32, u64)>>,
     roots: Roots,
-    ignored: crate::selection::Ignored,
+    /// Processes found and passed over (`--all`).
+    registry: crate::registry::Registry,
     profile: Profile,
     keep: Keep,
     idle: bool,
@@ -105,8 +106,6 @@ struct Session {
     rate: u64,
     /// `unknown_thread` count when threads were last re-read.
     unknown_seen: u64,
-    /// Which processes `--all` takes.
-    select: crate::selection::Selector,
     /// Plain `--all`: per-file probes serve every process.
     whole_files: bool,
 }
@@ -114,7 +113,10 @@ struct Session {
 impl Session {
     fn new(opts: &ProfileOptions) -> anyhow::Result<Self> {
         Ok(Self {
-            sampler: Sampler::load(opts.rate)?,
+            sampler: Sampler::new(&crate::bpf::Object::load(crate::bpf::Features {
+                sample_rate: Some(opts.rate),
+                ..Default::default()
+            })?)?,
             processes: HashMap::new(),
             mappers: HashMap::new(),
             threads: HashMap::new(),
@@ -122,7 +124,7 @@ impl Session {
                 processes: opts.all || opts.pids.len() > 1,
                 ..Roots::default()
             },
-            ignored: crate::selection::Ignored::default(),
+            registry: crate::registry::Registry::new(opts.select.clone()),
             profile: Profile::default(),
             keep: Keep {
                 threads: opts.threads,
@@ -132,7 +134,6 @@ impl Session {
             idle_sampler: IdleSampler::default(),
             rate: opts.rate,
             unknown_seen: 0,
-            select: opts.select.clone(),
             whole_files: opts.all && opts.select.is_everything(),
         })
     }
@@ -154,9 +155,10 @@ impl Session {
             .interpreter
             .clone()
             .expect("a live target knows its interpreter");
-        let watched = match crate::calls::code_dealloc_site(&target, &image, interp.load_bias) {
+        let watched = match crate::kabi::code_dealloc_site(&target, &image, interp.load_bias) {
             Some(offset) => {
                 self.sampler
+                    .object()
                     .watch_code_frees(&interp, offset, pid, self.whole_files)?;
                 true
             }
@@ -238,12 +240,10 @@ impl Session {
     /// Under `--all`: sets up Python processes not seen before.
     fn scan(&mut self) {
         let processes = &self.processes;
-        let pids = self
-            .select
-            .new_pids(&mut self.ignored, |pid| processes.contains_key(&pid));
+        let pids = self.registry.new_pids(|pid| processes.contains_key(&pid));
         for pid in pids {
             let result = self.add(pid);
-            crate::calls::note_scanned(pid, result, "sampling", &mut self.ignored);
+            self.registry.note_scanned(pid, result, "sampling");
         }
         crate::process::release_images();
     }

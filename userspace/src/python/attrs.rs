@@ -153,7 +153,7 @@
 
 use super::{
     memory::Memory,
-    offsets::{DictKeysModel, InstanceDictModel, LongModel, VersionInfo, common},
+    offsets::{InstanceDictModel, LongModel, VersionInfo, common},
     reader::{ReadError, Target},
     values::TypeKind,
 };
@@ -191,31 +191,6 @@ pub const DICT_VALUES_CAPACITY: u64 = 0;
 /// `PyDictValues.valid` (`uint8_t`, 3.13+ `Include/internal/pycore_dict.h`,
 /// after `capacity`, `size` and `embedded`).
 pub const DICT_VALUES_VALID: u64 = 3;
-
-/// `PyDictKeysObject` fields (`Objects/dict-common.h` up to 3.10,
-/// `Include/internal/pycore_dict.h` from 3.11), as `values.rs` reads them.
-mod keys {
-    /// `dk_size` (3.8-3.10).
-    pub const SIZE: usize = 8;
-    /// `dk_nentries` (3.8-3.10).
-    pub const SIZED_NENTRIES: usize = 32;
-    /// `dk_indices` (3.8-3.10), also the header length read.
-    pub const SIZED_INDICES: u64 = 40;
-    /// `dk_log2_size` (3.11+).
-    pub const LOG2_SIZE: usize = 8;
-    /// `dk_log2_index_bytes` (3.11+).
-    pub const LOG2_INDEX_BYTES: usize = 9;
-    /// `dk_kind` (3.11+): 0 general, 1 unicode, 2 split.
-    pub const KIND: usize = 10;
-    /// `dk_nentries` (3.11+).
-    pub const LOG2_NENTRIES: usize = 24;
-    /// `dk_indices` (3.11+), also the header length read.
-    pub const LOG2_INDICES: u64 = 32;
-    /// `DICT_KEYS_GENERAL`.
-    pub const KIND_GENERAL: u8 = 0;
-    /// `DICT_KEYS_SPLIT`.
-    pub const KIND_SPLIT: u8 = 2;
-}
 
 /// `PyASCIIObject.state` bits of GIL builds (3.8-3.14).
 const STATE_KIND_SHIFT: u32 = 2;
@@ -282,15 +257,9 @@ enum Needle {
     },
 }
 
-/// Where a keys object's entries are, from its header.
-#[derive(Debug, Clone, Copy)]
-struct Table {
-    entries: u64,
-    nentries: u64,
-    entry_size: u64,
-    /// Entries start with `me_hash`.
-    has_hash: bool,
-}
+/// Where a keys object's entries are, from its header (entries start
+/// with `me_hash` when `key_at` is 8).
+type Table = pyprobe_common::dict_keys::Entries;
 
 /// The outcome of scanning a keys object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -563,67 +532,22 @@ impl<M: Memory> Target<M> {
 
     /// "K": one read of the keys header.
     fn keys_table(&self, keys: u64) -> Result<Table, ReadError> {
-        match self.info.layout.dict_keys {
-            DictKeysModel::Sized => {
-                let mut h = [0u8; keys::SIZED_INDICES as usize];
-                self.mem.read(keys, &mut h)?;
-                let size = le_u64(&h, keys::SIZE);
-                let nentries = le_u64(&h, keys::SIZED_NENTRIES);
-                if !size.is_power_of_two() || size > 1 << 40 || nentries > size {
-                    return Err(ReadError::Corrupt("dict keys header"));
-                }
-                let width = match size {
-                    0..=0xff => 1,
-                    0x100..=0xffff => 2,
-                    0x1_0000..=0xffff_ffff => 4,
-                    _ => 8,
-                };
-                Ok(Table {
-                    entries: keys.wrapping_add(keys::SIZED_INDICES + size * width),
-                    nentries,
-                    entry_size: 24,
-                    has_hash: true,
-                })
-            }
-            DictKeysModel::Log2 => {
-                let mut h = [0u8; keys::LOG2_INDICES as usize];
-                self.mem.read(keys, &mut h)?;
-                let log2_size = h[keys::LOG2_SIZE];
-                let log2_index_bytes = h[keys::LOG2_INDEX_BYTES];
-                let kind = h[keys::KIND];
-                let nentries = le_u64(&h, keys::LOG2_NENTRIES);
-                if log2_size > 40
-                    || log2_index_bytes > 43
-                    || kind > keys::KIND_SPLIT
-                    || nentries > 1 << log2_size
-                {
-                    return Err(ReadError::Corrupt("dict keys header"));
-                }
-                let general = kind == keys::KIND_GENERAL;
-                Ok(Table {
-                    entries: keys
-                        .wrapping_add(keys::LOG2_INDICES)
-                        .wrapping_add(1 << log2_index_bytes),
-                    nentries,
-                    entry_size: if general { 24 } else { 16 },
-                    has_hash: general,
-                })
-            }
-        }
+        super::dict::keys_entries(&self.mem, self.info.layout.dict_keys, keys)
     }
 
     /// "S": the bounded scan of a keys object's entries.
     fn scan(&self, table: &Table, split: bool, needle: &Needle) -> Result<Scan, ReadError> {
-        if matches!(needle, Needle::Int { .. }) && !table.has_hash {
+        let has_hash = table.key_at == 8;
+        if matches!(needle, Needle::Int { .. }) && !has_hash {
             // Unicode and split tables hold only exact str keys.
             return Ok(Scan::NotFound);
         }
-        let key_at = if table.has_hash { 8 } else { 0 };
-        for index in 0..table.nentries.min(MAX_ENTRIES) {
+        let key_at = table.key_at as usize;
+        for index in 0..table.count.min(MAX_ENTRIES) {
             let mut e = [0u8; 24];
-            let entry = &mut e[..table.entry_size as usize];
+            let entry = &mut e[..table.size as usize];
             self.mem
-                .read(table.entries.wrapping_add(index * table.entry_size), entry)?;
+                .read(table.start.wrapping_add(index * table.size), entry)?;
             let key = le_u64(entry, key_at);
             let value = le_u64(entry, key_at + 8);
             if key == 0 || (!split && value == 0) {
@@ -649,7 +573,7 @@ impl<M: Memory> Target<M> {
                 return Ok(Scan::Found { index, value });
             }
         }
-        Ok(if table.nentries > MAX_ENTRIES {
+        Ok(if table.count > MAX_ENTRIES {
             Scan::Unsupported("dict larger than 64 entries scanned")
         } else {
             Scan::NotFound
@@ -749,6 +673,7 @@ mod tests {
 
     use super::*;
     use crate::python::memory::ProcessMemory;
+    use crate::python::offsets::DictKeysModel;
 
     /// Builds the objects, prints `{name: id(object)}` as one JSON line,
     /// then waits for stdin to close. Runs unchanged on 3.8-3.14.
@@ -898,26 +823,14 @@ sys.stdout.flush()
 sys.stdin.read()
 "#;
 
-    fn home() -> PathBuf {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-    }
-
     fn pyenv(version: &str) -> PathBuf {
-        let root = std::env::var_os("PYENV_ROOT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home().join(".pyenv"));
-        let minor = version.rsplit_once('.').expect("x.y.z").0;
-        root.join(format!("versions/{version}/bin/python{minor}"))
+        pyprobe_testenv::pyenv_python(version)
     }
 
-    /// `${XDG_DATA_HOME:-~/.local/share}/pyprobe/debian-sid/bin/python3.14`
-    /// (a script that `exec`s sid's loader, so the PID is the
-    /// interpreter's).
+    /// Debian sid's 3.14 (a wrapper that `exec`s sid's loader, so the PID
+    /// is the interpreter's).
     fn sid314() -> PathBuf {
-        std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home().join(".local/share"))
-            .join("pyprobe/debian-sid/bin/python3.14")
+        pyprobe_testenv::sid_python(14)
     }
 
     /// The script's process; killed and reaped when dropped.

@@ -1227,13 +1227,10 @@ mod tests {
     use std::sync::{Mutex, OnceLock};
     use std::time::Instant;
 
-    const VERSIONS: [&str; 6] = ["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"];
+    const VERSIONS: [&str; 6] = pyprobe_testenv::PYENV_BUILDS;
 
     fn library_path(version: &str) -> PathBuf {
-        let minor: String = version.split('.').take(2).collect::<Vec<_>>().join(".");
-        PathBuf::from(format!(
-            "/root/.pyenv/versions/{version}/lib/libpython{minor}.so.1.0"
-        ))
+        pyprobe_testenv::pyenv_library(version)
     }
 
     fn read_library(version: &str) -> Vec<u8> {

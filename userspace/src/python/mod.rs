@@ -2,13 +2,13 @@
 //! and decoders for the interpreter's data structures.
 
 pub mod attrs;
+pub mod dict;
 pub mod dwarf;
 pub mod linetable;
 pub mod memory;
 pub mod offsets;
 pub mod offsets_dwarf;
 pub mod reader;
-pub mod start_sites;
 pub mod threads;
 pub mod values;
 pub mod version;

@@ -128,7 +128,7 @@ pub enum InstanceDictModel {
 /// Opcode numbers of the instructions that start a Python function (3.11+):
 /// where `start_sites` attaches, in the computed-goto dispatch table.
 /// Names are CPython's opcode names; verified against each build's `opcode`
-/// module by `python::start_sites`' tests.
+/// module by `interp_binary::start_sites`' tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResumeOpcodes {
     /// `RESUME`: the first instruction of every function (and of each

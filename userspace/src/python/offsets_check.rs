@@ -21,14 +21,10 @@ use super::{
 };
 use crate::elf::ElfImage;
 
-const PYENV_BUILDS: &[&str] = &["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"];
+const PYENV_BUILDS: &[&str] = &pyprobe_testenv::PYENV_BUILDS;
 
 fn library(version: &str) -> PathBuf {
-    let root = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".pyenv"));
-    let minor = version.rsplit_once('.').expect("x.y.z").0;
-    root.join(format!("versions/{version}/lib/libpython{minor}.so.1.0"))
+    pyprobe_testenv::pyenv_library(version)
 }
 
 /// A pyenv build's image, detected version and DWARF.

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{
     memory::Memory,
-    offsets::{DictKeysModel, LongModel, common},
+    offsets::{LongModel, common},
     reader::{ReadError, Target},
 };
 
@@ -297,47 +297,17 @@ impl<M: Memory> Target<M> {
             // Split table (instance __dict__): not decoded yet.
             return Ok((Vec::new(), used));
         }
-        let (nentries, entries, entry_size, has_hash) = match self.info.layout.dict_keys {
-            DictKeysModel::Sized => {
-                let size = self.read_size_at(keys.wrapping_add(8))?;
-                let nentries = self.read_size_at(keys.wrapping_add(32))?;
-                let width = match size {
-                    0..=0xff => 1,
-                    0x100..=0xffff => 2,
-                    0x1_0000..=0xffff_ffff => 4,
-                    _ => 8,
-                };
-                (
-                    nentries,
-                    keys.wrapping_add(40).wrapping_add(size.wrapping_mul(width)),
-                    24,
-                    true,
-                )
-            }
-            DictKeysModel::Log2 => {
-                let log2_index_bytes = u32::from(self.mem.read_u8(keys.wrapping_add(9))?);
-                let kind = self.mem.read_u8(keys.wrapping_add(10))?;
-                let nentries = self.read_size_at(keys.wrapping_add(24))?;
-                if log2_index_bytes > 40 {
-                    return Err(ReadError::Corrupt("dict index size"));
-                }
-                let general = kind == 0;
-                (
-                    nentries,
-                    keys.wrapping_add(32).wrapping_add(1u64 << log2_index_bytes),
-                    if general { 24 } else { 16 },
-                    general,
-                )
-            }
-        };
+        let entries = super::dict::keys_entries(&self.mem, self.info.layout.dict_keys, keys)?;
         let mut items = Vec::new();
-        let limit = nentries.min(100_000);
+        let limit = entries.count.min(100_000);
         for i in 0..limit {
             if items.len() >= bounds.items {
                 break;
             }
-            let entry = entries.wrapping_add(i * entry_size);
-            let key_at = entry.wrapping_add(if has_hash { 8 } else { 0 });
+            let key_at = entries
+                .start
+                .wrapping_add(i * entries.size)
+                .wrapping_add(entries.key_at);
             let key = self.mem.read_u64(key_at)?;
             let value = self.mem.read_u64(key_at.wrapping_add(8))?;
             if key == 0 || value == 0 {

@@ -6,6 +6,7 @@
 //! here.
 
 use std::{
+    collections::BTreeSet,
     io::{BufRead, BufReader},
     path::Path,
     process::{Command, Stdio},
@@ -42,28 +43,34 @@ pub fn bench_scale(pyprobe: &Path) -> anyhow::Result<()> {
     let fixture = workspace_root().join("fixtures").join("idle_service.py");
     let at = format!("{}:13", fixture.display());
     let svg = std::env::temp_dir().join("pyprobe-bench-scale.svg");
-    let commands: [(&str, Vec<&str>, &str); 3] = [
+    let pids: BTreeSet<u32> = fleet.iter().map(|(child, _)| child.0.id()).collect();
+    // Each command: its arguments, its ready line, and what precedes the
+    // PID in the line that says one process is set up.
+    let commands: [(&str, Vec<&str>, &str, &str); 3] = [
         (
             "calls --all",
             vec!["calls", "--all", "--interval", "60"],
             "Ctrl-C to stop",
+            "pyprobe: watching PID ",
         ),
         (
             "record --all",
             vec!["record", "--all", "-o", svg.to_str().context("temp path")?],
             "Ctrl-C to stop",
+            "pyprobe: sampling PID ",
         ),
         (
             "log --all",
             vec!["log", "--all", "--at", &at],
             "watching every",
+            " armed at ",
         ),
     ];
     println!(
         "{:<14} {:>9} {:>9} {:>9} {:>9}",
         "command", "ready s", "exit s", "cpu s", "rss MB"
     );
-    for (label, args, marker) in commands {
+    for (label, args, marker, set_up) in commands {
         let started = Instant::now();
         let mut child = Command::new(pyprobe)
             .args(&args)
@@ -80,16 +87,30 @@ pub fn bench_scale(pyprobe: &Path) -> anyhow::Result<()> {
                 }
             }
         });
+        // Ready counts only once every process of the fleet is set up.
+        let mut seen = BTreeSet::new();
         let ready = loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) if line.contains(marker) => break started.elapsed(),
-                Ok(_) => {}
+                Ok(line) => {
+                    if let Some(pid) = set_up_pid(&line, set_up) {
+                        seen.insert(pid);
+                    }
+                }
                 Err(_) => {
                     let _ = child.kill();
                     bail!("{label}: no ready line within 60 s");
                 }
             }
         };
+        let missing = pids.difference(&seen).count();
+        if missing != 0 {
+            let _ = child.kill();
+            bail!(
+                "{label}: ready with {missing} of the {PROCESSES} processes not set up (no \"{}\" line)",
+                set_up.trim()
+            );
+        }
         std::thread::sleep(WATCH);
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -107,4 +128,18 @@ pub fn bench_scale(pyprobe: &Path) -> anyhow::Result<()> {
     drop(fleet);
     let _ = std::fs::remove_file(svg);
     Ok(())
+}
+
+/// The PID a set-up line names: the number after `set_up` (for a log
+/// point, after "in PID " later in the line).
+fn set_up_pid(line: &str, set_up: &str) -> Option<u32> {
+    let (_, rest) = line.split_once(set_up)?;
+    let rest = match rest.split_once("in PID ") {
+        Some((_, pid)) => pid,
+        None => rest,
+    };
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }

@@ -40,25 +40,14 @@ struct Build {
     install: String,
 }
 
-const PYENV: &[&str] = &["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"];
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-}
+const PYENV: &[&str] = &pyprobe_testenv::PYENV_BUILDS;
 
 fn pyenv_root() -> PathBuf {
-    std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".pyenv"))
+    pyprobe_testenv::pyenv_root()
 }
 
-/// `${XDG_DATA_HOME:-~/.local/share}/pyprobe/debian-sid`, as `cargo xtask
-/// setup` uses it.
 fn sid_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".local/share"))
-        .join("pyprobe/debian-sid")
+    pyprobe_testenv::sid_dir()
 }
 
 fn builds() -> Vec<Build> {

@@ -66,12 +66,12 @@ use std::{fmt, ops::Range, path::PathBuf};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
-use super::{
+use crate::elf::{ElfError, ElfImage, Section, Symbol};
+use crate::python::{
     dwarf::{DwarfError, DwarfInfo},
     offsets::{FrameLink, Layout, ResumeOpcodes},
     version::PythonVersion,
 };
-use crate::elf::{ElfError, ElfImage, Section, Symbol};
 
 /// The interpreter loop's symbol.
 pub const EVAL_FRAME: &str = "_PyEval_EvalFrameDefault";
@@ -1254,24 +1254,42 @@ fn is_table_symbol(name: &str) -> bool {
 
 /// The callee-saved register `_PyEval_EvalFrameDefault` keeps its `frame`
 /// in (3.11+, when the build has one; see [`find_probe_sites`]).
+/// Found once per image: the layout and offset follow from the image's
+/// version.
 pub fn eval_frame_register(
     image: &ElfImage,
     layout: &Layout,
     instruction_offset: u64,
 ) -> Option<FrameRegister> {
-    layout.resume_opcodes?;
-    let table = find_opcode_table(image).ok()?;
-    detect_frame_register(image, &table, instruction_offset)
+    /// The fact, as [`ElfImage::derived`] keeps it.
+    #[derive(Clone)]
+    struct Fact(Option<FrameRegister>);
+    image
+        .derived(|image| {
+            Fact(layout.resume_opcodes.and_then(|_| {
+                let table = find_opcode_table(image).ok()?;
+                detect_frame_register(image, &table, instruction_offset)
+            }))
+        })
+        .0
 }
 
 /// The code ranges of `_PyEval_EvalFrameDefault` in `image` (link-time
 /// addresses): its symbol, any `.cold` symbol of it, and the FDEs its body
-/// branches into the middle of. Empty without the symbol.
+/// branches into the middle of. Empty without the symbol. Found once per
+/// image.
 pub fn eval_loop_code(image: &ElfImage) -> Vec<Range<u64>> {
-    match image.symbol(EVAL_FRAME) {
-        Ok(eval) => function_code(image, &eval),
-        Err(_) => Vec::new(),
-    }
+    /// The fact, as [`ElfImage::derived`] keeps it.
+    #[derive(Clone)]
+    struct Fact(Vec<Range<u64>>);
+    image
+        .derived(|image| {
+            Fact(match image.symbol(EVAL_FRAME) {
+                Ok(eval) => function_code(image, &eval),
+                Err(_) => Vec::new(),
+            })
+        })
+        .0
 }
 
 /// The code ranges of `_PyEval_EvalFrameDefault`: its symbol, any `.cold`

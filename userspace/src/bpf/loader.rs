@@ -1,0 +1,267 @@
+//! pyprobe's eBPF object, loaded once and shared by the features that run
+//! over it: the call counter, the sampler and the log probes each hold a
+//! [`SharedObject`] and take from it what is theirs alone (their ring
+//! buffer, their `uprobe_multi` programs).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aya::{Ebpf, EbpfLoader, maps::MapData};
+use pyprobe_common::{calls, names};
+
+use super::{
+    BpfError, CallProgram, CodeFrees, EBPF_OBJECT, ProcessEvents, load_uprobe, perf_event_mut,
+    raise_memlock_limit, take_ring,
+};
+use crate::{privileges, process::Interpreter};
+
+/// What a loaded object is made for: the maps of a feature that will not
+/// run are made with one entry (preallocating them is most of the load
+/// time), and only the programs of the features that will run are loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// The call counter (`calls`).
+    pub calls: bool,
+    /// Call timing (`calls --latency`).
+    pub latency: bool,
+    /// The sampler (`record`, `top`), at this many samples a second at most.
+    pub sample_rate: Option<u64>,
+    /// Log points (`log`).
+    pub log: bool,
+}
+
+/// The loaded object: its maps made, the programs of its [`Features`] in
+/// the kernel, the process tracepoints attached.
+pub struct Object {
+    /// aya's handle on the object.
+    pub(super) ebpf: Ebpf,
+    /// What it was made for.
+    features: Features,
+    /// The call programs loaded for `uprobe_multi` links (6.6+), until the
+    /// call counter takes them; `None` when perf-event uprobes serve.
+    multi: Option<super::uprobe_multi::MultiPrograms>,
+    /// The kernel's news of processes, until taken.
+    news: Option<ProcessEvents>,
+    /// The sampler's ring, until taken.
+    samples: Option<aya::maps::RingBuf<MapData>>,
+    /// The log points' ring, until taken.
+    hits: Option<aya::maps::RingBuf<MapData>>,
+    /// `code_freed` in each process, for every feature.
+    code_frees: CodeFrees,
+}
+
+/// A loaded object shared by the features of one engine.
+#[derive(Clone)]
+pub struct SharedObject(Arc<Mutex<Object>>);
+
+impl SharedObject {
+    /// The object, for one use of its maps or programs.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Object> {
+        // A feature that panicked while holding it left nothing half-done
+        // that another could trip on: maps are written whole.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// What the object was made for.
+    pub fn features(&self) -> Features {
+        self.lock().features
+    }
+
+    /// The kernel's news of processes, to be read by one reader (the
+    /// first caller).
+    pub fn take_news(&self) -> Option<ProcessEvents> {
+        self.lock().news.take()
+    }
+
+    /// Has the code type's `tp_dealloc` (at `file_offset` of `interp`)
+    /// count the code objects process `pid` frees, in the per-process
+    /// maps of every feature, so that names and armed log points are read
+    /// again only when one was freed. With `whole_file`, one probe serves
+    /// every process of the file (see [`CodeFrees`]).
+    pub fn watch_code_frees(
+        &self,
+        interp: &Interpreter,
+        file_offset: u64,
+        pid: u32,
+        whole_file: bool,
+    ) -> Result<(), BpfError> {
+        let object = &mut *self.lock();
+        object
+            .code_frees
+            .watch(&mut object.ebpf, interp, file_offset, pid, whole_file)
+    }
+
+    /// Takes off the `code_freed` probe of process `pid` alone (it exited
+    /// or exec'd), if it has one.
+    pub fn forget_code_frees(&self, pid: u32) {
+        self.lock().code_frees.forget(pid);
+    }
+}
+
+impl Object {
+    /// Checks privileges, makes the maps, loads the programs of `features`
+    /// and attaches the process tracepoints.
+    pub fn load(features: Features) -> Result<SharedObject, BpfError> {
+        privileges::check()?;
+        raise_memlock_limit();
+        let started = std::time::Instant::now();
+        let mut loader = EbpfLoader::new();
+        for (map, entries) in map_sizes(&features) {
+            loader.map_max_entries(map, entries);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
+        let maps_made = started.elapsed();
+        // Before any map is taken out: the `uprobe_multi` programs point at
+        // every map they use.
+        let multi = if features.calls {
+            load_call_programs(&mut ebpf)?
+        } else {
+            None
+        };
+        load_uprobe(&mut ebpf, names::PROG_CODE_FREED)?;
+        let samples = match features.sample_rate {
+            Some(_) => Some(load_sampler(&mut ebpf)?),
+            None => None,
+        };
+        let hits = if features.log {
+            Some(load_log_hit(&mut ebpf)?)
+        } else {
+            None
+        };
+        let news = Some(ProcessEvents::attach(&mut ebpf)?);
+        log::debug!(
+            "eBPF object for {features:?}: maps made in {maps_made:?}, loaded in {:?}",
+            started.elapsed()
+        );
+        Ok(SharedObject(Arc::new(Mutex::new(Object {
+            ebpf,
+            features,
+            multi,
+            news,
+            samples,
+            hits,
+            code_frees: CodeFrees::default(),
+        }))))
+    }
+
+    /// The call programs as `uprobe_multi` programs, for the call counter
+    /// (once).
+    pub(super) fn take_multi(&mut self) -> Option<super::uprobe_multi::MultiPrograms> {
+        self.multi.take()
+    }
+
+    /// The sampler's ring (once).
+    pub(super) fn take_samples(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.samples.take()
+    }
+
+    /// The log points' ring (once).
+    pub(super) fn take_hits(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.hits.take()
+    }
+}
+
+/// Entries of the maps whose size depends on the features: the maps of a
+/// feature that will not run get one.
+fn map_sizes(features: &Features) -> Vec<(&'static str, u32)> {
+    let mut sizes = Vec::new();
+    if !features.calls {
+        for map in [
+            names::MAP_CALL_COUNTS,
+            names::MAP_BUILTIN_COUNTS,
+            names::MAP_CALL_CONFIG,
+        ] {
+            sizes.push((map, 1));
+        }
+    }
+    if features.calls && features.latency {
+        sizes.push((
+            names::MAP_CALL_LATENCY,
+            super::call_counter::latency_codes(),
+        ));
+        sizes.push((names::MAP_CALL_RUNNING, calls::MAX_RUNNING));
+    } else {
+        sizes.push((names::MAP_CALL_LATENCY, 1));
+        sizes.push((names::MAP_CALL_RUNNING, 1));
+    }
+    match features.sample_rate {
+        Some(rate) => {
+            let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u64;
+            sizes.push((names::MAP_SAMPLES, super::sampler::ring_bytes(cpus, rate)));
+        }
+        None => {
+            // A ring has at least a page.
+            sizes.push((names::MAP_SAMPLES, 4096));
+            sizes.push((names::MAP_SAMPLE_THREADS, 1));
+            sizes.push((names::MAP_SAMPLE_CONFIG, 1));
+        }
+    }
+    sizes
+}
+
+/// Loads the call programs: as `uprobe_multi` programs where the kernel
+/// has them (returned), else as aya's perf-event uprobes.
+fn load_call_programs(
+    ebpf: &mut Ebpf,
+) -> Result<Option<super::uprobe_multi::MultiPrograms>, BpfError> {
+    let names = CallProgram::ALL.map(CallProgram::name);
+    match super::uprobe_multi::MultiPrograms::load(EBPF_OBJECT, ebpf, &names) {
+        Ok(multi) => Ok(Some(multi)),
+        Err(e) => {
+            log::debug!("uprobe_multi programs not loaded ({e}): perf-event uprobes");
+            for name in names {
+                load_uprobe(ebpf, name)?;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Loads the sampling programs, puts the stack walk in the program array
+/// and takes the sample ring.
+fn load_sampler(ebpf: &mut Ebpf) -> Result<aya::maps::RingBuf<MapData>, BpfError> {
+    for name in [names::PROG_SAMPLE_CPU, names::PROG_SAMPLE_WALK] {
+        perf_event_mut(ebpf, name)?
+            .load()
+            .map_err(|source| BpfError::Program { name, source })?;
+    }
+    let walk = perf_event_mut(ebpf, names::PROG_SAMPLE_WALK)?
+        .fd()
+        .map_err(|source| BpfError::Program {
+            name: names::PROG_SAMPLE_WALK,
+            source,
+        })?
+        .try_clone()
+        .map_err(|e| BpfError::Program {
+            name: names::PROG_SAMPLE_WALK,
+            source: aya::programs::ProgramError::IOError(e),
+        })?;
+    let mut progs: aya::maps::ProgramArray<&mut MapData> =
+        super::open_map_mut(ebpf, names::MAP_SAMPLE_PROGS)?;
+    progs.set(0, &walk, 0).map_err(|source| BpfError::Map {
+        name: names::MAP_SAMPLE_PROGS,
+        source,
+    })?;
+    take_ring(ebpf, names::MAP_SAMPLES)
+}
+
+/// Loads `log_hit` and takes the hit ring.
+fn load_log_hit(ebpf: &mut Ebpf) -> Result<aya::maps::RingBuf<MapData>, BpfError> {
+    perf_event_mut(ebpf, names::PROG_LOG_HIT)?
+        .load()
+        .map_err(|source| BpfError::Program {
+            name: names::PROG_LOG_HIT,
+            source,
+        })?;
+    if let Ok(program) = perf_event_mut(ebpf, names::PROG_LOG_HIT)
+        && let Ok(info) = program.info()
+    {
+        log::debug!(
+            "log_hit: {:?} instructions verified, {:?} translated bytes",
+            info.verified_instruction_count(),
+            info.size_translated(),
+        );
+    }
+    take_ring(ebpf, names::MAP_LOG_HITS)
+}
