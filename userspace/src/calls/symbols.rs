@@ -111,6 +111,9 @@ pub struct Symbols {
     /// only when forked from one another (or one ancestor) with no exec
     /// since: anything else lays the file out at another random address.
     labels_by_site: HashMap<(u32, u32, u64, u64), String>,
+    /// Code objects named, by (template, code, name, first line): what a
+    /// fork relative of the same file finds at the very same addresses.
+    codes_by_site: HashMap<(u32, u64, u64, u32), CodeSummary>,
     /// The template of each process seen, gone or not.
     template_of: BTreeMap<u32, u32>,
     /// Keys named from the kernel's events since [`Symbols::resolve`] last
@@ -262,15 +265,17 @@ impl Symbols {
         };
         let names = whole(event.qualname).zip(whole(event.filename));
         if let Some((qualname, filename)) = names {
-            self.named_from_events.push(event.key);
-            self.names.insert(
-                event.key,
-                Resolved::Code(CodeSummary {
-                    qualname,
-                    filename,
-                    first_line: event.key.firstlineno as i32,
-                }),
-            );
+            let code = CodeSummary {
+                qualname,
+                filename,
+                first_line: event.key.firstlineno as i32,
+            };
+            let key = event.key;
+            self.codes_by_site
+                .entry((event.template, key.code, key.name, key.firstlineno))
+                .or_insert_with(|| code.clone());
+            self.named_from_events.push(key);
+            self.names.insert(key, Resolved::Code(code));
         } else {
             // Not all captured (a long name, a page the kernel could not
             // read without a fault): read it now, while the process
@@ -337,12 +342,15 @@ impl Symbols {
             // kernel could not read).
             self.ensure_read(key.tgid);
             let resolved = match (self.processes.get(&key.tgid), builtin) {
-                (None, _) if self.gone.contains(&key.tgid) => builtin
-                    .and_then(|b| self.parent_label(&b))
-                    .map(|label| Resolved::Code(builtin_summary(label)))
-                    .unwrap_or_else(|| {
-                        Resolved::Unknown("the process ended before its names were read".into())
-                    }),
+                (None, _) if self.gone.contains(&key.tgid) => match builtin {
+                    Some(b) => self
+                        .parent_label(&b)
+                        .map(|label| Resolved::Code(builtin_summary(label))),
+                    None => self.relative_code(key).map(Resolved::Code),
+                }
+                .unwrap_or_else(|| {
+                    Resolved::Unknown("the process ended before its names were read".into())
+                }),
                 // Maybe later: the kernel counts a new process before
                 // pyprobe reads it. Final reports call it unknown.
                 (None, _) => continue,
@@ -379,6 +387,13 @@ impl Symbols {
                     }
                 }
             };
+            if let (None, Resolved::Code(code)) = (builtin, &resolved)
+                && let Some(&template) = self.template_of.get(&key.tgid)
+            {
+                self.codes_by_site
+                    .entry((template, key.code, key.name, key.firstlineno))
+                    .or_insert_with(|| code.clone());
+            }
             if let (Some(b), Resolved::Code(code)) = (builtin, &resolved)
                 && let Some(&template) = self.template_of.get(&b.tgid)
             {
@@ -428,6 +443,40 @@ impl Symbols {
         super::builtins::builtin_label(target, builtin_kind(b), b.method_def, b.owner).ok()
     }
 
+    /// The name of code object `key` of a process that ended before it
+    /// was read, read where a fork relative has it: in its parent (the
+    /// object existed before the fork, so it is at the same address with
+    /// the same name and first line unless freed since, which the check
+    /// of both tells), or as named in another process of the same file at
+    /// the very same addresses.
+    fn relative_code(&mut self, key: &CodeKey) -> Option<CodeSummary> {
+        if let Some(&parent) = self.fork_parent.get(&key.tgid) {
+            let in_parent = CodeKey {
+                tgid: parent,
+                ..*key
+            };
+            if let Some(Resolved::Code(code)) = self.names.get(&in_parent) {
+                return Some(code.clone());
+            }
+            self.ensure_read(parent);
+            if let Some(target) = self.processes.get(&parent) {
+                let name = target
+                    .mem
+                    .read_u64(key.code.wrapping_add(target.info.offsets.code_name));
+                if let (Ok(name), Ok(code)) = (name, target.code_summary(key.code))
+                    && name == key.name
+                    && code.first_line as u32 == key.firstlineno
+                {
+                    return Some(code);
+                }
+            }
+        }
+        let template = *self.template_of.get(&key.tgid)?;
+        self.codes_by_site
+            .get(&(template, key.code, key.name, key.firstlineno))
+            .cloned()
+    }
+
     /// The name of a key, if [`Symbols::resolve`] has seen it.
     pub fn get(&self, key: &CodeKey) -> Option<&Resolved> {
         self.names.get(key)
@@ -459,5 +508,39 @@ mod tests {
         // Another process, another row.
         let other = BuiltinKey { tgid: 8, ..bound };
         assert_ne!(builtin_row_key(&bound), builtin_row_key(&other));
+    }
+
+    #[test]
+    fn code_of_a_worker_gone_unread_is_named_as_a_relative_of_its_file_has_it() {
+        // A pool's worker ran a code object and exited before its name
+        // was read; a process of the same interpreter file named the very
+        // same addresses.
+        let mut symbols = Symbols::default();
+        let worker = 4_000_001;
+        symbols.add_kernel_set_up(worker, 3, None);
+        symbols.forget_process(worker);
+        let key = CodeKey {
+            tgid: worker,
+            firstlineno: 12,
+            code: 0xc2_75a0,
+            name: 0xc2_7000,
+        };
+        let code = CodeSummary {
+            qualname: "task".into(),
+            filename: "pool.py".into(),
+            first_line: 12,
+        };
+        symbols
+            .codes_by_site
+            .insert((3, key.code, key.name, 12), code.clone());
+        assert_eq!(symbols.resolve([&key]), vec![key]);
+        assert_eq!(symbols.get(&key), Some(&Resolved::Code(code)));
+        // Another first line at the same address is another object.
+        let other = CodeKey {
+            firstlineno: 13,
+            ..key
+        };
+        symbols.resolve([&other]);
+        assert!(matches!(symbols.get(&other), Some(Resolved::Unknown(_))));
     }
 }
