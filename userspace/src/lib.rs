@@ -10,6 +10,7 @@ pub mod calls;
 pub mod container;
 pub mod dump;
 pub mod elf;
+pub mod engine;
 pub mod errors;
 pub mod interp_binary;
 pub mod kabi;

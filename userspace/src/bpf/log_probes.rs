@@ -10,8 +10,8 @@ use pyprobe_common::{
 };
 
 use super::{
-    BpfError, News, ProcessEvents, SharedObject, hash_insert, open_map, open_map_mut,
-    perf_event_mut, perf_event_with_program, read_stat,
+    BpfError, SharedObject, hash_insert, open_map, open_map_mut, perf_event_mut,
+    perf_event_with_program, read_stat,
 };
 
 /// Why a hardware watchpoint could not be set on a thread.
@@ -94,8 +94,6 @@ pub type LogCounters = pyprobe_common::logpoint::LogState;
 pub struct LogProbes {
     object: SharedObject,
     ring: aya::maps::RingBuf<MapData>,
-    /// News of processes forked by watched ones, exec'd and exited.
-    news: ProcessEvents,
     /// Why forked children are not followed, when they are not.
     forks_unfollowed: Option<String>,
 }
@@ -107,20 +105,15 @@ impl LogProbes {
     }
 
     /// The log probes of `object`, which must be made for log points
-    /// (see [`Features`](super::Features)), with the kernel's news of
-    /// processes (which they read); no watchpoint yet.
+    /// (see [`Features`](super::Features)); no watchpoint yet.
     pub fn new(object: &SharedObject) -> Result<Self, BpfError> {
         let ring = object
             .lock()
             .take_hits()
             .ok_or(BpfError::Missing(names::MAP_LOG_HITS))?;
-        let news = object
-            .take_news()
-            .ok_or(BpfError::Missing(names::MAP_PROCESS_EVENTS))?;
         Ok(Self {
             object: object.clone(),
             ring,
-            news,
             forks_unfollowed: Some("the kernel's task layout is not read yet".to_owned()),
         })
     }
@@ -158,11 +151,6 @@ impl LogProbes {
     /// watched"), if they are not.
     pub fn forks_unfollowed(&self) -> Option<&str> {
         self.forks_unfollowed.as_deref()
-    }
-
-    /// Hands the news of processes waiting to `f`, oldest first.
-    pub fn drain_news(&mut self, f: impl FnMut(News)) {
-        self.news.drain(f);
     }
 
     /// The watched process `pid` descends from by fork, as the kernel set

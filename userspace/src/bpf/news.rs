@@ -72,6 +72,7 @@ impl ProcessEvents {
 }
 
 /// One piece of the kernel's news of processes.
+#[derive(Clone)]
 pub enum News {
     /// A process configured, forked from a watched one, exec'd or exited.
     Process(ProcessEvent),

@@ -66,10 +66,12 @@ impl Sampler {
 
     /// Starts sampling every online CPU `rate` times a second (of CPU
     /// time: an idle CPU is not sampled).
+    /// Started again, it samples at the new rate.
     pub fn start(&mut self, rate: u64) -> Result<(), BpfError> {
         use aya::programs::perf_event::{
             PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent,
         };
+        self.stop();
         let mut object = self.object.lock();
         let cpus = aya::util::online_cpus().map_err(|(_, e)| BpfError::Program {
             name: names::PROG_SAMPLE_CPU,
@@ -176,14 +178,21 @@ impl Sampler {
     }
 }
 
-impl Drop for Sampler {
-    fn drop(&mut self) {
+impl Sampler {
+    /// Stops sampling (the CPU clock events go).
+    pub fn stop(&mut self) {
         let mut object = self.object.lock();
         if let Ok(program) = perf_event_mut(&mut object.ebpf, names::PROG_SAMPLE_CPU) {
             for link in self.links.drain(..) {
                 let _ = program.detach(link);
             }
         }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -29,6 +29,7 @@ use crate::{
     registry::ExecOutcome,
 };
 
+use crate::engine::Arrival;
 use builtins::BuiltinKind;
 use pyprobe_common::calls::{CallCounts, CodeKey, Histogram};
 use report::{Reporter, emit};
@@ -484,46 +485,6 @@ impl Session {
     }
 }
 
-/// One piece of the kernel's news, with what had to be read at once.
-struct Arrival {
-    news: News,
-    /// For a process the kernel set up: the process it was forked from
-    /// with no exec since, read as soon as the news came (a pool's worker
-    /// may live a few milliseconds).
-    forked_from: Option<u32>,
-}
-
-/// How often the news thread reads the kernel's ring.
-const NEWS_POLL: Duration = Duration::from_millis(2);
-
-/// Reads the kernel's news of processes on a thread of its own, so that
-/// what must be read while a process lives (its parent) is read within
-/// milliseconds, whatever the main loop is busy with (reading large count
-/// maps takes a while).
-fn read_news(mut events: crate::bpf::ProcessEvents) -> std::sync::mpsc::Receiver<Arrival> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        loop {
-            let mut open = true;
-            events.drain(|news| {
-                let forked_from = match &news {
-                    News::Process(e) if e.kind == pyprobe_common::process::NEW => {
-                        process::parent_pid(e.tgid)
-                            .filter(|&parent| process::same_image(e.tgid, parent))
-                    }
-                    _ => None,
-                };
-                open &= tx.send(Arrival { news, forked_from }).is_ok();
-            });
-            if !open {
-                return;
-            }
-            std::thread::sleep(NEWS_POLL);
-        }
-    });
-    rx
-}
-
 /// How often `--all` looks for processes it has not seen.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -544,13 +505,13 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     for &pid in &opts.pids {
         process::find_interpreter(pid)?;
     }
-    let object = crate::bpf::Object::load(crate::bpf::Features {
+    let engine = crate::engine::Engine::load(crate::bpf::Features {
         calls: true,
         latency: opts.latency,
         ..Default::default()
     })?;
-    let counter = CallCounter::new(&object);
-    let news = read_news(object.take_news().expect("a new object has its news"));
+    let counter = CallCounter::new(engine.object());
+    let news = engine.news();
     let mut session = Session {
         counter,
         news,

@@ -269,11 +269,12 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     // The verifier's work and the reading of the kernel's BTF (where it
     // keeps a task's ids) run beside the reading of the targets.
     let loading = std::thread::spawn(|| {
-        let object = crate::bpf::Object::load(crate::bpf::Features {
+        let engine = crate::engine::Engine::load(crate::bpf::Features {
             log: true,
             ..Default::default()
         })?;
-        LogProbes::new(&object)
+        let probes = LogProbes::new(engine.object())?;
+        anyhow::Ok((engine, probes))
     });
     let task_offsets = std::thread::spawn(crate::kernel::TaskOffsets::read);
     // Every --pid is attached and its log points resolved and compiled
@@ -307,7 +308,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let mut probes = loading
+    let (engine, mut probes) = loading
         .join()
         .map_err(|_| anyhow::anyhow!("loading the eBPF programs failed (a thread panicked)"))??;
     let offsets = task_offsets
@@ -316,6 +317,8 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     probes.follow_forks(offsets)?;
     let mut session = Session {
         probes,
+        news: engine.news(),
+        _engine: engine,
         points,
         armed: Vec::new(),
         programs: Vec::new(),
@@ -543,6 +546,10 @@ impl Point {
 
 struct Session {
     probes: LogProbes,
+    /// The kernel's news of processes (forks, execs).
+    news: std::sync::mpsc::Receiver<crate::engine::Arrival>,
+    /// Keeps the news coming.
+    _engine: crate::engine::Engine,
     points: Vec<Point>,
     armed: Vec<Armed>,
     /// The programs in the kernel's `LOG_PROGRAMS`, by index.
@@ -998,12 +1005,14 @@ impl Session {
     /// Reads the kernel's news of processes: children forked by watched
     /// processes, watched processes that exec'd.
     fn read_news(&mut self) {
-        let mut news = Vec::new();
-        self.probes.drain_news(|n| {
-            if let crate::bpf::News::Process(event) = n {
-                news.push(event);
-            }
-        });
+        let news: Vec<_> = self
+            .news
+            .try_iter()
+            .filter_map(|a| match a.news {
+                crate::bpf::News::Process(event) => Some(event),
+                _ => None,
+            })
+            .collect();
         for event in news {
             match event.kind {
                 pyprobe_common::process::FORKED => self.add_forked(event.tgid, event.template),

@@ -87,17 +87,19 @@ pub enum Format {
     Folded,
 }
 
-/// The processes being sampled.
-struct Session {
-    sampler: Sampler,
-    processes: HashMap<u32, Process>,
+/// The processes being sampled (the agent drives one too).
+pub(crate) struct Session {
+    pub(crate) sampler: Sampler,
+    /// The engine the sampler runs over.
+    _engine: crate::engine::Engine,
+    pub(crate) processes: HashMap<u32, Process>,
     mappers: HashMap<u32, ThreadMapper>,
     /// Python threads of each live process: (thread id, thread state).
     threads: HashMap<u32, Vec<(u32, u64)>>,
-    roots: Roots,
+    pub(crate) roots: Roots,
     /// Processes found and passed over (`--all`).
     registry: crate::registry::Registry,
-    profile: Profile,
+    pub(crate) profile: Profile,
     keep: Keep,
     idle: bool,
     /// Off-CPU accounting (`--idle`).
@@ -111,12 +113,14 @@ struct Session {
 }
 
 impl Session {
-    fn new(opts: &ProfileOptions) -> anyhow::Result<Self> {
+    /// A session over `engine` (made for sampling); nothing sampled yet.
+    pub(crate) fn new(
+        engine: &crate::engine::Engine,
+        opts: &ProfileOptions,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
-            sampler: Sampler::new(&crate::bpf::Object::load(crate::bpf::Features {
-                sample_rate: Some(opts.rate),
-                ..Default::default()
-            })?)?,
+            sampler: Sampler::new(engine.object())?,
+            _engine: engine.clone(),
             processes: HashMap::new(),
             mappers: HashMap::new(),
             threads: HashMap::new(),
@@ -139,7 +143,7 @@ impl Session {
     }
 
     /// Sets up one process; returns a line describing it.
-    fn add(&mut self, pid: u32) -> anyhow::Result<String> {
+    pub(crate) fn add(&mut self, pid: u32) -> anyhow::Result<String> {
         let (target, image) = Target::attach_with_image(pid, |m| m)?;
         let cfg: SampleConfig =
             config::sample_config(&target.version, &target.info, target.runtime, |a| {
@@ -211,12 +215,15 @@ impl Session {
         self.threads.insert(pid, python);
     }
 
-    /// Re-reads every live process's thread list; forgets exited ones.
-    fn refresh_threads(&mut self) {
+    /// Re-reads every live process's thread list; forgets exited ones
+    /// (their names stay for the output).
+    pub(crate) fn refresh_threads(&mut self) {
         let pids: Vec<u32> = self.threads.keys().copied().collect();
         for pid in pids {
             if !process::is_alive(pid) {
                 self.threads.remove(&pid);
+                self.processes.remove(&pid);
+                self.mappers.remove(&pid);
                 self.idle_sampler.forget(pid);
                 let _ = self.sampler.forget(pid);
                 continue;
@@ -238,7 +245,7 @@ impl Session {
     }
 
     /// Under `--all`: sets up Python processes not seen before.
-    fn scan(&mut self) {
+    pub(crate) fn scan(&mut self) {
         let processes = &self.processes;
         let pids = self.registry.new_pids(|pid| processes.contains_key(&pid));
         for pid in pids {
@@ -250,7 +257,7 @@ impl Session {
 
     /// Takes the waiting samples; re-reads thread lists if the kernel saw
     /// threads it did not know.
-    fn drain(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn drain(&mut self) -> anyhow::Result<()> {
         let Self {
             sampler,
             processes,
@@ -290,7 +297,8 @@ impl Session {
         self.processes.keys().any(|&pid| process::is_alive(pid))
     }
 
-    fn losses(&self) -> anyhow::Result<SampleLosses> {
+    /// Ticks of the kernel that gave no sample, by reason.
+    pub(crate) fn losses(&self) -> anyhow::Result<SampleLosses> {
         Ok(self.sampler.losses()?)
     }
 }
@@ -310,7 +318,11 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
     for &pid in &opts.pids {
         process::find_interpreter(pid)?;
     }
-    let mut session = Session::new(opts)?;
+    let engine = crate::engine::Engine::load(crate::bpf::Features {
+        sample_rate: Some(opts.rate),
+        ..Default::default()
+    })?;
+    let mut session = Session::new(&engine, opts)?;
     for &pid in &opts.pids {
         let line = session
             .add(pid)
@@ -420,6 +432,9 @@ async fn sample_loop(
             _ = drain.tick() => session.drain()?,
             _ = idle.tick(), if session.idle => session.sample_idle(),
             _ = threads.tick() => {
+                // Samples of a process that exited are named before it
+                // is forgotten.
+                session.drain()?;
                 session.refresh_threads();
                 if opts.all {
                     session.scan();
