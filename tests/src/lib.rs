@@ -614,6 +614,7 @@ impl Probe {
             };
             let ready = line.contains("attached to PID")
                 || line.contains("watching every")
+                || line.contains("agent sampling every")
                 || line.contains("Hz; Ctrl-C to stop");
             seen.push(line);
             if ready {
@@ -663,6 +664,27 @@ impl Probe {
             "pyprobe did not say {needle:?} within {timeout:?}: {}",
             self.startup()
         )
+    }
+
+    /// Sends SIGTERM (what systemd sends).
+    pub fn terminate(&self) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits up to `timeout` for pyprobe to exit; its exit status, or
+    /// `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGINT (Ctrl-C).
@@ -773,6 +795,37 @@ pub fn for_each_sid_and_pyenv_ends(
         .cloned()
         .collect();
     run_chosen(test, why, coverage, &found, &chosen, check);
+}
+
+/// Two interpreters for tests that run one fixture on each at once: the
+/// newest pyenv build and a Debian sid one (stripped, other layout; the
+/// oldest pyenv build when sid's are missing). The others are listed as
+/// not run, saying `why`; both are recorded as covered by `test`.
+pub fn two_interpreters(test: &str, why: &str) -> (Interpreter, Interpreter) {
+    let found = discover();
+    let pyenv: Vec<&Interpreter> = found
+        .supported
+        .iter()
+        .filter(|i| i.origin == Origin::Pyenv)
+        .collect();
+    let first = (*pyenv.last().expect("a pyenv build to test on")).clone();
+    let second = found
+        .supported
+        .iter()
+        .rfind(|i| i.origin == Origin::Private && i.minor() >= (3, 14))
+        .or_else(|| pyenv.first().copied())
+        .expect("a second interpreter to test on")
+        .clone();
+    for interp in &found.supported {
+        if interp.path == first.path || interp.path == second.path {
+            eprintln!("{test}: ok on {} (if it passes)", interp.label);
+            record_coverage(test, interp, "ok");
+        } else {
+            eprintln!("{test}: not run on {}: {why}", interp.label);
+            record_coverage(test, interp, "not run (two interpreters at once)");
+        }
+    }
+    (first, second)
 }
 
 /// Runs `check` on the newest pyenv build only, for tests of what does not

@@ -5,6 +5,7 @@
 //! uprobe in the target to a line of output.
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod bpf;
 pub mod calls;
 pub mod container;
@@ -23,3 +24,4 @@ pub mod profile;
 pub mod python;
 pub mod registry;
 pub mod selection;
+pub mod sink;

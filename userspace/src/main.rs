@@ -249,6 +249,90 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The always-on system-wide daemon: continuous CPU profiling of every Python process, exports over HTTP, control over a root-only socket.
+    ///
+    /// Samples every Python process on the host (containers and processes
+    /// started later included) at a low rate (19 Hz unless --rate) and
+    /// serves, on loopback unless --listen says otherwise:
+    /// `GET /metrics` (Prometheus), `GET /debug/pprof/profile?seconds=N[&pid=P][&container=ID]`
+    /// (gzip'd pprof of the next N seconds, as Go's net/http/pprof; for
+    /// go tool pprof, Parca, Pyroscope) and `GET /api/v1/processes` (JSON).
+    /// HTTP serves no control: `pyprobe ctl` talks to the control socket
+    /// (mode 0600, root only). SIGTERM or Ctrl-C stops it and leaves
+    /// nothing attached; SIGHUP reads --config again.
+    Agent {
+        /// A TOML file with the same keys as the flags (listen, control, rate); flags win.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+        /// HTTP address [default: 127.0.0.1:9465].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Control socket path [default: /run/pyprobe/control.sock].
+        #[arg(long, value_name = "PATH")]
+        control: Option<std::path::PathBuf>,
+        /// Samples per second of CPU time of the continuous profile [default: 19].
+        #[arg(long, value_name = "HZ")]
+        rate: Option<u64>,
+    },
+    /// Control a running `pyprobe agent` over its socket (as root).
+    Ctl {
+        /// The agent's control socket.
+        #[arg(long, value_name = "PATH", default_value = pyprobe::agent::control::DEFAULT_CONTROL)]
+        control: std::path::PathBuf,
+        /// Print the agent's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: CtlCommand,
+    },
+}
+
+/// What `pyprobe ctl` asks.
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// What the agent watches: rate, processes, samples.
+    Status,
+    /// The continuous profile.
+    Profile {
+        #[command(subcommand)]
+        what: CtlProfile,
+    },
+}
+
+/// `pyprobe ctl profile ...`
+#[derive(Subcommand)]
+enum CtlProfile {
+    /// Sets the sampling rate (samples per second of CPU time).
+    Rate {
+        /// Samples per second.
+        hz: u64,
+    },
+}
+
+/// Runs `pyprobe ctl`: one request, its answer printed.
+fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Result<()> {
+    use pyprobe::agent::control::{Request, call};
+    let request = match what {
+        CtlCommand::Status => Request::Status,
+        CtlCommand::Profile {
+            what: CtlProfile::Rate { hz },
+        } => Request::ProfileRate { hz },
+    };
+    let response = call(control, &request)?;
+    if !response.ok {
+        anyhow::bail!(
+            "{}",
+            response.error.unwrap_or_else(|| "the agent refused".into())
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string(&response.body)?);
+    } else if let Some(fields) = response.body.as_object() {
+        for (k, v) in fields {
+            println!("{k}: {v}");
+        }
+    }
+    Ok(())
 }
 
 /// What to sample and how, for `record` and `top`.
@@ -430,7 +514,7 @@ fn main() -> ExitCode {
         // From now on a Ctrl-C waits for a live command to take it, even
         // one pressed while it attaches (`dump` is over in a moment: Ctrl-C
         // still ends it at once).
-        if !matches!(cli.command, Command::Dump { .. }) {
+        if !matches!(cli.command, Command::Dump { .. } | Command::Ctl { .. }) {
             pyprobe::live::listen_for_stop()?;
         }
         match cli.command {
@@ -555,6 +639,31 @@ fn main() -> ExitCode {
                     Err(e) => Err(e),
                 }
             }
+            Command::Agent {
+                config,
+                listen,
+                control,
+                rate,
+            } => {
+                let base = match &config {
+                    Some(path) => pyprobe::agent::AgentConfig::read(path),
+                    None => Ok(pyprobe::agent::AgentConfig::default()),
+                };
+                match base {
+                    Ok(mut c) => {
+                        c.listen = listen.unwrap_or(c.listen);
+                        c.control = control.unwrap_or(c.control);
+                        c.rate = rate.unwrap_or(c.rate);
+                        pyprobe::agent::run(c, config).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Ctl {
+                control,
+                json,
+                what,
+            } => ctl(&control, json, what),
         }
     });
     match result {

@@ -40,6 +40,7 @@ pub fn setup() -> anyhow::Result<f64> {
     step("nightly toolchain", ensure_nightly)?;
     step("nightly rust-src", ensure_rust_src)?;
     step("bpf-linker", ensure_bpf_linker)?;
+    step("Debian tools", ensure_debian_tools)?;
     // Only the tests need sid's interpreters; without them they still run
     // (and say which versions were not covered), so a failed download
     // warns instead of stopping setup.
@@ -52,6 +53,67 @@ pub fn setup() -> anyhow::Result<f64> {
     let secs = started.elapsed().as_secs_f64();
     println!("xtask setup: done in {secs:.1}s");
     Ok(secs)
+}
+
+/// Real tools the tests hold pyprobe's output to, from Debian's packages:
+/// (command, package).
+const DEBIAN_TOOLS: &[(&str, &str)] = &[
+    // `promtool check metrics` for the agent's /metrics.
+    ("promtool", "prometheus"),
+    // `go tool pprof` for pprof profiles.
+    ("go", "golang-go"),
+];
+
+/// Installs the packages of [`DEBIAN_TOOLS`] whose command is missing.
+fn ensure_debian_tools() -> anyhow::Result<String> {
+    let missing: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(command, _)| !on_path(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok("present".into());
+    }
+    println!("  installing {} from Debian...", missing.join(" "));
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        // A machine whose package lists are stale: read them and try once more.
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running apt-get update")?;
+        let again = Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running apt-get")?;
+        anyhow::ensure!(
+            again.success(),
+            "apt-get install {} failed",
+            missing.join(" ")
+        );
+    }
+    Ok(format!("installed {}", missing.join(" ")))
+}
+
+/// Whether `command` is an executable file in a `$PATH` directory.
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.join(command))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {

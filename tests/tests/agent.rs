@@ -1,0 +1,358 @@
+//! `pyprobe agent` against two fixtures on different interpreters, one
+//! started before the agent and one after, with the real tools its users
+//! feed: `go tool pprof` reads its profiles, `promtool check metrics` its
+//! metrics; `pyprobe ctl` controls it over a socket that refuses non-root
+//! users; SIGTERM ends it cleanly.
+//!
+//! Needs root (run through `cargo xtask test`).
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use pyprobe_tests::{Fixture, Probe, marks, pyprobe_bin, two_interpreters};
+use serde_json::Value;
+
+/// A free loopback port.
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// `GET path`: the status code and the body.
+fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body)?;
+    }
+    Ok((status, body))
+}
+
+/// The body of a chunked response.
+fn dechunk(mut raw: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("chunk size")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..end])?.trim(), 16)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&raw[end + 2..end + 2 + size]);
+        raw = &raw[end + 2 + size + 2..];
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `pyprobe ctl --control SOCKET args...`
+fn ctl(socket: &Path, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(pyprobe_bin())
+        .arg("ctl")
+        .arg("--control")
+        .arg(socket)
+        .args(args)
+        .output()?)
+}
+
+/// The processes the agent lists, by PID.
+fn processes(addr: SocketAddr) -> anyhow::Result<Vec<Value>> {
+    let (status, body) = get(addr, "/api/v1/processes")?;
+    ensure!(status == 200, "processes: status {status}");
+    Ok(serde_json::from_slice::<Vec<Value>>(&body)?)
+}
+
+/// Waits until the agent lists `pid`; returns its entry.
+fn wait_listed(addr: SocketAddr, pid: u32) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(p) = processes(addr)?.into_iter().find(|p| p["pid"] == pid) {
+            return Ok(p);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the agent never listed PID {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `go tool pprof ARGS profile` on a profile saved to a file.
+fn pprof(profile: &[u8], args: &[&str]) -> anyhow::Result<String> {
+    let path = std::env::temp_dir().join(format!("pyprobe-agent-{}.pb.gz", std::process::id()));
+    std::fs::write(&path, profile)?;
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(&path)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .context("running go tool pprof (installed by cargo xtask setup)")?;
+    let _ = std::fs::remove_file(&path);
+    ensure!(out.status.success(), "go tool pprof failed: {}", text(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rows of `go tool pprof -top -lines`: (flat samples, function,
+/// file:line), hottest first.
+fn top_rows(report: &str) -> Vec<(f64, String, String)> {
+    report
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("flat"))
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let flat = seconds(cols.first()?)?;
+            Some((flat, cols.get(5)?.to_string(), cols.get(6)?.to_string()))
+        })
+        .collect()
+}
+
+/// A duration as pprof prints it (`1.63s`, `789.47ms`, `50us`), in
+/// seconds.
+fn seconds(s: &str) -> Option<f64> {
+    for (unit, scale) in [
+        ("ms", 1e-3),
+        ("us", 1e-6),
+        ("µs", 1e-6),
+        ("ns", 1e-9),
+        ("s", 1.0),
+    ] {
+        if let Some(v) = s.strip_suffix(unit) {
+            return v.parse::<f64>().ok().map(|v| v * scale);
+        }
+    }
+    s.parse().ok()
+}
+
+#[test]
+fn agent_profiles_and_exports_two_interpreters_and_stops_cleanly() {
+    let test = "agent_profiles_and_exports_two_interpreters_and_stops_cleanly";
+    let (before, after) = two_interpreters(
+        test,
+        "one agent watches two fixtures at once: the newest pyenv build and a sid build",
+    );
+    if let Err(e) = run(&before, &after) {
+        panic!("{test} failed on {} + {}: {e:#}", before.label, after.label);
+    }
+}
+
+fn run(
+    before_interp: &pyprobe_tests::Interpreter,
+    after_interp: &pyprobe_tests::Interpreter,
+) -> anyhow::Result<()> {
+    let lines = marks("profile_workload.py")?;
+    // go tool pprof prints paths cleaned (no `..`).
+    let fixture_file = std::fs::canonicalize(pyprobe_tests::fixture_path("profile_workload.py"))?;
+    let hot = format!("{}:{}", fixture_file.display(), lines["hot-loop"]);
+    let cold = format!("{}:{}", fixture_file.display(), lines["cold-loop"]);
+
+    let dir = tempdir()?;
+    let socket = dir.join("control.sock");
+    let addr = free_addr();
+    let before = Fixture::start(before_interp, "profile_workload.py", &[])?;
+    let mut agent = Probe::start(&[
+        "agent",
+        "--listen",
+        &addr.to_string(),
+        "--control",
+        socket.to_str().context("path")?,
+    ])?;
+    let after = Fixture::start(after_interp, "profile_workload.py", &[])?;
+
+    // Both listed, with their versions.
+    for (fixture, interp) in [(&before, before_interp), (&after, after_interp)] {
+        let p = wait_listed(addr, fixture.pid())?;
+        let (a, b, c) = interp.version;
+        ensure!(
+            p["version"] == format!("{a}.{b}.{c}"),
+            "PID {} listed as {p}",
+            fixture.pid()
+        );
+    }
+    // The socket is root's alone.
+    let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "control socket mode {mode:o}");
+
+    // A profile of the later process alone, read by go tool pprof: its
+    // three workers spend 75% in hot() at its loop line, 25% in cold().
+    let (status, profile) = get(
+        addr,
+        &format!("/debug/pprof/profile?seconds=4&pid={}", after.pid()),
+    )?;
+    ensure!(status == 200, "profile: status {status}");
+    let report = pprof(&profile, &["-top", "-lines"])?;
+    let rows = top_rows(&report);
+    ensure!(rows.len() >= 2, "pprof -top: {report}");
+    ensure!(
+        (rows[0].1.as_str(), rows[0].2.as_str()) == ("hot", hot.as_str())
+            && (rows[1].1.as_str(), rows[1].2.as_str()) == ("cold", cold.as_str()),
+        "hot then cold expected on top ({hot}, {cold}): {report}"
+    );
+    let share = rows[0].0 / (rows[0].0 + rows[1].0);
+    ensure!(
+        (0.6..=0.9).contains(&share),
+        "hot's share {share:.2} is far from the fixture's 0.75: {report}"
+    );
+    // Every sample is labelled with the one process asked for.
+    let tags = pprof(&profile, &["-tags"])?;
+    ensure!(
+        tags.contains(&format!("{}", after.pid())) && !tags.contains(&format!("{}", before.pid())),
+        "pid labels: {tags}"
+    );
+
+    // Metrics: valid for promtool, a series per watched PID that counted
+    // samples.
+    let (status, metrics) = get(addr, "/metrics")?;
+    ensure!(status == 200, "metrics: status {status}");
+    let metrics = String::from_utf8(metrics)?;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running promtool (installed by cargo xtask setup)")?;
+    promtool
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(metrics.as_bytes())?;
+    let checked = promtool.wait_with_output()?;
+    ensure!(
+        checked.status.success(),
+        "promtool check metrics: {}\n{metrics}",
+        text(&checked)
+    );
+    for pid in [before.pid(), after.pid()] {
+        let series = format!("pyprobe_process_samples_total{{pid=\"{pid}\"}} ");
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .with_context(|| format!("no {series}in\n{metrics}"))?
+            .parse()?;
+        ensure!(value > 0.0, "{series}is {value}");
+    }
+    ensure!(
+        metrics.contains("pyprobe_sampling_rate_hertz 19\n"),
+        "default rate: {metrics}"
+    );
+
+    // Control: status, a new rate, a refused one.
+    let out = ctl(&socket, &["--json", "status"])?;
+    ensure!(out.status.success(), "ctl status: {}", text(&out));
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(status["rate"] == 19, "status: {status}");
+    ensure!(status["processes"].as_u64() >= Some(2), "status: {status}");
+    let out = ctl(&socket, &["profile", "rate", "49"])?;
+    ensure!(out.status.success(), "ctl profile rate 49: {}", text(&out));
+    let (_, metrics) = get(addr, "/metrics")?;
+    ensure!(
+        String::from_utf8(metrics)?.contains("pyprobe_sampling_rate_hertz 49\n"),
+        "rate not changed"
+    );
+    let out = ctl(&socket, &["profile", "rate", "0"])?;
+    ensure!(
+        !out.status.success() && text(&out).contains("out of range"),
+        "ctl profile rate 0: {}",
+        text(&out)
+    );
+
+    // A non-root user is refused: by the file's mode, and by the agent
+    // when the mode would let it in.
+    let nobody_bin = dir.join("pyprobe");
+    std::fs::copy(pyprobe_bin(), &nobody_bin)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&nobody_bin, std::fs::Permissions::from_mode(0o755))?;
+    let as_nobody = || {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(&nobody_bin)
+            .arg("ctl")
+            .arg("--control")
+            .arg(&socket)
+            .arg("status")
+            .output()
+    };
+    let out = as_nobody()?;
+    ensure!(
+        !out.status.success() && text(&out).contains("Permission denied"),
+        "non-root ctl through a 0600 socket: {}",
+        text(&out)
+    );
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    let out = as_nobody()?;
+    ensure!(
+        !out.status.success() && text(&out).contains("answers root only"),
+        "non-root ctl through an open socket: {}",
+        text(&out)
+    );
+
+    // SIGTERM: exit 0 within 2 s, the socket gone, HTTP closed.
+    let asked = Instant::now();
+    agent.terminate();
+    let Some(exit) = agent.wait_exit(Duration::from_secs(2)) else {
+        bail!("the agent still runs 2 s after SIGTERM");
+    };
+    ensure!(
+        exit.success(),
+        "agent exit {exit} after {:?}",
+        asked.elapsed()
+    );
+    ensure!(!socket.exists(), "control socket left behind");
+    ensure!(
+        TcpStream::connect(addr).is_err(),
+        "HTTP still listens after exit"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A fresh private directory for the control socket (root only).
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("pyprobe-agent-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
+}

@@ -1,0 +1,479 @@
+//! `pyprobe agent`: the always-on, system-wide daemon. One engine runs a
+//! continuous CPU profile of every Python process (containers and later
+//! processes included) at a low rate; HTTP exports metrics, pprof profiles
+//! and the process list; a root-only Unix socket takes control requests
+//! (`pyprobe ctl`).
+//!
+//! The loop in [`run`] owns the jobs (their process readers are not
+//! `Send`); the HTTP handlers and the control socket reach it over
+//! channels.
+
+pub mod control;
+pub mod http;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    live,
+    profile::{self, stacks::StackKey},
+    sink::{
+        pprof::{Builder, LabelValue},
+        prometheus::{Kind, Metrics},
+    },
+};
+use control::{Call, Request, Response};
+use http::Ask;
+
+/// The continuous profile's rate unless configured: low enough to leave
+/// on everywhere, as the field does (19-49 Hz).
+pub const DEFAULT_RATE: u64 = 19;
+/// Where HTTP listens unless configured: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9465";
+/// How often samples are taken from the kernel.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(200);
+/// How often processes are looked for and thread lists read again.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The agent's settings: flags, or the same keys in `--config`'s TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// HTTP address (`/metrics`, `/debug/pprof/profile`, `/api/v1/processes`).
+    pub listen: SocketAddr,
+    /// The control socket's path.
+    pub control: PathBuf,
+    /// The continuous profile's samples per second.
+    pub rate: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("a valid address"),
+            control: PathBuf::from(control::DEFAULT_CONTROL),
+            rate: DEFAULT_RATE,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a TOML config file.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid agent config: {}",
+                path.display(),
+                e.message()
+            )
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Refuses settings that cannot work.
+    pub fn check(&self) -> anyhow::Result<()> {
+        check_rate(self.rate)
+    }
+}
+
+fn check_rate(hz: u64) -> anyhow::Result<()> {
+    if !(1..=profile::MAX_RATE).contains(&hz) {
+        anyhow::bail!(
+            "a rate of {hz} Hz is out of range: give 1 to {} samples a second",
+            profile::MAX_RATE
+        );
+    }
+    Ok(())
+}
+
+/// What the agent knows of a watched process, for labels and the API.
+#[derive(Debug, Clone, Serialize)]
+struct Watched {
+    pid: u32,
+    version: String,
+    binary: String,
+    container: Option<String>,
+    command: String,
+    samples: u64,
+}
+
+/// A profile being collected for a request.
+struct Collector {
+    until: Instant,
+    started: SystemTime,
+    seconds: u64,
+    pid: Option<u32>,
+    container: Option<String>,
+    stacks: HashMap<StackKey, u64>,
+    reply: oneshot::Sender<Vec<u8>>,
+}
+
+/// The agent's state, owned by its loop.
+struct Agent {
+    session: profile::Session,
+    rate: u64,
+    watched: BTreeMap<u32, Watched>,
+    collectors: Vec<Collector>,
+    started: Instant,
+    config_path: Option<PathBuf>,
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C (exit 0, nothing left attached);
+/// SIGHUP reads `config_path` again.
+pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    config.check()?;
+    crate::privileges::check()?;
+    let socket = control::ControlSocket::bind(&config.control)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let engine = crate::engine::Engine::load(crate::bpf::Features {
+        sample_rate: Some(config.rate.max(99)),
+        ..Default::default()
+    })?;
+    let opts = profile::ProfileOptions {
+        pids: Vec::new(),
+        all: true,
+        select: crate::selection::Selector::default(),
+        rate: config.rate,
+        duration: None,
+        idle: false,
+        gil: false,
+        threads: true,
+    };
+    let mut agent = Agent {
+        session: profile::Session::new(&engine, &opts)?,
+        rate: config.rate,
+        watched: BTreeMap::new(),
+        collectors: Vec::new(),
+        started: Instant::now(),
+        config_path,
+    };
+    agent.session.scan();
+    agent.note_processes();
+    agent.session.sampler.start(agent.rate)?;
+
+    let (ask_tx, mut asks) = mpsc::channel::<Ask>(64);
+    let (call_tx, mut calls) = mpsc::channel::<Call>(16);
+    eprintln!(
+        "pyprobe: agent sampling every Python process at {} Hz; HTTP on http://{} (/metrics, /debug/pprof/profile, /api/v1/processes); control on {}",
+        agent.rate,
+        listener.local_addr()?,
+        socket.path().display()
+    );
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, http::router(ask_tx)).await;
+    });
+    let control = tokio::spawn(socket.serve(call_tx));
+
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut drain = live::ticker(DRAIN_INTERVAL);
+    let mut scan = live::ticker(SCAN_INTERVAL);
+    let stop = live::stop_requested(None);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => { r?; break; }
+            _ = drain.tick() => agent.drain(),
+            _ = scan.tick() => {
+                agent.drain();
+                agent.session.refresh_threads();
+                agent.session.scan();
+                agent.note_processes();
+            }
+            Some(ask) = asks.recv() => agent.answer(ask),
+            Some((request, reply)) = calls.recv() => {
+                let _ = reply.send(agent.call(request));
+            }
+            _ = hangup.recv() => agent.reload(),
+        }
+    }
+    // The HTTP server and the control socket go first, then the probes
+    // (dropped with the session and the engine).
+    server.abort();
+    control.abort();
+    let _ = control.await;
+    drop(agent);
+    drop(engine);
+    eprintln!("pyprobe: agent stopped");
+    Ok(())
+}
+
+impl Agent {
+    /// Takes the samples waiting, counts them per process and hands them
+    /// to the profiles being collected; sends the profiles that are done.
+    fn drain(&mut self) {
+        if let Err(e) = self.session.drain() {
+            log::warn!("reading samples: {e:#}");
+        }
+        let stacks = std::mem::take(&mut self.session.profile.stacks);
+        for (key, n) in stacks {
+            if let Some(w) = self.watched.get_mut(&key.pid) {
+                w.samples += n;
+            }
+            for c in &mut self.collectors {
+                if c.pid.is_some_and(|p| p != key.pid) {
+                    continue;
+                }
+                if let Some(wanted) = &c.container {
+                    let inside = self
+                        .watched
+                        .get(&key.pid)
+                        .and_then(|w| w.container.as_deref())
+                        .is_some_and(|id| id.starts_with(wanted.as_str()));
+                    if !inside {
+                        continue;
+                    }
+                }
+                *c.stacks.entry(key.clone()).or_insert(0) += n;
+            }
+        }
+        let now = Instant::now();
+        let (done, going): (Vec<_>, Vec<_>) = std::mem::take(&mut self.collectors)
+            .into_iter()
+            .partition(|c| now >= c.until);
+        self.collectors = going;
+        for c in done {
+            let bytes = self.encode(&c);
+            let _ = c.reply.send(bytes);
+        }
+    }
+
+    /// A collected profile as gzip'd profile.proto.
+    fn encode(&self, c: &Collector) -> Vec<u8> {
+        let mut b = Builder::new(c.started, Duration::from_secs(c.seconds), self.rate);
+        let frames = &self.session.profile.frames;
+        for (key, &n) in &c.stacks {
+            let mut labels = vec![("pid", LabelValue::Num(i64::from(key.pid)))];
+            if key.tid != 0 {
+                labels.push(("tid", LabelValue::Num(i64::from(key.tid))));
+                if let Some(name) = self.session.roots.thread_names.get(&key.tid) {
+                    labels.push(("thread", LabelValue::Str(name.clone())));
+                }
+            }
+            if let Some(id) = self.watched.get(&key.pid).and_then(|w| w.container.clone()) {
+                labels.push(("container", LabelValue::Str(id)));
+            }
+            b.add(frames, &key.frames, n, &labels);
+        }
+        b.gzip()
+    }
+
+    /// Brings the list of watched processes in line with the session's.
+    fn note_processes(&mut self) {
+        self.watched
+            .retain(|pid, _| self.session.processes.contains_key(pid));
+        for (&pid, p) in &self.session.processes {
+            self.watched.entry(pid).or_insert_with(|| Watched {
+                pid,
+                version: p.target.version.to_string(),
+                binary: p
+                    .target
+                    .interpreter
+                    .as_ref()
+                    .map(|i| i.binary.display().to_string())
+                    .unwrap_or_default(),
+                container: crate::container::Placement::of(pid)
+                    .and_then(|placement| placement.container)
+                    .map(|c| c.id),
+                command: crate::selection::command_line(pid).unwrap_or_default(),
+                samples: 0,
+            });
+        }
+    }
+
+    fn answer(&mut self, ask: Ask) {
+        match ask {
+            Ask::Metrics(reply) => {
+                let _ = reply.send(self.metrics().render());
+            }
+            Ask::Processes(reply) => {
+                let list: Vec<&Watched> = self.watched.values().collect();
+                let _ = reply.send(serde_json::to_value(list).unwrap_or_default());
+            }
+            Ask::Profile {
+                seconds,
+                pid,
+                container,
+                reply,
+            } => self.collectors.push(Collector {
+                until: Instant::now() + Duration::from_secs(seconds),
+                started: SystemTime::now(),
+                seconds,
+                pid,
+                container,
+                stacks: HashMap::new(),
+                reply,
+            }),
+        }
+    }
+
+    /// The metrics as they stand.
+    fn metrics(&self) -> Metrics {
+        let mut m = Metrics::default();
+        m.declare(
+            "pyprobe_processes",
+            Kind::Gauge,
+            "Python processes watched, by interpreter version and container.",
+        );
+        let mut by_kind: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for w in self.watched.values() {
+            *by_kind
+                .entry((w.version.clone(), w.container.clone().unwrap_or_default()))
+                .or_default() += 1;
+        }
+        for ((version, container), n) in by_kind {
+            m.add(
+                "pyprobe_processes",
+                &[("version", &version), ("container", &container)],
+                n as f64,
+            );
+        }
+        m.declare(
+            "pyprobe_process_samples_total",
+            Kind::Counter,
+            "CPU samples taken of a watched process since the agent saw it.",
+        );
+        for w in self.watched.values() {
+            m.add(
+                "pyprobe_process_samples_total",
+                &[("pid", &w.pid.to_string())],
+                w.samples as f64,
+            );
+        }
+        let p = &self.session.profile;
+        m.declare(
+            "pyprobe_samples_total",
+            Kind::Counter,
+            "CPU samples taken of every process.",
+        );
+        m.add("pyprobe_samples_total", &[], p.samples as f64);
+        m.declare(
+            "pyprobe_samples_lost_total",
+            Kind::Counter,
+            "Ticks of a watched process's thread that gave no sample, by reason.",
+        );
+        if let Ok(k) = self.session.losses() {
+            for (reason, n) in [
+                ("thread_not_yet_known", k.unknown_thread),
+                ("outside_python_code", k.no_frame),
+                ("unreadable", k.unreadable),
+                ("ring_buffer_full", k.ring_full),
+                ("skipped_by_kernel", k.recursion_misses),
+            ] {
+                m.add(
+                    "pyprobe_samples_lost_total",
+                    &[("reason", reason)],
+                    n as f64,
+                );
+            }
+        }
+        let d = &p.dropped;
+        for (reason, n) in [
+            ("unreadable_frames", d.unreadable_frames),
+            ("unknown_process", d.unknown_process),
+            ("malformed", d.malformed),
+        ] {
+            m.add(
+                "pyprobe_samples_lost_total",
+                &[("reason", reason)],
+                n as f64,
+            );
+        }
+        m.declare(
+            "pyprobe_sampling_rate_hertz",
+            Kind::Gauge,
+            "Samples per second of CPU time of the continuous profile.",
+        );
+        m.add("pyprobe_sampling_rate_hertz", &[], self.rate as f64);
+        m.declare(
+            "pyprobe_uptime_seconds",
+            Kind::Gauge,
+            "Seconds since the agent started.",
+        );
+        m.add(
+            "pyprobe_uptime_seconds",
+            &[],
+            self.started.elapsed().as_secs_f64().floor(),
+        );
+        m
+    }
+
+    /// Carries out a control request.
+    fn call(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::ok(serde_json::json!({
+                "rate": self.rate,
+                "processes": self.watched.len(),
+                "samples": self.session.profile.samples,
+                "uptime_seconds": self.started.elapsed().as_secs(),
+                "profiles_in_progress": self.collectors.len(),
+            })),
+            Request::ProfileRate { hz } => match self.set_rate(hz) {
+                Ok(()) => Response::ok(serde_json::json!({ "rate": self.rate })),
+                Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
+            },
+        }
+    }
+
+    fn set_rate(&mut self, hz: u64) -> anyhow::Result<()> {
+        check_rate(hz)?;
+        if hz != self.rate {
+            // Samples taken at the old rate are counted at it.
+            self.drain();
+            self.session.sampler.start(hz)?;
+            self.rate = hz;
+            eprintln!("pyprobe: agent now samples at {hz} Hz");
+        }
+        Ok(())
+    }
+
+    /// SIGHUP: reads the config file again and applies what can change
+    /// while running (the rate).
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            eprintln!("pyprobe: SIGHUP: no --config to read again");
+            return;
+        };
+        match AgentConfig::read(&path).and_then(|c| self.set_rate(c.rate)) {
+            Ok(()) => eprintln!("pyprobe: read {} again", path.display()),
+            Err(e) => eprintln!(
+                "pyprobe: SIGHUP: kept the running settings: {}",
+                crate::errors::one_line(e.as_ref())
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_config_reads_as_the_defaults_and_bad_keys_are_refused() {
+        let dist = concat!(env!("CARGO_MANIFEST_DIR"), "/../dist/agent.toml");
+        assert_eq!(
+            AgentConfig::read(Path::new(dist)).unwrap(),
+            AgentConfig::default()
+        );
+        let partial: AgentConfig = toml::from_str("rate = 49").unwrap();
+        assert_eq!(partial.rate, 49);
+        assert_eq!(partial.listen, AgentConfig::default().listen);
+        assert!(toml::from_str::<AgentConfig>("rates = 49").is_err());
+        let dir = std::env::temp_dir().join(format!("pyprobe-agent-config-{}", std::process::id()));
+        std::fs::write(&dir, "rate = 0\n").unwrap();
+        let e = AgentConfig::read(&dir).unwrap_err().to_string();
+        std::fs::remove_file(&dir).unwrap();
+        assert!(e.contains("out of range"), "{e}");
+    }
+}
