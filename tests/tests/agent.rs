@@ -356,3 +356,195 @@ fn tempdir() -> anyhow::Result<PathBuf> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     Ok(dir)
 }
+
+/// The hits file's lines, parsed.
+fn hits(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("hit line {l:?}")))
+        .collect()
+}
+
+/// Waits until the hits file holds `n` lines, then a moment more to see
+/// that no other comes; returns them.
+fn wait_hits(path: &Path, n: usize) -> anyhow::Result<Vec<Value>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits(path)?.len() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    hits(path)
+}
+
+#[test]
+fn agent_log_points_write_exact_hits_until_removed_or_expired() {
+    let test = "agent_log_points_write_exact_hits_until_removed_or_expired";
+    let (first, second) = two_interpreters(
+        test,
+        "one agent watches two fixtures at once: the newest pyenv build and a sid build",
+    );
+    if let Err(e) = run_log(&first, &second) {
+        panic!("{test} failed on {} + {}: {e:#}", first.label, second.label);
+    }
+}
+
+fn run_log(
+    first: &pyprobe_tests::Interpreter,
+    second: &pyprobe_tests::Interpreter,
+) -> anyhow::Result<()> {
+    let lines = marks("logpoint_workload.py")?;
+    let file = pyprobe_tests::fixture_path("logpoint_workload.py");
+    let dir = tempdir()?;
+    let socket = dir.join("control.sock");
+    let hits_file = dir.join("hits.jsonl");
+    let addr = free_addr();
+    let mut a = Fixture::start(first, "logpoint_workload.py", &[])?;
+    let mut b = Fixture::start(second, "logpoint_workload.py", &[])?;
+    let agent = Probe::start(&[
+        "agent",
+        "--listen",
+        &addr.to_string(),
+        "--control",
+        socket.to_str().context("path")?,
+        "--hits",
+        hits_file.to_str().context("path")?,
+    ])?;
+    wait_listed(addr, a.pid())?;
+    wait_listed(addr, b.pid())?;
+
+    // A condition and a message on one process: orders 105-111 pass
+    // (total = 20.5 * i > 100), in A only though B runs the same code.
+    let at = format!("logpoint_workload.py:{}", lines["handle-express"]);
+    let out = ctl(
+        &socket,
+        &[
+            "log",
+            "add",
+            "--pid",
+            &a.pid().to_string(),
+            "--at",
+            &at,
+            "--when",
+            "order.total > 100",
+            "--msg",
+            "id={order.id} user={order.user.name}",
+        ],
+    )?;
+    ensure!(out.status.success(), "ctl log add: {}", text(&out));
+    let stdout = String::from_utf8(out.stdout)?;
+    let id = stdout.lines().last().context("no id")?.trim().to_owned();
+    ensure!(
+        id.starts_with("lp"),
+        "the id alone on the last line: {stdout:?}"
+    );
+    for f in [&mut a, &mut b] {
+        f.send("run")?;
+        f.expect("done")?;
+    }
+    let got = wait_hits(&hits_file, 7)?;
+    let users = ["ana", "bo", "zoë"];
+    let expected: Vec<String> = (5..12)
+        .map(|i| format!("id={} user={}", 100 + i, users[i % 3]))
+        .collect();
+    let messages: Vec<&str> = got.iter().filter_map(|h| h["message"].as_str()).collect();
+    ensure!(messages == expected, "hits: {got:#?}");
+    for (h, i) in got.iter().zip(5..) {
+        ensure!(
+            h["id"] == id.as_str()
+                && h["pid"] == a.pid()
+                && h["tid"].as_u64().is_some()
+                && h["time"].as_f64().is_some()
+                && h["container"].is_null()
+                && h["file"]
+                    .as_str()
+                    .is_some_and(|f| f.ends_with("logpoint_workload.py"))
+                && h["line"] == lines["handle-express"]
+                && h["values"]["order.id"] == 100 + i,
+            "hit {h}"
+        );
+    }
+    let _ = file;
+
+    // Listed with its counts; after `ctl log rm`, no hit is written.
+    let out = ctl(&socket, &["--json", "log", "list"])?;
+    let list: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        list[0]["id"] == id.as_str() && list[0]["stats"]["written"] == 7,
+        "log list: {list}"
+    );
+    let out = ctl(&socket, &["log", "rm", &id])?;
+    ensure!(out.status.success(), "ctl log rm: {}", text(&out));
+    a.send("run")?;
+    a.expect("done")?;
+    ensure!(
+        wait_hits(&hits_file, 8)?.len() == 7,
+        "hits after ctl log rm"
+    );
+    let out = ctl(&socket, &["log", "rm", &id])?;
+    ensure!(
+        !out.status.success() && text(&out).contains("no log point"),
+        "a second rm: {}",
+        text(&out)
+    );
+
+    // By command line, in both processes, for 2 s: every run of the
+    // function's first line in each, then nothing once it expired.
+    let at = format!("logpoint_workload.py:{}", lines["handle-total"]);
+    let out = ctl(
+        &socket,
+        &[
+            "log",
+            "add",
+            "--name",
+            "logpoint_workload",
+            "--at",
+            &at,
+            "--msg",
+            "{order.id}",
+            "--ttl",
+            "2s",
+        ],
+    )?;
+    ensure!(out.status.success(), "ctl log add --ttl: {}", text(&out));
+    let added = Instant::now();
+    let ttl_id = String::from_utf8(out.stdout)?
+        .lines()
+        .last()
+        .context("no id")?
+        .trim()
+        .to_owned();
+    for f in [&mut a, &mut b] {
+        f.send("run")?;
+        f.expect("done")?;
+    }
+    let got = wait_hits(&hits_file, 7 + 24)?;
+    let new: Vec<&Value> = got[7..].iter().collect();
+    for pid in [a.pid(), b.pid()] {
+        let mine: Vec<&str> = new
+            .iter()
+            .filter(|h| h["pid"] == pid && h["id"] == ttl_id.as_str())
+            .filter_map(|h| h["message"].as_str())
+            .collect();
+        let want: Vec<String> = (100..112).map(|i| i.to_string()).collect();
+        ensure!(mine == want, "PID {pid}'s hits: {mine:?}");
+    }
+    ensure!(new.len() == 24, "{} hits in all", new.len());
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(added.elapsed()));
+    let out = ctl(&socket, &["--json", "log", "list"])?;
+    ensure!(
+        serde_json::from_slice::<Value>(&out.stdout)? == serde_json::json!([]),
+        "expired log point still listed: {}",
+        text(&out)
+    );
+    for f in [&mut a, &mut b] {
+        f.send("run")?;
+        f.expect("done")?;
+    }
+    ensure!(
+        wait_hits(&hits_file, 7 + 24 + 1)?.len() == 7 + 24,
+        "hits after the time to live"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -273,6 +273,9 @@ enum Command {
         /// Samples per second of CPU time of the continuous profile [default: 19].
         #[arg(long, value_name = "HZ")]
         rate: Option<u64>,
+        /// Where log point hits go, one JSON object per line (keys id, time, pid, tid, container, file, line, message, values): a file, appended to, or - for stdout [default: -].
+        #[arg(long, value_name = "FILE|-")]
+        hits: Option<String>,
     },
     /// Control a running `pyprobe agent` over its socket (as root).
     Ctl {
@@ -297,6 +300,58 @@ enum CtlCommand {
         #[command(subcommand)]
         what: CtlProfile,
     },
+    /// Log points: add, list, remove.
+    Log {
+        #[command(subcommand)]
+        what: CtlLog,
+    },
+}
+
+/// `pyprobe ctl log ...`
+#[derive(Subcommand)]
+enum CtlLog {
+    /// Adds a log point; prints its id alone on the last line.
+    ///
+    /// Its hits go to the agent's --hits as JSON lines. It ends by itself
+    /// after --ttl (1h unless given), after --count hits, or by `ctl log rm`.
+    Add {
+        #[command(flatten)]
+        targets: TargetArgs,
+        /// FILE:LINE, FILE:FUNCTION or MODULE:QUALNAME.
+        #[arg(long, value_name = "WHERE")]
+        at: String,
+        /// Condition over the frame's variables: only runs where it holds are written.
+        #[arg(long, value_name = "CONDITION")]
+        when: Option<String>,
+        /// Message with {expressions}.
+        #[arg(long, value_name = "TEMPLATE")]
+        msg: Option<String>,
+        /// Hits written per second at most, enforced in the kernel (0: no limit).
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// End after this many hits.
+        #[arg(short = 'n', long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// End after this long (e.g. 90s, 30m, 2h).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+    /// The log points, with what happened at each.
+    List,
+    /// Takes a log point off (no hit of it is written after).
+    Rm {
+        /// Its id (from `ctl log add` or `ctl log list`).
+        id: String,
+    },
+}
+
+/// A duration as people write it (`90s`, `30m`, `1h`).
+fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("a time to live must be more than 0".into()),
+        Err(e) => Err(format!("not a duration ({e}): write e.g. 90s, 30m, 2h")),
+    }
 }
 
 /// `pyprobe ctl profile ...`
@@ -317,7 +372,36 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
         CtlCommand::Profile {
             what: CtlProfile::Rate { hz },
         } => Request::ProfileRate { hz },
+        CtlCommand::Log {
+            what:
+                CtlLog::Add {
+                    targets,
+                    at,
+                    when,
+                    msg,
+                    rate,
+                    count,
+                    ttl,
+                },
+        } => Request::LogAdd(pyprobe::agent::control::LogAdd {
+            all: targets.all,
+            pids: targets.pids,
+            name: targets.name.map(|r| r.as_str().to_owned()),
+            container: targets.container,
+            at,
+            when,
+            msg,
+            rate,
+            count,
+            ttl_seconds: ttl.as_secs_f64(),
+        }),
+        CtlCommand::Log { what: CtlLog::List } => Request::LogList,
+        CtlCommand::Log {
+            what: CtlLog::Rm { id },
+        } => Request::LogRm { id },
     };
+    let list = matches!(request, Request::LogList);
+    let added = matches!(request, Request::LogAdd(_));
     let response = call(control, &request)?;
     if !response.ok {
         anyhow::bail!(
@@ -327,6 +411,38 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
     }
     if json {
         println!("{}", serde_json::to_string(&response.body)?);
+    } else if added {
+        for line in response.body["lines"].as_array().into_iter().flatten() {
+            eprintln!("pyprobe: {}", line.as_str().unwrap_or_default());
+        }
+        println!("{}", response.body["id"].as_str().unwrap_or_default());
+    } else if list {
+        let points = response.body.as_array().cloned().unwrap_or_default();
+        if points.is_empty() {
+            println!("no log point");
+        }
+        for p in points {
+            let text = |k: &str| p[k].as_str().map(str::to_owned);
+            println!(
+                "{}  {}{}{}  [{}]  written {}, dropped by the condition {}, over the rate {}, lost {}; armed on {} code object(s), waiting in {} process(es); ends in {} s",
+                text("id").unwrap_or_default(),
+                text("at").unwrap_or_default(),
+                text("when")
+                    .map(|w| format!(" when {w}"))
+                    .unwrap_or_default(),
+                text("msg")
+                    .map(|m| format!(" msg {m:?}"))
+                    .unwrap_or_default(),
+                text("processes").unwrap_or_default(),
+                p["stats"]["written"],
+                p["stats"]["condition_false"],
+                p["stats"]["rate_limited"],
+                p["stats"]["lost"],
+                p["stats"]["armed"],
+                p["stats"]["waiting"],
+                p["expires_in_seconds"],
+            );
+        }
     } else if let Some(fields) = response.body.as_object() {
         for (k, v) in fields {
             println!("{k}: {v}");
@@ -644,6 +760,7 @@ fn main() -> ExitCode {
                 listen,
                 control,
                 rate,
+                hits,
             } => {
                 let base = match &config {
                     Some(path) => pyprobe::agent::AgentConfig::read(path),
@@ -654,6 +771,7 @@ fn main() -> ExitCode {
                         c.listen = listen.unwrap_or(c.listen);
                         c.control = control.unwrap_or(c.control);
                         c.rate = rate.unwrap_or(c.rate);
+                        c.hits = hits.unwrap_or(c.hits);
                         pyprobe::agent::run(c, config).await
                     }
                     Err(e) => Err(e),

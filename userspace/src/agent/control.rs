@@ -29,6 +29,47 @@ pub enum Request {
         /// Samples per second of CPU time.
         hz: u64,
     },
+    /// Adds a log point.
+    LogAdd(LogAdd),
+    /// The log points and what happened at each.
+    LogList,
+    /// Takes a log point off.
+    LogRm {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// A log point to add: where, when, what, for which processes, how long.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct LogAdd {
+    /// These processes (host PIDs)...
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// ...or those whose command line matches this regular expression...
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ...or those in the container whose id starts with this...
+    #[serde(default)]
+    pub container: Option<String>,
+    /// ...or, none of these given, every Python process.
+    #[serde(default)]
+    pub all: bool,
+    /// `FILE:LINE`, `FILE:FUNCTION` or `MODULE:QUALNAME`.
+    pub at: String,
+    /// Condition.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// Message template.
+    #[serde(default)]
+    pub msg: Option<String>,
+    /// Hits written per second at most (0: no limit).
+    pub rate: u32,
+    /// Hits written in all at most; then it ends.
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Seconds until it ends by itself.
+    pub ttl_seconds: f64,
 }
 
 /// The agent's answer: `ok` with a body, or an error line.

@@ -52,6 +52,9 @@ pub struct AgentConfig {
     pub control: PathBuf,
     /// The continuous profile's samples per second.
     pub rate: u64,
+    /// Where log point hits go, one JSON object per line: a file
+    /// (appended to) or `-` for standard output.
+    pub hits: String,
 }
 
 impl Default for AgentConfig {
@@ -60,6 +63,7 @@ impl Default for AgentConfig {
             listen: DEFAULT_LISTEN.parse().expect("a valid address"),
             control: PathBuf::from(control::DEFAULT_CONTROL),
             rate: DEFAULT_RATE,
+            hits: "-".into(),
         }
     }
 }
@@ -118,8 +122,41 @@ struct Collector {
     reply: oneshot::Sender<Vec<u8>>,
 }
 
+/// A log point added through the control socket.
+#[derive(Debug, Clone, Serialize)]
+struct LogPoint {
+    id: String,
+    #[serde(skip)]
+    index: usize,
+    at: String,
+    when: Option<String>,
+    msg: Option<String>,
+    /// Which processes, in words.
+    processes: String,
+    rate: u32,
+    count: Option<u64>,
+    #[serde(skip)]
+    expires: Instant,
+    ttl_seconds: f64,
+}
+
+/// How long a log point lives unless `--ttl` says otherwise: a forgotten
+/// one ends by itself.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// How often log point hits are read.
+const LOG_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
 /// The agent's state, owned by its loop.
 struct Agent {
+    engine: crate::engine::Engine,
+    /// The log points' session, made at the first `ctl log add`.
+    log: Option<crate::logpoint::session::Session>,
+    /// Where hits go, until the log session takes it.
+    hits: Option<Box<dyn std::io::Write>>,
+    points: BTreeMap<String, LogPoint>,
+    /// Log points added since start (for ids).
+    added: u64,
+    log_ticks: u64,
     session: profile::Session,
     rate: u64,
     watched: BTreeMap<u32, Watched>,
@@ -137,8 +174,20 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let hits: Box<dyn std::io::Write> = if config.hits == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&config.hits)
+                .map_err(|e| anyhow::anyhow!("cannot open --hits {}: {e}", config.hits))?,
+        )
+    };
     let engine = crate::engine::Engine::load(crate::bpf::Features {
         sample_rate: Some(config.rate.max(99)),
+        log: true,
         ..Default::default()
     })?;
     let opts = profile::ProfileOptions {
@@ -152,6 +201,12 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         threads: true,
     };
     let mut agent = Agent {
+        engine: engine.clone(),
+        log: None,
+        hits: Some(hits),
+        points: BTreeMap::new(),
+        added: 0,
+        log_ticks: 0,
         session: profile::Session::new(&engine, &opts)?,
         rate: config.rate,
         watched: BTreeMap::new(),
@@ -178,6 +233,7 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut drain = live::ticker(DRAIN_INTERVAL);
+    let mut log_drain = live::ticker(LOG_DRAIN_INTERVAL);
     let mut scan = live::ticker(SCAN_INTERVAL);
     let stop = live::stop_requested(None);
     tokio::pin!(stop);
@@ -185,11 +241,13 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         tokio::select! {
             r = &mut stop => { r?; break; }
             _ = drain.tick() => agent.drain(),
+            _ = log_drain.tick(), if agent.log.is_some() => agent.log_tick(false),
             _ = scan.tick() => {
                 agent.drain();
                 agent.session.refresh_threads();
                 agent.session.scan();
                 agent.note_processes();
+                agent.log_tick(true);
             }
             Some(ask) = asks.recv() => agent.answer(ask),
             Some((request, reply)) = calls.recv() => {
@@ -210,6 +268,166 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
 }
 
 impl Agent {
+    /// The log session's periodic work (`slow`: once a second); log
+    /// points past their time to live or count are taken off. A failure is
+    /// said and the agent goes on.
+    fn log_tick(&mut self, slow: bool) {
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        let result = if slow {
+            self.log_ticks += 1;
+            log.tick_scan(self.log_ticks)
+        } else {
+            log.tick_drain()
+        };
+        if let Err(e) = result {
+            eprintln!(
+                "pyprobe: log points: {}",
+                crate::errors::one_line(e.as_ref())
+            );
+        }
+        let now = Instant::now();
+        let ended: Vec<(String, &'static str)> = self
+            .points
+            .values()
+            .filter_map(|p| {
+                if now >= p.expires {
+                    Some((p.id.clone(), "its time to live ran out"))
+                } else if log.point_done(p.index) {
+                    Some((p.id.clone(), "it wrote its count of hits"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, why) in ended {
+            if let Err(e) = self.remove_point(&id) {
+                eprintln!("pyprobe: log point {id}: {e:#}");
+            } else {
+                eprintln!("pyprobe: log point {id} ended: {why}");
+            }
+        }
+    }
+
+    /// Adds a log point (see [`control::LogAdd`]); returns its id and
+    /// what was done.
+    fn add_point(&mut self, add: control::LogAdd) -> anyhow::Result<(String, Vec<String>)> {
+        use crate::logpoint::session::{AgentPoint, PointScope, PointSpec};
+        let given = usize::from(!add.pids.is_empty())
+            + usize::from(add.name.is_some())
+            + usize::from(add.container.is_some())
+            + usize::from(add.all);
+        if given != 1 {
+            anyhow::bail!("say which processes: one of --pid, --all, --name, --container");
+        }
+        if !(add.ttl_seconds > 0.0 && add.ttl_seconds.is_finite()) {
+            anyhow::bail!("--ttl must be a positive duration (e.g. 30s, 10m, 1h)");
+        }
+        let name = match &add.name {
+            Some(re) => Some(
+                regex::Regex::new(re)
+                    .map_err(|_| anyhow::anyhow!("--name {re:?} is not a regular expression"))?,
+            ),
+            None => None,
+        };
+        let scope = PointScope {
+            pids: add.pids.clone(),
+            select: crate::selection::Selector {
+                name,
+                container: add.container.clone(),
+            },
+        };
+        let processes = if !add.pids.is_empty() {
+            format!(
+                "PID {}",
+                add.pids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            scope.select.describe()
+        };
+        if self.log.is_none() {
+            let out = self.hits.take().expect("hits output kept until now");
+            self.log = Some(crate::logpoint::session::Session::for_agent(
+                &self.engine,
+                out,
+            )?);
+            // Every Python process read now, so a --pid target is known.
+            self.log.as_mut().expect("made").tick_scan(0)?;
+        }
+        let log = self.log.as_mut().expect("made");
+        self.added += 1;
+        let id = format!("lp{}", self.added);
+        let (index, lines) = log.add_point(
+            PointSpec {
+                at: add.at.clone(),
+                when: add.when.clone(),
+                msg: add.msg.clone(),
+                origin: None,
+            },
+            AgentPoint {
+                id: id.clone(),
+                scope,
+                rate: add.rate,
+                count: add.count,
+            },
+        )?;
+        self.points.insert(
+            id.clone(),
+            LogPoint {
+                id: id.clone(),
+                index,
+                at: add.at,
+                when: add.when,
+                msg: add.msg,
+                processes,
+                rate: add.rate,
+                count: add.count,
+                expires: Instant::now() + Duration::from_secs_f64(add.ttl_seconds),
+                ttl_seconds: add.ttl_seconds,
+            },
+        );
+        eprintln!("pyprobe: log point {id} added at {}", self.points[&id].at);
+        Ok((id, lines))
+    }
+
+    /// Takes log point `id` off.
+    fn remove_point(&mut self, id: &str) -> anyhow::Result<()> {
+        let Some(point) = self.points.get(id) else {
+            anyhow::bail!("no log point {id} (see pyprobe ctl log list)");
+        };
+        if let Some(log) = self.log.as_mut() {
+            // Its last hits are written first.
+            log.tick_drain()?;
+            log.remove_point(point.index)?;
+        }
+        self.points.remove(id);
+        Ok(())
+    }
+
+    /// The log points, with what happened at each.
+    fn list_points(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let list: Vec<serde_json::Value> = self
+            .points
+            .values()
+            .map(|p| {
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                v["expires_in_seconds"] =
+                    serde_json::json!(p.expires.saturating_duration_since(now).as_secs());
+                if let Some(stats) = self.log.as_ref().and_then(|l| l.point_stats(p.index).ok()) {
+                    v["stats"] = serde_json::to_value(stats).unwrap_or_default();
+                }
+                v
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
     /// Takes the samples waiting, counts them per process and hands them
     /// to the profiles being collected; sends the profiles that are done.
     fn drain(&mut self) {
@@ -391,6 +609,50 @@ impl Agent {
             );
         }
         m.declare(
+            "pyprobe_logpoint_hits_total",
+            Kind::Counter,
+            "Hits a log point wrote.",
+        );
+        m.declare(
+            "pyprobe_logpoint_dropped_total",
+            Kind::Counter,
+            "Runs of a log point not written, by reason.",
+        );
+        if let Some(log) = &self.log {
+            for p in self.points.values() {
+                let Ok(st) = log.point_stats(p.index) else {
+                    continue;
+                };
+                m.add(
+                    "pyprobe_logpoint_hits_total",
+                    &[("id", &p.id)],
+                    st.written as f64,
+                );
+                for (reason, n) in [
+                    ("condition_false", st.condition_false),
+                    ("condition_error", st.condition_errors),
+                    ("rate_limited", st.rate_limited),
+                    ("ring_buffer_full", st.lost),
+                ] {
+                    m.add(
+                        "pyprobe_logpoint_dropped_total",
+                        &[("id", &p.id), ("reason", reason)],
+                        n as f64,
+                    );
+                }
+            }
+        }
+        m.declare(
+            "pyprobe_hits_unwritten_total",
+            Kind::Counter,
+            "Log point hits that could not be written to --hits.",
+        );
+        m.add(
+            "pyprobe_hits_unwritten_total",
+            &[],
+            self.log.as_ref().map_or(0, |l| l.unwritten()) as f64,
+        );
+        m.declare(
             "pyprobe_sampling_rate_hertz",
             Kind::Gauge,
             "Samples per second of CPU time of the continuous profile.",
@@ -418,9 +680,21 @@ impl Agent {
                 "samples": self.session.profile.samples,
                 "uptime_seconds": self.started.elapsed().as_secs(),
                 "profiles_in_progress": self.collectors.len(),
+                "log_points": self.points.len(),
+                "log_processes": self.log.as_ref().map_or(0, |l| l.watched()),
+                "hits_unwritten": self.log.as_ref().map_or(0, |l| l.unwritten()),
             })),
             Request::ProfileRate { hz } => match self.set_rate(hz) {
                 Ok(()) => Response::ok(serde_json::json!({ "rate": self.rate })),
+                Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
+            },
+            Request::LogAdd(add) => match self.add_point(add) {
+                Ok((id, lines)) => Response::ok(serde_json::json!({ "id": id, "lines": lines })),
+                Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
+            },
+            Request::LogList => Response::ok(self.list_points()),
+            Request::LogRm { id } => match self.remove_point(&id) {
+                Ok(()) => Response::ok(serde_json::json!({ "removed": id })),
                 Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
             },
         }

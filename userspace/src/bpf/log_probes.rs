@@ -258,7 +258,20 @@ impl LogProbes {
         }
     }
 
-    /// The counters of log point `index`.
+    /// Starts log point `point`'s rate window and count afresh (its slot
+    /// serves a new log point).
+    pub fn reset_limit(&mut self, point: u32) -> Result<(), BpfError> {
+        let mut object = self.object.lock();
+        let mut map: Array<&mut MapData, pyprobe_common::logpoint::LogLimit> =
+            open_map_mut(&mut object.ebpf, names::MAP_LOG_LIMITS)?;
+        map.set(point, pyprobe_common::logpoint::LogLimit::default(), 0)
+            .map_err(|source| BpfError::Map {
+                name: names::MAP_LOG_LIMITS,
+                source,
+            })
+    }
+
+    /// The counters of armed code object `index`.
     pub fn counters(&self, index: u32) -> Result<LogCounters, BpfError> {
         let object = self.object.lock();
         let map: Array<&MapData, LogState> = open_map(&object.ebpf, names::MAP_LOG_STATE)?;

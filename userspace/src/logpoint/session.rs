@@ -135,6 +135,68 @@ struct Point {
     location: Location,
     condition: Option<Expr>,
     template: Vec<Segment>,
+    /// Set when the agent added it: its own id, processes, rate, count.
+    agent: Option<AgentPoint>,
+    /// Taken off (`ctl log rm`, its time to live, its count): its slot
+    /// may serve another.
+    removed: bool,
+    /// Hits written.
+    printed: u64,
+}
+
+/// Which processes a log point added to a running session is for.
+#[derive(Debug, Clone, Default)]
+pub struct PointScope {
+    /// These processes only (none: every one `select` takes).
+    pub pids: Vec<u32>,
+    /// With no `pids`: the processes it takes (every one when empty).
+    pub select: crate::selection::Selector,
+}
+
+/// What a log point the agent added has of its own.
+#[derive(Debug, Clone)]
+pub struct AgentPoint {
+    /// Its id, written with each hit.
+    pub id: String,
+    /// Its processes.
+    pub scope: PointScope,
+    /// Hits written per second at most (0: no limit).
+    pub rate: u32,
+    /// Hits written in all at most.
+    pub count: Option<u64>,
+}
+
+impl Point {
+    /// Whether it is to be armed in process `pid`.
+    fn wants(&self, pid: u32) -> bool {
+        if self.removed {
+            return false;
+        }
+        match &self.agent {
+            None => true,
+            Some(a) if a.scope.pids.is_empty() => a.scope.select.selects(pid),
+            Some(a) => a.scope.pids.contains(&pid),
+        }
+    }
+}
+
+/// What happened at one log point so far (see [`Session::point_stats`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PointStats {
+    /// Code objects it is armed on now.
+    pub armed: u64,
+    /// Processes it waits in for its code to be loaded.
+    pub waiting: u64,
+    /// Hits written.
+    pub written: u64,
+    /// Runs its condition dropped (in the kernel and in userspace).
+    pub condition_false: u64,
+    /// Runs whose condition could not be evaluated.
+    pub condition_errors: u64,
+    /// Hits over its rate limit.
+    pub rate_limited: u64,
+    /// Hits lost: the ring buffer was full.
+    pub lost: u64,
 }
 
 /// One armed instruction: a log point in one code object of one process.
@@ -156,6 +218,9 @@ struct Armed {
     links: Vec<crate::bpf::Watchpoint>,
     /// Its code object was freed and its watchpoints removed.
     retired: bool,
+    /// Its log point was taken off: its hits still in the ring are not
+    /// written.
+    removed: bool,
     /// When its code object was found freed, until that is reported: the
     /// report waits a moment, as a process exiting frees all its code.
     freed_at: Option<Instant>,
@@ -329,6 +394,8 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         printed: 0,
         gone_during_setup: BTreeSet::new(),
         forks: BTreeMap::new(),
+        out: Box::new(std::io::stdout()),
+        unwritten: 0,
     };
     if let Some(why) = session.probes.forks_unfollowed() {
         eprintln!(
@@ -366,29 +433,14 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = &mut stop => break,
             _ = drain.tick() => {
-                session.read_news();
-                session.rescan_young()?;
-                session.drain()?;
-                for line in session.retire_freed()? {
-                    eprintln!("pyprobe: {line}");
-                }
+                session.tick_drain()?;
                 if opts.count.is_some_and(|n| session.printed >= n) {
                     break;
                 }
             }
             _ = scan.tick() => {
                 ticks += 1;
-                if opts.all {
-                    session.scan()?;
-                }
-                // Under --all most processes never load the file: look
-                // into them every 5 s only.
-                if !opts.all || ticks.is_multiple_of(5) {
-                    session.rescan()?;
-                }
-                for line in session.note_exits()? {
-                    eprintln!("pyprobe: {line}");
-                }
+                session.tick_scan(ticks)?;
                 if !opts.all && !session.processes.values().any(|p| !p.exited) {
                     eprintln!("pyprobe: every watched process exited");
                     break;
@@ -409,8 +461,12 @@ fn parse_points(opts: &LogOptions) -> anyhow::Result<Vec<Point>> {
     if opts.points.len() > MAX_LOGPOINTS as usize {
         bail!("at most {MAX_LOGPOINTS} log points at once");
     }
-    let mut out = Vec::new();
-    for spec in &opts.points {
+    opts.points.iter().map(parse_point).collect()
+}
+
+/// One log point, parsed: its place, condition and message checked.
+fn parse_point(spec: &PointSpec) -> anyhow::Result<Point> {
+    {
         let location =
             parse_location(&spec.at).map_err(|e| anyhow::anyhow!("{}: {e}", spec.label()))?;
         let condition = match &spec.when {
@@ -425,14 +481,16 @@ fn parse_points(opts: &LogOptions) -> anyhow::Result<Vec<Point>> {
                 .map_err(|e| anyhow::anyhow!("{} {text:?}: {e}", spec.option("msg")))?,
             None => Vec::new(),
         };
-        out.push(Point {
+        Ok(Point {
             spec: spec.clone(),
             location,
             condition,
             template,
-        });
+            agent: None,
+            removed: false,
+            printed: 0,
+        })
     }
-    Ok(out)
 }
 
 /// Converts `bpf_ktime_get_ns` (CLOCK_MONOTONIC) to wall-clock time.
@@ -544,7 +602,7 @@ impl Point {
     }
 }
 
-struct Session {
+pub(crate) struct Session {
     probes: LogProbes,
     /// The kernel's news of processes (forks, execs).
     news: std::sync::mpsc::Receiver<crate::engine::Arrival>,
@@ -564,9 +622,220 @@ struct Session {
     gone_during_setup: BTreeSet<u32>,
     /// Processes forked from each watched one since pyprobe started.
     forks: BTreeMap<u32, u64>,
+    /// Where hits go (stdout for `pyprobe log`, `--hits` for the agent).
+    out: Box<dyn std::io::Write>,
+    /// Hits that could not be written (the agent counts them and goes
+    /// on; `pyprobe log` stops).
+    unwritten: u64,
 }
 
 impl Session {
+    /// What to do every [`DRAIN_INTERVAL`]: the kernel's news, young
+    /// processes looked at, hits written, freed code retired.
+    pub(crate) fn tick_drain(&mut self) -> anyhow::Result<()> {
+        self.read_news();
+        self.rescan_young()?;
+        self.drain()?;
+        for line in self.retire_freed()? {
+            eprintln!("pyprobe: {line}");
+        }
+        Ok(())
+    }
+
+    /// What to do every [`SCAN_INTERVAL`] (`ticks` counts them): new
+    /// processes set up, code not loaded yet looked for, exits noted.
+    pub(crate) fn tick_scan(&mut self, ticks: u64) -> anyhow::Result<()> {
+        if self.opts.all {
+            self.scan()?;
+        }
+        // Under --all most processes never load the file: look into them
+        // every 5 s only.
+        if !self.opts.all || ticks.is_multiple_of(5) {
+            self.rescan()?;
+        }
+        for line in self.note_exits()? {
+            eprintln!("pyprobe: {line}");
+        }
+        Ok(())
+    }
+
+    /// A session with no log point yet over `engine` (made for log
+    /// points), for the agent: every Python process is watched, hits go to
+    /// `out` as JSON lines with their log point's id.
+    pub(crate) fn for_agent(
+        engine: &crate::engine::Engine,
+        out: Box<dyn std::io::Write>,
+    ) -> anyhow::Result<Session> {
+        let mut probes = LogProbes::new(engine.object())?;
+        probes.follow_forks(crate::kernel::TaskOffsets::read())?;
+        Ok(Session {
+            probes,
+            news: engine.news(),
+            _engine: engine.clone(),
+            points: Vec::new(),
+            armed: Vec::new(),
+            programs: Vec::new(),
+            processes: BTreeMap::new(),
+            registry: crate::registry::Registry::new(crate::selection::Selector::default()),
+            opts: LogOptions {
+                pids: Vec::new(),
+                all: true,
+                select: crate::selection::Selector::default(),
+                points: Vec::new(),
+                rate: 0,
+                count: None,
+                duration: None,
+                json: true,
+                stack: false,
+                redact: true,
+            },
+            clock: Clock::new(),
+            printed: 0,
+            gone_during_setup: BTreeSet::new(),
+            forks: BTreeMap::new(),
+            out,
+            unwritten: 0,
+        })
+    }
+
+    /// Adds a log point to a running session: armed in every watched
+    /// process `agent.scope` takes whose code is loaded, waiting in the
+    /// others. Returns its index and what was done, one line each. A
+    /// wrong place, condition or message in a process it is for is an
+    /// error, and nothing stays armed.
+    pub(crate) fn add_point(
+        &mut self,
+        spec: PointSpec,
+        agent: AgentPoint,
+    ) -> anyhow::Result<(usize, Vec<String>)> {
+        let mut point = parse_point(&spec)?;
+        for &pid in &agent.scope.pids {
+            if self.processes.get(&pid).is_none_or(|p| p.exited) {
+                bail!(
+                    "PID {pid} is not a Python process the agent watches (see pyprobe ctl status, /api/v1/processes)"
+                );
+            }
+        }
+        point.agent = Some(agent);
+        let index = match self.points.iter().position(|p| p.removed) {
+            Some(free) => {
+                self.probes.reset_limit(free as u32)?;
+                self.points[free] = point;
+                free
+            }
+            None if self.points.len() < MAX_LOGPOINTS as usize => {
+                self.points.push(point);
+                self.points.len() - 1
+            }
+            None => bail!("at most {MAX_LOGPOINTS} log points at once: remove one first"),
+        };
+        let pids: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(pid, p)| !p.exited && p.origin.is_none() && self.points[index].wants(**pid))
+            .map(|(&pid, _)| pid)
+            .collect();
+        let mut lines = Vec::new();
+        for pid in pids {
+            let process = self.processes.get_mut(&pid).expect("listed");
+            let found = process.target.find_code(&self.points[index].location);
+            match self.arm_located(pid, false, vec![(index, found)]) {
+                Ok(armed) => lines.extend(armed),
+                Err(e) => {
+                    self.remove_point(index)?;
+                    return Err(e);
+                }
+            }
+        }
+        let waiting = self
+            .processes
+            .values()
+            .filter(|p| p.waiting.contains(&index))
+            .count();
+        if waiting > 0 {
+            lines.push(format!(
+                "waits for its code in {waiting} process{}",
+                if waiting == 1 { "" } else { "es" }
+            ));
+        }
+        Ok((index, lines))
+    }
+
+    /// Takes log point `index` off: its watchpoints and kernel entries
+    /// go, processes stop waiting for it, and its hits still in the ring
+    /// are not written.
+    pub(crate) fn remove_point(&mut self, index: usize) -> anyhow::Result<()> {
+        let Some(point) = self.points.get_mut(index) else {
+            return Ok(());
+        };
+        point.removed = true;
+        for p in self.processes.values_mut() {
+            p.waiting.retain(|&i| i != index);
+        }
+        for armed in self.armed.iter_mut().filter(|a| a.point == index) {
+            armed.removed = true;
+            if !armed.retired {
+                armed.retired = true;
+                armed.links.clear();
+                self.probes.unwatch(
+                    WatchKey {
+                        tgid: armed.pid,
+                        _pad: 0,
+                        addr: armed.found.watched_byte(),
+                    },
+                    armed.found.code,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether log point `index` wrote all its `count` of hits.
+    pub(crate) fn point_done(&self, index: usize) -> bool {
+        self.points.get(index).is_some_and(|p| {
+            p.agent
+                .as_ref()
+                .is_some_and(|a| a.count.is_some_and(|n| p.printed >= n))
+        })
+    }
+
+    /// What happened at log point `index` so far.
+    pub(crate) fn point_stats(&self, index: usize) -> anyhow::Result<PointStats> {
+        let mut stats = PointStats {
+            written: self.points.get(index).map_or(0, |p| p.printed),
+            waiting: self
+                .processes
+                .values()
+                .filter(|p| !p.exited && p.waiting.contains(&index))
+                .count() as u64,
+            ..PointStats::default()
+        };
+        for (i, armed) in self.armed.iter().enumerate() {
+            if armed.point != index || armed.removed {
+                continue;
+            }
+            if !armed.retired {
+                stats.armed += 1;
+            }
+            let c: LogCounters = self.probes.counters(i as u32)?;
+            stats.condition_false += c.condition_false + armed.condition_false;
+            stats.condition_errors += armed.condition_errors;
+            stats.rate_limited += c.rate_limited;
+            stats.lost += c.lost;
+        }
+        Ok(stats)
+    }
+
+    /// Hits that could not be written.
+    pub(crate) fn unwritten(&self) -> u64 {
+        self.unwritten
+    }
+
+    /// Processes watched for log points (alive).
+    pub(crate) fn watched(&self) -> usize {
+        self.processes.values().filter(|p| !p.exited).count()
+    }
+
     /// Sets up process `pid` and arms what can be armed. `quiet` (under
     /// `--all`): say nothing of log points waiting for their code, and
     /// print the attach line only when one was armed.
@@ -639,12 +908,19 @@ impl Session {
             Process::new(
                 pid,
                 target,
-                (0..self.points.len()).collect(),
+                (0..self.points.len())
+                    .filter(|&i| self.points[i].wants(pid))
+                    .collect(),
                 crate::container::Placement::of(pid).and_then(|p| p.container),
                 exe,
             ),
         );
-        let lines = self.arm_located(pid, !quiet, located.into_iter().enumerate().collect())?;
+        let located = located
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| self.points[*i].wants(pid))
+            .collect();
+        let lines = self.arm_located(pid, !quiet, located)?;
         // What was just looked at: the next look waits for a change.
         if let Some(p) = self.processes.get_mut(&pid) {
             let modules = p.target.modules_count().unwrap_or(u64::MAX);
@@ -769,8 +1045,12 @@ impl Session {
         if index >= MAX_ARMED {
             bail!("more than {MAX_ARMED} armed code objects");
         }
-        compiled.program.rate = self.opts.rate;
-        compiled.program.max_hits = self.opts.count.unwrap_or(0);
+        let (rate, count) = match &p.agent {
+            Some(a) => (a.rate, a.count),
+            None => (self.opts.rate, self.opts.count),
+        };
+        compiled.program.rate = rate;
+        compiled.program.max_hits = count.unwrap_or(0);
         compiled.program.stack = u32::from(self.opts.stack);
         // The same file on the same interpreter compiles to the same
         // program in every process: one copy in the kernel.
@@ -891,6 +1171,7 @@ impl Session {
             condition_errors: 0,
             links,
             retired: false,
+            removed: false,
             freed_at: None,
         });
         Ok(line)
@@ -1217,10 +1498,11 @@ impl Session {
     /// Arms the log points already armed in `pid` on the code objects for
     /// their location that appeared since; returns the lines to print.
     fn arm_new_code(&mut self, pid: u32) -> Vec<String> {
+        // Not of a log point taken off: its slot may serve another now.
         let points: BTreeSet<usize> = self
             .armed
             .iter()
-            .filter(|a| a.pid == pid)
+            .filter(|a| a.pid == pid && !a.removed && !self.points[a.point].removed)
             .map(|a| a.point)
             .collect();
         let mut lines = Vec::new();
@@ -1272,8 +1554,7 @@ impl Session {
                 hits.push(h);
             }
         });
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
+        let agent = self.points.iter().any(|p| p.agent.is_some());
         for h in hits {
             if self.opts.count.is_some_and(|n| self.printed >= n) {
                 break;
@@ -1281,6 +1562,18 @@ impl Session {
             let Some(armed) = self.armed.get_mut(h.logpoint as usize) else {
                 continue;
             };
+            // Hits of a log point taken off, or past its count, that were
+            // in the ring already.
+            let point = &self.points[armed.point];
+            if armed.removed
+                || point.removed
+                || point
+                    .agent
+                    .as_ref()
+                    .is_some_and(|a| a.count.is_some_and(|n| point.printed >= n))
+            {
+                continue;
+            }
             // A forked child's hit is read in its own memory.
             let owner = if self.processes.contains_key(&h.tgid) {
                 h.tgid
@@ -1311,7 +1604,6 @@ impl Session {
                     .map(|(w, v)| (w.clone(), hit::captured(w, v, &mut type_name)))
                     .collect(),
             };
-            let point = &self.points[armed.point];
             if let Some(c) = &point.condition {
                 match eval::truth(c, &values) {
                     Ok(true) => {}
@@ -1389,13 +1681,25 @@ impl Session {
                 if let Some(c) = &process.container {
                     obj["container"] = json!(c);
                 }
+                if let Some(a) = &point.agent {
+                    obj["id"] = json!(a.id);
+                    if process.container.is_none() {
+                        obj["container"] = serde_json::Value::Null;
+                    }
+                }
                 if self.opts.stack {
                     obj["stack"] = serde_json::Value::Array(stack);
                 }
-                writeln!(out, "{obj}")?;
+                if let Err(e) = writeln!(self.out, "{obj}") {
+                    if !agent {
+                        return Err(e.into());
+                    }
+                    self.unwritten += 1;
+                    continue;
+                }
             } else {
                 writeln!(
-                    out,
+                    self.out,
                     "{} {} {} {}:{} {}",
                     clock_text(wall),
                     h.tgid,
@@ -1410,7 +1714,7 @@ impl Session {
                             .as_i64()
                             .map_or_else(|| "?".to_owned(), |l| l.to_string());
                         writeln!(
-                            out,
+                            self.out,
                             "    {} ({}:{line})",
                             function.as_str().unwrap_or("?"),
                             f["file"].as_str().unwrap_or("?"),
@@ -1419,9 +1723,16 @@ impl Session {
                 }
             }
             armed.printed += 1;
+            let point = armed.point;
+            self.points[point].printed += 1;
             self.printed += 1;
         }
-        out.flush()?;
+        if let Err(e) = self.out.flush() {
+            if !agent {
+                return Err(e.into());
+            }
+            self.unwritten += 1;
+        }
         Ok(())
     }
 
