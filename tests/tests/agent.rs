@@ -548,3 +548,132 @@ fn run_log(
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// The Python rows of a calls report (builtins, which read and write the
+/// fixture's pipes, left out).
+fn python_rows(report: &Value) -> Vec<Value> {
+    report["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["file"] != "<builtin>")
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn agent_calls_jobs_count_exactly_and_start_afresh() {
+    let test = "agent_calls_jobs_count_exactly_and_start_afresh";
+    let (first, second) = two_interpreters(
+        test,
+        "one agent watches two fixtures at once: the newest pyenv build and a sid build",
+    );
+    if let Err(e) = run_calls(&first, &second) {
+        panic!("{test} failed on {} + {}: {e:#}", first.label, second.label);
+    }
+}
+
+fn run_calls(
+    first: &pyprobe_tests::Interpreter,
+    second: &pyprobe_tests::Interpreter,
+) -> anyhow::Result<()> {
+    let f_line = {
+        let text = std::fs::read_to_string(pyprobe_tests::fixture_path("map_calls.py"))?;
+        text.lines()
+            .position(|l| l == "def f(x):")
+            .context("def f")? as u64
+            + 1
+    };
+    let dir = tempdir()?;
+    let socket = dir.join("control.sock");
+    let addr = free_addr();
+    let mut a = Fixture::start(first, "map_calls.py", &[])?;
+    let mut b = Fixture::start(second, "map_calls.py", &[])?;
+    let agent = Probe::start(&[
+        "agent",
+        "--listen",
+        &addr.to_string(),
+        "--control",
+        socket.to_str().context("path")?,
+    ])?;
+    let start = |args: &[&str]| -> anyhow::Result<String> {
+        let mut all = vec!["calls", "start"];
+        all.extend_from_slice(args);
+        let out = ctl(&socket, &all)?;
+        ensure!(out.status.success(), "ctl calls start: {}", text(&out));
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .context("no id")?
+            .trim()
+            .to_owned())
+    };
+    let report = |verb: &str, id: &str| -> anyhow::Result<Value> {
+        let out = ctl(&socket, &["--json", "calls", verb, id])?;
+        ensure!(out.status.success(), "ctl calls {verb}: {}", text(&out));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+
+    // One process: exactly the calls it made while counted.
+    let id = start(&["--pid", &a.pid().to_string()])?;
+    a.call("2500", "done 2500")?;
+    b.call("700", "done 700")?;
+    let shown = report("show", &id)?;
+    let rows = python_rows(&shown);
+    ensure!(
+        rows.len() == 1
+            && rows[0]["pid"] == a.pid()
+            && rows[0]["function"] == "f"
+            && rows[0]["line"] == f_line
+            && rows[0]["calls"] == 2500,
+        "show: {shown}"
+    );
+    // A second job while one runs is refused.
+    let out = ctl(&socket, &["calls", "start", "--all"])?;
+    ensure!(
+        !out.status.success() && text(&out).contains("runs already"),
+        "{}",
+        text(&out)
+    );
+    a.call("500", "done 500")?;
+    let last = report("stop", &id)?;
+    let rows = python_rows(&last);
+    ensure!(
+        last["kind"] == "final" && rows.len() == 1 && rows[0]["calls"] == 3000,
+        "stop: {last}"
+    );
+    ensure!(
+        last["lost"]
+            .as_object()
+            .context("lost")?
+            .values()
+            .all(|v| v == 0),
+        "{last}"
+    );
+    // Stopped: calls made now are counted nowhere, and the final report
+    // stays readable.
+    a.call("100", "done 100")?;
+    ensure!(python_rows(&report("show", &id)?)[0]["calls"] == 3000);
+
+    // A second job by command line counts both processes from zero.
+    let id2 = start(&["--name", "map_calls"])?;
+    a.call("40", "done 40")?;
+    b.call("60", "done 60")?;
+    let last = report("stop", &id2)?;
+    let mut got: Vec<(u64, u64)> = python_rows(&last)
+        .iter()
+        .map(|r| {
+            (
+                r["pid"].as_u64().unwrap_or(0),
+                r["calls"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![(u64::from(a.pid()), 40), (u64::from(b.pid()), 60)];
+    want.sort();
+    ensure!(got == want, "second job: {last}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -305,6 +305,40 @@ enum CtlCommand {
         #[command(subcommand)]
         what: CtlLog,
     },
+    /// Call counts: start a job, show its counts, stop it.
+    Calls {
+        #[command(subcommand)]
+        what: CtlCalls,
+    },
+}
+
+/// `pyprobe ctl calls ...`
+#[derive(Subcommand)]
+enum CtlCalls {
+    /// Starts counting every Python call of the processes; prints the job's id alone on the last line.
+    ///
+    /// One job at a time. It stops by itself after --ttl (1h unless given)
+    /// or when every process it watches (by --pid) exited.
+    Start {
+        #[command(flatten)]
+        targets: TargetArgs,
+        /// Only functions whose file or qualified name contains this.
+        #[arg(long, value_name = "TEXT")]
+        filter: Option<String>,
+        /// Stop after this long (e.g. 90s, 30m, 2h).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+    /// The counts so far (a table; --json for the report).
+    Show {
+        /// The job's id.
+        id: String,
+    },
+    /// Stops the job (its probes go) and prints its final counts.
+    Stop {
+        /// The job's id.
+        id: String,
+    },
 }
 
 /// `pyprobe ctl log ...`
@@ -396,12 +430,37 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
             ttl_seconds: ttl.as_secs_f64(),
         }),
         CtlCommand::Log { what: CtlLog::List } => Request::LogList,
+        CtlCommand::Calls {
+            what:
+                CtlCalls::Start {
+                    targets,
+                    filter,
+                    ttl,
+                },
+        } => Request::CallsStart(pyprobe::agent::control::CallsStart {
+            all: targets.all,
+            pids: targets.pids,
+            name: targets.name.map(|r| r.as_str().to_owned()),
+            container: targets.container,
+            filter,
+            ttl_seconds: ttl.as_secs_f64(),
+        }),
+        CtlCommand::Calls {
+            what: CtlCalls::Show { id },
+        } => Request::CallsShow { id },
+        CtlCommand::Calls {
+            what: CtlCalls::Stop { id },
+        } => Request::CallsStop { id },
         CtlCommand::Log {
             what: CtlLog::Rm { id },
         } => Request::LogRm { id },
     };
     let list = matches!(request, Request::LogList);
-    let added = matches!(request, Request::LogAdd(_));
+    let added = matches!(request, Request::LogAdd(_) | Request::CallsStart(_));
+    let counts = matches!(
+        request,
+        Request::CallsShow { .. } | Request::CallsStop { .. }
+    );
     let response = call(control, &request)?;
     if !response.ok {
         anyhow::bail!(
@@ -409,8 +468,12 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
             response.error.unwrap_or_else(|| "the agent refused".into())
         );
     }
-    if json {
+    if json && counts {
+        println!("{}", serde_json::to_string(&response.body["report"])?);
+    } else if json {
         println!("{}", serde_json::to_string(&response.body)?);
+    } else if counts {
+        print!("{}", response.body["table"].as_str().unwrap_or_default());
     } else if added {
         for line in response.body["lines"].as_array().into_iter().flatten() {
             eprintln!("pyprobe: {}", line.as_str().unwrap_or_default());

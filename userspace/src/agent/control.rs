@@ -38,6 +38,40 @@ pub enum Request {
         /// Its id.
         id: String,
     },
+    /// Starts counting calls.
+    CallsStart(CallsStart),
+    /// The counts of a calls job so far (or its final ones).
+    CallsShow {
+        /// Its id.
+        id: String,
+    },
+    /// Stops a calls job; answers its final counts.
+    CallsStop {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// A calls job to start: which processes, which functions, how long.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct CallsStart {
+    /// These processes (host PIDs)...
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// ...or those whose command line matches this regular expression...
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ...or those in the container whose id starts with this...
+    #[serde(default)]
+    pub container: Option<String>,
+    /// ...or every Python process.
+    #[serde(default)]
+    pub all: bool,
+    /// Only functions whose file or qualified name contains this.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Seconds until it stops by itself.
+    pub ttl_seconds: f64,
 }
 
 /// A log point to add: where, when, what, for which processes, how long.

@@ -146,8 +146,29 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// How often log point hits are read.
 const LOG_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
+/// A calls job started through the control socket.
+struct CallsJob {
+    id: String,
+    session: crate::calls::Session,
+    reporter: crate::calls::report::Reporter,
+    filter: Option<String>,
+    all: bool,
+    expires: Instant,
+}
+
+/// Final reports of calls jobs that ended, kept for `ctl calls show`.
+const FINISHED_KEPT: usize = 8;
+/// How often a calls job reads the kernel's news of processes.
+const CALLS_EVENTS_INTERVAL: Duration = Duration::from_millis(10);
+
 /// The agent's state, owned by its loop.
 struct Agent {
+    /// The running calls job (one at a time: they share the call maps).
+    calls: Option<CallsJob>,
+    /// Calls jobs started since start (for ids).
+    calls_started: u64,
+    /// Final reports of ended calls jobs, oldest first.
+    finished: Vec<(String, serde_json::Value, String)>,
     engine: crate::engine::Engine,
     /// The log points' session, made at the first `ctl log add`.
     log: Option<crate::logpoint::session::Session>,
@@ -188,7 +209,8 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
     let engine = crate::engine::Engine::load(crate::bpf::Features {
         sample_rate: Some(config.rate.max(99)),
         log: true,
-        ..Default::default()
+        calls: true,
+        latency: false,
     })?;
     let opts = profile::ProfileOptions {
         pids: Vec::new(),
@@ -201,6 +223,9 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         threads: true,
     };
     let mut agent = Agent {
+        calls: None,
+        calls_started: 0,
+        finished: Vec::new(),
         engine: engine.clone(),
         log: None,
         hits: Some(hits),
@@ -234,6 +259,7 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut drain = live::ticker(DRAIN_INTERVAL);
     let mut log_drain = live::ticker(LOG_DRAIN_INTERVAL);
+    let mut calls_events = live::ticker(CALLS_EVENTS_INTERVAL);
     let mut scan = live::ticker(SCAN_INTERVAL);
     let stop = live::stop_requested(None);
     tokio::pin!(stop);
@@ -242,12 +268,18 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
             r = &mut stop => { r?; break; }
             _ = drain.tick() => agent.drain(),
             _ = log_drain.tick(), if agent.log.is_some() => agent.log_tick(false),
+            _ = calls_events.tick(), if agent.calls.is_some() => {
+                if let Some(job) = agent.calls.as_mut() {
+                    job.session.tick_events();
+                }
+            }
             _ = scan.tick() => {
                 agent.drain();
                 agent.session.refresh_threads();
                 agent.session.scan();
                 agent.note_processes();
                 agent.log_tick(true);
+                agent.calls_tick();
             }
             Some(ask) = asks.recv() => agent.answer(ask),
             Some((request, reply)) = calls.recv() => {
@@ -268,6 +300,143 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
 }
 
 impl Agent {
+    /// The calls job's work once a second: names read while processes
+    /// live, new processes set up (`--all`); it stops at its time to live
+    /// or when every process it watched is gone.
+    fn calls_tick(&mut self) {
+        let Some(job) = self.calls.as_mut() else {
+            return;
+        };
+        if job.all {
+            job.session.tick_scan();
+        }
+        if let Err(e) = job.session.resolve_counted(job.filter.as_deref()) {
+            eprintln!(
+                "pyprobe: calls {}: {}",
+                job.id,
+                crate::errors::one_line(e.as_ref())
+            );
+        }
+        let why = if Instant::now() >= job.expires {
+            Some("its time to live ran out")
+        } else if !job.all && job.session.all_gone() {
+            Some("every process it watched exited")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let id = job.id.clone();
+            match self.stop_calls(&id) {
+                Ok(_) => eprintln!("pyprobe: calls {id} ended: {why}"),
+                Err(e) => eprintln!("pyprobe: calls {id}: {e:#}"),
+            }
+        }
+    }
+
+    /// Starts a calls job; returns its id.
+    fn start_calls(&mut self, start: control::CallsStart) -> anyhow::Result<String> {
+        if let Some(job) = &self.calls {
+            anyhow::bail!(
+                "calls job {} runs already: one at a time (pyprobe ctl calls stop {})",
+                job.id,
+                job.id
+            );
+        }
+        let given = usize::from(!start.pids.is_empty())
+            + usize::from(start.name.is_some())
+            + usize::from(start.container.is_some())
+            + usize::from(start.all);
+        if given != 1 {
+            anyhow::bail!("say which processes: one of --pid, --all, --name, --container");
+        }
+        if !(start.ttl_seconds > 0.0 && start.ttl_seconds.is_finite()) {
+            anyhow::bail!("--ttl must be a positive duration (e.g. 30s, 10m, 1h)");
+        }
+        let name = match &start.name {
+            Some(re) => Some(
+                regex::Regex::new(re)
+                    .map_err(|_| anyhow::anyhow!("--name {re:?} is not a regular expression"))?,
+            ),
+            None => None,
+        };
+        for &pid in &start.pids {
+            crate::process::find_interpreter(pid)?;
+        }
+        let select = crate::selection::Selector {
+            name,
+            container: start.container.clone(),
+        };
+        let all = start.pids.is_empty();
+        let opts = crate::calls::CallsOptions {
+            pids: start.pids.clone(),
+            all,
+            select,
+            interval: Duration::from_secs(1),
+            duration: None,
+            top: None,
+            filter: start.filter.clone(),
+            json: true,
+            empty_program: false,
+            builtins: true,
+            latency: false,
+        };
+        let mut session = crate::calls::Session::new(&self.engine, &opts)?;
+        session.start(&opts)?;
+        self.calls_started += 1;
+        let id = format!("calls{}", self.calls_started);
+        self.calls = Some(CallsJob {
+            id: id.clone(),
+            session,
+            reporter: crate::calls::report::Reporter::new(
+                Instant::now(),
+                None,
+                start.filter.clone(),
+            ),
+            filter: start.filter,
+            all,
+            expires: Instant::now() + Duration::from_secs_f64(start.ttl_seconds),
+        });
+        eprintln!("pyprobe: calls {id} started");
+        Ok(id)
+    }
+
+    /// The report of calls job `id`: so far if it runs, final if it ended.
+    fn show_calls(&mut self, id: &str) -> anyhow::Result<(serde_json::Value, String)> {
+        if let Some(job) = self.calls.as_mut().filter(|j| j.id == id) {
+            let report =
+                job.session
+                    .report(&mut job.reporter, job.filter.as_deref(), "interval")?;
+            return Ok((serde_json::to_value(&report)?, report.to_table()));
+        }
+        self.finished
+            .iter()
+            .find(|(i, _, _)| i == id)
+            .map(|(_, json, table)| (json.clone(), table.clone()))
+            .ok_or_else(|| anyhow::anyhow!("no calls job {id}"))
+    }
+
+    /// Stops calls job `id` (its probes go); returns its final report.
+    fn stop_calls(&mut self, id: &str) -> anyhow::Result<(serde_json::Value, String)> {
+        let Some(mut job) = self.calls.take_if(|j| j.id == id) else {
+            if self.finished.iter().any(|(i, _, _)| i == id) {
+                anyhow::bail!("calls job {id} has ended already (pyprobe ctl calls show {id})");
+            }
+            anyhow::bail!("no calls job {id}");
+        };
+        let report = job
+            .session
+            .report(&mut job.reporter, job.filter.as_deref(), "final")?;
+        drop(job);
+        let json = serde_json::to_value(&report)?;
+        let table = report.to_table();
+        self.finished
+            .push((id.to_owned(), json.clone(), table.clone()));
+        if self.finished.len() > FINISHED_KEPT {
+            self.finished.remove(0);
+        }
+        Ok((json, table))
+    }
+
     /// The log session's periodic work (`slow`: once a second); log
     /// points past their time to live or count are taken off. A failure is
     /// said and the agent goes on.
@@ -681,6 +850,7 @@ impl Agent {
                 "uptime_seconds": self.started.elapsed().as_secs(),
                 "profiles_in_progress": self.collectors.len(),
                 "log_points": self.points.len(),
+                "calls_job": self.calls.as_ref().map(|j| j.id.clone()),
                 "log_processes": self.log.as_ref().map_or(0, |l| l.watched()),
                 "hits_unwritten": self.log.as_ref().map_or(0, |l| l.unwritten()),
             })),
@@ -693,6 +863,22 @@ impl Agent {
                 Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
             },
             Request::LogList => Response::ok(self.list_points()),
+            Request::CallsStart(start) => match self.start_calls(start) {
+                Ok(id) => Response::ok(serde_json::json!({ "id": id })),
+                Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
+            },
+            Request::CallsShow { id } => match self.show_calls(&id) {
+                Ok((report, table)) => {
+                    Response::ok(serde_json::json!({ "report": report, "table": table }))
+                }
+                Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
+            },
+            Request::CallsStop { id } => match self.stop_calls(&id) {
+                Ok((report, table)) => {
+                    Response::ok(serde_json::json!({ "report": report, "table": table }))
+                }
+                Err(e) => Response::error(crate::errors::one_line(e.as_ref())),
+            },
             Request::LogRm { id } => match self.remove_point(&id) {
                 Ok(()) => Response::ok(serde_json::json!({ "removed": id })),
                 Err(e) => Response::error(crate::errors::one_line(e.as_ref())),

@@ -131,6 +131,12 @@ pub struct CallCounter {
     pending: Vec<PendingProbes>,
     /// The `uprobe_multi` links made.
     links: Vec<super::uprobe_multi::MultiLink>,
+    /// Perf-event uprobes made (kernels without `uprobe_multi`), by
+    /// program, to take off when the counter goes.
+    perf_links: Vec<(CallProgram, aya::programs::uprobe::UProbeLinkId)>,
+    /// What earlier counters of the object had lost (losses are this
+    /// counter's own).
+    base: CallLosses,
 }
 
 /// Probes of one program on one file, for one process or all, waiting to
@@ -146,15 +152,29 @@ struct PendingProbes {
 impl CallCounter {
     /// The call counter of `object`, which must be made for calls (see
     /// [`Features`](super::Features)); nothing is attached yet.
-    pub fn new(object: &SharedObject) -> Self {
+    ///
+    /// One counter at a time per object: a later one (the agent's next
+    /// calls job) starts from empty maps.
+    pub fn new(object: &SharedObject) -> Result<Self, BpfError> {
         debug_assert!(object.features().calls, "an object made without calls");
-        let multi = object.lock().take_multi();
-        Self {
+        let multi = {
+            let mut o = object.lock();
+            if o.calls_used {
+                clear_maps(&mut o.ebpf)?;
+            }
+            o.calls_used = true;
+            o.take_multi()
+        };
+        let mut counter = Self {
             object: object.clone(),
             multi,
             pending: Vec::new(),
             links: Vec::new(),
-        }
+            perf_links: Vec::new(),
+            base: CallLosses::default(),
+        };
+        counter.base = counter.losses()?;
+        Ok(counter)
     }
 
     /// Gives the probes whose cookie names template `index`
@@ -232,7 +252,7 @@ impl CallCounter {
             location: file_offset.into(),
             cookie: Some(cookie),
         };
-        uprobe_mut(&mut object.ebpf, name)?
+        let link = uprobe_mut(&mut object.ebpf, name)?
             .attach(point, &interp.host_path, scope)
             .map_err(|source| BpfError::Attach {
                 target: interp.host_path.display().to_string(),
@@ -240,6 +260,7 @@ impl CallCounter {
                 offset: file_offset,
                 source,
             })?;
+        self.perf_links.push((program, link));
         Ok(())
     }
 
@@ -385,7 +406,8 @@ impl CallCounter {
     pub fn losses(&self) -> Result<CallLosses, BpfError> {
         let object = self.object.lock();
         let stat = |index| read_stat(&object.ebpf, index);
-        Ok(CallLosses {
+        let b = &self.base;
+        let all = CallLosses {
             map_full: stat(stats::CALLS_MAP_FULL)?,
             unconfigured: stat(stats::CALLS_NO_CONFIG)?,
             unreadable: stat(stats::CALLS_UNREADABLE)?,
@@ -396,6 +418,97 @@ impl CallCounter {
                 .iter()
                 .map(|p| recursion_misses(&object.ebpf, p.name()))
                 .sum(),
+        };
+        Ok(CallLosses {
+            map_full: all.map_full.saturating_sub(b.map_full),
+            unconfigured: all.unconfigured.saturating_sub(b.unconfigured),
+            unreadable: all.unreadable.saturating_sub(b.unreadable),
+            untimed: all.untimed.saturating_sub(b.untimed),
+            frame_mismatches: all.frame_mismatches.saturating_sub(b.frame_mismatches),
+            process_events: all.process_events.saturating_sub(b.process_events),
+            recursion_misses: all.recursion_misses.saturating_sub(b.recursion_misses),
         })
     }
+}
+
+impl Drop for CallCounter {
+    /// Takes its probes off (the object may serve another counter later:
+    /// the agent's next calls job) and gives the `uprobe_multi` programs
+    /// back.
+    fn drop(&mut self) {
+        self.links.clear();
+        let mut object = self.object.lock();
+        for (program, link) in self.perf_links.drain(..) {
+            if let Ok(p) = uprobe_mut(&mut object.ebpf, program.name()) {
+                let _ = p.detach(link);
+            }
+        }
+        if let Some(multi) = self.multi.take() {
+            object.put_multi(multi);
+        }
+    }
+}
+
+/// Empties what an earlier counter left in the call maps: processes'
+/// configurations and templates, counts, the count cache, durations and
+/// skip sets.
+fn clear_maps(ebpf: &mut aya::Ebpf) -> Result<(), BpfError> {
+    let error = |name: &'static str| move |source| BpfError::Map { name, source };
+    {
+        for name in [names::MAP_CALL_CONFIG, names::MAP_CALL_TEMPLATES] {
+            let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> = open_map_mut(ebpf, name)?;
+            let keys: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                let _ = map.remove(&k);
+            }
+        }
+    }
+    {
+        let mut map: PerCpuHashMap<&mut MapData, CodeKey, CallCounts> =
+            open_map_mut(ebpf, names::MAP_CALL_COUNTS)?;
+        let keys: Vec<CodeKey> = map.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+    }
+    {
+        let mut map: PerCpuHashMap<&mut MapData, CodeKey, Histogram> =
+            open_map_mut(ebpf, names::MAP_CALL_LATENCY)?;
+        let keys: Vec<CodeKey> = map.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+    }
+    {
+        let mut map: PerCpuHashMap<&mut MapData, BuiltinKey, u64> =
+            open_map_mut(ebpf, names::MAP_BUILTIN_COUNTS)?;
+        let keys: Vec<BuiltinKey> = map.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| BpfError::Map {
+        name: names::MAP_CALL_CACHE,
+        source: aya::maps::MapError::IoError(e),
+    })?;
+    {
+        let mut cache: PerCpuArray<&mut MapData, CacheSlot> =
+            open_map_mut(ebpf, names::MAP_CALL_CACHE)?;
+        for index in 0..calls::CACHE_SLOTS {
+            let empty = aya::maps::PerCpuValues::try_from(vec![CacheSlot::default(); cpus])
+                .map_err(|e| BpfError::Map {
+                    name: names::MAP_CALL_CACHE,
+                    source: aya::maps::MapError::IoError(e),
+                })?;
+            cache
+                .set(index, empty, 0)
+                .map_err(error(names::MAP_CALL_CACHE))?;
+        }
+    }
+    let mut skip: Array<&mut MapData, SkipSet> = open_map_mut(ebpf, names::MAP_CALL_SKIP)?;
+    for index in 0..calls::SKIP_SETS {
+        skip.set(index, SkipSet::default(), 0)
+            .map_err(error(names::MAP_CALL_SKIP))?;
+    }
+    Ok(())
 }

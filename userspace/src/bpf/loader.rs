@@ -47,6 +47,9 @@ pub struct Object {
     hits: Option<aya::maps::RingBuf<MapData>>,
     /// `code_freed` in each process, for every feature.
     code_frees: CodeFrees,
+    /// A call counter was made over it (the next one starts by emptying
+    /// the call maps).
+    pub(super) calls_used: bool,
 }
 
 /// A loaded object shared by the features of one engine.
@@ -142,6 +145,7 @@ impl Object {
             samples,
             hits,
             code_frees: CodeFrees::default(),
+            calls_used: false,
         }))))
     }
 
@@ -149,6 +153,11 @@ impl Object {
     /// (once).
     pub(super) fn take_multi(&mut self) -> Option<super::uprobe_multi::MultiPrograms> {
         self.multi.take()
+    }
+
+    /// The call programs back from a call counter that went.
+    pub(super) fn put_multi(&mut self, multi: super::uprobe_multi::MultiPrograms) {
+        self.multi = Some(multi);
     }
 
     /// The sampler's ring (once).

@@ -72,7 +72,7 @@ pub struct CallsOptions {
 }
 
 /// The processes being watched and the probes set up for them.
-struct Session {
+pub(crate) struct Session {
     counter: CallCounter,
     symbols: Symbols,
     /// Interpreter files probed for every process (`--all`).
@@ -510,45 +510,8 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
         latency: opts.latency,
         ..Default::default()
     })?;
-    let counter = CallCounter::new(engine.object());
-    let news = engine.news();
-    let mut session = Session {
-        counter,
-        news,
-        symbols: Symbols::default(),
-        probed_files: BTreeSet::new(),
-        probed_for: BTreeSet::new(),
-        templates: BTreeMap::new(),
-        kernel_ready: BTreeMap::new(),
-        dropped: false,
-        registry: crate::registry::Registry::new(opts.select.clone()),
-        all: opts.all && opts.select.is_everything(),
-        empty_program: opts.empty_program,
-        builtins: opts.builtins,
-        latency: opts.latency,
-        filtering: opts.filter.is_some(),
-        configured: 0,
-    };
-    for &pid in &opts.pids {
-        let line = session
-            .add(pid)
-            .with_context(|| format!("setting up PID {pid}"))?;
-        eprintln!("pyprobe: attached to {line}");
-    }
-    if opts.all {
-        session.scan();
-        if session.all {
-            eprintln!(
-                "pyprobe: watching {} (new ones are counted from their first call)",
-                opts.select.describe()
-            );
-        } else {
-            eprintln!(
-                "pyprobe: watching {} (new ones are picked up every second)",
-                opts.select.describe()
-            );
-        }
-    }
+    let mut session = Session::new(&engine, &opts)?;
+    session.start(&opts)?;
     eprintln!("pyprobe: counting calls; Ctrl-C to stop");
 
     let started = Instant::now();
@@ -568,8 +531,8 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = events.tick() => {
-                session.on_process_events();
-                if !opts.all && !session.registry.any_exec_pending() && !session.symbols.any_alive() {
+                session.tick_events();
+                if !opts.all && session.all_gone() {
                     if session.dropped {
                         eprintln!("pyprobe: no target process runs Python any more");
                     } else {
@@ -578,36 +541,116 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
                     break;
                 }
             }
-            _ = resolver.tick() => {
-                let counts = session.counts()?;
-                session.resolve(counts.keys(), opts.filter.as_deref())?;
-            }
+            _ = resolver.tick() => session.resolve_counted(opts.filter.as_deref())?,
             _ = ticker.tick() => {
-                let counts = session.counts()?;
-                session.resolve(counts.keys(), opts.filter.as_deref())?;
-                let latencies = session.latencies()?;
-                let report = reporter.report(&counts, latencies.as_ref(), &session.symbols, session.counter.losses()?, "interval");
+                let report = session.report(&mut reporter, opts.filter.as_deref(), "interval")?;
                 emit(&report, opts.json)?;
             }
-            _ = scanner.tick(), if opts.all => {
-                session.scan();
-            }
+            _ = scanner.tick(), if opts.all => session.tick_scan(),
             r = &mut stop => {
                 r?;
                 break;
             }
         }
     }
-    let counts: BTreeMap<_, _> = session.counts()?;
-    session.symbols.resolve(counts.keys());
-    let latencies = session.latencies()?;
-    let report = reporter.report(
-        &counts,
-        latencies.as_ref(),
-        &session.symbols,
-        session.counter.losses()?,
-        "final",
-    );
+    let report = session.report(&mut reporter, opts.filter.as_deref(), "final")?;
     emit(&report, opts.json)?;
     Ok(())
+}
+
+impl Session {
+    /// A session over `engine` (made for calls) with nothing set up yet.
+    pub(crate) fn new(engine: &crate::engine::Engine, opts: &CallsOptions) -> anyhow::Result<Self> {
+        let counter = CallCounter::new(engine.object())?;
+        let news = engine.news();
+        Ok(Session {
+            counter,
+            news,
+            symbols: Symbols::default(),
+            probed_files: BTreeSet::new(),
+            probed_for: BTreeSet::new(),
+            templates: BTreeMap::new(),
+            kernel_ready: BTreeMap::new(),
+            dropped: false,
+            registry: crate::registry::Registry::new(opts.select.clone()),
+            all: opts.all && opts.select.is_everything(),
+            empty_program: opts.empty_program,
+            builtins: opts.builtins,
+            latency: opts.latency,
+            filtering: opts.filter.is_some(),
+            configured: 0,
+        })
+    }
+
+    /// Sets up the `opts.pids` (an error of one is the whole start's) and,
+    /// under `--all`, every process the selection takes.
+    pub(crate) fn start(&mut self, opts: &CallsOptions) -> anyhow::Result<()> {
+        let session = self;
+        for &pid in &opts.pids {
+            let line = session
+                .add(pid)
+                .with_context(|| format!("setting up PID {pid}"))?;
+            eprintln!("pyprobe: attached to {line}");
+        }
+        if opts.all {
+            session.scan();
+            if session.all {
+                eprintln!(
+                    "pyprobe: watching {} (new ones are counted from their first call)",
+                    opts.select.describe()
+                );
+            } else {
+                eprintln!(
+                    "pyprobe: watching {} (new ones are picked up every second)",
+                    opts.select.describe()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Names what was counted while its process still exists.
+    pub(crate) fn resolve_counted(&mut self, filter: Option<&str>) -> anyhow::Result<()> {
+        let counts = self.counts()?;
+        self.resolve(counts.keys(), filter)
+    }
+
+    /// The report of everything counted so far (`kind`: "interval" or
+    /// "final"; a final one names what it can and calls the rest unknown).
+    pub(crate) fn report(
+        &mut self,
+        reporter: &mut Reporter,
+        filter: Option<&str>,
+        kind: &'static str,
+    ) -> anyhow::Result<report::CallsReport> {
+        let counts = self.counts()?;
+        if kind == "final" {
+            self.symbols.resolve(counts.keys());
+        } else {
+            self.resolve(counts.keys(), filter)?;
+        }
+        let latencies = self.latencies()?;
+        Ok(reporter.report(
+            &counts,
+            latencies.as_ref(),
+            &self.symbols,
+            self.counter.losses()?,
+            kind,
+        ))
+    }
+
+    /// Whether the processes it watches are all gone (not under `--all`).
+    pub(crate) fn all_gone(&self) -> bool {
+        !self.registry.any_exec_pending() && !self.symbols.any_alive()
+    }
+
+    /// Reads the kernel's news of processes (see [`Self::on_process_events`]).
+    pub(crate) fn tick_events(&mut self) {
+        self.on_process_events();
+    }
+
+    /// Looks for processes not seen yet (`--all`).
+    pub(crate) fn tick_scan(&mut self) {
+        self.scan();
+    }
 }
