@@ -589,12 +589,15 @@ fn run_calls(
     let addr = free_addr();
     let mut a = Fixture::start(first, "map_calls.py", &[])?;
     let mut b = Fixture::start(second, "map_calls.py", &[])?;
+    // A budget of 0.5% of a CPU: 5000 calls/s at the agent's 1 µs a call.
     let agent = Probe::start(&[
         "agent",
         "--listen",
         &addr.to_string(),
         "--control",
         socket.to_str().context("path")?,
+        "--calls-budget",
+        "0.5",
     ])?;
     let start = |args: &[&str]| -> anyhow::Result<String> {
         let mut all = vec!["calls", "start"];
@@ -673,7 +676,200 @@ fn run_calls(
     let mut want = vec![(u64::from(a.pid()), 40), (u64::from(b.pid()), 60)];
     want.sort();
     ensure!(got == want, "second job: {last}");
+    ensure!(
+        last["over_budget"] == serde_json::json!([]),
+        "within the budget: {last}"
+    );
+
+    // Over the budget: 200000 calls in a moment are counted, then the
+    // process is no longer counted (its probes come off) and show says so.
+    let id3 = start(&["--pid", &a.pid().to_string()])?;
+    a.call("200000", "done 200000")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let shown = loop {
+        let shown = report("show", &id3)?;
+        if shown["over_budget"]
+            .as_array()
+            .is_some_and(|o| !o.is_empty())
+            || Instant::now() > deadline
+        {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let over = &shown["over_budget"][0];
+    ensure!(
+        over["pid"] == a.pid()
+            && over["detached"] == true
+            && over["cost_percent"].as_f64().is_some_and(|c| c > 0.5),
+        "over budget: {shown}"
+    );
+    // What was counted when it stopped (all 200000 unless the guard looked
+    // in the middle of the burst) and nothing after.
+    let at_stop = python_rows(&shown)
+        .first()
+        .and_then(|r| r["calls"].as_u64())
+        .context("no row")?;
+    ensure!(at_stop > 5000 && at_stop <= 200000, "{shown}");
+    a.call("1000", "done 1000")?;
+    let last = report("stop", &id3)?;
+    let rows = python_rows(&last);
+    ensure!(
+        rows.len() == 1 && rows[0]["calls"] == at_stop,
+        "counted until stopped ({at_stop}): {last}"
+    );
+    let out = ctl(&socket, &["calls", "show", &id3])?;
+    ensure!(
+        text(&out).contains(&format!("PID {} not counted since it made", a.pid())),
+        "the table says so: {}",
+        text(&out)
+    );
     drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Resident memory of process `pid` now (VmRSS), in kB.
+fn rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// How long the soak runs: `$PYPROBE_SOAK_SECONDS` (600 for the full
+/// soak), 40 s in the suite.
+fn soak_seconds() -> u64 {
+    std::env::var("PYPROBE_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40)
+}
+
+#[test]
+fn agent_soak_short_lived_processes_keep_its_memory_flat() {
+    let test = "agent_soak_short_lived_processes_keep_its_memory_flat";
+    let (first, second) = two_interpreters(
+        test,
+        "short-lived processes of two interpreters at once: the newest pyenv build and a sid build",
+    );
+    if let Err(e) = run_soak(&first, &second) {
+        panic!("{test} failed on {} + {}: {e:#}", first.label, second.label);
+    }
+}
+
+fn run_soak(
+    first: &pyprobe_tests::Interpreter,
+    second: &pyprobe_tests::Interpreter,
+) -> anyhow::Result<()> {
+    let dir = tempdir()?;
+    let socket = dir.join("control.sock");
+    let addr = free_addr();
+    let mut agent = Probe::start(&[
+        "agent",
+        "--listen",
+        &addr.to_string(),
+        "--control",
+        socket.to_str().context("path")?,
+        "--rate",
+        "99",
+    ])?;
+    let soak = Duration::from_secs(soak_seconds());
+    let started = Instant::now();
+    // Busy for 0.2-1.1 s each, 8 alive at a time, alternating interpreters.
+    let busy = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    sum(i * i for i in range(200))\n";
+    let mut alive: Vec<std::process::Child> = Vec::new();
+    let mut spawned: Vec<u32> = Vec::new();
+    let mut baseline: Option<u64> = None;
+    let mut peak = 0;
+    while started.elapsed() < soak {
+        alive.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        while alive.len() < 8 {
+            let interp = if spawned.len().is_multiple_of(2) {
+                first
+            } else {
+                second
+            };
+            let secs = 0.2 + (spawned.len() % 10) as f64 * 0.1;
+            let child = Command::new(&interp.path)
+                .args(["-c", busy, &secs.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            spawned.push(child.id());
+            alive.push(child);
+        }
+        // The first 10 s fill what is kept per interpreter file and frame
+        // names; from then on memory must stay flat.
+        let rss = rss_kb(agent.pid())?;
+        if started.elapsed() >= Duration::from_secs(10) && baseline.is_none() {
+            baseline = Some(rss);
+        }
+        if baseline.is_some() {
+            peak = peak.max(rss);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for mut c in alive {
+        let _ = c.wait();
+    }
+    let baseline = baseline.context("the soak ran under 10 s")?;
+    ensure!(
+        spawned.len() >= 100,
+        "only {} processes in {soak:?}",
+        spawned.len()
+    );
+    // Per-process state goes with the process: none listed, no series.
+    std::thread::sleep(Duration::from_secs(2));
+    let listed: Vec<u64> = processes(addr)?
+        .iter()
+        .filter_map(|p| p["pid"].as_u64())
+        .filter(|pid| spawned.contains(&(*pid as u32)))
+        .collect();
+    ensure!(
+        listed.is_empty(),
+        "exited processes still listed: {listed:?}"
+    );
+    let (_, metrics) = get(addr, "/metrics")?;
+    let metrics = String::from_utf8(metrics)?;
+    let series = metrics
+        .lines()
+        .filter(|l| l.starts_with("pyprobe_process_samples_total{"))
+        .filter(|l| spawned.iter().any(|pid| l.contains(&format!("\"{pid}\""))))
+        .count();
+    ensure!(
+        series == 0,
+        "series of exited processes: {series}\n{metrics}"
+    );
+    let samples: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pyprobe_samples_total "))
+        .context("no pyprobe_samples_total")?
+        .parse()?;
+    ensure!(samples > 0.0, "no sample taken: {metrics}");
+    ensure!(
+        metrics.contains("pyprobe_samples_lost_total{reason=\"unknown_process\"}"),
+        "losses not exported: {metrics}"
+    );
+    // Flat: at most 8 MB above what it held after 10 s.
+    ensure!(
+        peak <= baseline + 8 * 1024,
+        "RSS grew from {baseline} kB (at 10 s) to {peak} kB over {} processes",
+        spawned.len()
+    );
+    eprintln!(
+        "soak: {} processes in {soak:?}; agent RSS {baseline} kB at 10 s, peak {peak} kB after; {samples} samples",
+        spawned.len()
+    );
+    agent.terminate();
+    ensure!(
+        agent
+            .wait_exit(Duration::from_secs(2))
+            .is_some_and(|s| s.success()),
+        "the agent did not stop cleanly"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -276,6 +276,9 @@ enum Command {
         /// Where log point hits go, one JSON object per line (keys id, time, pid, tid, container, file, line, message, values): a file, appended to, or - for stdout [default: -].
         #[arg(long, value_name = "FILE|-")]
         hits: Option<String>,
+        /// The most a calls job may cost one process, in % of a CPU (a call costs about 1 µs): a process over it stops being counted [default: 5].
+        #[arg(long, value_name = "PERCENT")]
+        calls_budget: Option<f64>,
     },
     /// Control a running `pyprobe agent` over its socket (as root).
     Ctl {
@@ -724,6 +727,7 @@ fn main() -> ExitCode {
             } => {
                 let (pids, all, select) = targets.split();
                 calls::run(CallsOptions {
+                    per_process_probes: false,
                     builtins: !no_builtins,
                     latency,
                     empty_program: false,
@@ -824,6 +828,7 @@ fn main() -> ExitCode {
                 control,
                 rate,
                 hits,
+                calls_budget,
             } => {
                 let base = match &config {
                     Some(path) => pyprobe::agent::AgentConfig::read(path),
@@ -835,6 +840,7 @@ fn main() -> ExitCode {
                         c.control = control.unwrap_or(c.control);
                         c.rate = rate.unwrap_or(c.rate);
                         c.hits = hits.unwrap_or(c.hits);
+                        c.calls_budget = calls_budget.unwrap_or(c.calls_budget);
                         pyprobe::agent::run(c, config).await
                     }
                     Err(e) => Err(e),

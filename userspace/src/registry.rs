@@ -73,7 +73,10 @@ impl Registry {
     /// passed over.
     pub fn new_pids(&mut self, known: impl Fn(u32) -> bool) -> Vec<u32> {
         let mut out = Vec::new();
-        for pid in crate::selection::all_pids() {
+        let pids: std::collections::BTreeSet<u32> =
+            crate::selection::all_pids().into_iter().collect();
+        self.ignored.keep_only(&pids);
+        for pid in pids {
             if pid == std::process::id()
                 || known(pid)
                 || self.exec_pending.contains_key(&pid)

@@ -104,6 +104,12 @@ impl Ignored {
         );
     }
 
+    /// Forgets the processes not in `alive` (they exited: a long-running
+    /// agent must not keep every PID it ever passed over).
+    pub fn keep_only(&mut self, alive: &std::collections::BTreeSet<u32>) {
+        self.by_pid.retain(|pid, _| alive.contains(pid));
+    }
+
     /// Whether `pid` was passed over and is the same program since (a
     /// young one is looked at once more).
     pub fn holds(&mut self, pid: u32) -> bool {

@@ -16,6 +16,8 @@
 //!   [`profile`]).
 //! - `calls`, `record` and `log` under `--all` with 100 Python processes:
 //!   time to ready and to exit, CPU and peak RSS (see [`scale`]).
+//! - `pyprobe agent` over 20 busy processes against `py-spy record` on
+//!   each (see [`agent`]).
 
 use std::{
     io::{BufRead, BufReader},
@@ -27,6 +29,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
+mod agent;
 mod logpoint;
 mod profile;
 mod scale;
@@ -190,6 +193,9 @@ pub fn bench(runs: usize, only: &[String], python: Option<String>) -> anyhow::Re
     }
     if wanted("scale") {
         scale::bench_scale(&pyprobe)?;
+    }
+    if wanted("agent") {
+        agent::bench_agent(&pyprobe)?;
     }
     if wanted("logpoint") {
         logpoint::bench_logpoint(&pyprobe)?;

@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         .parse()
         .context("PID is a number")?;
     calls::run(CallsOptions {
+        per_process_probes: false,
         pids: vec![pid],
         all: false,
         select: Default::default(),

@@ -55,6 +55,9 @@ pub struct AgentConfig {
     /// Where log point hits go, one JSON object per line: a file
     /// (appended to) or `-` for standard output.
     pub hits: String,
+    /// The most a calls job may cost one process, in % of a CPU: a
+    /// process whose calls would cost more stops being counted.
+    pub calls_budget: f64,
 }
 
 impl Default for AgentConfig {
@@ -64,6 +67,7 @@ impl Default for AgentConfig {
             control: PathBuf::from(control::DEFAULT_CONTROL),
             rate: DEFAULT_RATE,
             hits: "-".into(),
+            calls_budget: DEFAULT_CALLS_BUDGET,
         }
     }
 }
@@ -86,6 +90,12 @@ impl AgentConfig {
 
     /// Refuses settings that cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
+        if !(self.calls_budget > 0.0 && self.calls_budget <= 100.0) {
+            anyhow::bail!(
+                "a calls budget of {}% is out of range: give more than 0 and at most 100 (% of a CPU)",
+                self.calls_budget
+            );
+        }
         check_rate(self.rate)
     }
 }
@@ -146,8 +156,33 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// How often log point hits are read.
 const LOG_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
+/// The default calls budget: 5% of a CPU per process.
+pub const DEFAULT_CALLS_BUDGET: f64 = 5.0;
+/// What one counted call costs the process it runs in, in µs: a trap into
+/// the kernel and the counting program, 0.65-1 µs measured by `cargo xtask
+/// bench --only calls` on this machine kind (the higher figure, to err on
+/// the side of the target).
+const CALL_COST_US: f64 = 1.0;
+
+/// A process a calls job stopped counting: its calls would cost more than
+/// the budget.
+#[derive(Debug, Clone, Serialize)]
+struct OverBudget {
+    pid: u32,
+    calls_per_s: f64,
+    /// What counting them would cost, in % of a CPU.
+    cost_percent: f64,
+    /// Its own probes came off (under a probe on its whole file it still
+    /// traps, uncounted).
+    detached: bool,
+}
+
 /// A calls job started through the control socket.
 struct CallsJob {
+    /// Calls per process when last looked at.
+    last: Option<(Instant, BTreeMap<u32, u64>)>,
+    /// Processes stopped by the budget.
+    over_budget: BTreeMap<u32, OverBudget>,
     id: String,
     session: crate::calls::Session,
     reporter: crate::calls::report::Reporter,
@@ -163,6 +198,8 @@ const CALLS_EVENTS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The agent's state, owned by its loop.
 struct Agent {
+    /// See [`AgentConfig::calls_budget`].
+    calls_budget: f64,
     /// The running calls job (one at a time: they share the call maps).
     calls: Option<CallsJob>,
     /// Calls jobs started since start (for ids).
@@ -184,6 +221,28 @@ struct Agent {
     collectors: Vec<Collector>,
     started: Instant,
     config_path: Option<PathBuf>,
+}
+
+/// A calls report as JSON and as a table, with the processes the budget
+/// stopped counting.
+fn with_over_budget(
+    report: &crate::calls::report::CallsReport,
+    over: &BTreeMap<u32, OverBudget>,
+) -> (serde_json::Value, String) {
+    let mut json = serde_json::to_value(report).unwrap_or_default();
+    json["over_budget"] =
+        serde_json::to_value(over.values().collect::<Vec<_>>()).unwrap_or_default();
+    let mut table = report.to_table();
+    for o in over.values() {
+        table.push_str(&format!(
+            "PID {} not counted since it made {:.0} calls/s ({:.1}% of a CPU, over the budget){}\n",
+            o.pid,
+            o.calls_per_s,
+            o.cost_percent,
+            if o.detached { "" } else { "; it still traps" }
+        ));
+    }
+    (json, table)
 }
 
 /// Runs the agent until SIGTERM or Ctrl-C (exit 0, nothing left attached);
@@ -223,6 +282,7 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         threads: true,
     };
     let mut agent = Agent {
+        calls_budget: config.calls_budget,
         calls: None,
         calls_started: 0,
         finished: Vec::new(),
@@ -232,7 +292,11 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         points: BTreeMap::new(),
         added: 0,
         log_ticks: 0,
-        session: profile::Session::new(&engine, &opts)?,
+        session: {
+            let mut session = profile::Session::new(&engine, &opts)?;
+            session.keep_exited_names = false;
+            session
+        },
         rate: config.rate,
         watched: BTreeMap::new(),
         collectors: Vec::new(),
@@ -317,6 +381,39 @@ impl Agent {
                 crate::errors::one_line(e.as_ref())
             );
         }
+        // The overhead guard: a process whose calls in the last second
+        // would cost more than the budget stops being counted.
+        if let Ok(now_counts) = job.session.calls_by_process() {
+            let now = Instant::now();
+            if let Some((then, before)) = &job.last {
+                let dt = now.duration_since(*then).as_secs_f64().max(1e-3);
+                for (&pid, &n) in &now_counts {
+                    if job.over_budget.contains_key(&pid) {
+                        continue;
+                    }
+                    let rate = n.saturating_sub(before.get(&pid).copied().unwrap_or(0)) as f64 / dt;
+                    let cost = rate * CALL_COST_US / 1e6 * 100.0;
+                    if cost > self.calls_budget {
+                        let detached = job.session.stop_process(pid).unwrap_or(false);
+                        eprintln!(
+                            "pyprobe: calls {}: PID {pid} makes {rate:.0} calls/s, which would cost {cost:.1}% of a CPU \
+                             (budget {}%): no longer counted",
+                            job.id, self.calls_budget
+                        );
+                        job.over_budget.insert(
+                            pid,
+                            OverBudget {
+                                pid,
+                                calls_per_s: rate,
+                                cost_percent: cost,
+                                detached,
+                            },
+                        );
+                    }
+                }
+            }
+            job.last = Some((now, now_counts));
+        }
         let why = if Instant::now() >= job.expires {
             Some("its time to live ran out")
         } else if !job.all && job.session.all_gone() {
@@ -379,12 +476,15 @@ impl Agent {
             empty_program: false,
             builtins: true,
             latency: false,
+            per_process_probes: true,
         };
         let mut session = crate::calls::Session::new(&self.engine, &opts)?;
         session.start(&opts)?;
         self.calls_started += 1;
         let id = format!("calls{}", self.calls_started);
         self.calls = Some(CallsJob {
+            last: None,
+            over_budget: BTreeMap::new(),
             id: id.clone(),
             session,
             reporter: crate::calls::report::Reporter::new(
@@ -406,7 +506,7 @@ impl Agent {
             let report =
                 job.session
                     .report(&mut job.reporter, job.filter.as_deref(), "interval")?;
-            return Ok((serde_json::to_value(&report)?, report.to_table()));
+            return Ok(with_over_budget(&report, &job.over_budget));
         }
         self.finished
             .iter()
@@ -426,9 +526,8 @@ impl Agent {
         let report = job
             .session
             .report(&mut job.reporter, job.filter.as_deref(), "final")?;
+        let (json, table) = with_over_budget(&report, &job.over_budget);
         drop(job);
-        let json = serde_json::to_value(&report)?;
-        let table = report.to_table();
         self.finished
             .push((id.to_owned(), json.clone(), table.clone()));
         if self.finished.len() > FINISHED_KEPT {
@@ -812,6 +911,16 @@ impl Agent {
             }
         }
         m.declare(
+            "pyprobe_calls_over_budget_processes",
+            Kind::Gauge,
+            "Processes the running calls job stopped counting: their calls would cost more than the budget.",
+        );
+        m.add(
+            "pyprobe_calls_over_budget_processes",
+            &[],
+            self.calls.as_ref().map_or(0, |j| j.over_budget.len()) as f64,
+        );
+        m.declare(
             "pyprobe_hits_unwritten_total",
             Kind::Counter,
             "Log point hits that could not be written to --hits.",
@@ -851,6 +960,7 @@ impl Agent {
                 "profiles_in_progress": self.collectors.len(),
                 "log_points": self.points.len(),
                 "calls_job": self.calls.as_ref().map(|j| j.id.clone()),
+                "calls_budget_percent": self.calls_budget,
                 "log_processes": self.log.as_ref().map_or(0, |l| l.watched()),
                 "hits_unwritten": self.log.as_ref().map_or(0, |l| l.unwritten()),
             })),

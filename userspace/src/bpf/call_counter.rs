@@ -129,11 +129,16 @@ pub struct CallCounter {
     /// Probes asked for since the last [`Self::flush`], by program, file
     /// and process, in the order asked.
     pending: Vec<PendingProbes>,
-    /// The `uprobe_multi` links made.
-    links: Vec<super::uprobe_multi::MultiLink>,
+    /// The `uprobe_multi` links made, with the process each is for
+    /// (`None`: every process of its file).
+    links: Vec<(Option<u32>, super::uprobe_multi::MultiLink)>,
     /// Perf-event uprobes made (kernels without `uprobe_multi`), by
-    /// program, to take off when the counter goes.
-    perf_links: Vec<(CallProgram, aya::programs::uprobe::UProbeLinkId)>,
+    /// program and process, to take off when the counter goes.
+    perf_links: Vec<(
+        CallProgram,
+        Option<u32>,
+        aya::programs::uprobe::UProbeLinkId,
+    )>,
     /// What earlier counters of the object had lost (losses are this
     /// counter's own).
     base: CallLosses,
@@ -260,7 +265,7 @@ impl CallCounter {
                 offset: file_offset,
                 source,
             })?;
-        self.perf_links.push((program, link));
+        self.perf_links.push((program, pid, link));
         Ok(())
     }
 
@@ -287,9 +292,34 @@ impl CallCounter {
                     offset: group.offsets.first().copied().unwrap_or(0),
                     source: aya::programs::ProgramError::IOError(e),
                 })?;
-            self.links.push(link);
+            self.links.push((group.pid, link));
         }
         Ok(())
+    }
+
+    /// Stops counting process `pid`: the probes put on for it alone come
+    /// off (it traps no more) and its configuration goes. Probes on its
+    /// whole file stay (they serve other processes); it is then not
+    /// counted, at the cost of a trap per call. Returns whether its own
+    /// probes came off.
+    pub fn detach_process(&mut self, pid: u32) -> Result<bool, BpfError> {
+        let before = self.links.len() + self.perf_links.len();
+        self.links.retain(|(p, _)| *p != Some(pid));
+        {
+            let mut object = self.object.lock();
+            let mine: Vec<usize> = (0..self.perf_links.len())
+                .rev()
+                .filter(|&i| self.perf_links[i].1 == Some(pid))
+                .collect();
+            for i in mine {
+                let (program, _, link) = self.perf_links.remove(i);
+                if let Ok(p) = uprobe_mut(&mut object.ebpf, program.name()) {
+                    let _ = p.detach(link);
+                }
+            }
+        }
+        self.forget(pid)?;
+        Ok(self.links.len() + self.perf_links.len() < before)
     }
 
     /// Whether probes are `uprobe_multi` links (closed with one wait per
@@ -438,7 +468,7 @@ impl Drop for CallCounter {
     fn drop(&mut self) {
         self.links.clear();
         let mut object = self.object.lock();
-        for (program, link) in self.perf_links.drain(..) {
+        for (program, _, link) in self.perf_links.drain(..) {
             if let Ok(p) = uprobe_mut(&mut object.ebpf, program.name()) {
                 let _ = p.detach(link);
             }

@@ -69,6 +69,10 @@ pub struct CallsOptions {
     pub builtins: bool,
     /// Time calls too (p50/p99/max per function).
     pub latency: bool,
+    /// Probes for each process alone even under `--all` (the agent: so
+    /// that one process can stop being counted); new processes are then
+    /// picked up by the scan every second, not from their first call.
+    pub per_process_probes: bool,
 }
 
 /// The processes being watched and the probes set up for them.
@@ -573,7 +577,7 @@ impl Session {
             kernel_ready: BTreeMap::new(),
             dropped: false,
             registry: crate::registry::Registry::new(opts.select.clone()),
-            all: opts.all && opts.select.is_everything(),
+            all: opts.all && opts.select.is_everything() && !opts.per_process_probes,
             empty_program: opts.empty_program,
             builtins: opts.builtins,
             latency: opts.latency,
@@ -637,6 +641,25 @@ impl Session {
             self.counter.losses()?,
             kind,
         ))
+    }
+
+    /// Calls counted so far per process (Python functions and builtins).
+    pub(crate) fn calls_by_process(&mut self) -> anyhow::Result<BTreeMap<u32, u64>> {
+        let mut out = BTreeMap::new();
+        for (key, c) in self.counter.counts()? {
+            *out.entry(key.tgid).or_insert(0) += c.starts + c.resumes;
+        }
+        for (key, n) in self.counter.builtin_counts()? {
+            *out.entry(key.tgid).or_insert(0) += n;
+        }
+        Ok(out)
+    }
+
+    /// Stops counting process `pid` (its own probes come off) and passes
+    /// over it from now on; its counts so far stay in the reports.
+    pub(crate) fn stop_process(&mut self, pid: u32) -> anyhow::Result<bool> {
+        self.registry.pass_over(pid);
+        Ok(self.counter.detach_process(pid)?)
     }
 
     /// Whether the processes it watches are all gone (not under `--all`).

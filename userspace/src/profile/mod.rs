@@ -110,6 +110,12 @@ pub(crate) struct Session {
     unknown_seen: u64,
     /// Plain `--all`: per-file probes serve every process.
     whole_files: bool,
+    /// Keep the names of exited processes and their threads for the
+    /// output (a command's profile names them at the end); the agent
+    /// forgets them, so its memory follows the live processes.
+    pub(crate) keep_exited_names: bool,
+    /// The threads named in each process (see `keep_exited_names`).
+    named_tids: HashMap<u32, Vec<u32>>,
 }
 
 impl Session {
@@ -139,6 +145,8 @@ impl Session {
             rate: opts.rate,
             unknown_seen: 0,
             whole_files: opts.all && opts.select.is_everything(),
+            keep_exited_names: true,
+            named_tids: HashMap::new(),
         })
     }
 
@@ -209,6 +217,7 @@ impl Session {
             if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) {
                 self.roots.thread_names.insert(tid, comm.trim().to_owned());
             }
+            self.named_tids.entry(pid).or_default().push(tid);
         }
         let python: Vec<(u32, u64)> = threads.iter().copied().filter(|(_, t)| *t != 0).collect();
         self.idle_sampler.retain(pid, &python);
@@ -222,6 +231,14 @@ impl Session {
         for pid in pids {
             if !process::is_alive(pid) {
                 self.threads.remove(&pid);
+                let named = self.named_tids.remove(&pid).unwrap_or_default();
+                if !self.keep_exited_names {
+                    self.roots.process_names.remove(&pid);
+                    for tid in named {
+                        self.roots.thread_names.remove(&tid);
+                        self.roots.namespace_tids.remove(&tid);
+                    }
+                }
                 self.processes.remove(&pid);
                 self.mappers.remove(&pid);
                 self.idle_sampler.forget(pid);

@@ -30,7 +30,7 @@ const ROUNDS: usize = 9;
 
 /// Installs py-spy from PyPI into pyprobe's data directory (once); returns
 /// the executable.
-fn py_spy() -> anyhow::Result<PathBuf> {
+pub(super) fn py_spy() -> anyhow::Result<PathBuf> {
     let dir = std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".local/share/pyprobe/py-spy"))
         .context("HOME is not set")?;
