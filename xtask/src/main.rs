@@ -41,9 +41,9 @@ enum Task {
         /// Runs per measurement.
         #[arg(long, default_value_t = 20)]
         runs: usize,
-        /// Only these benchmarks (repeatable): dump, profile, calls, scale, logpoint
+        /// Only these benchmarks (repeatable): dump, profile, calls, scale, logpoint, agent
         /// (logpoint-framework: only its framework-like workload).
-        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls", "scale", "logpoint", "logpoint-framework"])]
+        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls", "scale", "logpoint", "logpoint-framework", "agent"])]
         only: Vec<String>,
         /// Only interpreters whose path contains this (e.g. 3.12, /usr/bin).
         #[arg(long, value_name = "TEXT")]

@@ -43,6 +43,20 @@ impl ProcessEvents {
         })
     }
 
+    /// Waits up to `timeout` for news (poll(2) on the ring: no wake-up
+    /// while nothing happens); whether some came.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut fd, 1, ms) > 0 }
+    }
+
     /// Hands the events waiting to `f`, oldest first.
     pub fn drain(&mut self, mut f: impl FnMut(News)) {
         while let Some(item) = self.ring.next() {

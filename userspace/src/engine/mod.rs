@@ -21,8 +21,9 @@ use crate::{
     process,
 };
 
-/// How often the news thread reads the kernel's ring.
-const NEWS_POLL: Duration = Duration::from_millis(2);
+/// The longest the news thread waits for news before it looks whether
+/// the engine is gone.
+const NEWS_WAIT: Duration = Duration::from_millis(100);
 
 /// One piece of the kernel's news, with what had to be read at once.
 #[derive(Clone)]
@@ -94,7 +95,7 @@ impl Drop for Inner {
 }
 
 /// Reads the kernel's news on a thread of its own, so that what must be
-/// read while a process lives (its parent) is read within milliseconds,
+/// read while a process lives (its parent) is read at once,
 /// whatever the jobs are busy with (reading large count maps takes a
 /// while). Each piece goes to every subscriber still listening.
 fn spawn_reader(
@@ -106,6 +107,9 @@ fn spawn_reader(
         .name("pyprobe-news".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
+                // Woken by the kernel when news comes: read within
+                // microseconds, and no wake-ups while nothing happens.
+                events.wait(NEWS_WAIT);
                 let mut arrivals = Vec::new();
                 events.drain(|news| {
                     let forked_from = match &news {
@@ -121,7 +125,6 @@ fn spawn_reader(
                     let mut subs = subscribers.lock().unwrap_or_else(|p| p.into_inner());
                     subs.retain(|tx| arrivals.iter().all(|a| tx.send(a.clone()).is_ok()));
                 }
-                std::thread::sleep(NEWS_POLL);
             }
         })
         .expect("spawning the news thread");

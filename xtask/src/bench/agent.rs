@@ -19,8 +19,16 @@ use crate::util::KillOnDrop;
 
 /// Busy Python processes profiled at once.
 const PROCESSES: usize = 20;
-/// How long each profiler runs.
-const WINDOW: Duration = Duration::from_secs(60);
+/// How long each profiler runs: 60 s, or `$PYPROBE_BENCH_AGENT_SECONDS`
+/// for a quick look.
+fn window() -> Duration {
+    Duration::from_secs(
+        std::env::var("PYPROBE_BENCH_AGENT_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    )
+}
 /// The agent's default rate, and the py-spy habit.
 const RATES: [u32; 2] = [19, 99];
 
@@ -90,7 +98,7 @@ fn agent_run(pyprobe: &Path, rate: u32) -> anyhow::Result<(f64, f64, u64)> {
     // Set-up over, the steady state is measured.
     std::thread::sleep(Duration::from_secs(2));
     let (cpu0, t0) = (cpu_seconds(pid)?, Instant::now());
-    std::thread::sleep(WINDOW);
+    std::thread::sleep(window());
     let (cpu1, t1) = (cpu_seconds(pid)?, Instant::now());
     let rss = peak_rss_kb(pid)? as f64 / 1024.0;
     let samples = metric(addr, "pyprobe_samples_total ").unwrap_or(0.0) as u64;
@@ -133,7 +141,7 @@ fn py_spy_run(py_spy: &Path, pids: &[u32], rate: u32) -> anyhow::Result<(f64, f6
         .map(|pid| {
             Command::new(py_spy)
                 .args(["record", "--rate", &rate.to_string(), "--duration"])
-                .arg(WINDOW.as_secs().to_string())
+                .arg(window().as_secs().to_string())
                 .args(["--format", "raw", "--pid", &pid.to_string(), "-o"])
                 .arg(&out)
                 .stdout(Stdio::null())
@@ -149,7 +157,7 @@ fn py_spy_run(py_spy: &Path, pids: &[u32], rate: u32) -> anyhow::Result<(f64, f6
         rss = rss.max(usage.max_rss_kb as f64 / 1024.0);
     }
     let _ = std::fs::remove_file(&out);
-    Ok((cpu / WINDOW.as_secs_f64() * 100.0, rss))
+    Ok((cpu / window().as_secs_f64() * 100.0, rss))
 }
 
 /// Runs the agent bench on the newest pyenv interpreter.
@@ -162,7 +170,7 @@ pub fn bench_agent(pyprobe: &Path) -> anyhow::Result<()> {
     println!(
         "\n== agent: {PROCESSES} busy Python processes ({}), {} s per run ==",
         python.display(),
-        WINDOW.as_secs()
+        window().as_secs()
     );
     let mut fleet = Vec::new();
     for _ in 0..PROCESSES {
@@ -189,7 +197,7 @@ pub fn bench_agent(pyprobe: &Path) -> anyhow::Result<()> {
             "{rate} Hz: agent {agent_cpu:.2}% of a core, peak RSS {agent_rss:.1} MB, {samples} samples in {} s; \
              py-spy record x{PROCESSES}: {spy_cpu:.1}% of a core in all (each peak RSS up to {spy_rss:.1} MB); \
              agent/py-spy CPU {:.4} (goal: at most 0.05{})",
-            WINDOW.as_secs(),
+            window().as_secs(),
             agent_cpu / spy_cpu,
             if rate == RATES[0] {
                 "; goal at this rate: at most 0.5% of a core, 100 MB"
