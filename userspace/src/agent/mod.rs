@@ -224,15 +224,21 @@ struct Agent {
 }
 
 /// A calls report as JSON and as a table, with the processes the budget
-/// stopped counting.
+/// stopped counting and how many were picked up after they started.
 fn with_over_budget(
     report: &crate::calls::report::CallsReport,
     over: &BTreeMap<u32, OverBudget>,
+    late: u64,
 ) -> (serde_json::Value, String) {
     let mut json = serde_json::to_value(report).unwrap_or_default();
+    json["picked_up_late"] = serde_json::json!(late);
     json["over_budget"] =
         serde_json::to_value(over.values().collect::<Vec<_>>()).unwrap_or_default();
     let mut table = report.to_table();
+    if let Some(line) = crate::calls::late_line(late) {
+        table.push_str(&line);
+        table.push('\n');
+    }
     for o in over.values() {
         table.push_str(&format!(
             "PID {} not counted since it made {:.0} calls/s ({:.1}% of a CPU, over the budget){}\n",
@@ -506,7 +512,11 @@ impl Agent {
             let report =
                 job.session
                     .report(&mut job.reporter, job.filter.as_deref(), "interval")?;
-            return Ok(with_over_budget(&report, &job.over_budget));
+            return Ok(with_over_budget(
+                &report,
+                &job.over_budget,
+                job.session.picked_up_late(),
+            ));
         }
         self.finished
             .iter()
@@ -526,7 +536,8 @@ impl Agent {
         let report = job
             .session
             .report(&mut job.reporter, job.filter.as_deref(), "final")?;
-        let (json, table) = with_over_budget(&report, &job.over_budget);
+        let (json, table) =
+            with_over_budget(&report, &job.over_budget, job.session.picked_up_late());
         drop(job);
         self.finished
             .push((id.to_owned(), json.clone(), table.clone()));

@@ -108,6 +108,11 @@ pub(crate) struct Session {
     filtering: bool,
     /// Processes configured so far (for [`calls::epoch_base`]).
     configured: u64,
+    /// [`Self::start`] is over: processes set up from now on by a scan
+    /// had started before (their first calls are not counted).
+    started: bool,
+    /// Processes set up by a scan after the start.
+    picked_up_late: u64,
 }
 
 impl Session {
@@ -464,6 +469,9 @@ impl Session {
                 continue;
             }
             let result = self.add(pid);
+            if result.is_ok() && self.started {
+                self.picked_up_late += 1;
+            }
             self.registry.note_scanned(pid, result, "watching");
         }
         process::release_images();
@@ -559,7 +567,24 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     }
     let report = session.report(&mut reporter, opts.filter.as_deref(), "final")?;
     emit(&report, opts.json)?;
+    if let Some(line) = late_line(session.picked_up_late()) {
+        eprintln!("pyprobe: {line}");
+    }
     Ok(())
+}
+
+/// What to say of processes picked up by a scan after the start, if any.
+pub fn late_line(n: u64) -> Option<String> {
+    (n > 0).then(|| {
+        format!(
+            "{n} process{} started while watching {} counted from when {} picked up (within a second of \
+             {its} start), not from {its} first call",
+            if n == 1 { "" } else { "es" },
+            if n == 1 { "was" } else { "were" },
+            if n == 1 { "it was" } else { "they were" },
+            its = if n == 1 { "its" } else { "their" },
+        )
+    })
 }
 
 impl Session {
@@ -583,6 +608,8 @@ impl Session {
             latency: opts.latency,
             filtering: opts.filter.is_some(),
             configured: 0,
+            started: false,
+            picked_up_late: 0,
         })
     }
 
@@ -610,7 +637,14 @@ impl Session {
                 );
             }
         }
+        session.started = true;
         Ok(())
+    }
+
+    /// Processes a scan set up after the start: counted from then on, not
+    /// from their first call.
+    pub(crate) fn picked_up_late(&self) -> u64 {
+        self.picked_up_late
     }
 
     /// Names what was counted while its process still exists.

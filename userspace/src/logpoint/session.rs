@@ -1137,9 +1137,12 @@ impl Session {
         } else {
             format!(", kernel tests {}", compiled.kernel_atoms.join(" and "))
         };
+        let name = match &self.points[point].agent {
+            Some(a) => a.id.clone(),
+            None => (point + 1).to_string(),
+        };
         let line = format!(
-            "log point {} armed at {}:{} ({}{}) in PID {pid}: hardware watchpoint on {} thread{}{kernel}{}",
-            point + 1,
+            "log point {name} armed at {}:{} ({}{}) in PID {pid}: hardware watchpoint on {} thread{}{kernel}{}",
             found.filename,
             found.line,
             found.qualname,
@@ -1683,6 +1686,10 @@ impl Session {
                 }
                 if let Some(a) = &point.agent {
                     obj["id"] = json!(a.id);
+                    // The slot, not the id users know it by.
+                    if let Some(o) = obj.as_object_mut() {
+                        o.remove("logpoint");
+                    }
                     if process.container.is_none() {
                         obj["container"] = serde_json::Value::Null;
                     }
