@@ -489,7 +489,9 @@ impl Agent {
         self.calls_started += 1;
         let id = format!("calls{}", self.calls_started);
         self.calls = Some(CallsJob {
-            last: None,
+            // Nothing counted yet: a burst before the first look is judged
+            // at it.
+            last: Some((Instant::now(), BTreeMap::new())),
             over_budget: BTreeMap::new(),
             id: id.clone(),
             session,
