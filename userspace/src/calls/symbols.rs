@@ -251,6 +251,11 @@ impl Symbols {
         if let Some(Resolved::Code(_)) = self.names.get(&event.key) {
             return;
         }
+        // Its file, even if the news of its process was missed: what a
+        // fork relative named at the same addresses can name it.
+        self.template_of
+            .entry(event.key.tgid)
+            .or_insert(event.template);
         let Some(facts) = self.facts.get(&event.template) else {
             return;
         };
@@ -320,8 +325,21 @@ impl Symbols {
     pub fn resolve<'a>(&mut self, keys: impl IntoIterator<Item = &'a CodeKey>) -> Vec<CodeKey> {
         let mut new = std::mem::take(&mut self.named_from_events);
         for key in keys {
-            if self.names.contains_key(key) {
-                continue;
+            match self.names.get(key) {
+                Some(Resolved::Code(_)) => continue,
+                // A code object of a process that ended unread: a fork
+                // relative may have named the same object since.
+                Some(Resolved::Unknown(_))
+                    if self.gone.contains(&key.tgid) && !is_builtin_row(key) =>
+                {
+                    if let Some(code) = self.relative_code(key) {
+                        new.push(*key);
+                        self.names.insert(*key, Resolved::Code(code));
+                    }
+                    continue;
+                }
+                Some(Resolved::Unknown(_)) => continue,
+                None => {}
             }
             let builtin = if is_builtin_row(key) {
                 match self.builtins.get(key).copied() {
@@ -534,7 +552,7 @@ mod tests {
             .codes_by_site
             .insert((3, key.code, key.name, 12), code.clone());
         assert_eq!(symbols.resolve([&key]), vec![key]);
-        assert_eq!(symbols.get(&key), Some(&Resolved::Code(code)));
+        assert_eq!(symbols.get(&key), Some(&Resolved::Code(code.clone())));
         // Another first line at the same address is another object.
         let other = CodeKey {
             firstlineno: 13,
@@ -542,5 +560,21 @@ mod tests {
         };
         symbols.resolve([&other]);
         assert!(matches!(symbols.get(&other), Some(Resolved::Unknown(_))));
+        // Called unknown first, named once a relative names that object.
+        let third = CodeKey {
+            code: 0xc2_8000,
+            ..key
+        };
+        symbols.resolve([&third]);
+        assert!(matches!(symbols.get(&third), Some(Resolved::Unknown(_))));
+        let code3 = CodeSummary {
+            qualname: "finish".into(),
+            ..code.clone()
+        };
+        symbols
+            .codes_by_site
+            .insert((3, third.code, third.name, 12), code3.clone());
+        assert_eq!(symbols.resolve([&third]), vec![third]);
+        assert_eq!(symbols.get(&third), Some(&Resolved::Code(code3)));
     }
 }
