@@ -106,6 +106,16 @@ pub fn sid_python(minor: u32) -> PathBuf {
     sid_dir().join(format!("bin/python3.{minor}"))
 }
 
+/// A memory figure of process `pid` from `/proc/PID/status`, in kB:
+/// `field` is e.g. `VmRSS` (resident now) or `VmHWM` (peak resident).
+pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

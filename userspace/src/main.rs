@@ -421,10 +421,7 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
                     ttl,
                 },
         } => Request::LogAdd(pyprobe::agent::control::LogAdd {
-            all: targets.all,
-            pids: targets.pids,
-            name: targets.name.map(|r| r.as_str().to_owned()),
-            container: targets.container,
+            targets: targets.for_agent(),
             at,
             when,
             msg,
@@ -441,10 +438,7 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
                     ttl,
                 },
         } => Request::CallsStart(pyprobe::agent::control::CallsStart {
-            all: targets.all,
-            pids: targets.pids,
-            name: targets.name.map(|r| r.as_str().to_owned()),
-            container: targets.container,
+            targets: targets.for_agent(),
             filter,
             ttl_seconds: ttl.as_secs_f64(),
         }),
@@ -564,6 +558,16 @@ struct TargetArgs {
 }
 
 impl TargetArgs {
+    /// The same, as the agent's control socket takes it.
+    fn for_agent(self) -> pyprobe::agent::control::Targets {
+        pyprobe::agent::control::Targets {
+            all: self.all,
+            pids: self.pids,
+            name: self.name.map(|r| r.as_str().to_owned()),
+            container: self.container,
+        }
+    }
+
     /// The PIDs, whether a selection was asked for, and the selection.
     fn split(self) -> (Vec<u32>, bool, Selector) {
         let selector = Selector {

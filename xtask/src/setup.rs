@@ -75,29 +75,23 @@ fn ensure_debian_tools() -> anyhow::Result<String> {
         return Ok("present".into());
     }
     println!("  installing {} from Debian...", missing.join(" "));
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running apt-get")?;
-    if !status.success() {
-        // A machine whose package lists are stale: read them and try once more.
+    let apt_get = |args: &[&str]| {
         Command::new("apt-get")
-            .args(["update", "-q"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .context("running apt-get update")?;
-        let again = Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
+            .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdout(std::process::Stdio::null())
             .status()
-            .context("running apt-get")?;
+            .context("running apt-get")
+    };
+    let install: Vec<&str> = ["install", "-y", "-q", "--no-install-recommends"]
+        .into_iter()
+        .chain(missing.iter().copied())
+        .collect();
+    if !apt_get(&install)?.success() {
+        // A machine whose package lists are stale: read them and try once more.
+        apt_get(&["update", "-q"])?;
         anyhow::ensure!(
-            again.success(),
+            apt_get(&install)?.success(),
             "apt-get install {} failed",
             missing.join(" ")
         );

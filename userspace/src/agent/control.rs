@@ -55,6 +55,20 @@ pub enum Request {
 /// A calls job to start: which processes, which functions, how long.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct CallsStart {
+    /// Which processes.
+    #[serde(flatten)]
+    pub targets: Targets,
+    /// Only functions whose file or qualified name contains this.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Seconds until it stops by itself.
+    pub ttl_seconds: f64,
+}
+
+/// Which processes a log point or a calls job is for: exactly one of
+/// these.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Targets {
     /// These processes (host PIDs)...
     #[serde(default)]
     pub pids: Vec<u32>,
@@ -67,28 +81,60 @@ pub struct CallsStart {
     /// ...or every Python process.
     #[serde(default)]
     pub all: bool,
-    /// Only functions whose file or qualified name contains this.
-    #[serde(default)]
-    pub filter: Option<String>,
-    /// Seconds until it stops by itself.
-    pub ttl_seconds: f64,
+}
+
+impl Targets {
+    /// The processes, as a scope; one that gives none or several of the
+    /// four ways is refused, as a bad `--name`.
+    pub fn scope(&self) -> anyhow::Result<crate::logpoint::session::PointScope> {
+        let given = usize::from(!self.pids.is_empty())
+            + usize::from(self.name.is_some())
+            + usize::from(self.container.is_some())
+            + usize::from(self.all);
+        if given != 1 {
+            anyhow::bail!("say which processes: one of --pid, --all, --name, --container");
+        }
+        let name = match &self.name {
+            Some(re) => Some(
+                regex::Regex::new(re)
+                    .map_err(|_| anyhow::anyhow!("--name {re:?} is not a regular expression"))?,
+            ),
+            None => None,
+        };
+        Ok(crate::logpoint::session::PointScope {
+            pids: self.pids.clone(),
+            select: crate::selection::Selector {
+                name,
+                container: self.container.clone(),
+            },
+        })
+    }
+
+    /// The processes, in words.
+    pub fn describe(&self) -> anyhow::Result<String> {
+        let scope = self.scope()?;
+        Ok(if scope.pids.is_empty() {
+            scope.select.describe()
+        } else {
+            format!(
+                "PID {}",
+                scope
+                    .pids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
 }
 
 /// A log point to add: where, when, what, for which processes, how long.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct LogAdd {
-    /// These processes (host PIDs)...
-    #[serde(default)]
-    pub pids: Vec<u32>,
-    /// ...or those whose command line matches this regular expression...
-    #[serde(default)]
-    pub name: Option<String>,
-    /// ...or those in the container whose id starts with this...
-    #[serde(default)]
-    pub container: Option<String>,
-    /// ...or, none of these given, every Python process.
-    #[serde(default)]
-    pub all: bool,
+    /// Which processes.
+    #[serde(flatten)]
+    pub targets: Targets,
     /// `FILE:LINE`, `FILE:FUNCTION` or `MODULE:QUALNAME`.
     pub at: String,
     /// Condition.

@@ -223,6 +223,14 @@ struct Agent {
     config_path: Option<PathBuf>,
 }
 
+/// When a job given `ttl_seconds` to live ends.
+fn expiry(ttl_seconds: f64) -> anyhow::Result<Instant> {
+    if !(ttl_seconds > 0.0 && ttl_seconds.is_finite()) {
+        anyhow::bail!("--ttl must be a positive duration (e.g. 30s, 10m, 1h)");
+    }
+    Ok(Instant::now() + Duration::from_secs_f64(ttl_seconds))
+}
+
 /// A calls report as JSON and as a table, with the processes the budget
 /// stopped counting and how many were picked up after they started.
 fn with_over_budget(
@@ -445,35 +453,16 @@ impl Agent {
                 job.id
             );
         }
-        let given = usize::from(!start.pids.is_empty())
-            + usize::from(start.name.is_some())
-            + usize::from(start.container.is_some())
-            + usize::from(start.all);
-        if given != 1 {
-            anyhow::bail!("say which processes: one of --pid, --all, --name, --container");
-        }
-        if !(start.ttl_seconds > 0.0 && start.ttl_seconds.is_finite()) {
-            anyhow::bail!("--ttl must be a positive duration (e.g. 30s, 10m, 1h)");
-        }
-        let name = match &start.name {
-            Some(re) => Some(
-                regex::Regex::new(re)
-                    .map_err(|_| anyhow::anyhow!("--name {re:?} is not a regular expression"))?,
-            ),
-            None => None,
-        };
-        for &pid in &start.pids {
+        let scope = start.targets.scope()?;
+        let expires = expiry(start.ttl_seconds)?;
+        for &pid in &scope.pids {
             crate::process::find_interpreter(pid)?;
         }
-        let select = crate::selection::Selector {
-            name,
-            container: start.container.clone(),
-        };
-        let all = start.pids.is_empty();
+        let all = scope.pids.is_empty();
         let opts = crate::calls::CallsOptions {
-            pids: start.pids.clone(),
+            pids: scope.pids,
             all,
-            select,
+            select: scope.select,
             interval: Duration::from_secs(1),
             duration: None,
             top: None,
@@ -502,7 +491,7 @@ impl Agent {
             ),
             filter: start.filter,
             all,
-            expires: Instant::now() + Duration::from_secs_f64(start.ttl_seconds),
+            expires,
         });
         eprintln!("pyprobe: calls {id} started");
         Ok(id)
@@ -594,43 +583,10 @@ impl Agent {
     /// Adds a log point (see [`control::LogAdd`]); returns its id and
     /// what was done.
     fn add_point(&mut self, add: control::LogAdd) -> anyhow::Result<(String, Vec<String>)> {
-        use crate::logpoint::session::{AgentPoint, PointScope, PointSpec};
-        let given = usize::from(!add.pids.is_empty())
-            + usize::from(add.name.is_some())
-            + usize::from(add.container.is_some())
-            + usize::from(add.all);
-        if given != 1 {
-            anyhow::bail!("say which processes: one of --pid, --all, --name, --container");
-        }
-        if !(add.ttl_seconds > 0.0 && add.ttl_seconds.is_finite()) {
-            anyhow::bail!("--ttl must be a positive duration (e.g. 30s, 10m, 1h)");
-        }
-        let name = match &add.name {
-            Some(re) => Some(
-                regex::Regex::new(re)
-                    .map_err(|_| anyhow::anyhow!("--name {re:?} is not a regular expression"))?,
-            ),
-            None => None,
-        };
-        let scope = PointScope {
-            pids: add.pids.clone(),
-            select: crate::selection::Selector {
-                name,
-                container: add.container.clone(),
-            },
-        };
-        let processes = if !add.pids.is_empty() {
-            format!(
-                "PID {}",
-                add.pids
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        } else {
-            scope.select.describe()
-        };
+        use crate::logpoint::session::{AgentPoint, PointSpec};
+        let scope = add.targets.scope()?;
+        let processes = add.targets.describe()?;
+        let expires = expiry(add.ttl_seconds)?;
         if self.log.is_none() {
             let out = self.hits.take().expect("hits output kept until now");
             self.log = Some(crate::logpoint::session::Session::for_agent(
@@ -668,7 +624,7 @@ impl Agent {
                 processes,
                 rate: add.rate,
                 count: add.count,
-                expires: Instant::now() + Duration::from_secs_f64(add.ttl_seconds),
+                expires,
                 ttl_seconds: add.ttl_seconds,
             },
         );

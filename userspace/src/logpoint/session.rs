@@ -777,14 +777,8 @@ impl Session {
             if !armed.retired {
                 armed.retired = true;
                 armed.links.clear();
-                self.probes.unwatch(
-                    WatchKey {
-                        tgid: armed.pid,
-                        _pad: 0,
-                        addr: armed.found.watched_byte(),
-                    },
-                    armed.found.code,
-                )?;
+                self.probes
+                    .unwatch(watch_key(armed.pid, &armed.found), armed.found.code)?;
             }
         }
         Ok(())
@@ -1081,11 +1075,7 @@ impl Session {
             _ => 0,
         };
         self.probes.watch(
-            WatchKey {
-                tgid: pid,
-                _pad: 0,
-                addr: found.watched_byte(),
-            },
+            watch_key(pid, &found),
             &Watch {
                 logpoint: index,
                 program,
@@ -1116,14 +1106,7 @@ impl Session {
             // Half-armed, it would hold debug registers of some threads for
             // nothing (a later rescan may go on without it).
             drop(links);
-            self.probes.unwatch(
-                WatchKey {
-                    tgid: pid,
-                    _pad: 0,
-                    addr: found.watched_byte(),
-                },
-                found.code,
-            )?;
+            self.probes.unwatch(watch_key(pid, &found), found.code)?;
             return Err(error);
         }
         let threads = links.len();
@@ -1190,14 +1173,8 @@ impl Session {
                 continue;
             }
             armed.links.clear();
-            self.probes.unwatch(
-                WatchKey {
-                    tgid: armed.pid,
-                    _pad: 0,
-                    addr: armed.found.watched_byte(),
-                },
-                armed.found.code,
-            )?;
+            self.probes
+                .unwatch(watch_key(armed.pid, &armed.found), armed.found.code)?;
             armed.retired = true;
             armed.freed_at = Some(Instant::now());
         }
@@ -1894,6 +1871,15 @@ impl Session {
 }
 
 /// `PID 12` or `PIDs 12, 13`.
+/// Where the kernel keeps what is armed on `found` in process `pid`.
+fn watch_key(pid: u32, found: &Found) -> WatchKey {
+    WatchKey {
+        tgid: pid,
+        _pad: 0,
+        addr: found.watched_byte(),
+    }
+}
+
 fn pid_list(pids: &[u32]) -> String {
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
     match pids.len() {

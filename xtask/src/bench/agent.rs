@@ -50,12 +50,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 /// Peak resident memory of process `pid` (VmHWM), in kB.
 fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM")
+    pyprobe_testenv::status_kb(pid, "VmHWM").context("no VmHWM")
 }
 
 /// One agent run: its CPU over the window (% of one core), peak RSS (MB)
