@@ -72,6 +72,27 @@ fn pool_counted_from_first_call(interp: &Interpreter, method: &str) -> anyhow::R
         .iter()
         .filter(|r| r["function"] == "<unknown>")
         .collect();
+    // Known: a worker that lives milliseconds may end before userspace
+    // reads a name the kernel could not capture (a page of its memory not
+    // present yet), for code no relative ran; the row says so. Seen for 1
+    // row of about 8000 (1-3 calls) in 3 of 5 suite runs; anything more is a
+    // failure.
+    let ended = |r: &&Value| {
+        r["unknown"] == "the process ended before its names were read"
+            && r["calls"].as_u64().is_some_and(|c| c <= 3)
+    };
+    let unnamed = if unnamed.len() <= 2 && unnamed.iter().all(ended) {
+        if !unnamed.is_empty() {
+            eprintln!(
+                "note: {} of {} rows unnamed, their process gone before they were read: {unnamed:?}",
+                unnamed.len(),
+                rows.len()
+            );
+        }
+        Vec::new()
+    } else {
+        unnamed
+    };
     ensure!(
         unnamed.is_empty(),
         "{} of {} rows unnamed, e.g. {:?}",
