@@ -779,11 +779,7 @@ pub fn for_each_sid_and_pyenv_ends(
     check: impl FnMut(&Interpreter) -> anyhow::Result<()>,
 ) {
     let found = discover();
-    let pyenv: Vec<&Interpreter> = found
-        .supported
-        .iter()
-        .filter(|i| i.origin == Origin::Pyenv)
-        .collect();
+    let pyenv = pyenv_builds(&found);
     let chosen: Vec<Interpreter> = found
         .supported
         .iter()
@@ -797,17 +793,27 @@ pub fn for_each_sid_and_pyenv_ends(
     run_chosen(test, why, coverage, &found, &chosen, check);
 }
 
-/// Two interpreters for tests that run one fixture on each at once: the
-/// newest pyenv build and a Debian sid one (stripped, other layout; the
-/// oldest pyenv build when sid's are missing). The others are listed as
-/// not run, saying `why`; both are recorded as covered by `test`.
-pub fn two_interpreters(test: &str, why: &str) -> (Interpreter, Interpreter) {
-    let found = discover();
-    let pyenv: Vec<&Interpreter> = found
+/// The pyenv builds among the supported interpreters, oldest first.
+fn pyenv_builds(found: &Discovery) -> Vec<&Interpreter> {
+    found
         .supported
         .iter()
         .filter(|i| i.origin == Origin::Pyenv)
-        .collect();
+        .collect()
+}
+
+/// Runs `check` once on two interpreters at once, for tests that run one
+/// fixture on each: the newest pyenv build and a Debian sid one (stripped,
+/// other layout; the oldest pyenv build when sid's are missing). Both are
+/// recorded as covered, ok or failed, after the check; the others are
+/// listed as not run, saying `why`. Panics with the check's error.
+pub fn on_two_interpreters(
+    test: &str,
+    why: &str,
+    check: impl FnOnce(&Interpreter, &Interpreter) -> anyhow::Result<()>,
+) {
+    let found = discover();
+    let pyenv = pyenv_builds(&found);
     let first = (*pyenv.last().expect("a pyenv build to test on")).clone();
     let second = found
         .supported
@@ -816,16 +822,24 @@ pub fn two_interpreters(test: &str, why: &str) -> (Interpreter, Interpreter) {
         .or_else(|| pyenv.first().copied())
         .expect("a second interpreter to test on")
         .clone();
-    for interp in &found.supported {
-        if interp.path == first.path || interp.path == second.path {
-            eprintln!("{test}: ok on {} (if it passes)", interp.label);
-            record_coverage(test, interp, "ok");
-        } else {
-            eprintln!("{test}: not run on {}: {why}", interp.label);
-            record_coverage(test, interp, "not run (two interpreters at once)");
-        }
+    let chosen = |i: &Interpreter| i.path == first.path || i.path == second.path;
+    for interp in found.supported.iter().filter(|i| !chosen(i)) {
+        eprintln!("{test}: not run on {}: {why}", interp.label);
+        record_coverage(test, interp, "not run (two interpreters at once)");
     }
-    (first, second)
+    for interp in &found.unsupported {
+        eprintln!("{test}: not tested on {} (outside 3.8-3.15)", interp.label);
+        record_coverage(test, interp, "unsupported");
+    }
+    let result = check(&first, &second);
+    let verdict = if result.is_ok() { "ok" } else { "FAILED" };
+    for interp in [&first, &second] {
+        eprintln!("{test}: {verdict} on {}", interp.label);
+        record_coverage(test, interp, verdict);
+    }
+    if let Err(e) = result {
+        panic!("{test} failed on {} + {}: {e:#}", first.label, second.label);
+    }
 }
 
 /// Runs `check` on the newest pyenv build only, for tests of what does not

@@ -16,21 +16,8 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use pyprobe_tests::{Fixture, Interpreter, Probe, marks, pyprobe_bin, two_interpreters};
+use pyprobe_tests::{Fixture, Interpreter, Probe, marks, on_two_interpreters, pyprobe_bin};
 use serde_json::Value;
-
-/// Runs `check` on the two interpreters of [`two_interpreters`]; panics
-/// with its error.
-fn on_two(
-    test: &str,
-    why: &str,
-    check: impl FnOnce(&Interpreter, &Interpreter) -> anyhow::Result<()>,
-) {
-    let (first, second) = two_interpreters(test, why);
-    if let Err(e) = check(&first, &second) {
-        panic!("{test} failed on {} + {}: {e:#}", first.label, second.label);
-    }
-}
 
 /// Starts `pyprobe agent` on a free loopback port with its control socket
 /// in `dir`, `extra` flags after; returns it, its HTTP address and socket.
@@ -192,7 +179,7 @@ fn seconds(s: &str) -> Option<f64> {
 
 #[test]
 fn agent_profiles_and_exports_two_interpreters_and_stops_cleanly() {
-    on_two(
+    on_two_interpreters(
         "agent_profiles_and_exports_two_interpreters_and_stops_cleanly",
         "one agent watches two fixtures at once: the newest pyenv build and a sid build",
         run,
@@ -394,7 +381,7 @@ fn wait_hits(path: &Path, n: usize) -> anyhow::Result<Vec<Value>> {
 
 #[test]
 fn agent_log_points_write_exact_hits_until_removed_or_expired() {
-    on_two(
+    on_two_interpreters(
         "agent_log_points_write_exact_hits_until_removed_or_expired",
         "one agent watches two fixtures at once: the newest pyenv build and a sid build",
         run_log,
@@ -564,7 +551,7 @@ fn python_rows(report: &Value) -> Vec<Value> {
 
 #[test]
 fn agent_calls_jobs_count_exactly_and_start_afresh() {
-    on_two(
+    on_two_interpreters(
         "agent_calls_jobs_count_exactly_and_start_afresh",
         "one agent watches two fixtures at once: the newest pyenv build and a sid build",
         run_calls,
@@ -736,7 +723,7 @@ fn soak_seconds() -> u64 {
 
 #[test]
 fn agent_soak_short_lived_processes_keep_its_memory_flat() {
-    on_two(
+    on_two_interpreters(
         "agent_soak_short_lived_processes_keep_its_memory_flat",
         "short-lived processes of two interpreters at once: the newest pyenv build and a sid build",
         run_soak,
