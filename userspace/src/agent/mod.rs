@@ -388,16 +388,18 @@ impl Agent {
         if job.all {
             job.session.tick_scan();
         }
-        if let Err(e) = job.session.resolve_counted(job.filter.as_deref()) {
+        // Names read while processes live; the same read of the counts
+        // feeds the overhead guard: a process whose calls in the last
+        // second would cost more than the budget stops being counted.
+        let counted = job.session.resolve_counted(job.filter.as_deref());
+        if let Err(e) = &counted {
             eprintln!(
                 "pyprobe: calls {}: {}",
                 job.id,
                 crate::errors::one_line(e.as_ref())
             );
         }
-        // The overhead guard: a process whose calls in the last second
-        // would cost more than the budget stops being counted.
-        if let Ok(now_counts) = job.session.calls_by_process() {
+        if let Ok(now_counts) = counted {
             let now = Instant::now();
             if let Some((then, before)) = &job.last {
                 let dt = now.duration_since(*then).as_secs_f64().max(1e-3);

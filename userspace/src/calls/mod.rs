@@ -553,7 +553,9 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
                     break;
                 }
             }
-            _ = resolver.tick() => session.resolve_counted(opts.filter.as_deref())?,
+            _ = resolver.tick() => {
+                session.resolve_counted(opts.filter.as_deref())?;
+            }
             _ = ticker.tick() => {
                 let report = session.report(&mut reporter, opts.filter.as_deref(), "interval")?;
                 emit(&report, opts.json)?;
@@ -648,9 +650,19 @@ impl Session {
     }
 
     /// Names what was counted while its process still exists.
-    pub(crate) fn resolve_counted(&mut self, filter: Option<&str>) -> anyhow::Result<()> {
+    /// Returns the calls counted so far per process (Python functions and
+    /// builtins), from the same read of the count maps.
+    pub(crate) fn resolve_counted(
+        &mut self,
+        filter: Option<&str>,
+    ) -> anyhow::Result<BTreeMap<u32, u64>> {
         let counts = self.counts()?;
-        self.resolve(counts.keys(), filter)
+        self.resolve(counts.keys(), filter)?;
+        let mut per_process = BTreeMap::new();
+        for (key, c) in &counts {
+            *per_process.entry(key.tgid).or_insert(0) += c.starts + c.resumes;
+        }
+        Ok(per_process)
     }
 
     /// The report of everything counted so far (`kind`: "interval" or
@@ -675,18 +687,6 @@ impl Session {
             self.counter.losses()?,
             kind,
         ))
-    }
-
-    /// Calls counted so far per process (Python functions and builtins).
-    pub(crate) fn calls_by_process(&mut self) -> anyhow::Result<BTreeMap<u32, u64>> {
-        let mut out = BTreeMap::new();
-        for (key, c) in self.counter.counts()? {
-            *out.entry(key.tgid).or_insert(0) += c.starts + c.resumes;
-        }
-        for (key, n) in self.counter.builtin_counts()? {
-            *out.entry(key.tgid).or_insert(0) += n;
-        }
-        Ok(out)
     }
 
     /// Stops counting process `pid` (its own probes come off) and passes
