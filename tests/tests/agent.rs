@@ -1,5 +1,5 @@
 //! `pyprobe agent` against two fixtures on different interpreters, one
-//! started before the agent and one after, with the real tools its users
+//! started before the agent and one after in a container-like root, with the real tools its users
 //! feed: `go tool pprof` reads its profiles, `promtool check metrics` its
 //! metrics; `pyprobe ctl` controls it over a socket that refuses non-root
 //! users; SIGTERM ends it cleanly.
@@ -16,7 +16,9 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use pyprobe_tests::{Fixture, Interpreter, Probe, marks, on_two_interpreters, pyprobe_bin};
+use pyprobe_tests::{
+    Fixture, Interpreter, Isolation, Probe, marks, on_two_interpreters, pyprobe_bin,
+};
 use serde_json::Value;
 
 /// Starts `pyprobe agent` on a free loopback port with its control socket
@@ -181,30 +183,40 @@ fn seconds(s: &str) -> Option<f64> {
 fn agent_profiles_and_exports_two_interpreters_and_stops_cleanly() {
     on_two_interpreters(
         "agent_profiles_and_exports_two_interpreters_and_stops_cleanly",
-        "one agent watches two fixtures at once: the newest pyenv build and a sid build",
+        "one agent watches two fixtures at once: the newest pyenv build, and a sid build in a container-like root",
         run,
     );
 }
 
 fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Result<()> {
     let lines = marks("profile_workload.py")?;
-    // go tool pprof prints paths cleaned (no `..`).
-    let fixture_file = std::fs::canonicalize(pyprobe_tests::fixture_path("profile_workload.py"))?;
-    let hot = format!("{}:{}", fixture_file.display(), lines["hot-loop"]);
-    let cold = format!("{}:{}", fixture_file.display(), lines["cold-loop"]);
+    // The later fixture runs in a container-like root (its own root with
+    // the fixtures at /app, PID and mount namespaces, a Docker-style
+    // cgroup): its file is named as the container sees it.
+    let hot = format!("/app/profile_workload.py:{}", lines["hot-loop"]);
+    let cold = format!("/app/profile_workload.py:{}", lines["cold-loop"]);
 
     let dir = tempdir()?;
     let before = Fixture::start(before_interp, "profile_workload.py", &[])?;
     let (mut agent, addr, socket) = start_agent(&dir, &[])?;
-    let after = Fixture::start(after_interp, "profile_workload.py", &[])?;
+    let after = Fixture::start_isolated(
+        after_interp,
+        Isolation::Container,
+        "profile_workload.py",
+        &[],
+    )?;
+    let container = after.container_id().context("no container id")?.to_owned();
 
-    // Both listed, with their versions.
-    for (fixture, interp) in [(&before, before_interp), (&after, after_interp)] {
+    // Both listed, with their versions, the later one with its container.
+    for (fixture, interp, in_container) in [
+        (&before, before_interp, Value::Null),
+        (&after, after_interp, Value::from(container.clone())),
+    ] {
         let p = wait_listed(addr, fixture.pid())?;
         let (a, b, c) = interp.version;
         ensure!(
-            p["version"] == format!("{a}.{b}.{c}"),
-            "PID {} listed as {p}",
+            p["version"] == format!("{a}.{b}.{c}") && p["container"] == in_container,
+            "PID {} listed as {p}, expected version {a}.{b}.{c} and container {in_container}",
             fixture.pid()
         );
     }
@@ -212,11 +224,15 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
     let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
     ensure!(mode == 0o600, "control socket mode {mode:o}");
 
-    // A profile of the later process alone, read by go tool pprof: its
-    // three workers spend 75% in hot() at its loop line, 25% in cold().
+    // A profile of the container alone (asked by the short id `docker ps`
+    // shows), read by go tool pprof: its three workers spend 75% in hot()
+    // at its loop line, 25% in cold().
     let (status, profile) = get(
         addr,
-        &format!("/debug/pprof/profile?seconds=4&pid={}", after.pid()),
+        &format!(
+            "/debug/pprof/profile?seconds=4&container={}",
+            &container[..12]
+        ),
     )?;
     ensure!(status == 200, "profile: status {status}");
     let report = pprof(&profile, &["-top", "-lines"])?;
@@ -232,11 +248,14 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
         (0.6..=0.9).contains(&share),
         "hot's share {share:.2} is far from the fixture's 0.75: {report}"
     );
-    // Every sample is labelled with the one process asked for.
+    // Every sample is labelled with the one process asked for and its
+    // container.
     let tags = pprof(&profile, &["-tags"])?;
     ensure!(
-        tags.contains(&format!("{}", after.pid())) && !tags.contains(&format!("{}", before.pid())),
-        "pid labels: {tags}"
+        tags.contains(&format!("{}", after.pid()))
+            && !tags.contains(&format!("{}", before.pid()))
+            && tags.contains(&container),
+        "pid and container labels: {tags}"
     );
 
     // Metrics: valid for promtool, a series per watched PID that counted
@@ -244,24 +263,7 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
     let (status, metrics) = get(addr, "/metrics")?;
     ensure!(status == 200, "metrics: status {status}");
     let metrics = String::from_utf8(metrics)?;
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running promtool (installed by cargo xtask setup)")?;
-    promtool
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(metrics.as_bytes())?;
-    let checked = promtool.wait_with_output()?;
-    ensure!(
-        checked.status.success(),
-        "promtool check metrics: {}\n{metrics}",
-        text(&checked)
-    );
+    promtool_check(&metrics)?;
     for pid in [before.pid(), after.pid()] {
         let series = format!("pyprobe_process_samples_total{{pid=\"{pid}\"}} ");
         let value: f64 = metrics
@@ -271,9 +273,28 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
             .parse()?;
         ensure!(value > 0.0, "{series}is {value}");
     }
+    let (a, b, c) = after_interp.version;
+    let kind =
+        format!("pyprobe_processes{{version=\"{a}.{b}.{c}\",container=\"{container}\"}} 1\n");
+    ensure!(metrics.contains(&kind), "no {kind}in\n{metrics}");
     ensure!(
         metrics.contains("pyprobe_sampling_rate_hertz 19\n"),
         "default rate: {metrics}"
+    );
+    // The kernel's measure of the sampler's runs.
+    let runs = series(
+        &metrics,
+        "pyprobe_bpf_program_runs_total",
+        &[("program", "sample_cpu")],
+    )?;
+    let spent = series(
+        &metrics,
+        "pyprobe_bpf_program_run_seconds_total",
+        &[("program", "sample_cpu")],
+    )?;
+    ensure!(
+        runs > 0.0 && spent > 0.0 && spent / runs < 1e-4,
+        "sample_cpu ran {runs} times in {spent} s"
     );
 
     // Control: status, a new rate, a refused one.
@@ -349,6 +370,49 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `promtool check metrics` passes `metrics`.
+fn promtool_check(metrics: &str) -> anyhow::Result<()> {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running promtool (installed by cargo xtask setup)")?;
+    promtool
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(metrics.as_bytes())?;
+    let checked = promtool.wait_with_output()?;
+    ensure!(
+        checked.status.success(),
+        "promtool check metrics: {}\n{metrics}",
+        text(&checked)
+    );
+    Ok(())
+}
+
+/// The value of the one series of `metrics` whose name is `name` and
+/// whose labels include every one of `labels`.
+fn series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    let found: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .collect();
+    ensure!(
+        found.len() == 1,
+        "{} series {name} with {labels:?} in\n{metrics}",
+        found.len()
+    );
+    Ok(found[0].rsplit_once(' ').context("no value")?.1.parse()?)
 }
 
 /// A fresh private directory for the control socket (root only).
@@ -570,7 +634,7 @@ fn run_calls(first: &Interpreter, second: &Interpreter) -> anyhow::Result<()> {
     let mut a = Fixture::start(first, "map_calls.py", &[])?;
     let mut b = Fixture::start(second, "map_calls.py", &[])?;
     // A budget of 0.5% of a CPU: 5000 calls/s at the agent's 1 µs a call.
-    let (agent, _, socket) = start_agent(&dir, &["--calls-budget", "0.5"])?;
+    let (agent, addr, socket) = start_agent(&dir, &["--calls-budget", "0.5"])?;
     let start = |args: &[&str]| -> anyhow::Result<String> {
         let mut all = vec!["calls", "start"];
         all.extend_from_slice(args);
@@ -603,6 +667,34 @@ fn run_calls(first: &Interpreter, second: &Interpreter) -> anyhow::Result<()> {
             && rows[0]["calls"] == 2500,
         "show: {shown}"
     );
+    // The same count in /metrics, under the job's id, and the call
+    // program's runs as the kernel counts them: at least one a call.
+    let (_, metrics) = get(addr, "/metrics")?;
+    let metrics = String::from_utf8(metrics)?;
+    promtool_check(&metrics)?;
+    let pid = a.pid().to_string();
+    let line = f_line.to_string();
+    let calls = series(
+        &metrics,
+        "pyprobe_function_calls_total",
+        &[
+            ("job", &id),
+            ("pid", &pid),
+            ("function", "f"),
+            ("line", &line),
+        ],
+    )?;
+    ensure!(calls == 2500.0, "f's calls in /metrics: {calls}");
+    ensure!(
+        series(&metrics, "pyprobe_calls_functions", &[("job", &id)])? >= 1.0,
+        "functions of {id}: {metrics}"
+    );
+    let runs = series(
+        &metrics,
+        "pyprobe_bpf_program_runs_total",
+        &[("program", "call_start")],
+    )?;
+    ensure!(runs >= 2500.0, "call_start ran {runs} times for 2500 calls");
     // A second job while one runs is refused.
     let out = ctl(&socket, &["calls", "start", "--all"])?;
     ensure!(

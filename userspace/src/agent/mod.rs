@@ -179,6 +179,9 @@ struct OverBudget {
 
 /// A calls job started through the control socket.
 struct CallsJob {
+    /// Its report for `/metrics` (apart, so scrapes do not move the
+    /// intervals `ctl calls show` reports).
+    metrics_reporter: crate::calls::report::Reporter,
     /// Calls per process when last looked at.
     last: Option<(Instant, BTreeMap<u32, u64>)>,
     /// Processes stopped by the budget.
@@ -190,6 +193,10 @@ struct CallsJob {
     all: bool,
     expires: Instant,
 }
+
+/// Functions of the running calls job exported in `/metrics` (those with
+/// most calls): bounds the series a scrape gets.
+const METRIC_FUNCTIONS: usize = 50;
 
 /// Final reports of calls jobs that ended, kept for `ctl calls show`.
 const FINISHED_KEPT: usize = 8;
@@ -221,6 +228,9 @@ struct Agent {
     collectors: Vec<Collector>,
     started: Instant,
     config_path: Option<PathBuf>,
+    /// Keeps the kernel's run-time statistics of BPF programs on while
+    /// the agent runs (`None` when the kernel refused).
+    _run_stats: Option<std::os::fd::OwnedFd>,
 }
 
 /// When a job given `ttl_seconds` to live ends.
@@ -316,6 +326,15 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         collectors: Vec::new(),
         started: Instant::now(),
         config_path,
+        _run_stats: match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                eprintln!(
+                    "pyprobe: warning: BPF run time not measured (the kernel refused run-time statistics: {e})"
+                );
+                None
+            }
+        },
     };
     agent.session.scan();
     agent.note_processes();
@@ -489,6 +508,11 @@ impl Agent {
             reporter: crate::calls::report::Reporter::new(
                 Instant::now(),
                 None,
+                start.filter.clone(),
+            ),
+            metrics_reporter: crate::calls::report::Reporter::new(
+                Instant::now(),
+                Some(METRIC_FUNCTIONS),
                 start.filter.clone(),
             ),
             filter: start.filter,
@@ -776,7 +800,7 @@ impl Agent {
     }
 
     /// The metrics as they stand.
-    fn metrics(&self) -> Metrics {
+    fn metrics(&mut self) -> Metrics {
         let mut m = Metrics::default();
         m.declare(
             "pyprobe_processes",
@@ -891,6 +915,8 @@ impl Agent {
             &[],
             self.calls.as_ref().map_or(0, |j| j.over_budget.len()) as f64,
         );
+        self.calls_metrics(&mut m);
+        self.bpf_metrics(&mut m);
         m.declare(
             "pyprobe_hits_unwritten_total",
             Kind::Counter,
@@ -918,6 +944,111 @@ impl Agent {
             self.started.elapsed().as_secs_f64().floor(),
         );
         m
+    }
+
+    /// The running calls job's functions with most calls, its function
+    /// count and its losses.
+    fn calls_metrics(&mut self, m: &mut Metrics) {
+        m.declare(
+            "pyprobe_function_calls_total",
+            Kind::Counter,
+            "Calls of a function in a process counted by the running calls job (the 50 functions with most calls).",
+        );
+        m.declare(
+            "pyprobe_calls_functions",
+            Kind::Gauge,
+            "Functions with calls in the running calls job (those beyond 50 have no series).",
+        );
+        m.declare(
+            "pyprobe_calls_lost_total",
+            Kind::Counter,
+            "Calls the running calls job could not count or attribute, by reason.",
+        );
+        let Some(job) = self.calls.as_mut() else {
+            return;
+        };
+        let report =
+            match job
+                .session
+                .report(&mut job.metrics_reporter, job.filter.as_deref(), "interval")
+            {
+                Ok(report) => report,
+                Err(e) => {
+                    log::warn!("calls job {} not reported in metrics: {e:#}", job.id);
+                    return;
+                }
+            };
+        for row in &report.rows {
+            m.add(
+                "pyprobe_function_calls_total",
+                &[
+                    ("job", &job.id),
+                    ("pid", &row.pid.to_string()),
+                    ("function", &row.function),
+                    ("file", &row.file),
+                    ("line", &row.line.to_string()),
+                ],
+                row.calls as f64,
+            );
+        }
+        m.add(
+            "pyprobe_calls_functions",
+            &[("job", &job.id)],
+            report.functions as f64,
+        );
+        let l = &report.lost;
+        for (reason, n) in [
+            ("map_full", l.map_full),
+            ("process_not_yet_set_up", l.unconfigured),
+            ("unreadable", l.unreadable),
+            ("untimed", l.untimed),
+            ("frame_mismatch", l.frame_mismatches),
+            ("skipped_by_kernel", l.recursion_misses),
+        ] {
+            m.add(
+                "pyprobe_calls_lost_total",
+                &[("job", &job.id), ("reason", reason)],
+                n as f64,
+            );
+        }
+    }
+
+    /// Runs and run time of each of pyprobe's BPF programs, as the kernel
+    /// measures them.
+    fn bpf_metrics(&self, m: &mut Metrics) {
+        m.declare(
+            "pyprobe_bpf_program_runs_total",
+            Kind::Counter,
+            "Runs of one of pyprobe's BPF programs in the kernel.",
+        );
+        m.declare(
+            "pyprobe_bpf_program_run_seconds_total",
+            Kind::Counter,
+            "CPU time one of pyprobe's BPF programs took in the kernel (the time of traps and interrupts around it is not included).",
+        );
+        if self._run_stats.is_none() {
+            return;
+        }
+        let mut by_name: BTreeMap<String, crate::bpf::ProgramRuns> = BTreeMap::new();
+        let mut all = self.engine.object().program_runs();
+        if let Some(job) = &self.calls {
+            all.extend(job.session.program_runs());
+        }
+        for (name, runs) in all {
+            by_name.entry(name).or_default().add(runs);
+        }
+        for (name, runs) in by_name {
+            m.add(
+                "pyprobe_bpf_program_runs_total",
+                &[("program", &name)],
+                runs.runs as f64,
+            );
+            m.add(
+                "pyprobe_bpf_program_run_seconds_total",
+                &[("program", &name)],
+                runs.run_time_ns as f64 / 1e9,
+            );
+        }
     }
 
     /// Carries out a control request.

@@ -322,6 +322,12 @@ impl CallCounter {
         Ok(self.links.len() + self.perf_links.len() < before)
     }
 
+    /// Runs of the `uprobe_multi` programs it holds, by name (none with
+    /// perf-event uprobes: those are the object's).
+    pub fn program_runs(&self) -> Vec<(String, super::ProgramRuns)> {
+        self.multi.as_ref().map(|m| m.runs()).unwrap_or_default()
+    }
+
     /// Whether probes are `uprobe_multi` links (closed with one wait per
     /// link rather than one per probe).
     pub fn uses_multi(&self) -> bool {

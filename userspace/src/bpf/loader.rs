@@ -95,6 +95,17 @@ impl SharedObject {
             .watch(&mut object.ebpf, interp, file_offset, pid, whole_file)
     }
 
+    /// Runs of each of its programs, by name: those loaded by aya and the
+    /// `uprobe_multi` ones it holds (a call counter reports its own).
+    pub fn program_runs(&self) -> Vec<(String, super::ProgramRuns)> {
+        let object = self.lock();
+        let mut runs = super::program_runs(&object.ebpf);
+        if let Some(multi) = &object.multi {
+            runs.extend(multi.runs());
+        }
+        runs
+    }
+
     /// Takes off the `code_freed` probe of process `pid` alone (it exited
     /// or exec'd), if it has one.
     pub fn forget_code_frees(&self, pid: u32) {

@@ -209,6 +209,46 @@ fn recursion_misses(ebpf: &Ebpf, program: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs of one loaded program and the time they took, as the kernel keeps
+/// them while run-time statistics are on (`BPF_ENABLE_STATS`; both stay 0
+/// otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgramRuns {
+    /// Times the program ran.
+    pub runs: u64,
+    /// Nanoseconds it ran in all.
+    pub run_time_ns: u64,
+}
+
+impl ProgramRuns {
+    /// `run_cnt` and `run_time_ns` of the program behind `fd`, from its
+    /// fdinfo.
+    fn of(fd: impl AsRawFd) -> Self {
+        let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        Self {
+            runs: fdinfo_field(&text, "run_cnt").unwrap_or(0),
+            run_time_ns: fdinfo_field(&text, "run_time_ns").unwrap_or(0),
+        }
+    }
+
+    /// Adds `other` in.
+    pub fn add(&mut self, other: ProgramRuns) {
+        self.runs += other.runs;
+        self.run_time_ns += other.run_time_ns;
+    }
+}
+
+/// Runs of every program of `ebpf` that is loaded, by name.
+fn program_runs(ebpf: &Ebpf) -> Vec<(String, ProgramRuns)> {
+    ebpf.programs()
+        .filter_map(|(name, program)| {
+            let fd = program.fd().ok()?;
+            Some((name.to_owned(), ProgramRuns::of(fd.as_fd())))
+        })
+        .collect()
+}
+
 /// Reads a numeric `name:\tvalue` line from an fdinfo text.
 fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|line| {
@@ -242,6 +282,8 @@ mod tests {
     fn reads_recursion_misses_from_fdinfo() {
         let text = "pos:\t0\nflags:\t02000002\nprog_type:\t2\nrun_cnt:\t10\nrecursion_misses:\t3\nverified_insns:\t40\n";
         assert_eq!(fdinfo_field(text, "recursion_misses"), Some(3));
+        assert_eq!(fdinfo_field(text, "run_cnt"), Some(10));
+        assert_eq!(fdinfo_field(text, "run_time_ns"), None);
         assert_eq!(fdinfo_field(text, "run_cnt"), Some(10));
         assert_eq!(fdinfo_field(text, "absent"), None);
     }

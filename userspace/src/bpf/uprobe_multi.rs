@@ -40,6 +40,14 @@ pub struct MultiPrograms {
 }
 
 impl MultiPrograms {
+    /// Runs of each program, by name (see [`super::ProgramRuns`]).
+    pub fn runs(&self) -> Vec<(String, super::ProgramRuns)> {
+        self.fds
+            .iter()
+            .map(|(name, fd)| ((*name).to_owned(), super::ProgramRuns::of(fd.as_fd())))
+            .collect()
+    }
+
     /// Loads programs `names` of `object` for `uprobe_multi` links, their
     /// maps being those aya created for `ebpf` from the same object. Fails
     /// on kernels without `uprobe_multi` (before 6.6).

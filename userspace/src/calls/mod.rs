@@ -689,6 +689,12 @@ impl Session {
         ))
     }
 
+    /// Runs of the programs this session holds apart from the engine's
+    /// object, by name.
+    pub(crate) fn program_runs(&self) -> Vec<(String, crate::bpf::ProgramRuns)> {
+        self.counter.program_runs()
+    }
+
     /// Stops counting process `pid` (its own probes come off) and passes
     /// over it from now on; its counts so far stay in the reports.
     pub(crate) fn stop_process(&mut self, pid: u32) -> anyhow::Result<bool> {
