@@ -277,6 +277,121 @@ pub mod process {
 /// code object and raw instruction word. Userspace names them and computes
 /// line numbers. Deep stacks are walked by [`FRAMES_PER_RUN`] per program
 /// run, the walk going on in a tail call, up to [`MAX_FRAMES`].
+/// Offsets and flags of CPython objects that are the same in every
+/// supported version (3.8-3.15, x86_64): one table for the kernel programs
+/// and userspace's readers.
+pub mod objects {
+    /// `PyObject.ob_refcnt`.
+    pub const OB_REFCNT: u64 = 0;
+    /// `PyObject.ob_type`.
+    pub const OB_TYPE: u64 = 8;
+    /// `PyVarObject.ob_size`.
+    pub const OB_SIZE: u64 = 16;
+    /// `PyTypeObject.tp_name`.
+    pub const TP_NAME: u64 = 24;
+    /// `PyTypeObject.tp_flags` (`unsigned long`).
+    pub const TP_FLAGS: u64 = 168;
+    /// `PyTypeObject.tp_methods`: the `PyMethodDef` array a C type was
+    /// defined with (NULL for classes written in Python).
+    pub const TP_METHODS: u64 = 232;
+    /// `PyTypeObject.tp_dict` (NULL for static builtin types from 3.12: see
+    /// `Offsets::interp_static_types`).
+    pub const TP_DICT: u64 = 264;
+    /// `PyTypeObject.tp_subclasses` (from 3.12, for a static builtin type,
+    /// its index in the interpreter's static type states plus one).
+    pub const TP_SUBCLASSES: u64 = 360;
+    /// `PyModuleObject.md_dict`.
+    pub const MODULE_DICT: u64 = 16;
+    /// `PyFloatObject.ob_fval`.
+    pub const FLOAT_VALUE: u64 = 16;
+    /// `PyListObject.ob_item` (pointer to the items).
+    pub const LIST_ITEMS: u64 = 24;
+    /// `PyBytesObject.ob_sval`.
+    pub const BYTES_DATA: u64 = 32;
+    /// `PyUnicodeObject.length` (code points).
+    pub const UNICODE_LENGTH: u64 = 16;
+    /// `PyUnicodeObject.state` (bit field, u32).
+    pub const UNICODE_STATE: u64 = 32;
+    /// `PyLongObject` `ob_size` (≤3.11) or `lv_tag` (3.12+).
+    pub const LONG_SIZE: u64 = 16;
+    /// `PyLongObject.ob_digit`.
+    pub const LONG_DIGITS: u64 = 24;
+    /// `PyDictObject.ma_used`.
+    pub const DICT_USED: u64 = 16;
+    /// `PyDictObject.ma_keys`.
+    pub const DICT_KEYS: u64 = 32;
+    /// `PyDictObject.ma_values`.
+    pub const DICT_VALUES: u64 = 40;
+    /// `PyTypeObject.tp_basicsize`.
+    pub const TP_BASICSIZE: u64 = 32;
+    /// `PyTypeObject.tp_dictoffset`.
+    pub const TP_DICTOFFSET: u64 = 288;
+    /// `staticmethod.sm_callable` and `classmethod.cm_callable`: the
+    /// wrapped function.
+    pub const WRAPPED_CALLABLE: u64 = 16;
+    /// `propertyobject.prop_get`: a property's getter.
+    pub const PROPERTY_GET: u64 = 16;
+    /// `Py_TPFLAGS_INLINE_VALUES` (`Include/object.h`, 3.13+): instances
+    /// keep their attribute values right after the object.
+    pub const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
+    /// `Py_TPFLAGS_MANAGED_DICT` (`Include/object.h`, 3.11+): the
+    /// interpreter manages the instance `__dict__` in the pre-header.
+    pub const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
+}
+
+/// How any program finds the frame a thread of one process is running:
+/// the facts every feature's per-process configuration starts with (one
+/// definition, filled by one userspace function, read by one kernel
+/// routine, `probe-ebpf/src/thread.rs`).
+pub mod thread {
+    /// Where a process publishes which thread runs bytecode, and how a
+    /// thread state leads to its current frame.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct ThreadFrame {
+        /// Address of the word naming the thread state that holds the GIL
+        /// (3.8-3.11: `_PyRuntime.gilstate.tstate_current`), or 0.
+        pub gil_current: u64,
+        /// Address of the GIL's `last_holder` (3.12+), or 0.
+        pub gil_last_holder: u64,
+        /// Address of the GIL's `locked` (int, 3.12+), or 0.
+        pub gil_locked: u64,
+        /// Offset of the current frame (or of `cframe`) in the thread state.
+        pub tstate_frame: u64,
+        /// `_PyCFrame.current_frame`, or `u64::MAX` when `tstate_frame`
+        /// points at the frame directly.
+        pub cframe_current_frame: u64,
+    }
+
+    impl ThreadFrame {
+        /// The word naming the thread that runs bytecode: `tstate_current`
+        /// where the process has one, else the GIL's last holder (the
+        /// thread running bytecode holds the GIL and wrote itself there
+        /// when taking it); 0 when neither is known.
+        #[inline(always)]
+        pub fn holder_slot(&self) -> u64 {
+            if self.gil_current != 0 {
+                self.gil_current
+            } else {
+                self.gil_last_holder
+            }
+        }
+
+        /// The same facts with every address moved by `bias` (a template's
+        /// link-time addresses placed in one process).
+        #[inline(always)]
+        pub fn moved(&self, bias: u64) -> Self {
+            let at = |a: u64| if a == 0 { 0 } else { a.wrapping_add(bias) };
+            Self {
+                gil_current: at(self.gil_current),
+                gil_last_holder: at(self.gil_last_holder),
+                gil_locked: at(self.gil_locked),
+                ..*self
+            }
+        }
+    }
+}
+
 pub mod sample {
     /// Most frames recorded per sample; a deeper stack keeps its innermost
     /// `MAX_FRAMES` and is marked [`TRUNCATED`].
@@ -302,11 +417,8 @@ pub mod sample {
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct SampleConfig {
-        /// Offset of the current frame (or of `cframe`) in the thread state.
-        pub tstate_frame: u64,
-        /// `_PyCFrame.current_frame`, or `u64::MAX` when `tstate_frame`
-        /// points at the frame directly.
-        pub cframe_current_frame: u64,
+        /// How a thread state leads to its frame, and who holds the GIL.
+        pub thread: super::thread::ThreadFrame,
         /// Start of the frame window in a frame.
         pub frame_window: u64,
         /// Bytes of the frame window.
@@ -323,13 +435,6 @@ pub mod sample {
         pub frame_owner_at: u64,
         /// Mask applied to the code word (`_PyStackRef` in 3.14).
         pub code_mask: u64,
-        /// Address of the word naming the thread state that holds the GIL
-        /// (3.8-3.11: `_PyRuntime.gilstate.tstate_current`), or 0.
-        pub gil_current: u64,
-        /// Address of the GIL's `last_holder` (3.12+), or 0.
-        pub gil_last_holder: u64,
-        /// Address of the GIL's `locked` (int, 3.12+), or 0.
-        pub gil_locked: u64,
         /// Frames whose owner is at least this are not Python code (entry
         /// frames pushed by C); 256 when frames have no owner.
         pub owner_min: u64,
@@ -452,17 +557,11 @@ pub mod calls {
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct ProcessConfig {
-        /// [`FRAME_FROM_TSTATE`]: address of the word holding the running
-        /// thread's state, computed once per process by userspace (3.11:
-        /// `&_PyRuntime.gilstate.tstate_current`; 3.12+: the main
-        /// interpreter's `&gil->last_holder`, since the thread running
-        /// bytecode holds the GIL and wrote itself there when taking it).
-        pub tstate_slot: u64,
-        /// Offset of the current frame (or of `cframe`) in the thread state.
-        pub tstate_frame: u64,
-        /// `_PyCFrame.current_frame` offset, or `u64::MAX` when
-        /// `tstate_frame` points at the frame directly.
-        pub cframe_current_frame: u64,
+        /// [`FRAME_FROM_TSTATE`]: how the running thread's frame is found
+        /// (its [`holder_slot`](super::thread::ThreadFrame::holder_slot)
+        /// names the running thread; in a template, a link-time address
+        /// the kernel moves by the load bias).
+        pub thread: super::thread::ThreadFrame,
         /// Start of the frame window in the frame.
         pub frame_window: u64,
         /// Bytes of the frame window: up to the end of its last field, so the
@@ -949,16 +1048,8 @@ pub mod logpoint {
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct LogProcess {
-        /// Address of the word naming the thread state holding the GIL
-        /// (3.8-3.11: `_PyRuntime.gilstate.tstate_current`), or 0.
-        pub gil_current: u64,
-        /// Address of the GIL's `last_holder` (3.12+), or 0.
-        pub gil_last_holder: u64,
-        /// Offset of the current frame (or of `cframe`) in the thread state.
-        pub tstate_frame: u64,
-        /// `_PyCFrame.current_frame`, or `u64::MAX` when `tstate_frame`
-        /// points at the frame directly.
-        pub cframe_current_frame: u64,
+        /// How the running thread's frame is found.
+        pub thread: super::thread::ThreadFrame,
         /// `f_code` / `f_executable` in a frame.
         pub frame_code: u64,
         /// `f_lasti` / `prev_instr` / `instr_ptr` in a frame.
@@ -1315,6 +1406,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::sample::SampleConfig {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::thread::ThreadFrame {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::sample::ThreadState {}
 
     // SAFETY: as above.
@@ -1330,7 +1423,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::logpoint::LogLimit {}
 
-    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 37 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 38 * 8);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 40);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);
@@ -1339,9 +1432,10 @@ mod pod {
     const _: () = assert!(core::mem::size_of::<super::logpoint::Value>() == 32 + 64);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Hit>() == 40 + 8 * 96 + 32 * 16);
     const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 14 * 8);
+    const _: () = assert!(core::mem::size_of::<super::thread::ThreadFrame>() == 5 * 8);
     const _: () = assert!(core::mem::size_of::<super::sample::ThreadState>() == 16);
     const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 40);
-    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 25 * 8 + 8 + 16);
+    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 27 * 8 + 8 + 16);
     const _: () = assert!(core::mem::size_of::<super::process::ProcessEvent>() == 16);
     const _: () = assert!(
         core::mem::size_of::<super::process::CodeEvent>()

@@ -28,10 +28,17 @@ use pyprobe_common::{
         STATUS_MISSING, STATUS_OK, STATUS_UNREADABLE, STATUS_UNSUPPORTED, STATUS_WRONG_TYPE,
         STR_ASCII, VALUE_BYTES, Value, Watch, WatchKey,
     },
+    objects::{
+        DICT_KEYS, DICT_VALUES, LIST_ITEMS, LONG_DIGITS, OB_SIZE, OB_TYPE, TP_BASICSIZE,
+        TP_DICTOFFSET, TP_FLAGS, TPFLAGS_INLINE_VALUES, TPFLAGS_MANAGED_DICT,
+    },
     stats,
 };
 
-use crate::{count_error, read};
+use crate::{
+    count_error, read,
+    thread::{gil_holder, running_frame},
+};
 
 /// Per-process knowledge, written by userspace.
 #[map(name = "LOG_PROCESS")]
@@ -145,27 +152,6 @@ pub fn code_freed(tgid: u32, code: u64) {
 #[map(name = "LOG_SCRATCH")]
 static LOG_SCRATCH: PerCpuArray<Hit> = PerCpuArray::with_max_entries(1, 0);
 
-/// `Py_TPFLAGS_INLINE_VALUES` (3.13+).
-const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
-/// `Py_TPFLAGS_MANAGED_DICT` (3.11+).
-const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
-/// `PyTypeObject.tp_basicsize`.
-const TP_BASICSIZE: u64 = 32;
-/// `PyTypeObject.tp_flags`.
-const TP_FLAGS: u64 = 168;
-/// `PyTypeObject.tp_dictoffset`.
-const TP_DICTOFFSET: u64 = 288;
-/// `ob_size`, `lv_tag`, str `length`, dict `ma_used`: all at 16.
-const SIZE_AT: u64 = 16;
-/// `PyDictObject.ma_keys`.
-const DICT_KEYS: u64 = 32;
-/// `PyDictObject.ma_values`.
-const DICT_VALUES: u64 = 40;
-/// `PyListObject.ob_item`.
-const LIST_ITEMS: u64 = 24;
-/// `PyLongObject` digits.
-const LONG_DIGITS: u64 = 24;
-
 /// Adds one to a counter shared by all CPUs, atomically: a log point
 /// armed in a process also fires in the processes forked from it, which
 /// may run on other CPUs at the same moment.
@@ -262,7 +248,7 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         |f: u64| read::<u64>(f.wrapping_add(process.frame_code)).unwrap_or(0) & process.ref_mask;
     let mut frame = 0;
     if watch.frame_bytes != 0 && process.tstate_datastack_top != 0 {
-        let top = gil_holder(process)
+        let top = gil_holder(&process.thread)
             .and_then(|t| read::<u64>(t.wrapping_add(process.tstate_datastack_top)))
             .unwrap_or(0);
         let newest = top.wrapping_sub(watch.frame_bytes);
@@ -277,7 +263,7 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         }
     }
     if frame == 0 {
-        let Some(current) = running_frame(process) else {
+        let Some(current) = running_frame(&process.thread) else {
             count_error(stats::LOG_UNREADABLE);
             return 0;
         };
@@ -399,31 +385,6 @@ fn frame_register(ctx: &PerfEventContext, reg: u64) -> u64 {
     }
 }
 
-/// The frame the thread holding the GIL runs: the one whose bytecode read
-/// the watched byte.
-#[inline(always)]
-fn running_frame(process: &LogProcess) -> Option<u64> {
-    let tstate = gil_holder(process)?;
-    let at: u64 = read(tstate.wrapping_add(process.tstate_frame))?;
-    let frame = if process.cframe_current_frame == u64::MAX || at == 0 {
-        at
-    } else {
-        read(at.wrapping_add(process.cframe_current_frame))?
-    };
-    (frame != 0).then_some(frame)
-}
-
-/// The thread state holding the GIL (the thread running bytecode).
-#[inline(always)]
-fn gil_holder(process: &LogProcess) -> Option<u64> {
-    let tstate: u64 = if process.gil_current != 0 {
-        read(process.gil_current)?
-    } else {
-        read(process.gil_last_holder)?
-    };
-    (tstate != 0).then_some(tstate)
-}
-
 /// Records the frame chain from the running frame (code and raw
 /// instruction word of each), innermost first.
 #[inline(always)]
@@ -538,7 +499,7 @@ extern "C" fn step_one(index: u64, ctx: *mut c_void) -> i64 {
     let next = match step.op {
         OP_ATTR => attribute(obj, process),
         OP_KEY_STR => {
-            let ty = read::<u64>(obj.wrapping_add(8)).unwrap_or(0);
+            let ty = read::<u64>(obj.wrapping_add(OB_TYPE)).unwrap_or(0);
             if ty != process.type_dict {
                 Err(STATUS_WRONG_TYPE)
             } else {
@@ -589,7 +550,7 @@ enum Next {
 /// `len()` of a str, list, tuple or dict, as an int value.
 #[inline(always)]
 fn length(obj: u64, process: &LogProcess, value: &mut Value) {
-    let ty = read::<u64>(obj.wrapping_add(8)).unwrap_or(0);
+    let ty = read::<u64>(obj.wrapping_add(OB_TYPE)).unwrap_or(0);
     if ty != process.type_str
         && ty != process.type_list
         && ty != process.type_tuple
@@ -599,7 +560,7 @@ fn length(obj: u64, process: &LogProcess, value: &mut Value) {
         value.type_ = ty;
         return;
     }
-    let Some(n) = read::<i64>(obj.wrapping_add(SIZE_AT)) else {
+    let Some(n) = read::<i64>(obj.wrapping_add(OB_SIZE)) else {
         value.status = STATUS_UNREADABLE;
         return;
     };
@@ -742,7 +703,7 @@ fn describe(obj: u64, process: &LogProcess, value: &mut Value) {
 /// from the end).
 #[inline(always)]
 fn subscript_int(obj: u64, key: i64, process: &LogProcess) -> Result<Next, u8> {
-    let ty = read::<u64>(obj.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
+    let ty = read::<u64>(obj.wrapping_add(OB_TYPE)).ok_or(STATUS_UNREADABLE)?;
     if ty == process.type_dict {
         return dict_table(obj, process);
     }
@@ -753,7 +714,7 @@ fn subscript_int(obj: u64, key: i64, process: &LogProcess) -> Result<Next, u8> {
     } else {
         return Err(STATUS_WRONG_TYPE);
     };
-    let len = read::<i64>(obj.wrapping_add(SIZE_AT)).ok_or(STATUS_UNREADABLE)?;
+    let len = read::<i64>(obj.wrapping_add(OB_SIZE)).ok_or(STATUS_UNREADABLE)?;
     let at = if key < 0 { key.wrapping_add(len) } else { key };
     if at < 0 || at >= len {
         return Err(STATUS_MISSING);
@@ -776,7 +737,7 @@ enum Key<'a> {
 /// The table holding the instance's own attributes (never the class's).
 #[inline(always)]
 fn attribute(obj: u64, process: &LogProcess) -> Result<Next, u8> {
-    let ty = read::<u64>(obj.wrapping_add(8)).ok_or(STATUS_UNREADABLE)?;
+    let ty = read::<u64>(obj.wrapping_add(OB_TYPE)).ok_or(STATUS_UNREADABLE)?;
     let flags = read::<u64>(ty.wrapping_add(TP_FLAGS)).ok_or(STATUS_UNREADABLE)?;
     let shared_keys = |values: u64| -> Result<Next, u8> {
         let keys =

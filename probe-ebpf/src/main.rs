@@ -10,6 +10,7 @@
 
 mod logpoint;
 mod sample;
+mod thread;
 
 use aya_ebpf::{
     EbpfContext,
@@ -191,7 +192,7 @@ fn call_config(ctx: &ProbeContext, tgid: u32) -> Result<&'static ProcessConfig, 
         .ok_or(stats::CALLS_NO_CONFIG)?;
     // SAFETY: the entry just inserted, not yet seen by userspace.
     unsafe {
-        (*config).tstate_slot = (*config).tstate_slot.wrapping_add(bias);
+        (*config).thread = (*config).thread.moved(bias);
         (*config).code_epoch = calls::KERNEL_EPOCH | now_ns();
     }
     process_event(process::NEW, tgid, index);
@@ -294,19 +295,7 @@ fn starting_frame(ctx: &ProbeContext, config: &ProcessConfig) -> Option<u64> {
         calls::FRAME_ARG0 => Some(args(ctx).0),
         calls::FRAME_ARG1 => Some(args(ctx).1),
         calls::FRAME_REGISTER => Some(frame_register(ctx, config.frame_register)),
-        _ => current_frame(config),
-    }
-}
-
-/// The running thread's current frame, read through its thread state.
-#[inline(always)]
-fn current_frame(config: &ProcessConfig) -> Option<u64> {
-    let tstate: u64 = read(config.tstate_slot)?;
-    let at: u64 = read(tstate.wrapping_add(config.tstate_frame))?;
-    if config.cframe_current_frame == u64::MAX {
-        Some(at)
-    } else {
-        read(at.wrapping_add(config.cframe_current_frame))
+        _ => thread::running_frame(&config.thread),
     }
 }
 
@@ -570,7 +559,7 @@ fn count_frame(
 fn check_frame_register(config: &ProcessConfig, frame: u64, resume: Option<bool>) {
     if config.frame_mode == calls::FRAME_REGISTER
         && resume.is_none()
-        && current_frame(config) != Some(frame)
+        && thread::running_frame(&config.thread) != Some(frame)
     {
         count_error(stats::FRAME_REGISTER_MISMATCH);
     }

@@ -16,7 +16,10 @@ use pyprobe_common::{
     stats,
 };
 
-use crate::{WINDOWS, count_error, read};
+use crate::{
+    WINDOWS, count_error,
+    thread::{current_frame, holds_gil},
+};
 
 /// Per-process knowledge for the sampler, written by userspace.
 #[map(name = "SAMPLE_CONFIG")]
@@ -76,7 +79,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
     let Some(sample) = SAMPLE_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
-    let Some(frame) = current_frame(thread.tstate, config) else {
+    let Some(frame) = current_frame(thread.tstate, &config.thread) else {
         count_error(stats::SAMPLE_UNREADABLE);
         return 0;
     };
@@ -88,7 +91,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
     let header = unsafe { &mut (*sample).header };
     header.tgid = tgid;
     header.tid = tid;
-    header.flags = if holds_gil(thread.tstate, config) {
+    header.flags = if holds_gil(thread.tstate, &config.thread) {
         sample::HOLDS_GIL
     } else {
         0
@@ -117,32 +120,6 @@ pub fn sample_walk(ctx: PerfEventContext) -> u32 {
     };
     walk(&ctx, sample, config);
     0
-}
-
-/// The thread's current frame (0 if none).
-#[inline(always)]
-fn current_frame(tstate: u64, config: &SampleConfig) -> Option<u64> {
-    let at: u64 = read(tstate.wrapping_add(config.tstate_frame))?;
-    if config.cframe_current_frame == u64::MAX {
-        Some(at)
-    } else if at == 0 {
-        Some(0)
-    } else {
-        read(at.wrapping_add(config.cframe_current_frame))
-    }
-}
-
-/// Whether `tstate` holds the GIL, as the process's GIL records it.
-#[inline(always)]
-fn holds_gil(tstate: u64, config: &SampleConfig) -> bool {
-    if config.gil_current != 0 {
-        return read::<u64>(config.gil_current) == Some(tstate);
-    }
-    if config.gil_locked == 0 {
-        return false;
-    }
-    read::<u32>(config.gil_locked).is_some_and(|locked| locked != 0)
-        && read::<u64>(config.gil_last_holder) == Some(tstate)
 }
 
 /// Walks up to [`FRAMES_PER_RUN`] frames from `header.next`, then either

@@ -4,7 +4,7 @@
 //! the interpreter frees code objects (each feature's maps keyed by code
 //! address are cleaned there).
 
-use pyprobe_common::calls;
+use pyprobe_common::{calls, thread::ThreadFrame};
 
 use crate::{
     elf::ElfImage,
@@ -85,43 +85,30 @@ pub fn main_gil(
         .ok_or(ConfigError::Unreadable("interp->ceval.gil"))
 }
 
-/// How a thread state reaches its current frame, as BPF programs take it:
-/// (offset of the frame, or of `cframe`, in the thread state;
-/// `_PyCFrame.current_frame`, or `u64::MAX` when the first offset leads to
-/// the frame directly).
-pub fn current_frame_link(o: &Offsets) -> (u64, u64) {
-    match o.tstate_frame {
+/// How any BPF program finds what a thread of the process whose
+/// `_PyRuntime` is at `runtime` runs: where the GIL says who holds it
+/// (0 where the version has no such field) and how a thread state reaches
+/// its current frame. `read_u64` reads the process (3.12+ keep the GIL
+/// behind a pointer).
+pub fn thread_frame(
+    o: &Offsets,
+    runtime: u64,
+    read_u64: impl Fn(u64) -> Option<u64>,
+) -> Result<ThreadFrame, ConfigError> {
+    let (tstate_frame, cframe_current_frame) = match o.tstate_frame {
         FrameLink::Direct(at) => (at, u64::MAX),
         FrameLink::ViaCFrame {
             cframe,
             current_frame,
         } => (cframe, current_frame),
-    }
-}
-
-/// Addresses, in the process, that tell which thread holds the GIL (0 where
-/// the version has none).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GilAddresses {
-    /// The word naming the holder's thread state (3.8-3.11:
-    /// `_PyRuntime.gilstate.tstate_current`).
-    pub current: u64,
-    /// The GIL's `last_holder`.
-    pub last_holder: u64,
-    /// The GIL's `locked`.
-    pub locked: u64,
-}
-
-/// Where the main interpreter's GIL state is, in a process whose
-/// `_PyRuntime` is at `runtime`.
-pub fn gil_addresses(
-    o: &Offsets,
-    runtime: u64,
-    read_u64: impl Fn(u64) -> Option<u64>,
-) -> Result<GilAddresses, ConfigError> {
-    let mut g = GilAddresses::default();
+    };
+    let mut t = ThreadFrame {
+        tstate_frame,
+        cframe_current_frame,
+        ..ThreadFrame::default()
+    };
     if let Some(current) = o.runtime_tstate_current {
-        g.current = runtime.wrapping_add(current);
+        t.gil_current = runtime.wrapping_add(current);
     }
     match o.gil {
         GilLocation::InterpPointer {
@@ -130,19 +117,19 @@ pub fn gil_addresses(
             locked,
         } if o.runtime_tstate_current.is_none() => {
             let gil = main_gil(o, runtime, pointer, &read_u64)?;
-            g.last_holder = gil.wrapping_add(last_holder);
-            g.locked = gil.wrapping_add(locked);
+            t.gil_last_holder = gil.wrapping_add(last_holder);
+            t.gil_locked = gil.wrapping_add(locked);
         }
         GilLocation::Runtime {
             last_holder,
             locked,
         } if o.runtime_tstate_current.is_none() => {
-            g.last_holder = runtime.wrapping_add(last_holder);
-            g.locked = runtime.wrapping_add(locked);
+            t.gil_last_holder = runtime.wrapping_add(last_holder);
+            t.gil_locked = runtime.wrapping_add(locked);
         }
         _ => {}
     }
-    Ok(g)
+    Ok(t)
 }
 
 /// Offset of `tp_dealloc` in `PyTypeObject`, every supported version.

@@ -185,7 +185,7 @@ impl CallCounter {
     /// Gives the probes whose cookie names template `index`
     /// ([`calls::cookie`]) the configuration a process of their file gets
     /// when the kernel meets it before userspace has configured it. Its
-    /// `tstate_slot` is a link-time address: the kernel adds the load bias.
+    /// `thread` addresses are link-time ones: the kernel adds the load bias.
     pub fn set_template(&mut self, index: u32, config: &ProcessConfig) -> Result<(), BpfError> {
         let mut object = self.object.lock();
         hash_insert(&mut object.ebpf, names::MAP_CALL_TEMPLATES, index, config)

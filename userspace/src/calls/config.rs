@@ -6,7 +6,7 @@
 use pyprobe_common::calls::{self, ProcessConfig};
 
 use crate::{
-    kabi::{ConfigError, current_frame_link, gil_addresses, window},
+    kabi::{ConfigError, thread_frame, window},
     python::{
         offsets::{FrameModel, GilLocation, InstructionModel, VersionInfo},
         version::PythonVersion,
@@ -35,7 +35,6 @@ pub fn process_config(
         frame_code_at: at[0],
         frame_instruction_at: at[1],
         code_mask: layout.stackref_mask,
-        cframe_current_frame: u64::MAX,
         ..ProcessConfig::default()
     };
     let code_fields = [
@@ -90,15 +89,10 @@ pub fn process_config(
             // The word naming the running thread state: 3.8-3.11's
             // `tstate_current`, else the GIL's last holder behind the
             // interpreter's pointer.
-            let gil = gil_addresses(o, runtime, &read_u64)?;
-            c.tstate_slot = match (gil.current, o.gil) {
-                (0, GilLocation::InterpPointer { .. }) => gil.last_holder,
-                (0, GilLocation::Runtime { .. }) => {
-                    return Err(missing("gilstate.tstate_current"));
-                }
-                (current, _) => current,
-            };
-            (c.tstate_frame, c.cframe_current_frame) = current_frame_link(o);
+            c.thread = thread_frame(o, runtime, &read_u64)?;
+            if c.thread.gil_current == 0 && matches!(o.gil, GilLocation::Runtime { .. }) {
+                return Err(missing("gilstate.tstate_current"));
+            }
             c.start_mode = calls::START_INDEX_FIRST_TRACEABLE;
             c.code_adaptive = o
                 .code_code_adaptive
@@ -175,8 +169,11 @@ mod tests {
     fn py311_reads_the_current_tstate_from_the_runtime_and_goes_through_cframe() {
         let c = process_config(&version(11), &offsets::PY311, 0x1000, |_| None).unwrap();
         assert_eq!(c.frame_mode, calls::FRAME_FROM_TSTATE);
-        assert_eq!(c.tstate_slot, 0x1000 + 576);
-        assert_eq!((c.tstate_frame, c.cframe_current_frame), (56, 8));
+        assert_eq!(c.thread.holder_slot(), 0x1000 + 576);
+        assert_eq!(
+            (c.thread.tstate_frame, c.thread.cframe_current_frame),
+            (56, 8)
+        );
         assert_eq!(c.instruction_bias, 2);
         assert_eq!(c.code_adaptive, 184);
         // co_firstlineno 72, co_name 120, _co_firsttraceable 168.
@@ -194,10 +191,16 @@ mod tests {
     #[test]
     fn py312_and_later_take_the_gil_holder_at_an_address_read_once() {
         let c = process_config(&version(12), &offsets::PY312, 0x1000, memory).unwrap();
-        assert_eq!(c.tstate_slot, 0x9000 + 8);
-        assert_eq!((c.tstate_frame, c.cframe_current_frame), (56, 0));
+        assert_eq!(c.thread.holder_slot(), 0x9000 + 8);
+        assert_eq!(
+            (c.thread.tstate_frame, c.thread.cframe_current_frame),
+            (56, 0)
+        );
         let c = process_config(&version(13), &offsets::PY313, 0x1000, memory).unwrap();
-        assert_eq!((c.tstate_frame, c.cframe_current_frame), (72, u64::MAX));
+        assert_eq!(
+            (c.thread.tstate_frame, c.thread.cframe_current_frame),
+            (72, u64::MAX)
+        );
         assert_eq!(c.instruction_bias, 0);
         let c = process_config(&version(14), &offsets::PY314, 0x1000, memory).unwrap();
         assert_eq!(c.code_mask, !3);

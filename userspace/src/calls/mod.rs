@@ -321,16 +321,16 @@ impl Session {
             pyprobe_common::calls::MAX_TEMPLATES
         );
         self.templates.insert(interp.file, index);
-        let slot = cfg.tstate_slot.wrapping_sub(interp.load_bias);
+        // Link-time addresses: the kernel moves them by each process's
+        // load bias.
+        let thread = cfg.thread.moved(interp.load_bias.wrapping_neg());
+        let slot = thread.holder_slot();
         let slot_unused = matches!(
             cfg.frame_mode,
             pyprobe_common::calls::FRAME_ARG0 | pyprobe_common::calls::FRAME_ARG1
         );
         if slot_unused || image.is_loaded(slot) {
-            let template = pyprobe_common::calls::ProcessConfig {
-                tstate_slot: slot,
-                ..*cfg
-            };
+            let template = pyprobe_common::calls::ProcessConfig { thread, ..*cfg };
             self.counter.set_template(index, &template)?;
             self.kernel_ready.insert(interp.file, index);
         } else {
@@ -338,7 +338,7 @@ impl Session {
                 "{}: the thread-state slot {:#x} is not static data; new processes of this \
                  file are set up by pyprobe, not from their first call",
                 interp.binary.display(),
-                cfg.tstate_slot
+                cfg.thread.holder_slot()
             );
         }
         Ok(index)

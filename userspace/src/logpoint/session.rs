@@ -2034,9 +2034,6 @@ fn process_config(
         tstate_datastack_top: o.tstate_datastack_top.unwrap_or(0),
         ..LogProcess::default()
     };
-    (c.tstate_frame, c.cframe_current_frame) = crate::kabi::current_frame_link(o);
-    let gil = crate::kabi::gil_addresses(o, target.runtime, |a| target.mem.read_u64(a).ok())?;
-    c.gil_current = gil.current;
-    c.gil_last_holder = gil.last_holder;
+    c.thread = crate::kabi::thread_frame(o, target.runtime, |a| target.mem.read_u64(a).ok())?;
     Ok(c)
 }

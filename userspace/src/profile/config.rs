@@ -4,7 +4,7 @@
 use pyprobe_common::sample::SampleConfig;
 
 use crate::{
-    kabi::{ConfigError, current_frame_link, gil_addresses, window},
+    kabi::{ConfigError, thread_frame, window},
     python::{
         offsets::{EntryFrames, VersionInfo},
         version::PythonVersion,
@@ -52,18 +52,13 @@ pub fn sample_config(
         frame_owner_at: 0,
         owner_min: 256,
         code_mask: layout.stackref_mask,
-        cframe_current_frame: u64::MAX,
+        thread: thread_frame(o, runtime, read_u64)?,
         ..SampleConfig::default()
     };
     if let Some((min, owner_at)) = owner {
         c.frame_owner_at = at[4] + (owner_at & 3);
         c.owner_min = u64::from(min);
     }
-    (c.tstate_frame, c.cframe_current_frame) = current_frame_link(o);
-    let gil = gil_addresses(o, runtime, read_u64)?;
-    c.gil_current = gil.current;
-    c.gil_last_holder = gil.last_holder;
-    c.gil_locked = gil.locked;
     Ok(c)
 }
 
@@ -116,11 +111,15 @@ mod tests {
 
     #[test]
     fn gil_is_found_per_version() {
-        assert_eq!(config(8).gil_current, 0x1000 + 1368);
-        assert_eq!(config(11).gil_current, 0x1000 + 576);
+        assert_eq!(config(8).thread.gil_current, 0x1000 + 1368);
+        assert_eq!(config(11).thread.gil_current, 0x1000 + 576);
         let c = config(12);
         assert_eq!(
-            (c.gil_current, c.gil_last_holder, c.gil_locked),
+            (
+                c.thread.gil_current,
+                c.thread.gil_last_holder,
+                c.thread.gil_locked
+            ),
             (0, 0x5008, 0x5010)
         );
     }

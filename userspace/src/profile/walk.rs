@@ -13,11 +13,12 @@ use crate::python::memory::Memory;
 pub fn walk(mem: &impl Memory, config: &SampleConfig, tstate: u64) -> (Vec<FrameRecord>, u32) {
     let mut flags = 0;
     let mut out = Vec::new();
-    let Ok(mut frame) = mem.read_u64(tstate.wrapping_add(config.tstate_frame)) else {
+    let t = &config.thread;
+    let Ok(mut frame) = mem.read_u64(tstate.wrapping_add(t.tstate_frame)) else {
         return (out, sample::TORN);
     };
-    if config.cframe_current_frame != u64::MAX && frame != 0 {
-        match mem.read_u64(frame.wrapping_add(config.cframe_current_frame)) {
+    if t.cframe_current_frame != u64::MAX && frame != 0 {
+        match mem.read_u64(frame.wrapping_add(t.cframe_current_frame)) {
             Ok(f) => frame = f,
             Err(_) => return (out, sample::TORN),
         }

@@ -167,12 +167,7 @@ pub const MAX_KEY_BYTES: usize = 32;
 /// (two 30-bit digits; their hash is then the value itself).
 pub const MAX_INT_BITS: u32 = 60;
 
-/// `Py_TPFLAGS_INLINE_VALUES` (`Include/object.h`, 3.13+): instances keep
-/// their attribute values right after the object.
-pub const TPFLAGS_INLINE_VALUES: u64 = 1 << 2;
-/// `Py_TPFLAGS_MANAGED_DICT` (`Include/object.h`, 3.11+): the interpreter
-/// manages the instance `__dict__` in the pre-header.
-pub const TPFLAGS_MANAGED_DICT: u64 = 1 << 4;
+pub use pyprobe_common::objects::{TPFLAGS_INLINE_VALUES, TPFLAGS_MANAGED_DICT};
 /// `Py_TPFLAGS_HEAPTYPE` (`Include/object.h`): the type is a
 /// `PyHeapTypeObject`, so `ht_cached_keys` exists.
 pub const TPFLAGS_HEAPTYPE: u64 = 1 << 9;

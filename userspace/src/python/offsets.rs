@@ -357,59 +357,9 @@ pub struct Offsets {
     pub code_framesize: Option<u64>,
 }
 
-/// Offsets that are the same in every supported version.
-pub mod common {
-    /// `PyObject.ob_refcnt`.
-    pub const OB_REFCNT: u64 = 0;
-    /// `PyObject.ob_type`.
-    pub const OB_TYPE: u64 = 8;
-    /// `PyVarObject.ob_size`.
-    pub const OB_SIZE: u64 = 16;
-    /// `PyTypeObject.tp_name`.
-    pub const TP_NAME: u64 = 24;
-    /// `PyTypeObject.tp_flags` (`unsigned long`).
-    pub const TP_FLAGS: u64 = 168;
-    /// `PyTypeObject.tp_methods`: the `PyMethodDef` array a C type was
-    /// defined with (NULL for classes written in Python).
-    pub const TP_METHODS: u64 = 232;
-    /// `PyTypeObject.tp_dict` (NULL for static builtin types from 3.12: see
-    /// `Offsets::interp_static_types`).
-    pub const TP_DICT: u64 = 264;
-    /// `PyTypeObject.tp_subclasses` (from 3.12, for a static builtin type,
-    /// its index in the interpreter's static type states plus one).
-    pub const TP_SUBCLASSES: u64 = 360;
-    /// `PyModuleObject.md_dict`.
-    pub const MODULE_DICT: u64 = 16;
-    /// `PyFloatObject.ob_fval`.
-    pub const FLOAT_VALUE: u64 = 16;
-    /// `PyListObject.ob_item` (pointer to the items).
-    pub const LIST_ITEMS: u64 = 24;
-    /// `PyBytesObject.ob_sval`.
-    pub const BYTES_DATA: u64 = 32;
-    /// `PyUnicodeObject.length` (code points).
-    pub const UNICODE_LENGTH: u64 = 16;
-    /// `PyUnicodeObject.state` (bit field, u32).
-    pub const UNICODE_STATE: u64 = 32;
-    /// `PyLongObject` `ob_size` (≤3.11) or `lv_tag` (3.12+).
-    pub const LONG_SIZE: u64 = 16;
-    /// `PyLongObject.ob_digit`.
-    pub const LONG_DIGITS: u64 = 24;
-    /// `PyDictObject.ma_used`.
-    pub const DICT_USED: u64 = 16;
-    /// `PyDictObject.ma_keys`.
-    pub const DICT_KEYS: u64 = 32;
-    /// `PyDictObject.ma_values`.
-    pub const DICT_VALUES: u64 = 40;
-    /// `PyTypeObject.tp_basicsize`.
-    pub const TP_BASICSIZE: u64 = 32;
-    /// `PyTypeObject.tp_dictoffset`.
-    pub const TP_DICTOFFSET: u64 = 288;
-    /// `staticmethod.sm_callable` and `classmethod.cm_callable`: the
-    /// wrapped function.
-    pub const WRAPPED_CALLABLE: u64 = 16;
-    /// `propertyobject.prop_get`: a property's getter.
-    pub const PROPERTY_GET: u64 = 16;
-}
+/// Offsets that are the same in every supported version (shared with the
+/// kernel programs).
+pub use pyprobe_common::objects as common;
 
 /// Everything known about one CPython minor version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
