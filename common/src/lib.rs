@@ -184,6 +184,12 @@ pub mod process {
     /// [`ProcessEvent::template`] holds the watched process it descends
     /// from.
     pub const FORKED: u32 = 5;
+    /// A process whose calls are counted, set up by userspace (its
+    /// probes are its own), forked a child: userspace decides at once
+    /// whether the child is counted too, rather than at its next look
+    /// through `/proc` (a pool's or gunicorn's new worker). Not sent for
+    /// threads. [`ProcessEvent::template`] holds the parent.
+    pub const CHILD: u32 = 6;
 
     /// One [`NEW`], [`EXEC`] or [`EXIT`] event in the `PROCESS_EVENTS`
     /// ring buffer.
@@ -632,8 +638,12 @@ pub mod calls {
         /// 1 when `--filter` may put code objects of this process in the
         /// skip sets; 0 skips that lookup.
         pub filtering: u8,
+        /// 1 when userspace wants to hear of the process's children as
+        /// they are forked ([`super::process::CHILD`]): it counts them with
+        /// probes of their own, so the kernel cannot set them up itself.
+        pub follow_children: u8,
         /// Padding, zero.
-        pub _pad: [u8; 2],
+        pub _pad: u8,
         /// The template index of the process's interpreter file, passed on
         /// in [`super::process::CodeEvent`]s so userspace knows how to read
         /// what they carry.

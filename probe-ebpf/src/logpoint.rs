@@ -10,7 +10,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user_buf,
         generated::{bpf_loop, bpf_ringbuf_output},
     },
     macros::{map, perf_event},
@@ -68,11 +68,6 @@ static LOG_HITS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map(name = "LOG_FREED")]
 static LOG_FREED: HashMap<WatchKey, u32> = HashMap::with_max_entries(MAX_ARMED, 0);
 
-/// Byte offsets of `pid` and `tgid` in `struct task_struct`, written by
-/// userspace from the kernel's BTF (0: unknown).
-#[map(name = "TASK_OFFSETS")]
-static TASK_OFFSETS: Array<u32> = Array::with_max_entries(2, 0);
-
 /// Processes forked by watched ones: the watched process each descends
 /// from. Its watchpoints were inherited at the fork (`perf_event_attr.inherit`),
 /// on the same addresses of a copy of the same memory, so its hits are
@@ -87,33 +82,21 @@ pub fn forget(tgid: u32) -> bool {
     LOG_PROCESS.remove(&tgid).is_ok()
 }
 
-/// Called by `process_fork`: task `child` was just created by process
-/// `parent`. When `parent` has log points armed and `child` is a new
-/// process (not a thread), the child is set up from the parent's
-/// configuration before it runs. Returns the child's tgid and the watched
-/// process it descends from, when it was set up.
+/// Whether process `tgid` has log points armed.
 #[inline(always)]
-pub fn forked(parent: u32, child: u64) -> Option<(u32, u32)> {
+pub fn armed(tgid: u32) -> bool {
+    // SAFETY: only looked up.
+    unsafe { LOG_PROCESS.get(&tgid) }.is_some()
+}
+
+/// Called by `process_fork`: process `tgid` was just forked by `parent`.
+/// When `parent` has log points armed, the child is set up from the
+/// parent's configuration before it runs. Returns the watched process it
+/// descends from, when it was set up.
+#[inline(always)]
+pub fn forked(parent: u32, tgid: u32) -> Option<u32> {
     // SAFETY: values are only read while this program runs.
-    let Some(process) = (unsafe { LOG_PROCESS.get(&parent) }) else {
-        return None;
-    };
-    let (Some(&pid_at), Some(&tgid_at)) = (TASK_OFFSETS.get(0), TASK_OFFSETS.get(1)) else {
-        return None;
-    };
-    if pid_at == 0 || tgid_at == 0 {
-        return None;
-    }
-    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails
-    // cleanly; `child` is the tracepoint's new task.
-    let read_id = |at: u32| unsafe {
-        bpf_probe_read_kernel(child.wrapping_add(u64::from(at)) as *const u32).unwrap_or(0)
-    };
-    let (pid, tgid) = (read_id(pid_at), read_id(tgid_at));
-    // A new thread of a process is that process.
-    if tgid == 0 || pid != tgid || tgid == parent {
-        return None;
-    }
+    let process = unsafe { LOG_PROCESS.get(&parent) }?;
     // SAFETY: as above.
     let origin = unsafe { LOG_ORIGIN.get(&parent) }
         .copied()
@@ -125,7 +108,7 @@ pub fn forked(parent: u32, child: u64) -> Option<(u32, u32)> {
         count_error(stats::LOG_NO_PROCESS);
         return None;
     }
-    Some((tgid, origin))
+    Some(origin)
 }
 
 /// Called by `code_freed`: code object `code` of process `tgid` is being

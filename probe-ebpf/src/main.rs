@@ -16,8 +16,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user, generated,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -222,15 +222,52 @@ pub fn process_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Byte offsets of `pid` and `tgid` in `struct task_struct`, written by
+/// userspace from the kernel's BTF (0: unknown).
+#[map(name = "TASK_OFFSETS")]
+static TASK_OFFSETS: Array<u32> = Array::with_max_entries(2, 0);
+
+/// The process id of task `child`, just created by process `parent`, when
+/// it is a new process (not a thread) and the task offsets are known.
+#[inline(always)]
+fn new_process(parent: u32, child: u64) -> Option<u32> {
+    let (Some(&pid_at), Some(&tgid_at)) = (TASK_OFFSETS.get(0), TASK_OFFSETS.get(1)) else {
+        return None;
+    };
+    if pid_at == 0 || tgid_at == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copies from kernel memory and fails
+    // cleanly; `child` is the tracepoint's new task.
+    let read_id = |at: u32| unsafe {
+        bpf_probe_read_kernel(child.wrapping_add(u64::from(at)) as *const u32).unwrap_or(0)
+    };
+    let (pid, tgid) = (read_id(pid_at), read_id(tgid_at));
+    // A new thread of a process is that process.
+    (tgid != 0 && pid == tgid && tgid != parent).then_some(tgid)
+}
+
 /// Raw tracepoint `sched_process_fork` (`(parent, child)` tasks), run in
 /// the parent for every new process and thread: a child of a process with
-/// log points armed is set up before it runs (see [`logpoint::forked`]).
+/// log points armed is set up before it runs (see [`logpoint::forked`]);
+/// userspace hears at once of a child of a process whose calls it counts
+/// with probes of its own ([`process::CHILD`]).
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn process_fork(ctx: RawTracePointContext) -> i32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let child: u64 = ctx.arg(1);
-    if let Some((tgid, origin)) = logpoint::forked(parent, child) {
+    // SAFETY: only looked up.
+    let counted = unsafe { CALL_CONFIG.get(&parent) }.is_some_and(|c| c.follow_children != 0);
+    if !counted && !logpoint::armed(parent) {
+        return 0;
+    }
+    let Some(tgid) = new_process(parent, ctx.arg(1)) else {
+        return 0;
+    };
+    if let Some(origin) = logpoint::forked(parent, tgid) {
         process_event(process::FORKED, tgid, origin);
+    }
+    if counted {
+        process_event(process::CHILD, tgid, parent);
     }
     0
 }

@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, process::Command, thread, time::Duration};
 use anyhow::{Context, bail, ensure};
 use pyprobe_tests::{
     Fixture, Interpreter, Origin, Probe, final_calls_report, fixture_path, for_each_interpreter,
+    marks,
 };
 use serde_json::Value;
 
@@ -239,6 +240,65 @@ fn calls_name_counts_the_selected_process_and_never_traps_the_others() {
                 report["lost"]["unconfigured"] == 0,
                 "lost: {}",
                 report["lost"]
+            );
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn calls_name_counts_short_lived_children_from_their_fork() {
+    for_each_interpreter(
+        "calls_name_counts_short_lived_children_from_their_fork",
+        |interp| {
+            let leaf_line = marks("fork_children.py")?["leaf-def"];
+            let tag = format!("forking-for-pyprobe-test-{}", std::process::id());
+            let mut parent = Fixture::start(interp, "fork_children.py", &[&tag])?;
+            let probe = Probe::start(&["calls", "--name", &tag, "--json", "--interval", "0.2"])?;
+            let startup = probe.startup();
+            ensure!(
+                startup.contains(&format!("watching PID {}:", parent.pid())),
+                "start-up: {startup}"
+            );
+            // Five children one after the other, each living a quarter of
+            // a second: a look through /proc once a second sees two at
+            // most, and too late. Each is set up as it is forked, before
+            // its 300 calls of leaf() 0.2 s later.
+            let done = parent.call("fork 5 300", "done")?;
+            let children: Vec<u32> = done
+                .split_whitespace()
+                .skip(1)
+                .map(str::parse)
+                .collect::<Result<_, _>>()?;
+            ensure!(children.len() == 5, "{done}");
+            thread::sleep(Duration::from_millis(300));
+            probe.interrupt();
+            let (ok, stdout, stderr) = probe.finish()?;
+            ensure!(ok, "pyprobe failed: {stderr}");
+            let report = final_calls_report(&stdout)?;
+            let leaf_calls = |pid: u32| -> u64 {
+                report["rows"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| {
+                        r["pid"] == pid && r["function"] == "leaf" && r["line"] == leaf_line
+                    })
+                    .map(|r| r["calls"].as_u64().unwrap_or(0))
+                    .sum()
+            };
+            let got: Vec<u64> = children.iter().map(|&pid| leaf_calls(pid)).collect();
+            ensure!(
+                got == [300; 5],
+                "leaf() calls per child {got:?}, expected 300 each; stderr: {stderr}"
+            );
+            ensure!(
+                leaf_calls(parent.pid()) == 0,
+                "leaf() counted in the parent"
+            );
+            ensure!(
+                stderr.contains("5 processes started while watching were counted"),
+                "the report says they were picked up after their start: {stderr}"
             );
             Ok(())
         },

@@ -163,9 +163,14 @@ enum Command {
     /// pool's or gunicorn's new worker, forked or spawned) is counted from
     /// its first call, set up in the kernel, and its functions are named
     /// from what the kernel reads as they first run, so short-lived workers
-    /// are named too. A watched process that execs another interpreter is
-    /// followed; one that execs anything else is reported and dropped.
-    /// The probes of one interpreter file are one `uprobe_multi` link
+    /// are named too. Under --name or --container the probes are each
+    /// process's own (others never trap): a child forked by a counted
+    /// process is set up as the kernel reports its fork (milliseconds; its
+    /// calls before that are not counted), any other new process at the
+    /// next look through /proc (within a second); the report says how many
+    /// were picked up after their start. A watched process that execs
+    /// another interpreter is followed; one that execs anything else is
+    /// reported and dropped. The probes of one interpreter file are one `uprobe_multi` link
     /// (Linux 6.6+), which the kernel detaches with one grace period:
     /// with 100 processes of one interpreter, ready in 0.16-0.20 s and gone
     /// 0.26-0.27 s after Ctrl-C (`cargo xtask bench --only scale`). Older

@@ -93,6 +93,23 @@ impl Registry {
         out
     }
 
+    /// Whether process `pid`, just found (a child forked by a watched
+    /// process), is to be set up: as [`Self::new_pids`] would judge it at
+    /// its next scan. One the selection leaves out is passed over.
+    pub fn takes_new(&mut self, pid: u32) -> bool {
+        if pid == std::process::id()
+            || self.exec_pending.contains_key(&pid)
+            || self.ignored.holds(pid)
+        {
+            return false;
+        }
+        if self.select.selects(pid) {
+            return true;
+        }
+        self.ignored.insert(pid);
+        false
+    }
+
     /// Passes over `pid` as it is now (see [`Ignored`]).
     pub fn pass_over(&mut self, pid: u32) {
         self.ignored.insert(pid);

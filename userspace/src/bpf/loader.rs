@@ -106,6 +106,21 @@ impl SharedObject {
         runs
     }
 
+    /// Tells `process_fork` where a task's ids are, so that it tells a
+    /// new process from a new thread.
+    pub fn set_task_offsets(&self, offsets: crate::kernel::TaskOffsets) -> Result<(), BpfError> {
+        let object = &mut *self.lock();
+        let mut map: aya::maps::Array<&mut MapData, u32> =
+            super::open_map_mut(&mut object.ebpf, names::MAP_TASK_OFFSETS)?;
+        for (index, value) in [(0, offsets.pid), (1, offsets.tgid)] {
+            map.set(index, value, 0).map_err(|source| BpfError::Map {
+                name: names::MAP_TASK_OFFSETS,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Takes off the `code_freed` probe of process `pid` alone (it exited
     /// or exec'd), if it has one.
     pub fn forget_code_frees(&self, pid: u32) {

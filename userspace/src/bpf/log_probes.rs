@@ -118,32 +118,11 @@ impl LogProbes {
         })
     }
 
-    /// Gives `process_fork` where a task's ids are
-    /// ([`crate::kernel::TaskOffsets::read`]), before anything is armed:
-    /// from then on a process forked by a watched one is set up in the
-    /// kernel. An error is kept for [`Self::forks_unfollowed`].
-    pub fn follow_forks(
-        &mut self,
-        offsets: anyhow::Result<crate::kernel::TaskOffsets>,
-    ) -> Result<(), BpfError> {
-        let mut object = self.object.lock();
-        let offsets = match offsets {
-            Ok(offsets) => offsets,
-            Err(e) => {
-                self.forks_unfollowed = Some(e.to_string());
-                return Ok(());
-            }
-        };
-        let mut map: Array<&mut MapData, u32> =
-            open_map_mut(&mut object.ebpf, names::MAP_TASK_OFFSETS)?;
-        for (index, value) in [(0, offsets.pid), (1, offsets.tgid)] {
-            map.set(index, value, 0).map_err(|source| BpfError::Map {
-                name: names::MAP_TASK_OFFSETS,
-                source,
-            })?;
-        }
-        self.forks_unfollowed = None;
-        Ok(())
+    /// Takes what the engine says of following forks
+    /// ([`crate::engine::Engine::forks_unfollowed`]): when the programs
+    /// can, a process forked by a watched one is set up in the kernel.
+    pub fn follow_forks(&mut self, unfollowed: Option<&str>) {
+        self.forks_unfollowed = unfollowed.map(str::to_owned);
     }
 
     /// Why processes forked by watched ones are not followed (their

@@ -113,6 +113,14 @@ pub(crate) struct Session {
     started: bool,
     /// Processes set up by a scan after the start.
     picked_up_late: u64,
+    /// A selection is watched with probes per process: the kernel tells
+    /// of each child a counted process forks ([`process::CHILD`]), which
+    /// is set up at once if the selection takes it, not at the next scan.
+    follow_children: bool,
+    /// Children set up as they were forked, until they exec or exit (one
+    /// that execs something else is dropped without a word, as a pool's
+    /// worker running a subprocess is).
+    children: BTreeSet<u32>,
 }
 
 impl Session {
@@ -174,6 +182,7 @@ impl Session {
         self.configured += 1;
         cfg.epoch_watched = code_freed.is_some() as u8;
         cfg.filtering = self.filtering as u8;
+        cfg.follow_children = self.follow_children as u8;
         let template = self.template(&interp, &image, &mut cfg)?;
         self.counter.configure(pid, &cfg)?;
         let cookie = |file_offset: u64| {
@@ -372,11 +381,18 @@ impl Session {
                         .add_kernel_set_up(pid, event.template, forked_from);
                     eprintln!("pyprobe: watching PID {pid} (counted from its first call)");
                 }
+                pyprobe_common::process::CHILD
+                    if self.follow_children && !self.symbols.has_process(pid) =>
+                {
+                    self.add_child(pid);
+                }
                 pyprobe_common::process::EXEC => {
                     self.symbols.forget_process(pid);
-                    self.registry.exec_seen(pid, true);
+                    let announce = !self.children.remove(&pid);
+                    self.registry.exec_seen(pid, announce);
                 }
                 pyprobe_common::process::EXIT => {
+                    self.children.remove(&pid);
                     self.registry.exited(pid);
                     self.symbols.forget_process(pid);
                 }
@@ -384,6 +400,31 @@ impl Session {
             }
         }
         self.set_up_exec_pending();
+    }
+
+    /// Sets up child `pid` of a counted process, just forked, if the
+    /// selection takes it: counted from a few milliseconds after its fork
+    /// instead of from the next scan (up to a second; a short-lived worker
+    /// would be missed whole). Its first calls, made before its probes
+    /// went on, are not counted: it is reported as picked up late.
+    fn add_child(&mut self, pid: u32) {
+        if !self.registry.takes_new(pid) {
+            return;
+        }
+        let result = self.add(pid);
+        match &result {
+            Ok(_) => {
+                self.children.insert(pid);
+                self.picked_up_late += 1;
+            }
+            // Gone already: nothing to say.
+            Err(_) if !crate::process::is_alive(pid) => {
+                self.registry.pass_over(pid);
+                return;
+            }
+            Err(_) => {}
+        }
+        self.registry.note_scanned(pid, result, "watching");
     }
 
     /// Sets up again processes that exec'd, once their new image maps an
@@ -579,8 +620,9 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
 pub fn late_line(n: u64) -> Option<String> {
     (n > 0).then(|| {
         format!(
-            "{n} process{} started while watching {} counted from when {} picked up (within a second of \
-             {its} start), not from {its} first call",
+            "{n} process{} started while watching {} counted from when {} picked up (a child of a \
+             watched process as it was forked, another within a second of {its} start), not from \
+             {its} first call",
             if n == 1 { "" } else { "es" },
             if n == 1 { "was" } else { "were" },
             if n == 1 { "it was" } else { "they were" },
@@ -594,6 +636,7 @@ impl Session {
     pub(crate) fn new(engine: &crate::engine::Engine, opts: &CallsOptions) -> anyhow::Result<Self> {
         let counter = CallCounter::new(engine.object())?;
         let news = engine.news();
+        let all = opts.all && opts.select.is_everything() && !opts.per_process_probes;
         Ok(Session {
             counter,
             news,
@@ -604,7 +647,7 @@ impl Session {
             kernel_ready: BTreeMap::new(),
             dropped: false,
             registry: crate::registry::Registry::new(opts.select.clone()),
-            all: opts.all && opts.select.is_everything() && !opts.per_process_probes,
+            all,
             empty_program: opts.empty_program,
             builtins: opts.builtins,
             latency: opts.latency,
@@ -612,6 +655,8 @@ impl Session {
             configured: 0,
             started: false,
             picked_up_late: 0,
+            follow_children: opts.all && !all,
+            children: BTreeSet::new(),
         })
     }
 
@@ -634,7 +679,7 @@ impl Session {
                 );
             } else {
                 eprintln!(
-                    "pyprobe: watching {} (new ones are picked up every second)",
+                    "pyprobe: watching {} (a child of a watched one is picked up as it forks, others every second)",
                     opts.select.describe()
                 );
             }

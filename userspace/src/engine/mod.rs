@@ -43,6 +43,9 @@ pub struct Engine(Arc<Inner>);
 
 struct Inner {
     object: SharedObject,
+    /// Why `process_fork` cannot tell a new process from a new thread
+    /// (the kernel's task layout could not be read), if it cannot.
+    forks_unfollowed: Option<String>,
     subscribers: Arc<Mutex<Vec<mpsc::Sender<Arrival>>>>,
     stop: Arc<AtomicBool>,
 }
@@ -51,7 +54,17 @@ impl Engine {
     /// Loads the BPF object for `features` (see [`Features`]) and starts
     /// reading the kernel's news of processes.
     pub fn load(features: Features) -> Result<Self, BpfError> {
+        // Read beside the load (about 150 ms each).
+        let task_offsets = std::thread::spawn(crate::kernel::TaskOffsets::read);
         let object = Object::load(features)?;
+        let forks_unfollowed = match task_offsets.join() {
+            Ok(Ok(offsets)) => {
+                object.set_task_offsets(offsets)?;
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("reading the kernel's BTF failed (a thread panicked)".to_owned()),
+        };
         let events = object
             .take_news()
             .ok_or(BpfError::Missing(pyprobe_common::names::MAP_PROCESS_EVENTS))?;
@@ -60,6 +73,7 @@ impl Engine {
         spawn_reader(events, subscribers.clone(), stop.clone());
         Ok(Self(Arc::new(Inner {
             object,
+            forks_unfollowed,
             subscribers,
             stop,
         })))
@@ -73,6 +87,12 @@ impl Engine {
     /// What the object was made for.
     pub fn features(&self) -> Features {
         self.0.object.features()
+    }
+
+    /// Why the programs cannot follow processes as they fork (tell a new
+    /// process from a new thread), if they cannot.
+    pub fn forks_unfollowed(&self) -> Option<&str> {
+        self.0.forks_unfollowed.as_deref()
     }
 
     /// A new subscriber to the kernel's news: every piece read from now

@@ -341,7 +341,6 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         let probes = LogProbes::new(engine.object())?;
         anyhow::Ok((engine, probes))
     });
-    let task_offsets = std::thread::spawn(crate::kernel::TaskOffsets::read);
     // Every --pid is attached and its log points resolved and compiled
     // before anything is armed: a wrong --at or --when fails before.
     let mut attached = Vec::new();
@@ -376,10 +375,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     let (engine, mut probes) = loading
         .join()
         .map_err(|_| anyhow::anyhow!("loading the eBPF programs failed (a thread panicked)"))??;
-    let offsets = task_offsets
-        .join()
-        .map_err(|_| anyhow::anyhow!("reading the kernel's BTF failed (a thread panicked)"))?;
-    probes.follow_forks(offsets)?;
+    probes.follow_forks(engine.forks_unfollowed());
     let mut session = Session {
         probes,
         news: engine.news(),
@@ -667,7 +663,7 @@ impl Session {
         out: Box<dyn std::io::Write>,
     ) -> anyhow::Result<Session> {
         let mut probes = LogProbes::new(engine.object())?;
-        probes.follow_forks(crate::kernel::TaskOffsets::read())?;
+        probes.follow_forks(engine.forks_unfollowed());
         Ok(Session {
             probes,
             news: engine.news(),
