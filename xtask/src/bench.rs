@@ -197,6 +197,9 @@ pub fn bench(runs: usize, only: &[String], python: Option<String>) -> anyhow::Re
     if wanted("agent") {
         agent::bench_agent(&pyprobe)?;
     }
+    if wanted("agent-soak") {
+        agent::soak(&pyprobe)?;
+    }
     if wanted("logpoint") {
         logpoint::bench_logpoint(&pyprobe)?;
     } else if only.iter().any(|o| o == "logpoint-framework") {

@@ -41,9 +41,10 @@ enum Task {
         /// Runs per measurement.
         #[arg(long, default_value_t = 20)]
         runs: usize,
-        /// Only these benchmarks (repeatable): dump, profile, calls, scale, logpoint, agent
+        /// Only these benchmarks (repeatable): dump, profile, calls, scale, logpoint, agent,
+        /// agent-soak (the agent's soak test for $PYPROBE_SOAK_SECONDS, 600 by default)
         /// (logpoint-framework: only its framework-like workload).
-        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls", "scale", "logpoint", "logpoint-framework", "agent"])]
+        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls", "scale", "logpoint", "logpoint-framework", "agent", "agent-soak"])]
         only: Vec<String>,
         /// Only interpreters whose path contains this (e.g. 3.12, /usr/bin).
         #[arg(long, value_name = "TEXT")]

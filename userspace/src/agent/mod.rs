@@ -295,6 +295,11 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         calls: true,
         latency: false,
     })?;
+    // Now, on the main thread: the BTF parse's memory then goes back to
+    // the system (on a runtime thread its arena kept 10 MB for good).
+    if let Some(why) = engine.follow_forks() {
+        eprintln!("pyprobe: warning: processes forked by watched ones are picked up late ({why})");
+    }
     let opts = profile::ProfileOptions {
         pids: Vec::new(),
         all: true,

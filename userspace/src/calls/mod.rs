@@ -637,6 +637,12 @@ impl Session {
         let counter = CallCounter::new(engine.object())?;
         let news = engine.news();
         let all = opts.all && opts.select.is_everything() && !opts.per_process_probes;
+        let follow_children = opts.all && !all;
+        if follow_children && let Some(why) = engine.follow_forks() {
+            eprintln!(
+                "pyprobe: warning: children of watched processes are picked up at the next scan, not as they fork ({why})"
+            );
+        }
         Ok(Session {
             counter,
             news,
@@ -655,7 +661,7 @@ impl Session {
             configured: 0,
             started: false,
             picked_up_late: 0,
-            follow_children: opts.all && !all,
+            follow_children,
             children: BTreeSet::new(),
         })
     }

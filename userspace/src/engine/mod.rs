@@ -44,8 +44,8 @@ pub struct Engine(Arc<Inner>);
 struct Inner {
     object: SharedObject,
     /// Why `process_fork` cannot tell a new process from a new thread
-    /// (the kernel's task layout could not be read), if it cannot.
-    forks_unfollowed: Option<String>,
+    /// (the kernel's task layout could not be read), once a job asked.
+    forks_unfollowed: std::sync::OnceLock<Option<String>>,
     subscribers: Arc<Mutex<Vec<mpsc::Sender<Arrival>>>>,
     stop: Arc<AtomicBool>,
 }
@@ -54,17 +54,7 @@ impl Engine {
     /// Loads the BPF object for `features` (see [`Features`]) and starts
     /// reading the kernel's news of processes.
     pub fn load(features: Features) -> Result<Self, BpfError> {
-        // Read beside the load (about 150 ms each).
-        let task_offsets = std::thread::spawn(crate::kernel::TaskOffsets::read);
         let object = Object::load(features)?;
-        let forks_unfollowed = match task_offsets.join() {
-            Ok(Ok(offsets)) => {
-                object.set_task_offsets(offsets)?;
-                None
-            }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("reading the kernel's BTF failed (a thread panicked)".to_owned()),
-        };
         let events = object
             .take_news()
             .ok_or(BpfError::Missing(pyprobe_common::names::MAP_PROCESS_EVENTS))?;
@@ -73,7 +63,7 @@ impl Engine {
         spawn_reader(events, subscribers.clone(), stop.clone());
         Ok(Self(Arc::new(Inner {
             object,
-            forks_unfollowed,
+            forks_unfollowed: std::sync::OnceLock::new(),
             subscribers,
             stop,
         })))
@@ -89,10 +79,31 @@ impl Engine {
         self.0.object.features()
     }
 
-    /// Why the programs cannot follow processes as they fork (tell a new
-    /// process from a new thread), if they cannot.
-    pub fn forks_unfollowed(&self) -> Option<&str> {
-        self.0.forks_unfollowed.as_deref()
+    /// Has the programs follow processes as they fork (tell a new process
+    /// from a new thread: `task_struct`'s offsets, read from the kernel's
+    /// BTF at the first call, about 150 ms); why they cannot, if they
+    /// cannot. Jobs that need it ask (log points, calls under a
+    /// selection); the others pay nothing.
+    pub fn follow_forks(&self) -> Option<&str> {
+        self.0
+            .forks_unfollowed
+            .get_or_init(|| {
+                let why = match crate::kernel::TaskOffsets::read() {
+                    Ok(offsets) => self
+                        .0
+                        .object
+                        .set_task_offsets(offsets)
+                        .err()
+                        .map(|e| e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                // The parse's memory (about 10 MB, freed by now) would
+                // stay with the allocator for an agent's whole life.
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
+                why
+            })
+            .as_deref()
     }
 
     /// A new subscriber to the kernel's news: every piece read from now

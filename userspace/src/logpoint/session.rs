@@ -338,6 +338,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
             log: true,
             ..Default::default()
         })?;
+        engine.follow_forks();
         let probes = LogProbes::new(engine.object())?;
         anyhow::Ok((engine, probes))
     });
@@ -375,7 +376,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     let (engine, mut probes) = loading
         .join()
         .map_err(|_| anyhow::anyhow!("loading the eBPF programs failed (a thread panicked)"))??;
-    probes.follow_forks(engine.forks_unfollowed());
+    probes.follow_forks(engine.follow_forks());
     let mut session = Session {
         probes,
         news: engine.news(),
@@ -663,7 +664,7 @@ impl Session {
         out: Box<dyn std::io::Write>,
     ) -> anyhow::Result<Session> {
         let mut probes = LogProbes::new(engine.object())?;
-        probes.follow_forks(engine.forks_unfollowed());
+        probes.follow_forks(engine.follow_forks());
         Ok(Session {
             probes,
             news: engine.news(),

@@ -204,3 +204,31 @@ pub fn bench_agent(pyprobe: &Path) -> anyhow::Result<()> {
     drop(fleet);
     Ok(())
 }
+
+/// The agent's soak at full length: the soak test of `tests/tests/agent.rs`
+/// (short-lived processes of two interpreters coming and going under the
+/// agent; its RSS must stay flat and losses be exported), run for
+/// `$PYPROBE_SOAK_SECONDS` (600 unless set) on the release build, instead
+/// of the 40 s the suite gives it.
+pub fn soak(pyprobe: &std::path::Path) -> anyhow::Result<()> {
+    let seconds = std::env::var("PYPROBE_SOAK_SECONDS").unwrap_or_else(|_| "600".to_owned());
+    println!("\n== agent soak: short-lived Python processes for {seconds} s under the agent ==");
+    crate::util::run(
+        crate::util::cargo()?
+            .current_dir(crate::util::workspace_root())
+            .env("PYPROBE_BIN", pyprobe)
+            .env("PYPROBE_SOAK_SECONDS", &seconds)
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "pyprobe-tests",
+                "--test",
+                "agent",
+                "--",
+                "--exact",
+                "agent_soak_short_lived_processes_keep_its_memory_flat",
+                "--nocapture",
+            ]),
+    )
+}
