@@ -77,25 +77,17 @@ impl Registry {
             crate::selection::all_pids().into_iter().collect();
         self.ignored.keep_only(&pids);
         for pid in pids {
-            if pid == std::process::id()
-                || known(pid)
-                || self.exec_pending.contains_key(&pid)
-                || self.ignored.holds(pid)
-            {
-                continue;
-            }
-            if self.select.selects(pid) {
+            if !known(pid) && self.takes_new(pid) {
                 out.push(pid);
-            } else {
-                self.ignored.insert(pid);
             }
         }
         out
     }
 
-    /// Whether process `pid`, just found (a child forked by a watched
-    /// process), is to be set up: as [`Self::new_pids`] would judge it at
-    /// its next scan. One the selection leaves out is passed over.
+    /// Whether process `pid`, just found (by a scan, or as a child forked
+    /// by a watched process), is to be set up: it is not ours, not passed
+    /// over, not waiting after an exec, and the selection takes it. One
+    /// the selection leaves out is passed over.
     pub fn takes_new(&mut self, pid: u32) -> bool {
         if pid == std::process::id()
             || self.exec_pending.contains_key(&pid)

@@ -195,40 +195,37 @@ fn read_stat(ebpf: &Ebpf, index: u32) -> Result<u64, BpfError> {
         .sum())
 }
 
-/// `recursion_misses` of a loaded program, from its fdinfo (aya does not
-/// expose it).
+/// `recursion_misses` of a loaded program (aya does not expose it).
 fn recursion_misses(ebpf: &Ebpf, program: &str) -> u64 {
-    let Some(program) = ebpf.program(program) else {
-        return 0;
-    };
-    let Ok(fd) = program.fd() else { return 0 };
-    let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| fdinfo_field(&text, "recursion_misses"))
-        .unwrap_or(0)
+    ebpf.program(program)
+        .and_then(|p| p.fd().ok())
+        .map_or(0, |fd| ProgramRuns::of(fd.as_fd()).recursion_misses)
 }
 
-/// Runs of one loaded program and the time they took, as the kernel keeps
-/// them while run-time statistics are on (`BPF_ENABLE_STATS`; both stay 0
-/// otherwise).
+/// What the kernel keeps of one loaded program's runs, from its fdinfo:
+/// runs and their time while run-time statistics are on
+/// (`BPF_ENABLE_STATS`; both stay 0 otherwise), and runs it skipped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProgramRuns {
     /// Times the program ran.
     pub runs: u64,
     /// Nanoseconds it ran in all.
     pub run_time_ns: u64,
+    /// Runs the kernel skipped (another BPF program was running on that
+    /// CPU).
+    pub recursion_misses: u64,
 }
 
 impl ProgramRuns {
-    /// `run_cnt` and `run_time_ns` of the program behind `fd`, from its
-    /// fdinfo.
+    /// `run_cnt`, `run_time_ns` and `recursion_misses` of the program
+    /// behind `fd`, from its fdinfo.
     fn of(fd: impl AsRawFd) -> Self {
         let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
         let text = std::fs::read_to_string(path).unwrap_or_default();
         Self {
             runs: fdinfo_field(&text, "run_cnt").unwrap_or(0),
             run_time_ns: fdinfo_field(&text, "run_time_ns").unwrap_or(0),
+            recursion_misses: fdinfo_field(&text, "recursion_misses").unwrap_or(0),
         }
     }
 
@@ -236,6 +233,7 @@ impl ProgramRuns {
     pub fn add(&mut self, other: ProgramRuns) {
         self.runs += other.runs;
         self.run_time_ns += other.run_time_ns;
+        self.recursion_misses += other.recursion_misses;
     }
 }
 
