@@ -68,7 +68,11 @@ pub mod names {
     pub const PROG_CALL_THROW: &str = "call_throw";
     /// Empty uprobe program, for measuring the cost of the trap alone.
     pub const PROG_CALL_EMPTY: &str = "call_empty";
-    /// Hash map: tgid (`u32`) -> [`super::calls::ProcessConfig`].
+    /// Hash map: tgid (`u32`) -> [`super::process::PyProcess`]: what every
+    /// program needs to know of a Python process, whatever the jobs.
+    pub const MAP_PY_PROCESS: &str = "PY_PROCESS";
+    /// Hash map: tgid (`u32`) -> [`super::calls::ProcessConfig`], the call
+    /// counter's part of a process it counts.
     pub const MAP_CALL_CONFIG: &str = "CALL_CONFIG";
     /// Per-CPU hash map: [`super::calls::CodeKey`] ->
     /// [`super::calls::CallCounts`].
@@ -91,8 +95,7 @@ pub mod names {
     /// `--latency`).
     pub const PROG_CALL_EXIT_STACK: &str = "call_exit_stack";
     /// Uprobe program on the code object's `tp_dealloc`: bumps the
-    /// process's [`super::calls::ProcessConfig::code_epoch`] (and
-    /// [`super::sample::SampleConfig::code_epoch`]).
+    /// process's [`super::process::PyProcess::code_epoch`].
     pub const PROG_CODE_FREED: &str = "code_freed";
     /// LRU hash map: [`super::calls::RunningKey`] ->
     /// [`super::calls::Running`]: frames being timed.
@@ -106,8 +109,9 @@ pub mod names {
     /// Perf-event program that goes on walking a stack too deep for one
     /// run, reached by tail call.
     pub const PROG_SAMPLE_WALK: &str = "sample_walk";
-    /// Hash map: tgid (`u32`) -> [`super::sample::SampleConfig`].
-    pub const MAP_SAMPLE_CONFIG: &str = "SAMPLE_CONFIG";
+    /// Hash map: tgid (`u32`) -> `u32` (0): the processes the sampler
+    /// walks.
+    pub const MAP_SAMPLE_PROCESSES: &str = "SAMPLE_PROCESSES";
     /// Hash map: thread id (`u32`) -> [`super::sample::ThreadState`].
     pub const MAP_SAMPLE_THREADS: &str = "SAMPLE_THREADS";
     /// Ring buffer of [`super::sample::Sample`]s (header and the frames
@@ -136,7 +140,7 @@ pub mod names {
     /// when one is freed, so its watchpoints come off before the memory
     /// holds something else.
     pub const MAP_LOG_FREED: &str = "LOG_FREED";
-    /// Hash map: template index (`u32`) -> [`super::calls::ProcessConfig`]
+    /// Hash map: template index (`u32`) -> [`super::calls::Template`]
     /// of one interpreter file, from which `call_start` configures a
     /// process of that file it meets for the first time
     /// ([`super::calls::cookie`]).
@@ -165,6 +169,87 @@ pub mod names {
 /// of an exec'ing or exiting process are removed in the kernel at that
 /// moment, before any of its later calls could be read with stale offsets.
 pub mod process {
+    /// Where the fields every program reads lie in a frame: one window of
+    /// the frame, read at once, and the fields' offsets in it.
+    ///
+    /// Fields named `*_at` are offsets inside the window, which starts
+    /// `window` bytes into the frame; each is 4-byte aligned (but
+    /// `owner_at`) and at most [`super::calls::WINDOW`] - 8.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct FrameLayout {
+        /// Start of the window in a frame.
+        pub window: u64,
+        /// Bytes of the window: up to the end of its last field, so the
+        /// read never goes past the object.
+        pub window_len: u64,
+        /// `f_code` / `f_executable` in the window.
+        pub code_at: u64,
+        /// `f_lasti` / `prev_instr` / `instr_ptr` in the window (8 bytes
+        /// are read; userspace interprets them).
+        pub instruction_at: u64,
+        /// `f_back` / `previous` in the window.
+        pub previous_at: u64,
+        /// The `owner` byte in the window (any byte of it when frames have
+        /// no owner, 3.8-3.11: then `owner_min` is 256).
+        pub owner_at: u64,
+        /// Mask applied to the code word and to local variables
+        /// (`_PyStackRef` in 3.14).
+        pub code_mask: u64,
+        /// Frames whose owner is at least this are not Python code (entry
+        /// frames pushed by C); 256 when frames have no owner.
+        pub owner_min: u64,
+        /// Added to the instruction pointer before computing its index: 2
+        /// when it points at the previous code unit (`prev_instr`), else 0.
+        pub instruction_bias: u64,
+    }
+
+    impl FrameLayout {
+        /// Offset of the code word in a frame.
+        #[inline(always)]
+        pub fn code(&self) -> u64 {
+            self.window.wrapping_add(self.code_at)
+        }
+
+        /// Offset of the instruction word in a frame.
+        #[inline(always)]
+        pub fn instruction(&self) -> u64 {
+            self.window.wrapping_add(self.instruction_at)
+        }
+
+        /// Offset of the previous frame's address in a frame.
+        #[inline(always)]
+        pub fn previous(&self) -> u64 {
+            self.window.wrapping_add(self.previous_at)
+        }
+    }
+
+    /// What every program needs to know of one Python process, whichever
+    /// jobs watch it: how its threads lead to their frames, how a frame
+    /// reads, and the generation of its code objects. One entry per
+    /// process in the `PY_PROCESS` map, made by the first job that sets
+    /// the process up (or by the kernel, from a template or a parent) and
+    /// kept while any job's part (`CALL_CONFIG`, `SAMPLE_PROCESSES`,
+    /// `LOG_PROCESS`) names the process.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct PyProcess {
+        /// Who holds the GIL, and how a thread state leads to its frame.
+        pub thread: super::thread::ThreadFrame,
+        /// How a frame reads.
+        pub frame: FrameLayout,
+        /// Code-object generation: bumped by `code_freed` each time the
+        /// process frees a code object (while that probe watches it).
+        /// While it is unchanged, no code object address named before can
+        /// hold another one: the call counter trusts its cache slots
+        /// filled under the current value, samples carry it, log points
+        /// look for reloaded code when it changed. Userspace sets it to the
+        /// monotonic clock each time it writes the facts, the kernel to
+        /// [`super::calls::KERNEL_EPOCH`] and the clock: a process never
+        /// gets a value an earlier owner of its PID reached.
+        pub code_epoch: u64,
+    }
+
     /// `call_start` configured the process from a template at its first
     /// Python call (a process started after pyprobe, e.g. a new worker).
     pub const NEW: u32 = 0;
@@ -417,39 +502,6 @@ pub mod sample {
     /// it while we read): the outer frames are missing.
     pub const TORN: u32 = 4;
 
-    /// What the sampler needs to know about one process (built by
-    /// userspace from the process model, like
-    /// [`super::calls::ProcessConfig`]).
-    #[repr(C)]
-    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-    pub struct SampleConfig {
-        /// How a thread state leads to its frame, and who holds the GIL.
-        pub thread: super::thread::ThreadFrame,
-        /// Start of the frame window in a frame.
-        pub frame_window: u64,
-        /// Bytes of the frame window.
-        pub frame_window_len: u64,
-        /// Code object word in the window.
-        pub frame_code_at: u64,
-        /// Instruction word (`f_lasti`, `prev_instr`, `instr_ptr`) in the
-        /// window: 8 bytes are recorded, userspace interprets them.
-        pub frame_instruction_at: u64,
-        /// Previous frame (`f_back`, `previous`) in the window.
-        pub frame_previous_at: u64,
-        /// `owner` byte in the window (any byte of it when frames have no
-        /// owner, 3.8-3.11: then `owner_min` is 256).
-        pub frame_owner_at: u64,
-        /// Mask applied to the code word (`_PyStackRef` in 3.14).
-        pub code_mask: u64,
-        /// Frames whose owner is at least this are not Python code (entry
-        /// frames pushed by C); 256 when frames have no owner.
-        pub owner_min: u64,
-        /// Bumped by `code_freed` each time the process frees a code
-        /// object, and sent with each sample: while it is unchanged, no
-        /// code object address named before can hold another one.
-        pub code_epoch: u64,
-    }
-
     /// A thread of a profiled process, keyed by its kernel thread id.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -491,7 +543,8 @@ pub mod sample {
         pub runs: u32,
         /// CPU the sample was taken on.
         pub cpu: u32,
-        /// The process's [`SampleConfig::code_epoch`] when sampled.
+        /// The process's [`super::process::PyProcess::code_epoch`] when
+        /// sampled.
         pub code_epoch: u64,
     }
 
@@ -553,30 +606,17 @@ pub mod calls {
     /// object costs one read of the target's memory.
     pub const WINDOW: u64 = 256;
 
-    /// What the program needs to know about one process, built by userspace
-    /// from the process model (offsets are data; the program branches on the
-    /// mode fields, never on version numbers).
+    /// The call counter's part of a process it counts (beside its
+    /// [`super::process::PyProcess`]), built by userspace from the process
+    /// model (offsets are data; the program branches on the mode fields,
+    /// never on version numbers).
     ///
     /// Fields named `*_at` are offsets inside the object's window, which
-    /// starts `frame_window` (or `code_window`) bytes into the object; each
-    /// is 4-byte aligned and at most [`WINDOW`] - 8.
+    /// starts `code_window` (or `cfunction_window`, `descr_window`) bytes
+    /// into the object; each is 4-byte aligned and at most [`WINDOW`] - 8.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct ProcessConfig {
-        /// [`FRAME_FROM_TSTATE`]: how the running thread's frame is found
-        /// (its [`holder_slot`](super::thread::ThreadFrame::holder_slot)
-        /// names the running thread; in a template, a link-time address
-        /// the kernel moves by the load bias).
-        pub thread: super::thread::ThreadFrame,
-        /// Start of the frame window in the frame.
-        pub frame_window: u64,
-        /// Bytes of the frame window: up to the end of its last field, so the
-        /// read never goes past the object.
-        pub frame_window_len: u64,
-        /// `f_code` / `f_executable` in the frame window.
-        pub frame_code_at: u64,
-        /// `f_lasti` / `prev_instr` / `instr_ptr` in the frame window.
-        pub frame_instruction_at: u64,
         /// Start of the code window in the code object.
         pub code_window: u64,
         /// Bytes of the code window.
@@ -590,11 +630,6 @@ pub mod calls {
         /// `co_code_adaptive` offset in the code object (3.11+; an address
         /// computation, not a read).
         pub code_adaptive: u64,
-        /// Mask applied to the frame's code word (`_PyStackRef` in 3.14).
-        pub code_mask: u64,
-        /// Added to the instruction pointer before computing its index: 2
-        /// when it points at the previous code unit (`prev_instr`), else 0.
-        pub instruction_bias: u64,
         /// Start of the window read from a `builtin_function_or_method`
         /// (`PyCFunctionObject`) at a builtin call site.
         pub cfunction_window: u64,
@@ -615,14 +650,6 @@ pub mod calls {
         pub descr_type_at: u64,
         /// `d_method` (the `PyMethodDef`) in the window.
         pub descr_method_at: u64,
-        /// Code-object generation of the process: bumped by `code_freed`
-        /// each time the process frees a code object. A cache slot filled
-        /// under the current value still names the code object at its
-        /// address (no code object was freed since, so none was replaced),
-        /// and a call found there needs no read of the code object.
-        /// Userspace starts each configured process at a value no earlier
-        /// process reached ([`epoch_base`]).
-        pub code_epoch: u64,
         /// One of `FRAME_*`.
         pub frame_mode: u8,
         /// One of `START_*`.
@@ -632,7 +659,7 @@ pub mod calls {
         /// [`FRAME_REGISTER`]: one of `REG_*`.
         pub frame_register: u8,
         /// 1 when `code_freed` watches this process, so that
-        /// [`ProcessConfig::code_epoch`] can be trusted; 0 makes every call
+        /// [`super::process::PyProcess::code_epoch`] can be trusted; 0 makes every call
         /// read its code object.
         pub epoch_watched: u8,
         /// 1 when `--filter` may put code objects of this process in the
@@ -656,20 +683,12 @@ pub mod calls {
         pub _pad2: u32,
     }
 
-    /// The first [`ProcessConfig::code_epoch`] of the `n`th process
-    /// configured by one pyprobe run: 2^40 frees apart, so a cache slot
-    /// left by an exited process is never taken for one of a later process
-    /// that got the same PID.
-    pub const fn epoch_base(n: u64) -> u64 {
-        (n + 1) << 40
-    }
-
-    /// Set in the first [`ProcessConfig::code_epoch`] of a process that
+    /// Set in the first [`super::process::PyProcess::code_epoch`] of a process that
     /// the kernel configured from a template, whose low bits are the
     /// monotonic clock at that moment: a later owner of the same PID starts
     /// later than its predecessor, which freed fewer code objects than the
     /// nanoseconds it lived, so the two never share an epoch; and the bit
-    /// keeps them apart from [`epoch_base`]'s.
+    /// keeps them apart from the epochs userspace writes (the clock alone).
     pub const KERNEL_EPOCH: u64 = 1 << 63;
 
     /// Templates the kernel can hold: one per interpreter file watched.
@@ -685,6 +704,18 @@ pub mod calls {
     /// pointer, the file's load bias in the process that hit it.
     pub const fn cookie(template: u32, vaddr: u64) -> u64 {
         ((template as u64) << COOKIE_VADDR_BITS) | (vaddr & ((1 << COOKIE_VADDR_BITS) - 1))
+    }
+
+    /// A process of one interpreter file as the kernel configures it at
+    /// its first call when userspace has not ([`cookie`]): thread
+    /// addresses are link-time ones, moved by the load bias.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Template {
+        /// What every program needs.
+        pub process: super::process::PyProcess,
+        /// The counter's part.
+        pub calls: ProcessConfig,
     }
 
     /// `rbx` (for [`ProcessConfig::frame_register`]).
@@ -1054,22 +1085,13 @@ pub mod logpoint {
     /// Hit flag: the thread's stack is in `frames`.
     pub const HIT_STACK: u32 = 1;
 
-    /// Per-process knowledge of the hit program (offsets are data).
+    /// The log points' part of a process (beside its
+    /// [`super::process::PyProcess`]; offsets are data).
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
     pub struct LogProcess {
-        /// How the running thread's frame is found.
-        pub thread: super::thread::ThreadFrame,
-        /// `f_code` / `f_executable` in a frame.
-        pub frame_code: u64,
-        /// `f_lasti` / `prev_instr` / `instr_ptr` in a frame.
-        pub frame_instruction: u64,
-        /// `f_back` / `previous` in a frame.
-        pub frame_previous: u64,
         /// `f_localsplus` / `localsplus` in a frame.
         pub frame_localsplus: u64,
-        /// Mask applied to code and local words (`_PyStackRef` in 3.14).
-        pub ref_mask: u64,
         /// 1 when ints use `lv_tag` (3.12+), 0 for a signed `ob_size`.
         pub long_tag: u64,
         /// `&_Py_NoneStruct`.
@@ -1120,10 +1142,6 @@ pub mod logpoint {
         pub frame_register: u64,
         /// `PyThreadState.datastack_top` (3.13+), or 0.
         pub tstate_datastack_top: u64,
-        /// Code objects the process freed since it was set up (kept by
-        /// `code_freed`): userspace looks for new code of armed log points
-        /// (a reloaded module) only when it changed.
-        pub code_frees: u64,
     }
 
     /// No frame register.
@@ -1414,7 +1432,9 @@ mod pod {
     unsafe impl aya::Pod for super::calls::Histogram {}
 
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::sample::SampleConfig {}
+    unsafe impl aya::Pod for super::process::PyProcess {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::calls::Template {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::thread::ThreadFrame {}
     // SAFETY: as above.
@@ -1433,7 +1453,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::logpoint::LogLimit {}
 
-    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 38 * 8);
+    const _: () = assert!(core::mem::size_of::<super::logpoint::LogProcess>() == 28 * 8);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Watch>() == 40);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Step>() == 16);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Capture>() == 8 + 4 * 16);
@@ -1441,11 +1461,11 @@ mod pod {
     const _: () = assert!(core::mem::size_of::<super::logpoint::Atom>() == 32 + 40);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Value>() == 32 + 64);
     const _: () = assert!(core::mem::size_of::<super::logpoint::Hit>() == 40 + 8 * 96 + 32 * 16);
-    const _: () = assert!(core::mem::size_of::<super::sample::SampleConfig>() == 14 * 8);
+    const _: () = assert!(core::mem::size_of::<super::process::PyProcess>() == 15 * 8);
     const _: () = assert!(core::mem::size_of::<super::thread::ThreadFrame>() == 5 * 8);
     const _: () = assert!(core::mem::size_of::<super::sample::ThreadState>() == 16);
     const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 40);
-    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 27 * 8 + 8 + 16);
+    const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 15 * 8 + 8 + 16);
     const _: () = assert!(core::mem::size_of::<super::process::ProcessEvent>() == 16);
     const _: () = assert!(
         core::mem::size_of::<super::process::CodeEvent>()

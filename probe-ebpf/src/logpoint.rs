@@ -32,15 +32,17 @@ use pyprobe_common::{
         DICT_KEYS, DICT_VALUES, LIST_ITEMS, LONG_DIGITS, OB_SIZE, OB_TYPE, TP_BASICSIZE,
         TP_DICTOFFSET, TP_FLAGS, TPFLAGS_INLINE_VALUES, TPFLAGS_MANAGED_DICT,
     },
+    process::FrameLayout,
     stats,
 };
 
 use crate::{
-    count_error, read,
+    copy_py_process, count_error, py_process, read,
     thread::{gil_holder, running_frame},
 };
 
-/// Per-process knowledge, written by userspace.
+/// The log points' part of each process they watch (its facts are in
+/// `PY_PROCESS`), written by userspace, or by `process_fork` for a child.
 #[map(name = "LOG_PROCESS")]
 static LOG_PROCESS: HashMap<u32, LogProcess> = HashMap::with_max_entries(MAX_PROCESSES, 0);
 
@@ -101,10 +103,13 @@ pub fn forked(parent: u32, tgid: u32) -> Option<u32> {
     let origin = unsafe { LOG_ORIGIN.get(&parent) }
         .copied()
         .unwrap_or(parent);
+    let facts = py_process(parent)?;
     if LOG_ORIGIN.insert(&tgid, &origin, 0).is_err()
+        || !copy_py_process(tgid, facts, 0)
         || LOG_PROCESS.insert(&tgid, process, 0).is_err()
     {
         let _ = LOG_ORIGIN.remove(&tgid);
+        let _ = LOG_PROCESS.remove(&tgid);
         count_error(stats::LOG_NO_PROCESS);
         return None;
     }
@@ -123,11 +128,6 @@ pub fn code_freed(tgid: u32, code: u64) {
     if let Some(freed) = LOG_FREED.get_ptr_mut(&key) {
         // SAFETY: a value of a successful lookup.
         unsafe { *freed = 1 };
-    }
-    if let Some(process) = LOG_PROCESS.get_ptr_mut(&tgid) {
-        // SAFETY: as above; frees happen under the GIL, one at a time per
-        // process.
-        unsafe { (*process).code_frees = (*process).code_frees.wrapping_add(1) };
     }
 }
 
@@ -204,10 +204,11 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     let state = unsafe { &mut *state };
     add(&mut state.hits);
     // SAFETY: values are only read while this program runs.
-    let Some(process) = (unsafe { LOG_PROCESS.get(&tgid) }) else {
+    let (Some(process), Some(facts)) = (unsafe { LOG_PROCESS.get(&tgid) }, py_process(tgid)) else {
         count_error(stats::LOG_NO_PROCESS);
         return 0;
     };
+    let layout = &facts.frame;
     // The data trap reports the instruction after the access: still inside
     // the eval loop for a read made by it.
     // SAFETY: the context of a perf-event program.
@@ -228,10 +229,10 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     // not the caller of the same code). Else the eval loop's frame
     // register, then the thread state's current frame.
     let code_of =
-        |f: u64| read::<u64>(f.wrapping_add(process.frame_code)).unwrap_or(0) & process.ref_mask;
+        |f: u64| read::<u64>(f.wrapping_add(layout.code())).unwrap_or(0) & layout.code_mask;
     let mut frame = 0;
     if watch.frame_bytes != 0 && process.tstate_datastack_top != 0 {
-        let top = gil_holder(&process.thread)
+        let top = gil_holder(&facts.thread)
             .and_then(|t| read::<u64>(t.wrapping_add(process.tstate_datastack_top)))
             .unwrap_or(0);
         let newest = top.wrapping_sub(watch.frame_bytes);
@@ -246,7 +247,7 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
         }
     }
     if frame == 0 {
-        let Some(current) = running_frame(&process.thread) else {
+        let Some(current) = running_frame(&facts.thread) else {
             count_error(stats::LOG_UNREADABLE);
             return 0;
         };
@@ -259,7 +260,7 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     // A second read in one run: the instruction reading itself again
     // after its handler started (see `Watch::started`).
     let own = watch.started != 0
-        && read::<u64>(frame.wrapping_add(process.frame_instruction)) == Some(watch.started);
+        && read::<u64>(frame.wrapping_add(layout.instruction())) == Some(watch.started);
     if own {
         add(&mut state.repeats);
         return 0;
@@ -294,6 +295,7 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     let mut capture_ctx = CaptureCtx {
         program,
         process,
+        ref_mask: layout.code_mask,
         values: &mut hit.values,
         frame,
     };
@@ -317,7 +319,7 @@ pub fn log_hit(ctx: PerfEventContext) -> u32 {
     hit.time_ns = now;
     if program.stack != 0 {
         hit.flags |= HIT_STACK;
-        walk_stack(hit, process);
+        walk_stack(hit, layout);
     }
     // SAFETY: `hit` is a whole `Hit` in map memory.
     let sent = unsafe {
@@ -371,19 +373,19 @@ fn frame_register(ctx: &PerfEventContext, reg: u64) -> u64 {
 /// Records the frame chain from the running frame (code and raw
 /// instruction word of each), innermost first.
 #[inline(always)]
-fn walk_stack(hit: &mut Hit, process: &LogProcess) {
+fn walk_stack(hit: &mut Hit, layout: &FrameLayout) {
     let mut frame = hit.frame;
     let mut n = 0u32;
     for i in 0..MAX_STACK {
         if frame == 0 {
             break;
         }
-        let code = read::<u64>(frame.wrapping_add(process.frame_code)).unwrap_or(0);
-        let instruction = read::<u64>(frame.wrapping_add(process.frame_instruction)).unwrap_or(0);
-        hit.frames[i].code = code & process.ref_mask;
+        let code = read::<u64>(frame.wrapping_add(layout.code())).unwrap_or(0);
+        let instruction = read::<u64>(frame.wrapping_add(layout.instruction())).unwrap_or(0);
+        hit.frames[i].code = code & layout.code_mask;
         hit.frames[i].instruction = instruction;
         n += 1;
-        frame = read::<u64>(frame.wrapping_add(process.frame_previous)).unwrap_or(0);
+        frame = read::<u64>(frame.wrapping_add(layout.previous())).unwrap_or(0);
     }
     hit.nframes = n;
 }
@@ -392,6 +394,8 @@ fn walk_stack(hit: &mut Hit, process: &LogProcess) {
 struct CaptureCtx<'a> {
     program: &'a Program,
     process: &'a LogProcess,
+    /// [`FrameLayout::code_mask`], applied to local variables too.
+    ref_mask: u64,
     values: &'a mut [Value; MAX_CAPTURES],
     frame: u64,
 }
@@ -407,7 +411,14 @@ extern "C" fn capture_one(index: u64, ctx: *mut c_void) -> i64 {
     let capture = &ctx.program.captures[i];
     let value = &mut ctx.values[i];
     *value = Value::default();
-    capture_path(capture, &ctx.program.names, ctx.process, ctx.frame, value);
+    capture_path(
+        capture,
+        &ctx.program.names,
+        ctx.process,
+        ctx.ref_mask,
+        ctx.frame,
+        value,
+    );
     0
 }
 
@@ -417,6 +428,7 @@ fn capture_path(
     capture: &Capture,
     names: &[Name; MAX_NAMES],
     process: &LogProcess,
+    ref_mask: u64,
     frame: u64,
     value: &mut Value,
 ) {
@@ -427,7 +439,7 @@ fn capture_path(
         value.status = STATUS_UNREADABLE;
         return;
     };
-    let obj = word & process.ref_mask;
+    let obj = word & ref_mask;
     if obj == 0 {
         value.status = STATUS_MISSING;
         return;

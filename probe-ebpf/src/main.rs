@@ -27,9 +27,9 @@ use pyprobe_common::{
     MAX_PROCESSES,
     calls::{
         self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, Running,
-        RunningKey, SkipSet,
+        RunningKey, SkipSet, Template,
     },
-    process::{self, BuiltinEvent, CodeEvent, ProcessEvent},
+    process::{self, BuiltinEvent, CodeEvent, ProcessEvent, PyProcess},
     stats,
 };
 
@@ -55,7 +55,45 @@ fn count_error(index: u32) {
     }
 }
 
-/// Per-process knowledge for `call_start`, written by userspace.
+/// What every program knows of each Python process some job watches (see
+/// [`PyProcess`]): written by userspace when a job sets a process up, by
+/// `call_start` from a template, by `process_fork` from a parent with log
+/// points; removed when the process execs or exits, or by userspace when
+/// no job's part names it any more.
+#[map(name = "PY_PROCESS")]
+static PY_PROCESS: HashMap<u32, PyProcess> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// The facts of process `tgid`, if a job watches it.
+#[inline(always)]
+pub(crate) fn py_process(tgid: u32) -> Option<&'static PyProcess> {
+    // SAFETY: values are only read while a program runs; userspace writes
+    // whole entries, the kernel only bumps `code_epoch`.
+    unsafe { PY_PROCESS.get(&tgid) }
+}
+
+/// Makes `tgid`'s facts a copy of `from` (a template's or a parent's)
+/// unless it has some, with its thread addresses moved by `bias` and a
+/// fresh code epoch ([`calls::KERNEL_EPOCH`] and the clock): whether it
+/// has facts now.
+#[inline(always)]
+pub(crate) fn copy_py_process(tgid: u32, from: &PyProcess, bias: u64) -> bool {
+    // Inserted as is and then patched in place: no room to build one on
+    // the BPF stack. Nothing of the process reads it before this
+    // returns (a new process's first call, a child not yet run).
+    if PY_PROCESS.insert(&tgid, from, BPF_NOEXIST as u64).is_ok()
+        && let Some(p) = PY_PROCESS.get_ptr_mut(&tgid)
+    {
+        // SAFETY: the entry just inserted, not yet seen by userspace.
+        unsafe {
+            (*p).thread = (*p).thread.moved(bias);
+            (*p).code_epoch = calls::KERNEL_EPOCH | now_ns();
+        }
+    }
+    py_process(tgid).is_some()
+}
+
+/// The call counter's part of each process it counts, written by
+/// userspace or made from a template by `call_start`.
 #[map(name = "CALL_CONFIG")]
 static CALL_CONFIG: HashMap<u32, ProcessConfig> = HashMap::with_max_entries(MAX_PROCESSES, 0);
 
@@ -64,8 +102,7 @@ static CALL_CONFIG: HashMap<u32, ProcessConfig> = HashMap::with_max_entries(MAX_
 /// that file met for the first time is configured from it in the kernel,
 /// from its first call, with no wait for userspace.
 #[map(name = "CALL_TEMPLATES")]
-static CALL_TEMPLATES: HashMap<u32, ProcessConfig> =
-    HashMap::with_max_entries(calls::MAX_TEMPLATES, 0);
+static CALL_TEMPLATES: HashMap<u32, Template> = HashMap::with_max_entries(calls::MAX_TEMPLATES, 0);
 
 /// Processes configured, exec'd and exited, as they happen (see
 /// [`process`]).
@@ -157,19 +194,22 @@ fn code_event(config: &ProcessConfig, key: &CodeKey) {
     entry.submit(0);
 }
 
-/// The configuration of the process running the probe `ctx`: the one
-/// userspace wrote, or else one made now from the template of the probed
-/// file, its thread-state slot moved by the file's load bias in this
-/// process (the instruction pointer minus the probed instruction's
-/// link-time address, both known here) and its code epoch fresh
-/// ([`calls::KERNEL_EPOCH`]). Userspace hears of it by a [`process::NEW`]
-/// event, to name its code objects.
+/// The facts and the counter's part of the process running the probe
+/// `ctx`: those userspace wrote, or else ones made now from the template
+/// of the probed file, its thread-state slot moved by the file's load bias
+/// in this process (the instruction pointer minus the probed
+/// instruction's link-time address, both known here) and its code epoch
+/// fresh ([`calls::KERNEL_EPOCH`]). Userspace hears of it by a
+/// [`process::NEW`] event, to name its code objects.
 #[inline(always)]
-fn call_config(ctx: &ProbeContext, tgid: u32) -> Result<&'static ProcessConfig, u32> {
+fn call_config(
+    ctx: &ProbeContext,
+    tgid: u32,
+) -> Result<(&'static PyProcess, &'static ProcessConfig), u32> {
     // SAFETY: the value is only read while this program runs; userspace
     // replaces whole entries, never part of one.
     if let Some(config) = unsafe { CALL_CONFIG.get(&tgid) } {
-        return Ok(config);
+        return Ok((py_process(tgid).ok_or(stats::CALLS_NO_CONFIG)?, config));
     }
     // SAFETY: a helper reading the probe's own cookie (0 when none).
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
@@ -181,32 +221,28 @@ fn call_config(ctx: &ProbeContext, tgid: u32) -> Result<&'static ProcessConfig, 
     // probed instruction's address.
     let ip = unsafe { core::ptr::read_volatile(&(*ctx.regs).rip) };
     let bias = ip.wrapping_sub(vaddr);
-    // Inserted as is and then patched in place: the template is too big
-    // to copy on the BPF stack, and no other thread of a process can run
-    // Python before its first call has.
-    CALL_CONFIG
-        .insert(&tgid, template, BPF_NOEXIST as u64)
-        .map_err(|_| stats::CALLS_NO_CONFIG)?;
-    let config = CALL_CONFIG
-        .get_ptr_mut(&tgid)
-        .ok_or(stats::CALLS_NO_CONFIG)?;
-    // SAFETY: the entry just inserted, not yet seen by userspace.
-    unsafe {
-        (*config).thread = (*config).thread.moved(bias);
-        (*config).code_epoch = calls::KERNEL_EPOCH | now_ns();
+    // No other thread of a process can run Python before its first call
+    // has: nothing races these inserts.
+    if !copy_py_process(tgid, &template.process, bias) {
+        return Err(stats::CALLS_NO_CONFIG);
     }
+    CALL_CONFIG
+        .insert(&tgid, &template.calls, BPF_NOEXIST as u64)
+        .map_err(|_| stats::CALLS_NO_CONFIG)?;
     process_event(process::NEW, tgid, index);
     // SAFETY: as above.
-    Ok(unsafe { &*config })
+    let config = unsafe { CALL_CONFIG.get(&tgid) }.ok_or(stats::CALLS_NO_CONFIG)?;
+    Ok((py_process(tgid).ok_or(stats::CALLS_NO_CONFIG)?, config))
 }
 
 /// Forgets `tgid` everywhere it may be configured; whether it was.
 #[inline(always)]
 fn forget_process(tgid: u32) -> bool {
+    let known = PY_PROCESS.remove(&tgid).is_ok();
     let calls = CALL_CONFIG.remove(&tgid).is_ok();
     let sampled = sample::forget(tgid);
     let logged = logpoint::forget(tgid);
-    calls | sampled | logged
+    known | calls | sampled | logged
 }
 
 /// Raw tracepoint `sched_process_exec`: the calling process now runs a new
@@ -327,12 +363,12 @@ fn args(ctx: &ProbeContext) -> (u64, u64, u64) {
 
 /// The frame whose function is starting, found as the process config says.
 #[inline(always)]
-fn starting_frame(ctx: &ProbeContext, config: &ProcessConfig) -> Option<u64> {
+fn starting_frame(ctx: &ProbeContext, py: &PyProcess, config: &ProcessConfig) -> Option<u64> {
     match config.frame_mode {
         calls::FRAME_ARG0 => Some(args(ctx).0),
         calls::FRAME_ARG1 => Some(args(ctx).1),
         calls::FRAME_REGISTER => Some(frame_register(ctx, config.frame_register)),
-        _ => thread::running_frame(&config.thread),
+        _ => thread::running_frame(&py.thread),
     }
 }
 
@@ -421,14 +457,14 @@ impl Window {
 #[inline(always)]
 fn count_call(ctx: &ProbeContext) -> Result<(), u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let config = call_config(ctx, tgid)?;
-    let frame = starting_frame(ctx, config).ok_or(stats::CALLS_UNREADABLE)?;
+    let (py, config) = call_config(ctx, tgid)?;
+    let frame = starting_frame(ctx, py, config).ok_or(stats::CALLS_UNREADABLE)?;
     let at = if config.latency == calls::LATENCY_BY_STACK {
         stack_pointer(ctx.regs)
     } else {
         frame
     };
-    count_frame(tgid, config, frame, None, at)
+    count_frame(tgid, py, config, frame, None, at)
 }
 
 /// The monotonic clock, ns.
@@ -448,29 +484,27 @@ fn stack_pointer(regs: *mut aya_ebpf::bindings::pt_regs) -> u64 {
 /// Counts one start or resumption of `frame`'s code object; `resume` forces
 /// the kind, else the frame's instruction position decides. One read of the
 /// target when the code object owns its cache slot and none was freed since
-/// the slot was filled (see [`ProcessConfig::code_epoch`]): the frame's
+/// the slot was filled (see [`PyProcess::code_epoch`]): the frame's
 /// window; else two, the code object's window too. With `--latency`, also
 /// notes the time under `at` (see [`RunningKey`]).
 #[inline(always)]
 fn count_frame(
     tgid: u32,
+    py: &PyProcess,
     config: &ProcessConfig,
     frame: u64,
     resume: Option<bool>,
     at: u64,
 ) -> Result<(), u32> {
-    let f = Window::read(
-        0,
-        frame.wrapping_add(config.frame_window),
-        config.frame_window_len,
-    )
-    .ok_or(stats::CALLS_UNREADABLE)?;
-    let code = f.u64_at(config.frame_code_at) & config.code_mask;
+    let layout = &py.frame;
+    let f = Window::read(0, frame.wrapping_add(layout.window), layout.window_len)
+        .ok_or(stats::CALLS_UNREADABLE)?;
+    let code = f.u64_at(layout.code_at) & layout.code_mask;
     let index = calls::cache_slot(tgid, code);
     // SAFETY: a per-CPU value of a successful lookup, valid and exclusively
     // ours for this run (see `bump`).
     let slot = CALL_CACHE.get_ptr_mut(index).map(|s| unsafe { &mut *s });
-    let epoch = config.code_epoch;
+    let epoch = py.code_epoch;
     let (key, first_traceable, in_slot) = match slot {
         Some(slot)
             if config.epoch_watched != 0
@@ -500,7 +534,7 @@ fn count_frame(
                         key,
                         ..CacheSlot::default()
                     };
-                    check_frame_register(config, frame, resume);
+                    check_frame_register(py, config, frame, resume);
                     code_event(config, &key);
                 }
                 (slot.key == key).then(|| {
@@ -515,11 +549,11 @@ fn count_frame(
     let start = if let Some(resume) = resume {
         !resume
     } else if config.start_mode == calls::START_LASTI_NEGATIVE {
-        (f.u32_at(config.frame_instruction_at) as i32) < 0
+        (f.u32_at(layout.instruction_at) as i32) < 0
     } else {
-        let ptr = f.u64_at(config.frame_instruction_at);
+        let ptr = f.u64_at(layout.instruction_at);
         let units = (ptr
-            .wrapping_add(config.instruction_bias)
+            .wrapping_add(layout.instruction_bias)
             .wrapping_sub(code.wrapping_add(config.code_adaptive)) as i64)
             / 2;
         // 3.15's generator expressions run a RESUME before their start
@@ -593,10 +627,10 @@ fn count_frame(
 /// Not for `call_throw` (`resume` forced), whose frame is an argument and
 /// not yet current.
 #[inline(always)]
-fn check_frame_register(config: &ProcessConfig, frame: u64, resume: Option<bool>) {
+fn check_frame_register(py: &PyProcess, config: &ProcessConfig, frame: u64, resume: Option<bool>) {
     if config.frame_mode == calls::FRAME_REGISTER
         && resume.is_none()
-        && thread::running_frame(&config.thread) != Some(frame)
+        && thread::running_frame(&py.thread) != Some(frame)
     {
         count_error(stats::FRAME_REGISTER_MISMATCH);
     }
@@ -616,7 +650,7 @@ pub fn call_start(ctx: ProbeContext) -> u32 {
 /// Uprobe on the code object type's `tp_dealloc` (`code_dealloc`): a code
 /// object of this process is being freed, and its address may soon hold
 /// another, so cache slots filled before no longer vouch for their owner
-/// ([`ProcessConfig::code_epoch`]), and a log point armed on it must come
+/// ([`PyProcess::code_epoch`]), and a log point armed on it must come
 /// off. Frees happen under the GIL, as do the calls counted, so the plain
 /// increment is not raced by this process.
 #[uprobe]
@@ -625,12 +659,11 @@ pub fn code_freed(ctx: ProbeContext) -> u32 {
     if let Some(code) = ctx.arg::<u64>(0) {
         logpoint::code_freed(tgid, code);
     }
-    if let Some(config) = CALL_CONFIG.get_ptr_mut(&tgid) {
+    if let Some(p) = PY_PROCESS.get_ptr_mut(&tgid) {
         // SAFETY: a value of a successful lookup; userspace writes whole
         // entries only when it sets a process up, before probing it.
-        unsafe { (*config).code_epoch = (*config).code_epoch.wrapping_add(1) };
+        unsafe { (*p).code_epoch = (*p).code_epoch.wrapping_add(1) };
     }
-    sample::code_freed(tgid);
     0
 }
 
@@ -645,14 +678,14 @@ pub fn call_throw(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let config = match call_config(&ctx, tgid) {
-        Ok(config) => config,
+    let (py, config) = match call_config(&ctx, tgid) {
+        Ok(found) => found,
         Err(index) => {
             count_error(index);
             return 0;
         }
     };
-    if let Err(index) = count_frame(tgid, config, frame, Some(true), frame) {
+    if let Err(index) = count_frame(tgid, py, config, frame, Some(true), frame) {
         count_error(index);
     }
     0
@@ -714,8 +747,8 @@ fn time_exit(tgid: u32, at: u64) -> Result<(), u32> {
 pub fn call_exit(ctx: ProbeContext) -> u32 {
     let run = || -> Result<(), u32> {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        let config = call_config(&ctx, tgid)?;
-        let frame = starting_frame(&ctx, config).ok_or(stats::CALLS_UNREADABLE)?;
+        let (py, config) = call_config(&ctx, tgid)?;
+        let frame = starting_frame(&ctx, py, config).ok_or(stats::CALLS_UNREADABLE)?;
         time_exit(tgid, frame)
     };
     if let Err(index) = run() {
@@ -838,7 +871,7 @@ fn builtin_event(config: &ProcessConfig, key: &BuiltinKey) {
 #[inline(always)]
 fn builtin_site(ctx: &ProbeContext) -> Result<(u32, &'static ProcessConfig, u64), u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let config = call_config(ctx, tgid)?;
+    let (_, config) = call_config(ctx, tgid)?;
     Ok((tgid, config, args(ctx).0))
 }
 

@@ -9,21 +9,30 @@ use aya_ebpf::{
 };
 use pyprobe_common::{
     MAX_PROCESSES, calls,
+    process::PyProcess,
     sample::{
-        self, FRAME_LEN, FRAMES_PER_RUN, HEADER_LEN, MAX_FRAMES, MAX_RUNS, Sample, SampleConfig,
-        ThreadState,
+        self, FRAME_LEN, FRAMES_PER_RUN, HEADER_LEN, MAX_FRAMES, MAX_RUNS, Sample, ThreadState,
     },
     stats,
 };
 
 use crate::{
-    WINDOWS, count_error,
+    WINDOWS, count_error, py_process,
     thread::{current_frame, holds_gil},
 };
 
-/// Per-process knowledge for the sampler, written by userspace.
-#[map(name = "SAMPLE_CONFIG")]
-static SAMPLE_CONFIG: HashMap<u32, SampleConfig> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+/// The processes the sampler walks (their facts are in `PY_PROCESS`),
+/// written by userspace.
+#[map(name = "SAMPLE_PROCESSES")]
+static SAMPLE_PROCESSES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_PROCESSES, 0);
+
+/// The facts of `tgid` when the sampler walks it.
+#[inline(always)]
+fn sampled(tgid: u32) -> Option<&'static PyProcess> {
+    // SAFETY: only looked up.
+    unsafe { SAMPLE_PROCESSES.get(&tgid) }?;
+    py_process(tgid)
+}
 
 /// Kernel thread id -> thread state, written by userspace from each
 /// process's thread list.
@@ -60,7 +69,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
     // replaces whole entries.
     let Some(thread) = (unsafe { SAMPLE_THREADS.get(&tid) }) else {
         // SAFETY: as above.
-        if unsafe { SAMPLE_CONFIG.get(&tgid) }.is_some() {
+        if unsafe { SAMPLE_PROCESSES.get(&tgid) }.is_some() {
             count_error(stats::SAMPLE_UNKNOWN_THREAD);
         }
         return 0;
@@ -72,8 +81,7 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
         count_error(stats::SAMPLE_NOT_PYTHON);
         return 0;
     }
-    // SAFETY: as above.
-    let Some(config) = (unsafe { SAMPLE_CONFIG.get(&tgid) }) else {
+    let Some(config) = sampled(tgid) else {
         return 0;
     };
     let Some(sample) = SAMPLE_SCRATCH.get_ptr_mut(0) else {
@@ -114,8 +122,7 @@ pub fn sample_walk(ctx: PerfEventContext) -> u32 {
     };
     // SAFETY: the per-CPU scratch value is ours for this run.
     let tgid = unsafe { (*sample).header.tgid };
-    // SAFETY: as in `sample_cpu`.
-    let Some(config) = (unsafe { SAMPLE_CONFIG.get(&tgid) }) else {
+    let Some(config) = sampled(tgid) else {
         return 0;
     };
     walk(&ctx, sample, config);
@@ -125,7 +132,8 @@ pub fn sample_walk(ctx: PerfEventContext) -> u32 {
 /// Walks up to [`FRAMES_PER_RUN`] frames from `header.next`, then either
 /// tail-calls `sample_walk` to go on or sends the sample.
 #[inline(always)]
-fn walk(ctx: &PerfEventContext, sample: *mut Sample, config: &SampleConfig) {
+fn walk(ctx: &PerfEventContext, sample: *mut Sample, process: &PyProcess) {
+    let config = &process.frame;
     // SAFETY: the per-CPU scratch value is ours for this run.
     let s = unsafe { &mut *sample };
     let mut next = s.header.next;
@@ -134,10 +142,10 @@ fn walk(ctx: &PerfEventContext, sample: *mut Sample, config: &SampleConfig) {
     // different values (the verifier would follow each combination):
     // the window length is clamped once, and whether a frame counts is
     // computed without a branch.
-    let len = if config.frame_window_len > calls::WINDOW {
+    let len = if config.window_len > calls::WINDOW {
         calls::WINDOW
     } else {
-        config.frame_window_len
+        config.window_len
     };
     let Some(buf) = WINDOWS.get_ptr_mut(0) else {
         return;
@@ -157,7 +165,7 @@ fn walk(ctx: &PerfEventContext, sample: *mut Sample, config: &SampleConfig) {
             aya_ebpf::helpers::generated::bpf_probe_read_user(
                 buf.cast(),
                 len as u32,
-                next.wrapping_add(config.frame_window) as *const core::ffi::c_void,
+                next.wrapping_add(config.window) as *const core::ffi::c_void,
             )
         };
         if ret < 0 {
@@ -167,17 +175,17 @@ fn walk(ctx: &PerfEventContext, sample: *mut Sample, config: &SampleConfig) {
         }
         // SAFETY: filled above.
         let w = unsafe { &*buf };
-        let word = w.u32_at(config.frame_owner_at & !3);
-        let owner = ((word >> ((config.frame_owner_at & 3) * 8)) & 0xff) as u64;
+        let word = w.u32_at(config.owner_at & !3);
+        let owner = ((word >> ((config.owner_at & 3) * 8)) & 0xff) as u64;
         // 1 when owner < owner_min: a Python frame (owner_min is 256 when
         // frames have no owner).
         let python = owner.wrapping_sub(config.owner_min) >> 63;
-        let at = config.frame_instruction_at;
+        let at = config.instruction_at;
         let slot = &mut s.frames[(n as usize) & (MAX_FRAMES - 1)];
-        slot.code = w.u64_at(config.frame_code_at) & config.code_mask;
+        slot.code = w.u64_at(config.code_at) & config.code_mask;
         slot.instruction = (w.u32_at(at) as u64) | ((w.u32_at(at + 4) as u64) << 32);
         n += python as u32;
-        next = w.u64_at(config.frame_previous_at);
+        next = w.u64_at(config.previous_at);
     }
     s.header.frames = n;
     s.header.next = next;
@@ -217,20 +225,8 @@ fn send(s: &Sample) {
     }
 }
 
-/// Called by `code_freed`: a code object of process `tgid` is being freed,
-/// so names of code object addresses may change (see
-/// [`SampleConfig::code_epoch`]).
-#[inline(always)]
-pub fn code_freed(tgid: u32) {
-    if let Some(config) = SAMPLE_CONFIG.get_ptr_mut(&tgid) {
-        // SAFETY: a value of a successful lookup; two CPUs racing may make
-        // one increment of two, which still changes the value.
-        unsafe { (*config).code_epoch = (*config).code_epoch.wrapping_add(1) };
-    }
-}
-
 /// Forgets `tgid` (it exec'd or exited); whether it was configured.
 #[inline(always)]
 pub fn forget(tgid: u32) -> bool {
-    SAMPLE_CONFIG.remove(&tgid).is_ok()
+    SAMPLE_PROCESSES.remove(&tgid).is_ok()
 }

@@ -86,6 +86,40 @@ pub fn system_pythons() -> Vec<(u32, PathBuf)> {
     out
 }
 
+/// A Python process that sleeps for 30 s (killed when dropped), on the
+/// first interpreter installed (a system one, else pyenv's), for tests
+/// that need one live: panics when there is none.
+pub fn sleeping_python() -> KilledOnDrop {
+    let python = system_pythons()
+        .into_iter()
+        .map(|(_, exe)| exe)
+        .chain(pyenv_versions().into_iter().map(|(_, exe)| exe))
+        .find(|exe| exe.exists())
+        .expect("a Python interpreter (cargo xtask setup installs them)");
+    let child = std::process::Command::new(&python)
+        .args(["-c", "import time; time.sleep(30)"])
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", python.display()));
+    KilledOnDrop(child)
+}
+
+/// A child process killed and reaped when this goes.
+pub struct KilledOnDrop(pub std::process::Child);
+
+impl KilledOnDrop {
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// pyprobe's data directory: `${XDG_DATA_HOME:-~/.local/share}/pyprobe`.
 pub fn data_dir() -> PathBuf {
     std::env::var_os("XDG_DATA_HOME")

@@ -927,3 +927,56 @@ fn run_on(
         failures.join("\n")
     );
 }
+
+/// `go tool pprof ARGS profile` on a profile saved to a file.
+pub fn go_pprof(profile: &[u8], args: &[&str]) -> anyhow::Result<String> {
+    let path = std::env::temp_dir().join(format!("pyprobe-test-{}.pb.gz", std::process::id()));
+    std::fs::write(&path, profile)?;
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(&path)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .context("running go tool pprof (installed by cargo xtask setup)")?;
+    let _ = std::fs::remove_file(&path);
+    anyhow::ensure!(
+        out.status.success(),
+        "go tool pprof failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rows of `go tool pprof -top -lines`: (flat samples, function,
+/// file:line), hottest first.
+pub fn pprof_top_rows(report: &str) -> Vec<(f64, String, String)> {
+    report
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("flat"))
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let flat = pprof_seconds(cols.first()?)?;
+            Some((flat, cols.get(5)?.to_string(), cols.get(6)?.to_string()))
+        })
+        .collect()
+}
+
+/// A duration as pprof prints it (`1.63s`, `789.47ms`, `50us`), in
+/// seconds.
+fn pprof_seconds(s: &str) -> Option<f64> {
+    for (unit, scale) in [
+        ("ms", 1e-3),
+        ("us", 1e-6),
+        ("µs", 1e-6),
+        ("ns", 1e-9),
+        ("s", 1.0),
+    ] {
+        if let Some(v) = s.strip_suffix(unit) {
+            return v.parse::<f64>().ok().map(|v| v * scale);
+        }
+    }
+    s.parse().ok()
+}

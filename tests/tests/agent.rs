@@ -17,7 +17,8 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use pyprobe_tests::{
-    Fixture, Interpreter, Isolation, Probe, marks, on_two_interpreters, pyprobe_bin,
+    Fixture, Interpreter, Isolation, Probe, go_pprof, marks, on_two_interpreters, pprof_top_rows,
+    pyprobe_bin,
 };
 use serde_json::Value;
 
@@ -131,54 +132,6 @@ fn wait_listed(addr: SocketAddr, pid: u32) -> anyhow::Result<Value> {
     }
 }
 
-/// `go tool pprof ARGS profile` on a profile saved to a file.
-fn pprof(profile: &[u8], args: &[&str]) -> anyhow::Result<String> {
-    let path = std::env::temp_dir().join(format!("pyprobe-agent-{}.pb.gz", std::process::id()));
-    std::fs::write(&path, profile)?;
-    let out = Command::new("go")
-        .args(["tool", "pprof"])
-        .args(args)
-        .arg(&path)
-        .env("HOME", std::env::temp_dir())
-        .output()
-        .context("running go tool pprof (installed by cargo xtask setup)")?;
-    let _ = std::fs::remove_file(&path);
-    ensure!(out.status.success(), "go tool pprof failed: {}", text(&out));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The rows of `go tool pprof -top -lines`: (flat samples, function,
-/// file:line), hottest first.
-fn top_rows(report: &str) -> Vec<(f64, String, String)> {
-    report
-        .lines()
-        .skip_while(|l| !l.trim_start().starts_with("flat"))
-        .skip(1)
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            let flat = seconds(cols.first()?)?;
-            Some((flat, cols.get(5)?.to_string(), cols.get(6)?.to_string()))
-        })
-        .collect()
-}
-
-/// A duration as pprof prints it (`1.63s`, `789.47ms`, `50us`), in
-/// seconds.
-fn seconds(s: &str) -> Option<f64> {
-    for (unit, scale) in [
-        ("ms", 1e-3),
-        ("us", 1e-6),
-        ("µs", 1e-6),
-        ("ns", 1e-9),
-        ("s", 1.0),
-    ] {
-        if let Some(v) = s.strip_suffix(unit) {
-            return v.parse::<f64>().ok().map(|v| v * scale);
-        }
-    }
-    s.parse().ok()
-}
-
 #[test]
 fn agent_profiles_and_exports_two_interpreters_and_stops_cleanly() {
     on_two_interpreters(
@@ -235,8 +188,8 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
         ),
     )?;
     ensure!(status == 200, "profile: status {status}");
-    let report = pprof(&profile, &["-top", "-lines"])?;
-    let rows = top_rows(&report);
+    let report = go_pprof(&profile, &["-top", "-lines"])?;
+    let rows = pprof_top_rows(&report);
     ensure!(rows.len() >= 2, "pprof -top: {report}");
     ensure!(
         (rows[0].1.as_str(), rows[0].2.as_str()) == ("hot", hot.as_str())
@@ -250,7 +203,7 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
     );
     // Every sample is labelled with the one process asked for and its
     // container.
-    let tags = pprof(&profile, &["-tags"])?;
+    let tags = go_pprof(&profile, &["-tags"])?;
     ensure!(
         tags.contains(&format!("{}", after.pid()))
             && !tags.contains(&format!("{}", before.pid()))
@@ -596,6 +549,58 @@ fn run_log(first: &Interpreter, second: &Interpreter) -> anyhow::Result<()> {
         wait_hits(&hits_file, 7 + 24 + 1)?.len() == 7 + 24,
         "hits after the time to live"
     );
+
+    // An always-on agent sees log points come and go for ever: 300 added
+    // and taken off, each with a program of its own (its condition's
+    // constant), go past the kernel's 256 programs; every one is added,
+    // and the last writes exactly its hit.
+    let at = format!("logpoint_workload.py:{}", lines["handle-express"]);
+    let pid = a.pid().to_string();
+    let mut last_id = String::new();
+    for i in 0..300 {
+        let when = format!("order.id == {}", 1000 + i);
+        let when = if i == 299 { "order.id == 107" } else { &when };
+        let out = ctl(
+            &socket,
+            &[
+                "log",
+                "add",
+                "--pid",
+                &pid,
+                "--at",
+                &at,
+                "--when",
+                when,
+                "--msg",
+                "again {order.id}",
+            ],
+        )?;
+        ensure!(out.status.success(), "log point {i}: {}", text(&out));
+        last_id = String::from_utf8(out.stdout)?
+            .lines()
+            .last()
+            .context("no id")?
+            .trim()
+            .to_owned();
+        if i < 299 {
+            let out = ctl(&socket, &["log", "rm", &last_id])?;
+            ensure!(out.status.success(), "rm {i}: {}", text(&out));
+        }
+    }
+    // A moment for the entries of the points taken off to be recycled:
+    // they are on the same line, and must not take the last one's away.
+    std::thread::sleep(Duration::from_secs(1));
+    a.send("run")?;
+    a.expect("done")?;
+    let got = wait_hits(&hits_file, 7 + 24 + 1)?;
+    let new: Vec<(&str, &str)> = got[7 + 24..]
+        .iter()
+        .filter_map(|h| Some((h["id"].as_str()?, h["message"].as_str()?)))
+        .collect();
+    ensure!(
+        new == [(last_id.as_str(), "again 107")],
+        "after 300 log points: {new:?}"
+    );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -824,11 +829,42 @@ fn agent_soak_short_lived_processes_keep_its_memory_flat() {
 
 fn run_soak(first: &Interpreter, second: &Interpreter) -> anyhow::Result<()> {
     let dir = tempdir()?;
-    let (mut agent, addr, _) = start_agent(&dir, &["--rate", "99"])?;
+    let hits_file = dir.join("hits.jsonl");
+    let (mut agent, addr, socket) = start_agent(
+        &dir,
+        &[
+            "--rate",
+            "99",
+            "--hits",
+            hits_file.to_str().context("path")?,
+        ],
+    )?;
     let soak = Duration::from_secs(soak_seconds());
-    let started = Instant::now();
-    // Busy for 0.2-1.1 s each, 8 alive at a time, alternating interpreters.
+    // Busy for 0.2-1.1 s each, 8 alive at a time, alternating interpreters,
+    // with a log point on the loop's line in every one (5 hits a second in
+    // all): each new process arms it, each exit leaves its entry to
+    // recycle.
     let busy = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    sum(i * i for i in range(200))\n";
+    let script = dir.join("soak_busy.py");
+    std::fs::write(&script, busy)?;
+    let out = ctl(
+        &socket,
+        &[
+            "log",
+            "add",
+            "--all",
+            "--at",
+            "soak_busy.py:4",
+            "--rate",
+            "5",
+            "--ttl",
+            "2h",
+            "--msg",
+            "busy",
+        ],
+    )?;
+    ensure!(out.status.success(), "ctl log add: {}", text(&out));
+    let started = Instant::now();
     let mut alive: Vec<std::process::Child> = Vec::new();
     let mut spawned: Vec<u32> = Vec::new();
     let mut baseline: Option<u64> = None;
@@ -843,7 +879,8 @@ fn run_soak(first: &Interpreter, second: &Interpreter) -> anyhow::Result<()> {
             };
             let secs = 0.2 + (spawned.len() % 10) as f64 * 0.1;
             let child = Command::new(&interp.path)
-                .args(["-c", busy, &secs.to_string()])
+                .arg(&script)
+                .arg(secs.to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
@@ -902,6 +939,20 @@ fn run_soak(first: &Interpreter, second: &Interpreter) -> anyhow::Result<()> {
         metrics.contains("pyprobe_samples_lost_total{reason=\"unknown_process\"}"),
         "losses not exported: {metrics}"
     );
+    // The log point armed in processes to the end: hits from processes
+    // started in the soak's last quarter, each a process of the soak.
+    let hits = hits(&hits_file)?;
+    let late = &spawned[spawned.len() * 3 / 4..];
+    let hit_pids: std::collections::BTreeSet<u64> =
+        hits.iter().filter_map(|h| h["pid"].as_u64()).collect();
+    ensure!(
+        hit_pids.iter().all(|pid| spawned.contains(&(*pid as u32)))
+            && late.iter().any(|pid| hit_pids.contains(&u64::from(*pid))),
+        "{} hits from {} processes, none of the last {} started",
+        hits.len(),
+        hit_pids.len(),
+        late.len()
+    );
     // Flat: at most 8 MB above what it held after 10 s.
     ensure!(
         peak <= baseline + 8 * 1024,
@@ -909,8 +960,10 @@ fn run_soak(first: &Interpreter, second: &Interpreter) -> anyhow::Result<()> {
         spawned.len()
     );
     eprintln!(
-        "soak: {} processes in {soak:?}; agent RSS {baseline} kB at 10 s, peak {peak} kB after; {samples} samples",
-        spawned.len()
+        "soak: {} processes in {soak:?}; agent RSS {baseline} kB at 10 s, peak {peak} kB after; {samples} samples; {} log point hits from {} processes",
+        spawned.len(),
+        hits.len(),
+        hit_pids.len()
     );
     agent.terminate();
     ensure!(

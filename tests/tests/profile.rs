@@ -9,10 +9,14 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context, bail, ensure};
-use pyprobe_tests::{Fixture, Interpreter, Probe, for_each_interpreter, pyprobe_bin};
+use pyprobe_tests::{
+    Fixture, Interpreter, Probe, for_each_interpreter, for_each_newest_pyenv, go_pprof,
+    pprof_top_rows, pyprobe_bin,
+};
 use serde_json::Value;
 
 /// Sampling rate of the tests.
@@ -689,4 +693,99 @@ fn all_samples_every_python_process_apart() {
             "{hot} samples of hot() under {root}; stderr: {stderr}"
         );
     }
+}
+
+/// `record -f pprof --every 1`: the profile so far is written every second
+/// and at SIGUSR1 while recording goes on (each a whole gzip'd
+/// profile.proto that `go tool pprof` reads), and the last one at the end
+/// has the fixture's hot function and line on top, then cold.
+fn pprof_written_so_far_and_at_the_end(interp: &Interpreter) -> anyhow::Result<()> {
+    let w = Workload::start(interp, &[])?;
+    let pid = w.pid();
+    let path =
+        std::env::temp_dir().join(format!("pyprobe-test-{}-every.pb.gz", std::process::id()));
+    let path_text = path.display().to_string();
+    let probe = Probe::start(&[
+        "record", "--pid", &pid, "--rate", RATE, "--format", "pprof", "--every", "1", "-o",
+        &path_text,
+    ])?;
+    // The writes so far, as pyprobe reports them: (samples, file's bytes).
+    let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut said = Vec::new();
+    let wrote = |line: &str| -> Option<u64> {
+        line.split("wrote ")
+            .nth(1)?
+            .split(" (")
+            .nth(1)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    while writes.len() < 2 {
+        let line = probe
+            .stderr_line(Duration::from_secs(3))
+            .with_context(|| format!("no periodic write within 3 s: {said:?}"))?;
+        if let Some(n) = wrote(&line) {
+            writes.push((n, std::fs::read(&path)?));
+        }
+        said.push(line);
+    }
+    // SIGUSR1 writes one more at once: samples taken since the last
+    // write, well before the next periodic one.
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(probe.pid() as i32, libc::SIGUSR1) };
+    let line = probe
+        .stderr_line(Duration::from_millis(400))
+        .context("no write within 0.4 s of SIGUSR1")?;
+    let n = wrote(&line).with_context(|| format!("after SIGUSR1: {line}"))?;
+    writes.push((n, std::fs::read(&path)?));
+    ensure!(
+        writes.windows(2).all(|p| p[0].0 < p[1].0),
+        "sample counts of the writes do not grow: {:?}",
+        writes.iter().map(|w| w.0).collect::<Vec<_>>()
+    );
+    for (samples, bytes) in &writes {
+        let report = go_pprof(bytes, &["-raw"])?;
+        let total: u64 = report
+            .lines()
+            .skip_while(|l| !l.starts_with("Samples:"))
+            .skip(2)
+            .take_while(|l| !l.starts_with("Locations"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        ensure!(
+            total == *samples,
+            "the profile written at {samples} samples holds {total}: {report}"
+        );
+    }
+    probe.interrupt();
+    let (ok, _, stderr) = probe.finish()?;
+    ensure!(ok, "pyprobe failed: {stderr}");
+    let last = std::fs::read(&path)?;
+    let _ = std::fs::remove_file(&path);
+    let report = go_pprof(&last, &["-top", "-lines"])?;
+    let rows = pprof_top_rows(&report);
+    let hot = format!("/profile_workload.py:{}", w.line("hot-loop"));
+    let cold = format!("/profile_workload.py:{}", w.line("cold-loop"));
+    ensure!(
+        rows.len() >= 2
+            && rows[0].1 == "hot"
+            && rows[0].2.ends_with(&hot)
+            && rows[1].1 == "cold"
+            && rows[1].2.ends_with(&cold),
+        "hot then cold expected on top ({hot}, {cold}): {report}"
+    );
+    Ok(())
+}
+
+#[test]
+fn record_writes_pprof_so_far_every_interval_and_at_sigusr1() {
+    for_each_newest_pyenv(
+        "record_writes_pprof_so_far_every_interval_and_at_sigusr1",
+        "writing a profile does not depend on the interpreter",
+        "not run (pprof output: newest pyenv build)",
+        pprof_written_so_far_and_at_the_end,
+    );
 }

@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// Options of `pyprobe dump`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DumpOptions {
     /// Process to read.
     pub pid: u32,
@@ -29,6 +29,7 @@ pub struct DumpOptions {
     /// Limits and redaction for locals.
     pub bounds: Bounds,
     /// Save the memory that was read (for offline tests) to this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_snapshot: Option<PathBuf>,
 }
 

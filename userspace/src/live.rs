@@ -50,9 +50,22 @@ pub async fn stop_requested(duration: Option<Duration>) -> std::io::Result<()> {
             None => std::future::pending().await,
         }
     };
+    // Ctrl-C in a terminal reaches a launched program too (one process
+    // group): it is the program's to take; pyprobe ends when it exits.
+    let interrupt = async {
+        loop {
+            signals.interrupt.recv().await;
+            if !crate::launch::any_launched() {
+                break;
+            }
+            eprintln!(
+                "pyprobe: Ctrl-C went to the program; pyprobe stops when it exits (SIGTERM stops pyprobe now)"
+            );
+        }
+    };
     tokio::select! {
         _ = deadline => {}
-        _ = signals.interrupt.recv() => {}
+        _ = interrupt => {}
         _ = signals.terminate.recv() => {}
     }
     Ok(())

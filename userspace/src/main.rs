@@ -4,8 +4,9 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use pyprobe::{
-    calls::{self, CallsOptions},
-    dump::{self, DumpOptions},
+    calls::CallsOptions,
+    dump::DumpOptions,
+    job::Job,
     profile::{self, Format, ProfileOptions, RecordOptions, TopOptions},
     python::values::Bounds,
     selection::Selector,
@@ -203,7 +204,7 @@ enum Command {
         #[arg(short = 'L', long)]
         latency: bool,
     },
-    /// Sample Python stacks and write a flamegraph, speedscope or folded profile.
+    /// Sample Python stacks and write a flamegraph, speedscope, folded or pprof profile.
     ///
     /// A BPF program on the CPU clock of every CPU interrupts whatever runs
     /// there RATE times a second; when it is a thread of a sampled Python
@@ -225,12 +226,16 @@ enum Command {
     Record {
         #[command(flatten)]
         sampling: SamplingArgs,
-        /// File to write (default: pyprobe-<PID or all>.<svg|json|txt>).
+        /// File to write (default: pyprobe-<PID or all>.<svg|json|txt|pb.gz>).
         #[arg(short, long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
         /// What to write.
         #[arg(short, long, value_enum, default_value_t = Format::Flamegraph)]
         format: Format,
+        /// Also write the profile so far every SECONDS while recording
+        /// (SIGUSR1 does it at any time); each write replaces the file whole.
+        #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
+        every: Option<f64>,
     },
     /// Live view of the functions with the most samples, like `py-spy top`.
     ///
@@ -295,6 +300,23 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         what: CtlCommand,
+    },
+    /// Print a completion script for SHELL.
+    ///
+    /// bash: `pyprobe completions bash > /etc/bash_completion.d/pyprobe`;
+    /// zsh: `pyprobe completions zsh > "${fpath[1]}/_pyprobe"`;
+    /// fish: `pyprobe completions fish > ~/.config/fish/completions/pyprobe.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (pyprobe.1, pyprobe-record.1, ...) into DIR
+    /// (what `cargo xtask man` runs).
+    #[command(hide = true)]
+    Man {
+        /// Where to write them.
+        dir: std::path::PathBuf,
     },
 }
 
@@ -426,7 +448,7 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
                     ttl,
                 },
         } => Request::LogAdd(pyprobe::agent::control::LogAdd {
-            targets: targets.for_agent(),
+            targets: targets.for_agent()?,
             at,
             when,
             msg,
@@ -443,7 +465,7 @@ fn ctl(control: &std::path::Path, json: bool, what: CtlCommand) -> anyhow::Resul
                     ttl,
                 },
         } => Request::CallsStart(pyprobe::agent::control::CallsStart {
-            targets: targets.for_agent(),
+            targets: targets.for_agent()?,
             filter,
             ttl_seconds: ttl.as_secs_f64(),
         }),
@@ -548,7 +570,7 @@ struct TargetArgs {
         long = "pid",
         value_name = "PID",
         value_parser = parse_pid,
-        required_unless_present_any = ["all", "name", "container"]
+        required_unless_present_any = ["all", "name", "container", "program"]
     )]
     pids: Vec<u32>,
     /// Every Python process on the host, containers included, and every one started later.
@@ -560,17 +582,24 @@ struct TargetArgs {
     /// Python processes in the container whose id starts with ID (as `docker ps` shows it), now and later.
     #[arg(long, value_name = "ID", conflicts_with = "pids")]
     container: Option<String>,
+    /// Start PROGRAM ARGS... and trace it from its first Python call (it waits, stopped, until pyprobe is set up); pyprobe ends when it exits, with its exit status, and Ctrl-C goes to it.
+    #[arg(last = true, value_name = "PROGRAM", conflicts_with_all = ["pids", "all", "name", "container"])]
+    program: Vec<String>,
 }
 
 impl TargetArgs {
     /// The same, as the agent's control socket takes it.
-    fn for_agent(self) -> pyprobe::agent::control::Targets {
-        pyprobe::agent::control::Targets {
+    fn for_agent(self) -> anyhow::Result<pyprobe::agent::control::Targets> {
+        anyhow::ensure!(
+            self.program.is_empty(),
+            "the agent starts no program: start it yourself, then give its --pid"
+        );
+        Ok(pyprobe::agent::control::Targets {
             all: self.all,
             pids: self.pids,
             name: self.name.map(|r| r.as_str().to_owned()),
             container: self.container,
-        }
+        })
     }
 
     /// The PIDs, whether a selection was asked for, and the selection.
@@ -681,6 +710,164 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The job a command asks for (every command but `agent` and `ctl`): the
+/// flags as a [`Job`] spec, the same data the job reads from JSON.
+fn job_of(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<Job> {
+    Ok(match command {
+        Command::Dump {
+            pid,
+            locals,
+            json,
+            no_redact,
+        } => Job::Dump(DumpOptions {
+            pid,
+            locals,
+            json,
+            bounds: Bounds {
+                redact: !no_redact,
+                ..Bounds::default()
+            },
+            save_snapshot: None,
+        }),
+        Command::Calls {
+            targets,
+            interval,
+            duration,
+            top,
+            filter,
+            json,
+            no_builtins,
+            latency,
+        } => {
+            let (pids, all, select) = targets.split();
+            Job::Calls(CallsOptions {
+                per_process_probes: false,
+                builtins: !no_builtins,
+                latency,
+                empty_program: false,
+                pids,
+                all,
+                select,
+                interval: Duration::from_secs_f64(interval),
+                duration: duration.map(Duration::from_secs_f64),
+                top: top.or(if json { None } else { Some(20) }),
+                filter,
+                json,
+            })
+        }
+        Command::Record {
+            sampling,
+            output,
+            format,
+            every,
+        } => {
+            let output = output.unwrap_or_else(|| {
+                let who = match sampling.targets.pids.as_slice() {
+                    [pid] => pid.to_string(),
+                    _ => "all".to_owned(),
+                };
+                format!("pyprobe-{who}.{}", format.extension()).into()
+            });
+            Job::Record(RecordOptions {
+                profile: sampling.options(),
+                output,
+                format,
+                every: every.map(Duration::from_secs_f64),
+            })
+        }
+        Command::Top {
+            sampling,
+            interval,
+            top,
+            json,
+        } => Job::Top(TopOptions {
+            profile: sampling.options(),
+            interval: Duration::from_secs_f64(interval),
+            rows: top.or(if json { None } else { Some(25) }),
+            json,
+        }),
+        Command::Log {
+            targets,
+            at,
+            when,
+            msg,
+            probes,
+            rate,
+            count,
+            duration,
+            json,
+            stack,
+            no_redact,
+        } => {
+            let Some(("log", sub)) = matches.subcommand() else {
+                unreachable!("parsed as log")
+            };
+            let mut points = pair_with_at(sub, &at, &when, &msg)?;
+            if let Some(file) = &probes {
+                points.extend(pyprobe::logpoint::probe_file::read(file)?);
+            }
+            let (pids, all, select) = targets.split();
+            Job::Log(pyprobe::logpoint::session::LogOptions {
+                pids,
+                all,
+                select,
+                points,
+                rate,
+                count,
+                duration: duration.map(Duration::from_secs_f64),
+                json,
+                stack,
+                redact: !no_redact,
+            })
+        }
+        Command::Agent { .. }
+        | Command::Ctl { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
+            unreachable!("the agent, ctl, completions and man run no job of their own")
+        }
+    })
+}
+
+impl Command {
+    /// The processes a tracing command is for (`None` for the others).
+    fn targets_mut(&mut self) -> Option<&mut TargetArgs> {
+        match self {
+            Command::Log { targets, .. } | Command::Calls { targets, .. } => Some(targets),
+            Command::Record { sampling, .. } | Command::Top { sampling, .. } => {
+                Some(&mut sampling.targets)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Writes `pyprobe.1` and one page per visible command (`pyprobe-record.1`,
+/// `pyprobe-ctl-log.1`, ...) into `dir`; returns how many.
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    let mut pages = 0;
+    let mut todo = vec![("pyprobe".to_owned(), command)];
+    while let Some((name, command)) = todo.pop() {
+        for sub in command.get_subcommands() {
+            if !sub.is_hide_set() && sub.get_name() != "help" {
+                todo.push((format!("{name}-{}", sub.get_name()), sub.clone()));
+            }
+        }
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(command)
+            .title(name.clone())
+            .render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+        pages += 1;
+    }
+    Ok(pages)
+}
+
 fn main() -> ExitCode {
     // Milliseconds: debug lines time the steps of attaching.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
@@ -691,6 +878,26 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "pyprobe", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            return match write_man_pages(dir) {
+                Ok(n) => {
+                    eprintln!("pyprobe: wrote {n} man pages to {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pyprobe: error: {}", pyprobe::errors::one_line(e.as_ref()));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -709,128 +916,6 @@ fn main() -> ExitCode {
             pyprobe::live::listen_for_stop()?;
         }
         match cli.command {
-            Command::Dump {
-                pid,
-                locals,
-                json,
-                no_redact,
-            } => dump::run(&DumpOptions {
-                pid,
-                locals,
-                json,
-                bounds: Bounds {
-                    redact: !no_redact,
-                    ..Bounds::default()
-                },
-                save_snapshot: None,
-            }),
-            Command::Calls {
-                targets,
-                interval,
-                duration,
-                top,
-                filter,
-                json,
-                no_builtins,
-                latency,
-            } => {
-                let (pids, all, select) = targets.split();
-                calls::run(CallsOptions {
-                    per_process_probes: false,
-                    builtins: !no_builtins,
-                    latency,
-                    empty_program: false,
-                    pids,
-                    all,
-                    select,
-                    interval: Duration::from_secs_f64(interval),
-                    duration: duration.map(Duration::from_secs_f64),
-                    top: top.or(if json { None } else { Some(20) }),
-                    filter,
-                    json,
-                })
-                .await
-            }
-            Command::Record {
-                sampling,
-                output,
-                format,
-            } => {
-                let output = output.unwrap_or_else(|| {
-                    let who = match sampling.targets.pids.as_slice() {
-                        [pid] => pid.to_string(),
-                        _ => "all".to_owned(),
-                    };
-                    let ext = match format {
-                        Format::Flamegraph => "svg",
-                        Format::Speedscope => "json",
-                        Format::Folded => "txt",
-                    };
-                    format!("pyprobe-{who}.{ext}").into()
-                });
-                profile::record(RecordOptions {
-                    profile: sampling.options(),
-                    output,
-                    format,
-                })
-                .await
-            }
-            Command::Top {
-                sampling,
-                interval,
-                top,
-                json,
-            } => {
-                profile::top(TopOptions {
-                    profile: sampling.options(),
-                    interval: Duration::from_secs_f64(interval),
-                    rows: top.or(if json { None } else { Some(25) }),
-                    json,
-                })
-                .await
-            }
-            Command::Log {
-                targets,
-                at,
-                when,
-                msg,
-                probes,
-                rate,
-                count,
-                duration,
-                json,
-                stack,
-                no_redact,
-            } => {
-                let Some(("log", sub)) = matches.subcommand() else {
-                    unreachable!("parsed as log")
-                };
-                let points = pair_with_at(sub, &at, &when, &msg).and_then(|mut points| {
-                    if let Some(file) = &probes {
-                        points.extend(pyprobe::logpoint::probe_file::read(file)?);
-                    }
-                    Ok(points)
-                });
-                match points {
-                    Ok(points) => {
-                        let (pids, all, select) = targets.split();
-                        pyprobe::logpoint::session::run(pyprobe::logpoint::session::LogOptions {
-                            pids,
-                            all,
-                            select,
-                            points,
-                            rate,
-                            count,
-                            duration,
-                            json,
-                            stack,
-                            redact: !no_redact,
-                        })
-                        .await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
             Command::Agent {
                 config,
                 listen,
@@ -850,7 +935,7 @@ fn main() -> ExitCode {
                         c.rate = rate.unwrap_or(c.rate);
                         c.hits = hits.unwrap_or(c.hits);
                         c.calls_budget = calls_budget.unwrap_or(c.calls_budget);
-                        pyprobe::agent::run(c, config).await
+                        pyprobe::agent::run(c, config).await.map(|()| None)
                     }
                     Err(e) => Err(e),
                 }
@@ -859,14 +944,211 @@ fn main() -> ExitCode {
                 control,
                 json,
                 what,
-            } => ctl(&control, json, what),
+            } => ctl(&control, json, what).map(|()| None),
+            mut command => {
+                // `-- PROGRAM ARGS...`: started and held at its first
+                // Python call, then traced as a --pid target.
+                let mut launched = None;
+                if let Some(targets) = command.targets_mut()
+                    && let Some((program, args)) = targets.program.split_first()
+                {
+                    match pyprobe::launch::start_held(program, args)? {
+                        pyprobe::launch::Start::Held(held) => {
+                            held.mark();
+                            targets.pids = vec![held.pid()];
+                            targets.program.clear();
+                            launched = Some(held);
+                        }
+                        pyprobe::launch::Start::Ended(code) => {
+                            eprintln!(
+                                "pyprobe: {program} exited (status {code}) without running Python in its own \
+                                 process (a Python it starts as a child is not followed)"
+                            );
+                            return Ok(Some(code));
+                        }
+                    }
+                }
+                let ran = match job_of(command, &matches) {
+                    Ok(job) => job.run().await,
+                    Err(e) => Err(e),
+                };
+                match launched {
+                    // pyprobe's error first; the program's status when it
+                    // ran its course.
+                    Some(mut held) => {
+                        ran?;
+                        Ok(Some(held.exit_code()?))
+                    }
+                    None => ran.map(|()| None),
+                }
+            }
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Some(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pyprobe: error: {}", pyprobe::errors::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The job `args` asks for, as JSON.
+    fn job(args: &[&str]) -> serde_json::Value {
+        let matches = <Cli as clap::CommandFactory>::command()
+            .try_get_matches_from(args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        serde_json::to_value(job_of(cli.command, &matches).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn commands_build_the_job_specs_they_run() {
+        let calls = job(&[
+            "pyprobe",
+            "calls",
+            "--name",
+            "gunicorn",
+            "--filter",
+            "app.py",
+            "-d",
+            "5",
+            "--latency",
+        ]);
+        assert_eq!(
+            calls,
+            serde_json::json!({
+                "job": "calls", "pids": [], "all": true,
+                "select": {"name": "gunicorn", "container": null},
+                "interval": 1.0, "duration": 5.0, "top": 20, "filter": "app.py",
+                "json": false, "builtins": true, "latency": true,
+            })
+        );
+        let record = job(&["pyprobe", "record", "--pid", "7", "-r", "49", "--gil"]);
+        assert_eq!(
+            record,
+            serde_json::json!({
+                "job": "record",
+                "profile": {
+                    "pids": [7], "all": false, "select": {"name": null, "container": null},
+                    "rate": 49, "duration": null, "idle": false, "gil": true, "threads": false,
+                },
+                "output": "pyprobe-7.svg", "format": "flamegraph", "every": null,
+            })
+        );
+        let log = job(&[
+            "pyprobe",
+            "log",
+            "--pid",
+            "7",
+            "--at",
+            "app.py:42",
+            "--when",
+            "user.id == 7",
+            "--msg",
+            "order={order.id}",
+            "--at",
+            "app.py:50",
+            "--json",
+        ]);
+        assert_eq!(
+            log["points"],
+            serde_json::json!([
+                {"at": "app.py:42", "when": "user.id == 7", "msg": "order={order.id}"},
+                {"at": "app.py:50", "when": null, "msg": null},
+            ])
+        );
+        assert_eq!(
+            (&log["job"], &log["pids"], &log["json"], &log["redact"]),
+            (
+                &serde_json::json!("log"),
+                &serde_json::json!([7]),
+                &serde_json::json!(true),
+                &serde_json::json!(true)
+            )
+        );
+        // What the command line built reads back as the same job.
+        for value in [calls, record, log] {
+            let again: Job = serde_json::from_value(value.clone()).unwrap();
+            assert_eq!(serde_json::to_value(again).unwrap(), value);
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_visible_command_and_completions_name_them() {
+        let dir = std::env::temp_dir().join(format!("pyprobe-man-{}", std::process::id()));
+        let pages = write_man_pages(&dir).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        // The top page, one per command and one per command of ctl's
+        // tree; `man` itself is hidden.
+        assert_eq!(pages, names.len());
+        for name in [
+            "pyprobe.1",
+            "pyprobe-record.1",
+            "pyprobe-completions.1",
+            "pyprobe-ctl-log-add.1",
+            "pyprobe-ctl-calls-stop.1",
+        ] {
+            assert!(
+                names.contains(&name.to_owned()),
+                "{name} missing: {names:?}"
+            );
+        }
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("-man") || n.contains("help"))
+        );
+        let record = std::fs::read_to_string(dir.join("pyprobe-record.1")).unwrap();
+        assert!(record.contains("\n.TH pyprobe-record 1"), "{record}");
+        assert!(record.contains("every"), "--every documented");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let mut script = Vec::new();
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut command,
+            "pyprobe",
+            &mut script,
+        );
+        let script = String::from_utf8(script).unwrap();
+        for word in ["record", "calls", "agent", "--every", "--container"] {
+            assert!(script.contains(word), "{word} not completed");
+        }
+    }
+
+    #[test]
+    fn a_program_after_two_dashes_is_launched_and_excludes_other_targets() {
+        use clap::Parser;
+        let mut cli = Cli::try_parse_from([
+            "pyprobe", "record", "-o", "p.svg", "--", "python3", "app.py", "-v",
+        ])
+        .unwrap();
+        let targets = cli.command.targets_mut().expect("record has targets");
+        assert_eq!(targets.program, ["python3", "app.py", "-v"]);
+        assert!(targets.pids.is_empty());
+        for other in [["--pid", "7"], ["--name", "x"]] {
+            let err = Cli::try_parse_from(
+                ["pyprobe", "calls"]
+                    .into_iter()
+                    .chain(other)
+                    .chain(["--", "python3"]),
+            )
+            .err()
+            .expect("refused");
+            assert!(err.to_string().contains("cannot be used with"), "{err}");
+        }
+        // Nothing to trace at all is refused too.
+        assert!(Cli::try_parse_from(["pyprobe", "top"]).is_err());
     }
 }

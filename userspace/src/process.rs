@@ -539,6 +539,16 @@ pub fn parent_pid(pid: u32) -> Option<u32> {
         .ok()
 }
 
+/// When process `pid` started (clock ticks after boot, field 22 of
+/// `/proc/PID/stat`): with the PID, it names one process for good (an exec
+/// keeps it).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Whether process `child` maps its programs and libraries where `parent`
 /// does: every file both map with code is at the same address, as after a
 /// fork and before any exec (an exec'd image is laid out anew). Data files
@@ -652,6 +662,12 @@ fn cached_image(path: &Path, id: FileId) -> Result<std::sync::Arc<ElfImage>, Elf
         .expect("not poisoned")
         .insert(key, image.clone());
     Ok(image)
+}
+
+/// The parsed file of interpreter `interp`, shared with every process of
+/// that file set up in this round (see [`release_images`]).
+pub fn interpreter_image(interp: &Interpreter) -> Result<std::sync::Arc<ElfImage>, ElfError> {
+    cached_image(&interp.host_path, interp.file)
 }
 
 /// Like [`find_interpreter`], also returning the parsed ELF file (shared

@@ -7,13 +7,39 @@ use regex::Regex;
 use crate::container::Placement;
 
 /// A selection of processes by command line and container; selects every
-/// process when empty.
-#[derive(Debug, Clone, Default)]
+/// process when empty. As data (a job spec), `name` is the regular
+/// expression's text.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Selector {
     /// Matched against the command line, arguments joined by spaces.
+    #[serde(default, with = "regex_text")]
     pub name: Option<Regex>,
     /// A container id prefix (or systemd-nspawn machine name).
+    #[serde(default)]
     pub container: Option<String>,
+}
+
+/// `Selector::name` as the text of its regular expression.
+mod regex_text {
+    use regex::Regex;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(re: &Option<Regex>, s: S) -> Result<S::Ok, S::Error> {
+        match re {
+            Some(re) => s.serialize_some(re.as_str()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Regex>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| {
+                Regex::new(&text).map_err(|_| {
+                    serde::de::Error::custom(format!("name {text:?} is not a regular expression"))
+                })
+            })
+            .transpose()
+    }
 }
 
 impl Selector {

@@ -2,6 +2,8 @@
 //! timed tests. Everything is measured in one run on this machine, and
 //! pyprobe's own CPU time and peak RSS are printed with each figure.
 //!
+//! - Each command's time to first output and to exit after its end,
+//!   against a busy fixture (see [`startup`]).
 //! - `pyprobe dump` of a 50-thread process (each thread 20 calls deep), on
 //!   every interpreter: wall time per dump (goal: under 100 ms).
 //! - `pyprobe calls` on a call-heavy workload (`fixtures/call_bench.py`,
@@ -33,6 +35,7 @@ mod agent;
 mod logpoint;
 mod profile;
 mod scale;
+mod startup;
 
 use crate::{
     setup, sid,
@@ -141,7 +144,8 @@ fn start_fixture_with(
     stdout.read_line(&mut line)?;
     let stdin = child.stdin.take().expect("piped");
     let child = KillOnDrop(child);
-    if line.trim() != "ready" {
+    // "ready", or "ready" and what the fixture tells of itself.
+    if line.split_whitespace().next() != Some("ready") {
         bail!("{script} under {} did not start", python.display());
     }
     Ok((child, stdin, stdout))
@@ -172,6 +176,9 @@ pub fn bench(runs: usize, only: &[String], python: Option<String>) -> anyhow::Re
         .unwrap_or_else(|| workspace_root().join("target"));
     let pyprobe = target_dir.join("release").join("pyprobe");
 
+    if wanted("startup") {
+        startup::bench_startup(&pyprobe)?;
+    }
     if wanted("dump") {
         bench_dump(&pyprobe, runs)?;
     }

@@ -5,6 +5,7 @@
 //! - `test`: setup, lint, unprivileged tests, then the privileged
 //!   integration tests as root, and a summary naming every interpreter.
 //! - `demo`: setup, build, run pyprobe against a bundled fixture.
+//! - `man`: setup, build, write pyprobe's man pages into `target/man`.
 
 mod bench;
 mod demo;
@@ -41,10 +42,10 @@ enum Task {
         /// Runs per measurement.
         #[arg(long, default_value_t = 20)]
         runs: usize,
-        /// Only these benchmarks (repeatable): dump, profile, calls, scale, logpoint, agent,
+        /// Only these benchmarks (repeatable): startup, dump, profile, calls, scale, logpoint, agent,
         /// agent-soak (the agent's soak test for $PYPROBE_SOAK_SECONDS, 600 by default)
         /// (logpoint-framework: only its framework-like workload).
-        #[arg(long, value_name = "NAME", value_parser = ["dump", "profile", "calls", "scale", "logpoint", "logpoint-framework", "agent", "agent-soak"])]
+        #[arg(long, value_name = "NAME", value_parser = ["startup", "dump", "profile", "calls", "scale", "logpoint", "logpoint-framework", "agent", "agent-soak"])]
         only: Vec<String>,
         /// Only interpreters whose path contains this (e.g. 3.12, /usr/bin).
         #[arg(long, value_name = "TEXT")]
@@ -52,6 +53,12 @@ enum Task {
     },
     /// Regenerate the memory snapshots the offline tests replay (needs root).
     Snapshots,
+    /// Set up, build, and write pyprobe's man pages (pyprobe.1, pyprobe-record.1, ...).
+    Man {
+        /// Where to write them (default: target/man).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Set up, build, and run pyprobe against a live demo fixture.
     Demo {
         /// Python interpreter to run the fixture with (default: the system python3).
@@ -60,6 +67,11 @@ enum Task {
         /// Seconds to watch the fixture.
         #[arg(long, default_value_t = 5)]
         duration: u64,
+        /// Run this pyprobe binary instead of building one (the test of
+        /// the demo does: a cargo build inside a test run would wait on
+        /// cargo's lock).
+        #[arg(long, value_name = "PATH")]
+        pyprobe: Option<PathBuf>,
     },
 }
 
@@ -68,7 +80,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup::setup().map(|_| ()),
         Task::Test { no_lint, filter } => test::test(!no_lint, filter.as_deref()),
-        Task::Demo { python, duration } => demo::demo(python, duration),
+        Task::Demo {
+            python,
+            duration,
+            pyprobe,
+        } => demo::demo(python, duration, pyprobe),
+        Task::Man { out } => demo::man(out),
         Task::Snapshots => test::snapshots(),
         Task::Bench { runs, only, python } => bench::bench(runs, &only, python),
     };

@@ -62,6 +62,8 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     // `go tool pprof` for pprof profiles.
     ("go", "golang-go"),
+    // A real terminal for the full-screen `top` and `calls` views.
+    ("tmux", "tmux"),
 ];
 
 /// Installs the packages of [`DEBIAN_TOOLS`] whose command is missing.

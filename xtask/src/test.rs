@@ -141,6 +141,8 @@ pub fn test(lint: bool, filter: Option<&str>) -> anyhow::Result<()> {
         "--test-threads=1",
     ])
     .env("PYPROBE_BIN", target_dir.join("debug").join("pyprobe"))
+    // The demo's test runs this very binary.
+    .env("PYPROBE_XTASK", std::env::current_exe()?)
     .env("PYPROBE_COVERAGE_FILE", &coverage);
     if let Some(filter) = filter {
         cmd.arg(filter);

@@ -24,10 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     live,
     profile::{self, stacks::StackKey},
-    sink::{
-        pprof::{Builder, LabelValue},
-        prometheus::{Kind, Metrics},
-    },
+    sink::prometheus::{Kind, Metrics},
 };
 use control::{Call, Request, Response};
 use http::Ask;
@@ -737,22 +734,15 @@ impl Agent {
 
     /// A collected profile as gzip'd profile.proto.
     fn encode(&self, c: &Collector) -> Vec<u8> {
-        let mut b = Builder::new(c.started, Duration::from_secs(c.seconds), self.rate);
-        let frames = &self.session.profile.frames;
-        for (key, &n) in &c.stacks {
-            let mut labels = vec![("pid", LabelValue::Num(i64::from(key.pid)))];
-            if key.tid != 0 {
-                labels.push(("tid", LabelValue::Num(i64::from(key.tid))));
-                if let Some(name) = self.session.roots.thread_names.get(&key.tid) {
-                    labels.push(("thread", LabelValue::Str(name.clone())));
-                }
-            }
-            if let Some(id) = self.watched.get(&key.pid).and_then(|w| w.container.clone()) {
-                labels.push(("container", LabelValue::Str(id)));
-            }
-            b.add(frames, &key.frames, n, &labels);
-        }
-        b.gzip()
+        crate::sink::pprof::encode_stacks(
+            &c.stacks,
+            &self.session.profile.frames,
+            &self.session.roots,
+            |pid| self.watched.get(&pid).and_then(|w| w.container.clone()),
+            c.started,
+            Duration::from_secs(c.seconds),
+            self.rate,
+        )
     }
 
     /// Brings the list of watched processes in line with the session's.

@@ -8,7 +8,9 @@ use aya::{
 };
 use pyprobe_common::{
     calls::{self, BuiltinKey, CacheSlot, CallCounts, CodeKey, Histogram, ProcessConfig, SkipSet},
-    names, stats,
+    names,
+    process::PyProcess,
+    stats,
 };
 
 use super::{
@@ -165,7 +167,7 @@ impl CallCounter {
         let multi = {
             let mut o = object.lock();
             if o.calls_used {
-                clear_maps(&mut o.ebpf)?;
+                clear_maps(&mut o)?;
             }
             o.calls_used = true;
             o.take_multi()
@@ -183,18 +185,25 @@ impl CallCounter {
     }
 
     /// Gives the probes whose cookie names template `index`
-    /// ([`calls::cookie`]) the configuration a process of their file gets
-    /// when the kernel meets it before userspace has configured it. Its
-    /// `thread` addresses are link-time ones: the kernel adds the load bias.
-    pub fn set_template(&mut self, index: u32, config: &ProcessConfig) -> Result<(), BpfError> {
+    /// ([`calls::cookie`]) the facts and configuration a process of their
+    /// file gets when the kernel meets it before userspace has configured
+    /// it. Its `thread` addresses are link-time ones: the kernel adds the
+    /// load bias.
+    pub fn set_template(&mut self, index: u32, config: &calls::Template) -> Result<(), BpfError> {
         let mut object = self.object.lock();
         hash_insert(&mut object.ebpf, names::MAP_CALL_TEMPLATES, index, config)
     }
 
-    /// Tells the program how to read process `pid` (replaces any earlier
-    /// configuration).
-    pub fn configure(&mut self, pid: u32, config: &ProcessConfig) -> Result<(), BpfError> {
+    /// Tells the program how to read process `pid`, known by `facts`
+    /// (replaces any earlier configuration).
+    pub fn configure(
+        &mut self,
+        pid: u32,
+        facts: &PyProcess,
+        config: &ProcessConfig,
+    ) -> Result<(), BpfError> {
         let mut object = self.object.lock();
+        object.hold_process(pid, facts)?;
         hash_insert(&mut object.ebpf, names::MAP_CALL_CONFIG, pid, config)
     }
 
@@ -205,7 +214,7 @@ impl CallCounter {
             open_map_mut(&mut object.ebpf, names::MAP_CALL_CONFIG)?;
         // A PID that was never configured is not an error.
         let _ = map.remove(&pid);
-        Ok(())
+        object.release_process(pid)
     }
 
     /// Attaches `program` at `file_offset` of `interp`'s ELF file, for one
@@ -469,7 +478,9 @@ impl CallCounter {
 
 impl Drop for CallCounter {
     /// Takes its probes off (the object may serve another counter later:
-    /// the agent's next calls job) and gives the `uprobe_multi` programs
+    /// the agent's next calls job), forgets the processes it configured
+    /// (their facts go unless another job holds them; `process_fork` stops
+    /// telling of their children) and gives the `uprobe_multi` programs
     /// back.
     fn drop(&mut self) {
         self.links.clear();
@@ -479,24 +490,46 @@ impl Drop for CallCounter {
                 let _ = p.detach(link);
             }
         }
+        if let Err(e) = forget_processes(&mut object) {
+            log::debug!("forgetting the counted processes: {e}");
+        }
         if let Some(multi) = self.multi.take() {
             object.put_multi(multi);
         }
     }
 }
 
+/// Removes every process's configuration from `CALL_CONFIG`, and its
+/// facts unless another feature's part names it.
+fn forget_processes(object: &mut super::Object) -> Result<(), BpfError> {
+    let pids: Vec<u32> = {
+        let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> =
+            open_map_mut(&mut object.ebpf, names::MAP_CALL_CONFIG)?;
+        let keys: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = map.remove(k);
+        }
+        keys
+    };
+    for pid in pids {
+        object.release_process(pid)?;
+    }
+    Ok(())
+}
+
 /// Empties what an earlier counter left in the call maps: processes'
 /// configurations and templates, counts, the count cache, durations and
 /// skip sets.
-fn clear_maps(ebpf: &mut aya::Ebpf) -> Result<(), BpfError> {
+fn clear_maps(object: &mut super::Object) -> Result<(), BpfError> {
     let error = |name: &'static str| move |source| BpfError::Map { name, source };
+    forget_processes(object)?;
+    let ebpf = &mut object.ebpf;
     {
-        for name in [names::MAP_CALL_CONFIG, names::MAP_CALL_TEMPLATES] {
-            let mut map: BpfHashMap<&mut MapData, u32, ProcessConfig> = open_map_mut(ebpf, name)?;
-            let keys: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-            for k in keys {
-                let _ = map.remove(&k);
-            }
+        let mut map: BpfHashMap<&mut MapData, u32, calls::Template> =
+            open_map_mut(ebpf, names::MAP_CALL_TEMPLATES)?;
+        let keys: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = map.remove(&k);
         }
     }
     {

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::{Ebpf, EbpfLoader, maps::MapData};
-use pyprobe_common::{calls, names};
+use pyprobe_common::{calls, names, process::PyProcess};
 
 use super::{
     BpfError, CallProgram, CodeFrees, EBPF_OBJECT, ProcessEvents, load_uprobe, perf_event_mut,
@@ -50,6 +50,9 @@ pub struct Object {
     /// A call counter was made over it (the next one starts by emptying
     /// the call maps).
     pub(super) calls_used: bool,
+    /// The last code epoch userspace gave a process (see
+    /// [`Object::hold_process`]).
+    last_epoch: u64,
 }
 
 /// A loaded object shared by the features of one engine.
@@ -172,6 +175,7 @@ impl Object {
             hits,
             code_frees: CodeFrees::default(),
             calls_used: false,
+            last_epoch: 0,
         }))))
     }
 
@@ -194,6 +198,71 @@ impl Object {
     /// The log points' ring (once).
     pub(super) fn take_hits(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         self.hits.take()
+    }
+
+    /// Has every program know process `pid` by `facts` (see
+    /// [`PyProcess`]), before a feature writes its part. Written whole,
+    /// whatever was there (facts read before an exec and written after the
+    /// kernel dropped the old ones are repaired by the next set-up), with a
+    /// fresh code epoch: the monotonic clock, the one the kernel reads.
+    /// Every earlier epoch of this PID is below it (an epoch set at time t
+    /// is bumped once per code object freed, fewer than the nanoseconds
+    /// since t; the kernel's carry [`calls::KERNEL_EPOCH`]), so no cache
+    /// slot or name is trusted across the write, and a bump the write
+    /// loses changes nothing.
+    pub(super) fn hold_process(&mut self, pid: u32, facts: &PyProcess) -> Result<(), BpfError> {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let ns = (now.tv_sec as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(now.tv_nsec as u64);
+        self.last_epoch = ns.max(self.last_epoch + 1) & !calls::KERNEL_EPOCH;
+        let facts = PyProcess {
+            code_epoch: self.last_epoch,
+            ..*facts
+        };
+        let mut map: aya::maps::HashMap<&mut MapData, u32, PyProcess> =
+            super::open_map_mut(&mut self.ebpf, names::MAP_PY_PROCESS)?;
+        map.insert(pid, facts, 0).map_err(|source| BpfError::Map {
+            name: names::MAP_PY_PROCESS,
+            source,
+        })
+    }
+
+    /// Takes process `pid`'s facts away once no feature's part names it
+    /// (a feature calls this after removing its own part).
+    pub(super) fn release_process(&mut self, pid: u32) -> Result<(), BpfError> {
+        fn holds<V: aya::Pod>(ebpf: &Ebpf, name: &'static str, pid: u32) -> bool {
+            super::open_map::<aya::maps::HashMap<&MapData, u32, V>>(ebpf, name)
+                .is_ok_and(|map| map.get(&pid, 0).is_ok())
+        }
+        if holds::<calls::ProcessConfig>(&self.ebpf, names::MAP_CALL_CONFIG, pid)
+            || holds::<u32>(&self.ebpf, names::MAP_SAMPLE_PROCESSES, pid)
+            || holds::<pyprobe_common::logpoint::LogProcess>(
+                &self.ebpf,
+                names::MAP_LOG_PROCESS,
+                pid,
+            )
+        {
+            return Ok(());
+        }
+        let mut map: aya::maps::HashMap<&mut MapData, u32, PyProcess> =
+            super::open_map_mut(&mut self.ebpf, names::MAP_PY_PROCESS)?;
+        // A process gone already is not an error.
+        let _ = map.remove(&pid);
+        Ok(())
+    }
+
+    /// The code epoch of process `pid` (see [`PyProcess::code_epoch`]),
+    /// if it has facts.
+    pub(super) fn code_epoch(&self, pid: u32) -> Option<u64> {
+        let map: aya::maps::HashMap<&MapData, u32, PyProcess> =
+            super::open_map(&self.ebpf, names::MAP_PY_PROCESS).ok()?;
+        map.get(&pid, 0).ok().map(|p| p.code_epoch)
     }
 }
 
@@ -229,7 +298,7 @@ fn map_sizes(features: &Features) -> Vec<(&'static str, u32)> {
             // A ring has at least a page.
             sizes.push((names::MAP_SAMPLES, 4096));
             sizes.push((names::MAP_SAMPLE_THREADS, 1));
-            sizes.push((names::MAP_SAMPLE_CONFIG, 1));
+            sizes.push((names::MAP_SAMPLE_PROCESSES, 1));
         }
     }
     sizes

@@ -6,7 +6,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use pyprobe_common::{
     logpoint::{LogProcess, LogState, Program, Watch, WatchKey},
-    names, stats,
+    names,
+    process::PyProcess,
+    stats,
 };
 
 use super::{
@@ -141,9 +143,15 @@ impl LogProbes {
         map.get(&pid, 0).ok()
     }
 
-    /// Tells the program how to read process `pid`.
-    pub fn configure(&mut self, pid: u32, config: &LogProcess) -> Result<(), BpfError> {
+    /// Tells the program how to read process `pid`, known by `facts`.
+    pub fn configure(
+        &mut self,
+        pid: u32,
+        facts: &PyProcess,
+        config: &LogProcess,
+    ) -> Result<(), BpfError> {
         let mut object = self.object.lock();
+        object.hold_process(pid, facts)?;
         hash_insert(&mut object.ebpf, names::MAP_LOG_PROCESS, pid, config)
     }
 
@@ -174,14 +182,27 @@ impl LogProbes {
     /// Forgets a watched address and its code object (its watchpoints
     /// removed first, with [`Self::remove_watchpoint`]).
     pub fn unwatch(&mut self, key: WatchKey, code: u64) -> Result<(), BpfError> {
+        self.forget_watch(key)?;
+        self.forget_code(key.tgid, code)
+    }
+
+    /// Forgets a watched address (see [`Self::unwatch`]).
+    pub fn forget_watch(&mut self, key: WatchKey) -> Result<(), BpfError> {
         let mut object = self.object.lock();
         let mut map: BpfHashMap<&mut MapData, WatchKey, Watch> =
             open_map_mut(&mut object.ebpf, names::MAP_LOG_WATCH)?;
         // Absent keys are fine: forgetting twice is not an error.
         let _ = map.remove(&key);
+        Ok(())
+    }
+
+    /// Stops looking out for the free of code object `code` of `pid`
+    /// (see [`Self::unwatch`]).
+    pub fn forget_code(&mut self, pid: u32, code: u64) -> Result<(), BpfError> {
+        let mut object = self.object.lock();
         let mut freed: BpfHashMap<&mut MapData, WatchKey, u32> =
             open_map_mut(&mut object.ebpf, names::MAP_LOG_FREED)?;
-        let _ = freed.remove(&code_key(key.tgid, code));
+        let _ = freed.remove(&code_key(pid, code));
         Ok(())
     }
 
@@ -200,12 +221,10 @@ impl LogProbes {
         self.object.forget_code_frees(pid);
     }
 
-    /// How many code objects `pid` freed since it was configured.
-    pub fn code_frees(&self, pid: u32) -> Result<u64, BpfError> {
-        let object = self.object.lock();
-        let map: BpfHashMap<&MapData, u32, LogProcess> =
-            open_map(&object.ebpf, names::MAP_LOG_PROCESS)?;
-        Ok(map.get(&pid, 0).map_or(0, |p| p.code_frees))
+    /// The code epoch of `pid` ([`PyProcess::code_epoch`]): it changes
+    /// each time the process frees a code object.
+    pub fn code_epoch(&self, pid: u32) -> Option<u64> {
+        self.object.lock().code_epoch(pid)
     }
 
     /// Sets a read/write hardware watchpoint on the byte at `addr` (an
@@ -246,6 +265,18 @@ impl LogProbes {
         map.set(point, pyprobe_common::logpoint::LogLimit::default(), 0)
             .map_err(|source| BpfError::Map {
                 name: names::MAP_LOG_LIMITS,
+                source,
+            })
+    }
+
+    /// Zeroes the counters of armed entry `index`, for its next owner.
+    pub fn reset_state(&mut self, index: u32) -> Result<(), BpfError> {
+        let mut object = self.object.lock();
+        let mut map: Array<&mut MapData, LogState> =
+            open_map_mut(&mut object.ebpf, names::MAP_LOG_STATE)?;
+        map.set(index, LogState::default(), 0)
+            .map_err(|source| BpfError::Map {
+                name: names::MAP_LOG_STATE,
                 source,
             })
     }

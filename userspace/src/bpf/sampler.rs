@@ -3,11 +3,7 @@
 use std::collections::BTreeMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use pyprobe_common::{
-    names,
-    sample::{SampleConfig, ThreadState},
-    stats,
-};
+use pyprobe_common::{names, process::PyProcess, sample::ThreadState, stats};
 
 use super::{
     BpfError, SharedObject, hash_insert, open_map_mut, perf_event_mut, read_stat, recursion_misses,
@@ -96,19 +92,21 @@ impl Sampler {
         Ok(())
     }
 
-    /// Tells the sampler how to walk process `pid`.
-    pub fn configure(&mut self, pid: u32, config: &SampleConfig) -> Result<(), BpfError> {
+    /// Has the sampler walk process `pid`, known by `facts`.
+    pub fn configure(&mut self, pid: u32, facts: &PyProcess) -> Result<(), BpfError> {
         let mut object = self.object.lock();
-        hash_insert(&mut object.ebpf, names::MAP_SAMPLE_CONFIG, pid, config)
+        object.hold_process(pid, facts)?;
+        hash_insert(&mut object.ebpf, names::MAP_SAMPLE_PROCESSES, pid, &0u32)
     }
 
     /// Forgets a process (and its threads) that exited.
     pub fn forget(&mut self, pid: u32) -> Result<(), BpfError> {
         {
             let mut object = self.object.lock();
-            let mut map: BpfHashMap<&mut MapData, u32, SampleConfig> =
-                open_map_mut(&mut object.ebpf, names::MAP_SAMPLE_CONFIG)?;
+            let mut map: BpfHashMap<&mut MapData, u32, u32> =
+                open_map_mut(&mut object.ebpf, names::MAP_SAMPLE_PROCESSES)?;
             let _ = map.remove(&pid);
+            object.release_process(pid)?;
         }
         self.object.forget_code_frees(pid);
         self.set_threads(pid, &[])

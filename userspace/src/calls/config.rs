@@ -6,20 +6,18 @@
 use pyprobe_common::calls::{self, ProcessConfig};
 
 use crate::{
-    kabi::{ConfigError, thread_frame, window},
+    kabi::{ConfigError, window},
     python::{
         offsets::{FrameModel, GilLocation, InstructionModel, VersionInfo},
         version::PythonVersion,
     },
 };
 
-/// Builds the configuration of a process whose `_PyRuntime` is at `runtime`;
-/// `read_u64` reads the process's memory (3.12+ need the GIL's address).
+/// Builds the counter's part of the configuration of a process of
+/// `version` (beside its facts, [`crate::kabi::py_process`]).
 pub fn process_config(
     version: &PythonVersion,
     info: &VersionInfo,
-    runtime: u64,
-    read_u64: impl Fn(u64) -> Option<u64>,
 ) -> Result<ProcessConfig, ConfigError> {
     let o = &info.offsets;
     let layout = &info.layout;
@@ -27,16 +25,7 @@ pub fn process_config(
         version: version.to_string(),
         field,
     };
-    let (frame_window, frame_window_len, at) =
-        window(version, "frame", &[o.frame_code, o.frame_instruction])?;
-    let mut c = ProcessConfig {
-        frame_window,
-        frame_window_len,
-        frame_code_at: at[0],
-        frame_instruction_at: at[1],
-        code_mask: layout.stackref_mask,
-        ..ProcessConfig::default()
-    };
+    let mut c = ProcessConfig::default();
     let code_fields = [
         o.code_name,
         o.code_firstlineno,
@@ -86,11 +75,10 @@ pub fn process_config(
         }
         FrameModel::Interpreter => {
             c.frame_mode = calls::FRAME_FROM_TSTATE;
-            // The word naming the running thread state: 3.8-3.11's
-            // `tstate_current`, else the GIL's last holder behind the
-            // interpreter's pointer.
-            c.thread = thread_frame(o, runtime, &read_u64)?;
-            if c.thread.gil_current == 0 && matches!(o.gil, GilLocation::Runtime { .. }) {
+            // The word naming the running thread state (the facts'
+            // thread): 3.8-3.11's `tstate_current`, else the GIL's last
+            // holder behind the interpreter's pointer.
+            if o.runtime_tstate_current.is_none() && matches!(o.gil, GilLocation::Runtime { .. }) {
                 return Err(missing("gilstate.tstate_current"));
             }
             c.start_mode = calls::START_INDEX_FIRST_TRACEABLE;
@@ -100,12 +88,6 @@ pub fn process_config(
             if o.code_firsttraceable.is_none() {
                 return Err(missing("_co_firsttraceable"));
             }
-            c.instruction_bias = match layout.instruction {
-                // prev_instr points one code unit before the instruction
-                // about to run.
-                InstructionModel::PrevInstr => 2,
-                _ => 0,
-            };
         }
     }
     Ok(c)
@@ -125,25 +107,11 @@ mod tests {
         }
     }
 
-    /// Memory of a 3.12+ process: every word of `_PyRuntime` (at 0x1000)
-    /// points at the interpreter 0x5000, every word of which points at the
-    /// GIL structure 0x9000.
-    fn memory(addr: u64) -> Option<u64> {
-        match addr {
-            0x1000..0x2000 => Some(0x5000),
-            0x5000..0x6000 => Some(0x9000),
-            _ => None,
-        }
-    }
-
     #[test]
     fn frame_object_versions_take_the_frame_from_the_eval_arguments() {
-        let c = process_config(&version(8), &offsets::PY38, 0x1000, |_| None).unwrap();
+        let c = process_config(&version(8), &offsets::PY38).unwrap();
         assert_eq!(c.frame_mode, calls::FRAME_ARG0);
         assert_eq!(c.start_mode, calls::START_LASTI_NEGATIVE);
-        // f_code at 32 and f_lasti at 104: one window from 32.
-        assert_eq!((c.frame_window, c.frame_window_len), (32, 80));
-        assert_eq!((c.frame_code_at, c.frame_instruction_at), (0, 72));
         // co_firstlineno at 40, co_name at 112: one window from 40.
         assert_eq!(c.code_window, 40);
         assert_eq!((c.code_name_at, c.code_firstlineno_at), (72, 0));
@@ -160,21 +128,16 @@ mod tests {
         assert_eq!((c.descr_window, c.descr_window_len), (16, 32));
         assert_eq!((c.descr_type_at, c.descr_method_at), (0, 24));
         for (minor, info) in [(9, offsets::PY39), (10, offsets::PY310)] {
-            let c = process_config(&version(minor), &info, 0x1000, |_| None).unwrap();
+            let c = process_config(&version(minor), &info).unwrap();
             assert_eq!(c.frame_mode, calls::FRAME_ARG1, "3.{minor}");
         }
     }
 
     #[test]
-    fn py311_reads_the_current_tstate_from_the_runtime_and_goes_through_cframe() {
-        let c = process_config(&version(11), &offsets::PY311, 0x1000, |_| None).unwrap();
+    fn py311_and_later_find_the_frame_from_the_thread_state() {
+        let c = process_config(&version(11), &offsets::PY311).unwrap();
         assert_eq!(c.frame_mode, calls::FRAME_FROM_TSTATE);
-        assert_eq!(c.thread.holder_slot(), 0x1000 + 576);
-        assert_eq!(
-            (c.thread.tstate_frame, c.thread.cframe_current_frame),
-            (56, 8)
-        );
-        assert_eq!(c.instruction_bias, 2);
+        assert_eq!(c.start_mode, calls::START_INDEX_FIRST_TRACEABLE);
         assert_eq!(c.code_adaptive, 184);
         // co_firstlineno 72, co_name 120, _co_firsttraceable 168.
         assert_eq!((c.code_window, c.code_window_len), (72, 104));
@@ -186,30 +149,10 @@ mod tests {
             ),
             (0, 48, 96)
         );
-    }
-
-    #[test]
-    fn py312_and_later_take_the_gil_holder_at_an_address_read_once() {
-        let c = process_config(&version(12), &offsets::PY312, 0x1000, memory).unwrap();
-        assert_eq!(c.thread.holder_slot(), 0x9000 + 8);
-        assert_eq!(
-            (c.thread.tstate_frame, c.thread.cframe_current_frame),
-            (56, 0)
-        );
-        let c = process_config(&version(13), &offsets::PY313, 0x1000, memory).unwrap();
-        assert_eq!(
-            (c.thread.tstate_frame, c.thread.cframe_current_frame),
-            (72, u64::MAX)
-        );
-        assert_eq!(c.instruction_bias, 0);
-        let c = process_config(&version(14), &offsets::PY314, 0x1000, memory).unwrap();
-        assert_eq!(c.code_mask, !3);
-    }
-
-    #[test]
-    fn a_process_whose_gil_is_not_created_yet_is_refused() {
-        let e = process_config(&version(12), &offsets::PY312, 0x1000, |_| Some(0)).unwrap_err();
-        assert_eq!(e, ConfigError::Unreadable("_PyRuntime.interpreters.head"));
+        for (minor, info) in [(12, offsets::PY312), (13, offsets::PY313)] {
+            let c = process_config(&version(minor), &info).unwrap();
+            assert_eq!(c.frame_mode, calls::FRAME_FROM_TSTATE, "3.{minor}");
+        }
     }
 
     #[test]
@@ -224,8 +167,7 @@ mod tests {
             (14, offsets::PY314),
         ];
         for (minor, info) in &known {
-            process_config(&version(*minor), info, 0x1000, memory)
-                .unwrap_or_else(|e| panic!("3.{minor}: {e}"));
+            process_config(&version(*minor), info).unwrap_or_else(|e| panic!("3.{minor}: {e}"));
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::{
     elf::ElfImage,
     interp_binary::start_sites,
     live, process,
-    python::{offsets::FrameModel, reader::Target},
+    python::offsets::FrameModel,
     registry::ExecOutcome,
 };
 
@@ -42,7 +42,7 @@ const RESOLVE_INTERVAL: Duration = Duration::from_millis(200);
 const EVENTS_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Options of `pyprobe calls`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CallsOptions {
     /// Processes to watch.
     pub pids: Vec<u32>,
@@ -52,9 +52,11 @@ pub struct CallsOptions {
     /// are left alone.
     pub select: crate::selection::Selector,
     /// Time between two reports.
+    #[serde(with = "crate::job::seconds")]
     pub interval: Duration,
     /// Stop after this long; `None` runs until Ctrl-C (or, without `--all`,
     /// until every target has exited).
+    #[serde(with = "crate::job::opt_seconds")]
     pub duration: Option<Duration>,
     /// Rows per report (`None`: all).
     pub top: Option<usize>,
@@ -64,6 +66,7 @@ pub struct CallsOptions {
     pub json: bool,
     /// Attach an empty program instead of the counter (benchmarks only:
     /// measures the cost of the trap alone; counts stay zero).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub empty_program: bool,
     /// Count calls of builtins (C functions) too.
     pub builtins: bool,
@@ -72,6 +75,7 @@ pub struct CallsOptions {
     /// Probes for each process alone even under `--all` (the agent: so
     /// that one process can stop being counted); new processes are then
     /// picked up by the scan every second, not from their first call.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub per_process_probes: bool,
 }
 
@@ -106,8 +110,6 @@ pub(crate) struct Session {
     latency: bool,
     /// `--filter` was given (the kernel looks up skip sets).
     filtering: bool,
-    /// Processes configured so far (for [`calls::epoch_base`]).
-    configured: u64,
     /// [`Self::start`] is over: processes set up from now on by a scan
     /// had started before (their first calls are not counted).
     started: bool,
@@ -128,14 +130,12 @@ impl Session {
     /// start sites (for this PID only, or for its interpreter file when
     /// watching every process). Returns a line describing what was done.
     fn add(&mut self, pid: u32) -> anyhow::Result<String> {
-        let (target, image) = Target::attach_with_image(pid, |m| m)?;
-        let interp = target
-            .interpreter
-            .clone()
-            .expect("a live target knows its interpreter");
-        let mut cfg = config::process_config(&target.version, &target.info, target.runtime, |a| {
-            crate::python::memory::Memory::read_u64(&target.mem, a).ok()
-        })?;
+        let attachment = crate::registry::attach(pid)?;
+        let target = attachment.reader();
+        let image = attachment.image()?;
+        let interp = attachment.interpreter().clone();
+        let facts = attachment.facts()?;
+        let mut cfg = config::process_config(&target.version, &target.info)?;
         // 3.11+ frames leave through opcode handlers, where the frame is
         // known; up to 3.10 each frame is one C call of the eval loop.
         let interpreter_frames = target.info.layout.frame_model == FrameModel::Interpreter;
@@ -176,15 +176,13 @@ impl Session {
         let code_freed = if self.empty_program {
             None
         } else {
-            crate::kabi::code_dealloc_site(&target, &image, interp.load_bias)
+            attachment.code_freed_site()
         };
-        cfg.code_epoch = pyprobe_common::calls::epoch_base(self.configured);
-        self.configured += 1;
         cfg.epoch_watched = code_freed.is_some() as u8;
         cfg.filtering = self.filtering as u8;
         cfg.follow_children = self.follow_children as u8;
-        let template = self.template(&interp, &image, &mut cfg)?;
-        self.counter.configure(pid, &cfg)?;
+        let template = self.template(&interp, &image, &facts, &mut cfg)?;
+        self.counter.configure(pid, &facts, &cfg)?;
         let cookie = |file_offset: u64| {
             pyprobe_common::calls::cookie(
                 template,
@@ -300,7 +298,7 @@ impl Session {
             describe_sites(&sites),
             target.offsets_source,
         );
-        self.symbols.add_process(pid, target, template);
+        self.symbols.add_process(attachment, target, template);
         Ok(line)
     }
 
@@ -316,6 +314,7 @@ impl Session {
         &mut self,
         interp: &crate::process::Interpreter,
         image: &ElfImage,
+        facts: &pyprobe_common::process::PyProcess,
         cfg: &mut pyprobe_common::calls::ProcessConfig,
     ) -> anyhow::Result<u32> {
         if let Some(&index) = self.templates.get(&interp.file) {
@@ -332,14 +331,16 @@ impl Session {
         self.templates.insert(interp.file, index);
         // Link-time addresses: the kernel moves them by each process's
         // load bias.
-        let thread = cfg.thread.moved(interp.load_bias.wrapping_neg());
+        let thread = facts.thread.moved(interp.load_bias.wrapping_neg());
         let slot = thread.holder_slot();
-        let slot_unused = matches!(
-            cfg.frame_mode,
-            pyprobe_common::calls::FRAME_ARG0 | pyprobe_common::calls::FRAME_ARG1
-        );
-        if slot_unused || image.is_loaded(slot) {
-            let template = pyprobe_common::calls::ProcessConfig { thread, ..*cfg };
+        // Every job may read the facts the kernel makes from the template
+        // (the sampler, log points): the slot must be the file's, whatever
+        // the counter's frame mode.
+        if image.is_loaded(slot) {
+            let template = pyprobe_common::calls::Template {
+                process: pyprobe_common::process::PyProcess { thread, ..*facts },
+                calls: *cfg,
+            };
             self.counter.set_template(index, &template)?;
             self.kernel_ready.insert(interp.file, index);
         } else {
@@ -347,7 +348,7 @@ impl Session {
                 "{}: the thread-state slot {:#x} is not static data; new processes of this \
                  file are set up by pyprobe, not from their first call",
                 interp.binary.display(),
-                cfg.thread.holder_slot()
+                facts.thread.holder_slot()
             );
         }
         Ok(index)
@@ -565,6 +566,8 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     })?;
     let mut session = Session::new(&engine, &opts)?;
     session.start(&opts)?;
+    // A launched program goes on now that it is counted.
+    crate::launch::release_held()?;
     eprintln!("pyprobe: counting calls; Ctrl-C to stop");
 
     let started = Instant::now();
@@ -658,7 +661,6 @@ impl Session {
             builtins: opts.builtins,
             latency: opts.latency,
             filtering: opts.filter.is_some(),
-            configured: 0,
             started: false,
             picked_up_late: 0,
             follow_children,

@@ -87,6 +87,9 @@ pub enum Resolved {
 #[derive(Default)]
 pub struct Symbols {
     processes: BTreeMap<u32, Target<ProcessMemory>>,
+    /// What was read of each process to set it up, shared with the run's
+    /// other jobs while held.
+    attachments: BTreeMap<u32, std::rc::Rc<crate::registry::Attachment>>,
     names: HashMap<CodeKey, Resolved>,
     /// For each builtin row, the kernel key to name it from (see
     /// [`naming_key`]).
@@ -122,23 +125,32 @@ pub struct Symbols {
 }
 
 impl Symbols {
-    /// Adds a process to read names from, whose interpreter file has
-    /// template index `template` (its build facts are kept to read what
-    /// [`CodeEvent`]s carry).
-    pub fn add_process(&mut self, pid: u32, target: Target<ProcessMemory>, template: u32) {
+    /// Adds a process to read names from (`target`, this job's reader of
+    /// `attachment`'s process), whose interpreter file has template index
+    /// `template` (its build facts are kept to read what [`CodeEvent`]s
+    /// carry).
+    pub fn add_process(
+        &mut self,
+        attachment: std::rc::Rc<crate::registry::Attachment>,
+        target: Target<ProcessMemory>,
+        template: u32,
+    ) {
+        let pid = attachment.pid();
         self.facts.entry(template).or_insert_with(|| target.facts());
         self.processes.insert(pid, target);
         self.template_of.insert(pid, template);
         self.gone.remove(&pid);
-        if let Some(container) = Placement::of(pid).and_then(|p| p.container) {
-            self.containers.insert(pid, container);
+        if let Some(container) = attachment.container() {
+            self.containers.insert(pid, container.clone());
         }
+        self.attachments.insert(pid, attachment);
     }
 
     /// Stops reading process `pid` (it exited or exec'd); the names found
     /// so far stay.
     pub fn forget_process(&mut self, pid: u32) {
         self.processes.remove(&pid);
+        self.attachments.remove(&pid);
         self.kernel_set_up.remove(&pid);
         self.gone.insert(pid);
     }
@@ -430,9 +442,10 @@ impl Symbols {
     fn ensure_read(&mut self, pid: u32) {
         if !self.processes.contains_key(&pid)
             && self.kernel_set_up.contains(&pid)
-            && let Ok(target) = Target::attach(pid)
+            && let Ok(attachment) = crate::registry::attach(pid)
         {
-            self.processes.insert(pid, target);
+            self.processes.insert(pid, attachment.reader());
+            self.attachments.insert(pid, attachment);
         }
     }
 
@@ -466,7 +479,8 @@ impl Symbols {
     /// object existed before the fork, so it is at the same address with
     /// the same name and first line unless freed since, which the check
     /// of both tells), or as named in another process of the same file at
-    /// the very same addresses.
+    /// the very same addresses, or as read in a live one (its parent
+    /// unknown).
     fn relative_code(&mut self, key: &CodeKey) -> Option<CodeSummary> {
         if let Some(&parent) = self.fork_parent.get(&key.tgid) {
             let in_parent = CodeKey {
@@ -490,9 +504,31 @@ impl Symbols {
             }
         }
         let template = *self.template_of.get(&key.tgid)?;
-        self.codes_by_site
+        if let Some(code) = self
+            .codes_by_site
             .get(&(template, key.code, key.name, key.firstlineno))
-            .cloned()
+        {
+            return Some(code.clone());
+        }
+        // Its parent unknown (it was gone before the news of it was read):
+        // any live process of the same file that has the very same code
+        // object (its name's address and first line: another layout of
+        // the file would not) is a fork relative.
+        let relatives: Vec<u32> = self
+            .processes
+            .keys()
+            .copied()
+            .filter(|pid| *pid != key.tgid && self.template_of.get(pid) == Some(&template))
+            .collect();
+        relatives.into_iter().find_map(|pid| {
+            let target = self.processes.get(&pid)?;
+            let name = target
+                .mem
+                .read_u64(key.code.wrapping_add(target.info.offsets.code_name))
+                .ok()?;
+            let code = target.code_summary(key.code).ok()?;
+            (name == key.name && code.first_line as u32 == key.firstlineno).then_some(code)
+        })
     }
 
     /// The name of a key, if [`Symbols::resolve`] has seen it.

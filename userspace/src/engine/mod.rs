@@ -143,6 +143,14 @@ fn spawn_reader(
                 events.wait(NEWS_WAIT);
                 let mut arrivals = Vec::new();
                 events.drain(|news| {
+                    if let News::Process(e) = &news
+                        && matches!(
+                            e.kind,
+                            pyprobe_common::process::EXEC | pyprobe_common::process::EXIT
+                        )
+                    {
+                        crate::registry::note_changed(e.tgid);
+                    }
                     let forked_from = match &news {
                         News::Process(e) if e.kind == pyprobe_common::process::NEW => {
                             process::parent_pid(e.tgid)

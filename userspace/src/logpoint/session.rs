@@ -52,7 +52,7 @@ use crate::{
 };
 
 /// One log point as the user gave it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PointSpec {
     /// `FILE:LINE`, `FILE:FUNCTION` or `MODULE:QUALNAME`.
     pub at: String,
@@ -61,11 +61,12 @@ pub struct PointSpec {
     /// Message template (`--msg`).
     pub msg: Option<String>,
     /// Where it was written in a probe file; `None` for the command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
 }
 
 /// The probe file lines a [`PointSpec`] was read from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     /// The file's name as given (`<stdin>` for standard input).
     pub file: String,
@@ -104,7 +105,7 @@ impl PointSpec {
 }
 
 /// Options of `pyprobe log`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LogOptions {
     /// Processes to watch.
     pub pids: Vec<u32>,
@@ -120,7 +121,8 @@ pub struct LogOptions {
     /// Stop after this many hits in all.
     pub count: Option<u64>,
     /// Stop after this many seconds.
-    pub duration: Option<f64>,
+    #[serde(with = "crate::job::opt_seconds")]
+    pub duration: Option<Duration>,
     /// JSON lines instead of text.
     pub json: bool,
     /// Add the Python stack to each hit.
@@ -142,6 +144,12 @@ struct Point {
     removed: bool,
     /// Hits written.
     printed: u64,
+    /// What its armed entries recycled since had counted (see
+    /// [`Session::recycle`]): kept in its totals.
+    recycled: PointStats,
+    /// It armed somewhere once (its entries may have been recycled
+    /// since): a process where its place is wrong has other code.
+    armed_once: bool,
 }
 
 /// Which processes a log point added to a running session is for.
@@ -224,10 +232,22 @@ struct Armed {
     /// When its code object was found freed, until that is reported: the
     /// report waits a moment, as a process exiting frees all its code.
     freed_at: Option<Instant>,
+    /// Its index in `LOG_PROGRAMS`.
+    program: u32,
+    /// The drain at which it was seen done with (retired, no watchpoint
+    /// left); recycled two drains later, when no hit of it can be left
+    /// in the ring (see [`Session::recycle`]).
+    done_at: Option<u64>,
+    /// Recycled: its slot (and its `LOG_STATE` entry) serve the next
+    /// arming; it names no log point and no process.
+    free: bool,
 }
 
 /// A watched process.
 struct Process {
+    /// What was read of it to set it up, shared with the run's other jobs
+    /// (none for a process forked from a watched one: read as its parent).
+    attachment: Option<std::rc::Rc<crate::registry::Attachment>>,
     target: Target<ProcessMemory>,
     /// Log points (by index) not armed yet, waiting for their code.
     waiting: Vec<usize>,
@@ -279,6 +299,7 @@ impl Process {
         exe: Option<std::path::PathBuf>,
     ) -> Self {
         Process {
+            attachment: None,
             target,
             waiting,
             refused: BTreeSet::new(),
@@ -393,6 +414,7 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
         forks: BTreeMap::new(),
         out: Box::new(std::io::stdout()),
         unwritten: 0,
+        drains: 0,
     };
     if let Some(why) = session.probes.forks_unfollowed() {
         eprintln!(
@@ -420,11 +442,13 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
             opts.select.describe()
         );
     }
+    // A launched program goes on now that its log points wait for it.
+    crate::launch::release_held()?;
     let mut ticks: u64 = 0;
     let started = Instant::now();
     let mut drain = live::ticker(DRAIN_INTERVAL);
     let mut scan = live::ticker(SCAN_INTERVAL);
-    let stop = live::stop_requested(opts.duration.map(Duration::from_secs_f64));
+    let stop = live::stop_requested(opts.duration);
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -486,6 +510,8 @@ fn parse_point(spec: &PointSpec) -> anyhow::Result<Point> {
             agent: None,
             removed: false,
             printed: 0,
+            recycled: PointStats::default(),
+            armed_once: false,
         })
     }
 }
@@ -539,8 +565,9 @@ struct Attached {
     pid: u32,
     /// Its executable when it was read.
     exe: Option<std::path::PathBuf>,
+    attachment: std::rc::Rc<crate::registry::Attachment>,
+    /// This job's reader of it.
     target: Target<ProcessMemory>,
-    image: std::sync::Arc<crate::elf::ElfImage>,
     /// What each log point resolved to, by index.
     located: Vec<Result<Vec<Found>, LocateError>>,
 }
@@ -548,7 +575,8 @@ struct Attached {
 impl Attached {
     fn new(pid: u32, points: &[Point]) -> anyhow::Result<Attached> {
         let exe = crate::process::exe_of(pid);
-        let (target, image) = Target::attach_with_image(pid, |m| m)?;
+        let attachment = crate::registry::attach(pid)?;
+        let target = attachment.reader();
         let located = points
             .iter()
             .map(|p| target.find_code(&p.location))
@@ -556,8 +584,8 @@ impl Attached {
         Ok(Attached {
             pid,
             exe,
+            attachment,
             target,
-            image,
             located,
         })
     }
@@ -624,6 +652,8 @@ pub(crate) struct Session {
     /// Hits that could not be written (the agent counts them and goes
     /// on; `pyprobe log` stops).
     unwritten: u64,
+    /// Drains so far (see [`Armed::done_at`]).
+    drains: u64,
 }
 
 impl Session {
@@ -633,8 +663,77 @@ impl Session {
         self.read_news();
         self.rescan_young()?;
         self.drain()?;
+        self.drains += 1;
         for line in self.retire_freed()? {
             eprintln!("pyprobe: {line}");
+        }
+        if self.points.iter().any(|p| p.agent.is_some()) {
+            self.recycle()?;
+        }
+        Ok(())
+    }
+
+    /// Frees the armed entries an always-on session is done with, so that
+    /// log points added and taken off, and processes coming and going,
+    /// never use up the kernel's [`MAX_ARMED`] entries, its `LOG_WATCH`
+    /// map or its [`MAX_PROGRAMS`] programs, nor the agent's memory: an entry retired (its log
+    /// point taken off, its code freed, its process exited or exec'd)
+    /// whose watchpoints are all closed is recycled two drains after it
+    /// was seen so (a hit it sent just before is written or dropped by
+    /// then, never taken for the entry's next owner). What it counted
+    /// stays in its log point's totals. `pyprobe log` keeps its entries
+    /// for its summary.
+    fn recycle(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.armed.len() {
+            let a = &mut self.armed[i];
+            if a.free || !a.retired || !a.links.is_empty() {
+                continue;
+            }
+            let Some(seen) = a.done_at else {
+                a.done_at = Some(self.drains);
+                continue;
+            };
+            if self.drains < seen + 2 {
+                continue;
+            }
+            let c: LogCounters = self.probes.counters(i as u32)?;
+            let a = &mut self.armed[i];
+            if let Some(point) = self.points.get_mut(a.point)
+                && !a.removed
+            {
+                let r = &mut point.recycled;
+                r.condition_false += c.condition_false + a.condition_false;
+                r.condition_errors += a.condition_errors;
+                r.rate_limited += c.rate_limited;
+                r.lost += c.lost;
+            }
+            // Its kernel entries (an exited process's are still there).
+            self.unwatch_entry(i)?;
+            self.probes.reset_state(i as u32)?;
+            let a = &mut self.armed[i];
+            a.free = true;
+            a.removed = true;
+            a.point = usize::MAX;
+            a.pid = 0;
+        }
+        // An exited process goes too once nothing of it is left: no
+        // entry armed in it, no process forked from it alive (their hits
+        // are read in their own memory, named by its). Its PID may come
+        // back as another process, set up afresh.
+        let live_origins = self.live_origins();
+        let gone: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|(pid, p)| {
+                p.exited
+                    && !live_origins.contains(pid)
+                    && !self.armed.iter().any(|a| !a.free && a.pid == **pid)
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in gone {
+            self.processes.remove(&pid);
+            self.forks.remove(&pid);
         }
         Ok(())
     }
@@ -692,6 +791,7 @@ impl Session {
             forks: BTreeMap::new(),
             out,
             unwritten: 0,
+            drains: 0,
         })
     }
 
@@ -769,13 +869,16 @@ impl Session {
         for p in self.processes.values_mut() {
             p.waiting.retain(|&i| i != index);
         }
-        for armed in self.armed.iter_mut().filter(|a| a.point == index) {
+        for i in 0..self.armed.len() {
+            let armed = &mut self.armed[i];
+            if armed.point != index {
+                continue;
+            }
             armed.removed = true;
             if !armed.retired {
                 armed.retired = true;
                 armed.links.clear();
-                self.probes
-                    .unwatch(watch_key(armed.pid, &armed.found), armed.found.code)?;
+                self.unwatch_entry(i)?;
             }
         }
         Ok(())
@@ -792,8 +895,17 @@ impl Session {
 
     /// What happened at log point `index` so far.
     pub(crate) fn point_stats(&self, index: usize) -> anyhow::Result<PointStats> {
+        let recycled = self
+            .points
+            .get(index)
+            .map(|p| p.recycled.clone())
+            .unwrap_or_default();
         let mut stats = PointStats {
             written: self.points.get(index).map_or(0, |p| p.printed),
+            condition_false: recycled.condition_false,
+            condition_errors: recycled.condition_errors,
+            rate_limited: recycled.rate_limited,
+            lost: recycled.lost,
             waiting: self
                 .processes
                 .values()
@@ -877,35 +989,36 @@ impl Session {
         let Attached {
             pid,
             exe,
+            attachment,
             target,
-            image,
             located,
         } = attached;
+        let image = attachment.image()?;
         let config = process_config(&target, &image)?;
-        self.probes.configure(pid, &config)?;
+        self.probes.configure(pid, &attachment.facts()?, &config)?;
         // Before any arming: a code object freed unseen would keep its
         // watchpoint on memory that holds something else.
-        if let Some(interp) = &target.interpreter
-            && let Some(offset) = crate::kabi::code_dealloc_site(&target, &image, interp.load_bias)
-        {
+        if let Some(offset) = attachment.code_freed_site() {
             let whole_file = self.opts.all && self.opts.select.is_everything();
-            self.probes
-                .object()
-                .watch_code_frees(interp, offset, pid, whole_file)?;
+            self.probes.object().watch_code_frees(
+                attachment.interpreter(),
+                offset,
+                pid,
+                whole_file,
+            )?;
         }
         let version = target.version.to_string();
-        self.processes.insert(
+        let mut process = Process::new(
             pid,
-            Process::new(
-                pid,
-                target,
-                (0..self.points.len())
-                    .filter(|&i| self.points[i].wants(pid))
-                    .collect(),
-                crate::container::Placement::of(pid).and_then(|p| p.container),
-                exe,
-            ),
+            target,
+            (0..self.points.len())
+                .filter(|&i| self.points[i].wants(pid))
+                .collect(),
+            attachment.container().cloned(),
+            exe,
         );
+        process.attachment = Some(attachment);
+        self.processes.insert(pid, process);
         let located = located
             .into_iter()
             .enumerate()
@@ -989,10 +1102,7 @@ impl Session {
                 // --all too: every process would say the same), unless the
                 // log point armed already elsewhere (a later process with
                 // other code).
-                Err(e)
-                    if first
-                        || (e.is_wrong_spec() && !self.armed.iter().any(|a| a.point == index)) =>
-                {
+                Err(e) if first || (e.is_wrong_spec() && !self.points[index].armed_once) => {
                     return Err(anyhow::Error::new(e).context(self.points[index].spec.label()));
                 }
                 Err(e) => {
@@ -1032,10 +1142,13 @@ impl Session {
             default_template(&found)
         };
         let mut compiled = p.compile_for(&found)?;
-        let index = self.armed.len() as u32;
-        if index >= MAX_ARMED {
-            bail!("more than {MAX_ARMED} armed code objects");
-        }
+        let index = match self.armed.iter().position(|a| a.free) {
+            Some(free) => free as u32,
+            None if self.armed.len() < MAX_ARMED as usize => self.armed.len() as u32,
+            None => bail!(
+                "more than {MAX_ARMED} armed code objects (log points taken off free theirs a moment later)"
+            ),
+        };
         let (rate, count) = match &p.agent {
             Some(a) => (a.rate, a.count),
             None => (self.opts.rate, self.opts.count),
@@ -1048,13 +1161,26 @@ impl Session {
         let program = match self.programs.iter().position(|p| *p == compiled.program) {
             Some(at) => at as u32,
             None => {
-                let at = self.programs.len() as u32;
-                if at >= MAX_PROGRAMS {
-                    bail!("more than {MAX_PROGRAMS} different log point programs");
-                }
-                self.probes.set_program(at, &compiled.program)?;
-                self.programs.push(compiled.program);
-                at
+                // A slot no armed entry uses any more, else a new one.
+                let unused = (0..self.programs.len()).find(|&at| {
+                    !self
+                        .armed
+                        .iter()
+                        .any(|a| !a.free && a.program as usize == at)
+                });
+                let at = match unused {
+                    Some(at) => at,
+                    None if self.programs.len() < MAX_PROGRAMS as usize => {
+                        self.programs.push(compiled.program);
+                        self.programs.len() - 1
+                    }
+                    None => bail!(
+                        "more than {MAX_PROGRAMS} different log point programs (log points taken off free theirs a moment later)"
+                    ),
+                };
+                self.programs[at] = compiled.program;
+                self.probes.set_program(at as u32, &compiled.program)?;
+                at as u32
             }
         };
         let process = self.processes.get_mut(&pid).expect("added");
@@ -1143,7 +1269,7 @@ impl Session {
                 String::new()
             },
         );
-        self.armed.push(Armed {
+        let armed = Armed {
             point,
             pid,
             found,
@@ -1156,7 +1282,15 @@ impl Session {
             retired: false,
             removed: false,
             freed_at: None,
-        });
+            program,
+            done_at: None,
+            free: false,
+        };
+        match self.armed.get_mut(index as usize) {
+            Some(slot) => *slot = armed,
+            None => self.armed.push(armed),
+        }
+        self.points[point].armed_once = true;
         Ok(line)
     }
 
@@ -1165,15 +1299,16 @@ impl Session {
     /// every access would trap. Returns the lines to print.
     fn retire_freed(&mut self) -> anyhow::Result<Vec<String>> {
         let mut lines = Vec::new();
-        for armed in self.armed.iter_mut().filter(|a| !a.retired) {
-            if !self.probes.freed_code(armed.pid, armed.found.code)? {
+        for i in 0..self.armed.len() {
+            let armed = &self.armed[i];
+            if armed.retired || !self.probes.freed_code(armed.pid, armed.found.code)? {
                 continue;
             }
+            let armed = &mut self.armed[i];
             armed.links.clear();
-            self.probes
-                .unwatch(watch_key(armed.pid, &armed.found), armed.found.code)?;
             armed.retired = true;
             armed.freed_at = Some(Instant::now());
+            self.unwatch_entry(i)?;
         }
         // A process that exits frees its code too: that is said once, as its
         // exit (see `note_exits`), not per code object.
@@ -1243,16 +1378,47 @@ impl Session {
         Ok(lines)
     }
 
+    /// Takes armed entry `i`'s kernel entries away, its watched address
+    /// (`LOG_WATCH`) and its code object's free flag (`LOG_FREED`), each
+    /// unless another entry still armed uses the same one (the same line
+    /// armed again by a log point added since, another line of the same
+    /// code object): an entry retired must not take a live one's away.
+    fn unwatch_entry(&mut self, i: usize) -> anyhow::Result<()> {
+        let a = &self.armed[i];
+        let key = watch_key(a.pid, &a.found);
+        let (pid, code) = (a.pid, a.found.code);
+        let others = || {
+            self.armed
+                .iter()
+                .enumerate()
+                .filter(move |(j, b)| *j != i && !b.free && !b.retired)
+                .map(|(_, b)| b)
+        };
+        let watch_used = others().any(|b| watch_key(b.pid, &b.found) == key);
+        let code_used = others().any(|b| b.pid == pid && b.found.code == code);
+        if !watch_used {
+            self.probes.forget_watch(key)?;
+        }
+        if !code_used {
+            self.probes.forget_code(pid, code)?;
+        }
+        Ok(())
+    }
+
+    /// The watched processes that processes alive now were forked from.
+    fn live_origins(&self) -> BTreeSet<u32> {
+        self.processes
+            .values()
+            .filter(|p| !p.exited)
+            .filter_map(|p| p.origin)
+            .collect()
+    }
+
     /// Closes the watchpoints of log points retired (their process exited
     /// or exec'd) once no process forked from theirs runs: those hold
     /// inherited copies, which closing would take off.
     fn drop_unused_watchpoints(&mut self) {
-        let live_origins: BTreeSet<u32> = self
-            .processes
-            .values()
-            .filter(|p| !p.exited)
-            .filter_map(|p| p.origin)
-            .collect();
+        let live_origins = self.live_origins();
         for armed in self.armed.iter_mut() {
             if armed.retired && !live_origins.contains(&armed.pid) {
                 armed.links.clear();
@@ -1450,7 +1616,7 @@ impl Session {
     /// reloaded module replaces its code), and at least every
     /// [`LOOK_AT_LEAST_EVERY`].
     fn may_have_new_code(&mut self, pid: u32) -> bool {
-        let frees = self.probes.code_frees(pid).unwrap_or(u64::MAX);
+        let frees = self.probes.code_epoch(pid).unwrap_or(u64::MAX);
         let Some(process) = self.processes.get_mut(&pid) else {
             return false;
         };
@@ -1541,7 +1707,9 @@ impl Session {
             };
             // Hits of a log point taken off, or past its count, that were
             // in the ring already.
-            let point = &self.points[armed.point];
+            let Some(point) = self.points.get(armed.point) else {
+                continue;
+            };
             if armed.removed
                 || point.removed
                 || point
@@ -1784,7 +1952,7 @@ impl Session {
                 .filter(|(_, p)| p.waiting.contains(&index))
                 .map(|(pid, _)| *pid)
                 .collect();
-            let armed_somewhere = self.armed.iter().any(|a| a.point == index);
+            let armed_somewhere = point.armed_once;
             // Where every process it waited in exited, the path may be right:
             // said, but not an error.
             let all_exited = !self.opts.all
@@ -1993,12 +2161,8 @@ fn process_config(
             .copied()
             .with_context(|| format!("the interpreter has no {name} symbol"))
     };
-    let mut c = LogProcess {
-        frame_code: o.frame_code,
-        frame_instruction: o.frame_instruction,
-        frame_previous: o.frame_previous,
+    Ok(LogProcess {
         frame_localsplus: o.frame_localsplus,
-        ref_mask: layout.stackref_mask,
         long_tag: u64::from(layout.long == LongModel::LvTag),
         none: known.none,
         true_: known.true_,
@@ -2029,8 +2193,5 @@ fn process_config(
         )
         .map_or(NO_REGISTER, |r| u64::from(r.bpf_index())),
         tstate_datastack_top: o.tstate_datastack_top.unwrap_or(0),
-        ..LogProcess::default()
-    };
-    c.thread = crate::kabi::thread_frame(o, target.runtime, |a| target.mem.read_u64(a).ok())?;
-    Ok(c)
+    })
 }

@@ -2,8 +2,8 @@
 //! or every Python process, with stacks walked in the kernel.
 //!
 //! The flow of a sample:
-//! 1. [`Session::add`] builds the process's [`SampleConfig`]
-//!    ([`config::sample_config`]) and maps its threads to thread states
+//! 1. [`Session::add`] builds the process's facts
+//!    ([`crate::kabi::py_process`]) and maps its threads to thread states
 //!    ([`ThreadMapper`]); both go into BPF maps.
 //! 2. The `sample_cpu` program (probe-ebpf/src/sample.rs) runs on every
 //!    CPU-clock tick of every CPU; for a mapped thread it walks the frame
@@ -16,7 +16,6 @@
 //!    speedscope file ([`output`]); `top` prints the hottest functions
 //!    every interval.
 
-pub mod config;
 pub mod idle;
 pub mod output;
 pub mod stacks;
@@ -30,7 +29,6 @@ use std::{
 };
 
 use anyhow::Context;
-use pyprobe_common::sample::SampleConfig;
 use serde::Serialize;
 use tabled::{builder::Builder, settings::Style};
 
@@ -42,7 +40,8 @@ use self::{
 use crate::{
     bpf::{SampleLosses, Sampler},
     live, process,
-    python::{reader::Target, threads::ThreadMapper},
+    python::threads::ThreadMapper,
+    registry::ExecOutcome,
 };
 
 /// How often samples are taken from the ring buffer.
@@ -54,7 +53,7 @@ const THREADS_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_RATE: u64 = 20_000;
 
 /// What to profile and how (shared by `record` and `top`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ProfileOptions {
     /// Processes to sample.
     pub pids: Vec<u32>,
@@ -66,6 +65,7 @@ pub struct ProfileOptions {
     /// Samples per second of CPU time (per thread).
     pub rate: u64,
     /// Stop after this long (`None`: Ctrl-C, or every target exited).
+    #[serde(with = "crate::job::opt_seconds")]
     pub duration: Option<Duration>,
     /// Also sample threads that are off CPU (sleeping, waiting for I/O or
     /// the GIL), read from userspace at the same rate.
@@ -77,7 +77,8 @@ pub struct ProfileOptions {
 }
 
 /// Output format of `record`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Flamegraph SVG.
     Flamegraph,
@@ -85,6 +86,20 @@ pub enum Format {
     Speedscope,
     /// Folded stacks text (`a;b;c COUNT`), for flamegraph.pl, inferno and friends.
     Folded,
+    /// pprof `profile.proto`, gzip'd: for go tool pprof, Parca, Pyroscope, speedscope.
+    Pprof,
+}
+
+impl Format {
+    /// The file name extension of this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Flamegraph => "svg",
+            Format::Speedscope => "json",
+            Format::Folded => "txt",
+            Format::Pprof => "pb.gz",
+        }
+    }
 }
 
 /// The processes being sampled (the agent drives one too).
@@ -152,26 +167,23 @@ impl Session {
 
     /// Sets up one process; returns a line describing it.
     pub(crate) fn add(&mut self, pid: u32) -> anyhow::Result<String> {
-        let (target, image) = Target::attach_with_image(pid, |m| m)?;
-        let cfg: SampleConfig =
-            config::sample_config(&target.version, &target.info, target.runtime, |a| {
-                crate::python::memory::Memory::read_u64(&target.mem, a).ok()
-            })?;
+        let attachment = crate::registry::attach(pid)?;
+        let target = attachment.reader();
+        let facts = attachment.facts()?;
         let mut mapper = ThreadMapper::default();
         let tasks = process::Tasks::read(pid);
         let threads = mapper.map_tasks(&tasks, &target)?;
-        self.sampler.configure(pid, &cfg)?;
+        self.sampler.configure(pid, &facts)?;
         // Before any sample: a free that went unseen would leave a stale
         // name trusted.
-        let interp = target
-            .interpreter
-            .clone()
-            .expect("a live target knows its interpreter");
-        let watched = match crate::kabi::code_dealloc_site(&target, &image, interp.load_bias) {
+        let watched = match attachment.code_freed_site() {
             Some(offset) => {
-                self.sampler
-                    .object()
-                    .watch_code_frees(&interp, offset, pid, self.whole_files)?;
+                self.sampler.object().watch_code_frees(
+                    attachment.interpreter(),
+                    offset,
+                    pid,
+                    self.whole_files,
+                )?;
                 true
             }
             None => false,
@@ -200,7 +212,8 @@ impl Session {
             .insert(pid, command_line(pid).unwrap_or_default());
         self.note_threads(pid, &threads, &tasks);
         self.mappers.insert(pid, mapper);
-        self.processes.insert(pid, Process::new(target, watched));
+        self.processes
+            .insert(pid, Process::new(attachment, target, watched));
         Ok(line)
     }
 
@@ -225,12 +238,26 @@ impl Session {
     }
 
     /// Re-reads every live process's thread list; forgets exited ones
-    /// (their names stay for the output).
+    /// (their names stay for the output); sets up again those that
+    /// exec'd, once their new image runs an interpreter.
     pub(crate) fn refresh_threads(&mut self) {
         let pids: Vec<u32> = self.threads.keys().copied().collect();
         for pid in pids {
-            if !process::is_alive(pid) {
-                self.threads.remove(&pid);
+            let alive = process::is_alive(pid);
+            if alive
+                && self
+                    .processes
+                    .get(&pid)
+                    .is_some_and(|p| !p.attachment.is_current())
+            {
+                // It exec'd: the kernel forgot it; what was read of its
+                // old image is read again from the new one.
+                self.stop_sampling(pid);
+                self.registry.exec_seen(pid, true);
+                continue;
+            }
+            if !alive {
+                self.stop_sampling(pid);
                 let named = self.named_tids.remove(&pid).unwrap_or_default();
                 if !self.keep_exited_names {
                     self.roots.process_names.remove(&pid);
@@ -239,10 +266,6 @@ impl Session {
                         self.roots.namespace_tids.remove(&tid);
                     }
                 }
-                self.processes.remove(&pid);
-                self.mappers.remove(&pid);
-                self.idle_sampler.forget(pid);
-                let _ = self.sampler.forget(pid);
                 continue;
             }
             let (Some(process), Some(mapper)) =
@@ -259,6 +282,31 @@ impl Session {
                 self.note_threads(pid, &threads, &tasks);
             }
         }
+        for pid in self.registry.execs_to_retry() {
+            let tried = self.add(pid);
+            match self.registry.exec_tried(pid, tried) {
+                Some(ExecOutcome::Ready { value: line, .. }) => {
+                    eprintln!("pyprobe: PID {pid} exec'd: sampling {line}");
+                }
+                Some(ExecOutcome::Dropped {
+                    line: Some(line), ..
+                }) => {
+                    eprintln!("pyprobe: {line}");
+                }
+                _ => {}
+            }
+        }
+        crate::process::release_images();
+    }
+
+    /// Stops sampling process `pid` (it exited or exec'd) and forgets
+    /// what was read of it; the names the output needs stay.
+    fn stop_sampling(&mut self, pid: u32) {
+        self.threads.remove(&pid);
+        self.processes.remove(&pid);
+        self.mappers.remove(&pid);
+        self.idle_sampler.forget(pid);
+        let _ = self.sampler.forget(pid);
     }
 
     /// Under `--all`: sets up Python processes not seen before.
@@ -311,7 +359,7 @@ impl Session {
     }
 
     fn any_alive(&self) -> bool {
-        self.processes.keys().any(|&pid| process::is_alive(pid))
+        self.processes.keys().any(|&pid| process::is_alive(pid)) || self.registry.any_exec_pending()
     }
 
     /// Ticks of the kernel that gave no sample, by reason.
@@ -354,6 +402,8 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
         );
     }
     session.sampler.start(opts.rate)?;
+    // A launched program goes on now that it is sampled.
+    crate::launch::release_held()?;
     eprintln!(
         "pyprobe: {what} at {} Hz{}; Ctrl-C to stop",
         opts.rate,
@@ -427,16 +477,18 @@ impl Summary {
 }
 
 /// Runs the sampling loop until the duration, Ctrl-C, or (without `--all`)
-/// the exit of every target; `report` is called every `interval`.
+/// the exit of every target; `report` is called every `interval` (if
+/// any), and at each signal `usr1` receives (if given).
 async fn sample_loop(
     session: &mut Session,
     opts: &ProfileOptions,
-    interval: Duration,
-    mut report: impl FnMut(&Session) -> anyhow::Result<()>,
+    interval: Option<Duration>,
+    mut usr1: Option<tokio::signal::unix::Signal>,
+    mut report: impl FnMut(&mut Session) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut drain = live::ticker(DRAIN_INTERVAL);
     let mut threads = live::ticker(THREADS_INTERVAL);
-    let mut reports = live::ticker(interval);
+    let mut reports = interval.map(live::ticker);
     if session.idle {
         // The first reads only set each thread's baseline.
         session.sample_idle();
@@ -460,7 +512,12 @@ async fn sample_loop(
                     break;
                 }
             }
-            _ = reports.tick() => report(session)?,
+            _ = async { reports.as_mut().expect("guarded").tick().await }, if reports.is_some() => {
+                report(session)?
+            }
+            _ = async { usr1.as_mut().expect("guarded").recv().await }, if usr1.is_some() => {
+                report(session)?
+            }
             r = &mut stop => {
                 r?;
                 break;
@@ -475,7 +532,7 @@ async fn sample_loop(
 }
 
 /// Options of `pyprobe record`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RecordOptions {
     /// What to sample.
     pub profile: ProfileOptions,
@@ -483,21 +540,39 @@ pub struct RecordOptions {
     pub output: PathBuf,
     /// What to write.
     pub format: Format,
+    /// Also write the profile so far this often while recording.
+    #[serde(default, with = "crate::job::opt_seconds")]
+    pub every: Option<Duration>,
 }
 
-/// Runs `pyprobe record`: samples until stopped, then writes the profile.
+/// Runs `pyprobe record`: samples until stopped, then writes the profile;
+/// `--every` and SIGUSR1 write the profile so far meanwhile.
 pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
+    // Caught from the start: SIGUSR1's default would end pyprobe.
+    let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
     let mut session = start(&opts.profile, "recording")?;
     // Fail on an unwritable output now rather than after sampling for
     // minutes (the targets were checked first: a bad PID leaves no file).
     std::fs::File::create(&opts.output)
         .with_context(|| format!("cannot write {}", opts.output.display()))?;
     let started = Instant::now();
+    let began = std::time::SystemTime::now();
     sample_loop(
         &mut session,
         &opts.profile,
-        Duration::from_secs(3600),
-        |_| Ok(()),
+        opts.every,
+        Some(usr1),
+        |session| {
+            session.drain()?;
+            write_profile(session, &opts, began, started.elapsed())?;
+            let p = &session.profile;
+            eprintln!(
+                "pyprobe: wrote {} ({} samples so far)",
+                opts.output.display(),
+                p.samples
+            );
+            Ok(())
+        },
     )
     .await?;
     let summary = Summary::of(&session, started)?;
@@ -513,10 +588,27 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
             opts.output.display()
         );
     }
+    write_profile(&session, &opts, began, started.elapsed())?;
+    eprintln!("pyprobe: {}", summary.line());
+    eprintln!("pyprobe: wrote {}", opts.output.display());
+    Ok(())
+}
+
+/// Writes the profile gathered so far to `--output`, whole or not at all
+/// (a file beside it renamed over it: a reader never sees half of one).
+fn write_profile(
+    session: &Session,
+    opts: &RecordOptions,
+    began: std::time::SystemTime,
+    elapsed: Duration,
+) -> anyhow::Result<()> {
     let profile = &session.profile;
     let roots = &session.roots;
-    let file = std::fs::File::create(&opts.output)
-        .with_context(|| format!("cannot write {}", opts.output.display()))?;
+    let mut partial = opts.output.clone().into_os_string();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
     let mut out = std::io::BufWriter::new(file);
     let title = match opts.profile.pids.as_slice() {
         [pid] => format!("pyprobe record --pid {pid}"),
@@ -537,19 +629,39 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
             &mut out,
             &output::speedscope(profile, roots, opts.profile.rate, &title),
         )?,
+        Format::Pprof => std::io::Write::write_all(
+            &mut out,
+            &crate::sink::pprof::encode_stacks(
+                &profile.stacks,
+                &profile.frames,
+                roots,
+                |pid| {
+                    session
+                        .processes
+                        .get(&pid)
+                        .and_then(|p| p.attachment.container())
+                        .map(|c| c.id.clone())
+                },
+                began,
+                elapsed,
+                opts.profile.rate,
+            ),
+        )?,
     }
     std::io::Write::flush(&mut out)?;
-    eprintln!("pyprobe: {}", summary.line());
-    eprintln!("pyprobe: wrote {}", opts.output.display());
+    drop(out);
+    std::fs::rename(&partial, &opts.output)
+        .with_context(|| format!("cannot write {}", opts.output.display()))?;
     Ok(())
 }
 
 /// Options of `pyprobe top`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TopOptions {
     /// What to sample.
     pub profile: ProfileOptions,
     /// Time between two views.
+    #[serde(with = "crate::job::seconds")]
     pub interval: Duration,
     /// Rows per view (`None`: all).
     pub rows: Option<usize>,
@@ -711,13 +823,19 @@ pub async fn top(opts: TopOptions) -> anyhow::Result<()> {
     };
     let clear = !opts.json && std::io::stdout().is_terminal();
     let json = opts.json;
-    sample_loop(&mut session, &opts.profile, opts.interval, |session| {
-        let report = view.report(session, started, "interval")?;
-        if clear {
-            print!("\x1b[2J\x1b[H");
-        }
-        live::emit(&report, json, top_table)
-    })
+    sample_loop(
+        &mut session,
+        &opts.profile,
+        Some(opts.interval),
+        None,
+        |session| {
+            let report = view.report(session, started, "interval")?;
+            if clear {
+                print!("\x1b[2J\x1b[H");
+            }
+            live::emit(&report, json, top_table)
+        },
+    )
     .await?;
     let report = view.report(&session, started, "final")?;
     live::emit(&report, json, top_table)?;

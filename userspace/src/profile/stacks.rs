@@ -127,6 +127,9 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 /// One process being sampled: its reader and the names of the frames seen.
 pub struct Process {
+    /// What was read of it to set it up (shared with the run's other
+    /// jobs while they hold it).
+    pub attachment: std::rc::Rc<crate::registry::Attachment>,
     /// Reader of its memory.
     pub target: Target<ProcessMemory>,
     /// Code object -> (instruction word -> frame index, or `None` for
@@ -148,10 +151,16 @@ struct Checked {
 }
 
 impl Process {
-    /// Starts naming frames of `target`; `watched` when the kernel counts
+    /// Starts naming frames of `target` (a reader of `attachment`'s
+    /// process); `watched` when the kernel counts
     /// its code object frees.
-    pub fn new(target: Target<ProcessMemory>, watched: bool) -> Self {
+    pub fn new(
+        attachment: std::rc::Rc<crate::registry::Attachment>,
+        target: Target<ProcessMemory>,
+        watched: bool,
+    ) -> Self {
         Self {
+            attachment,
             target,
             names: HashMap::new(),
             checked: HashMap::new(),

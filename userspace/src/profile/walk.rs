@@ -1,19 +1,23 @@
 //! A userspace model of the kernel's stack walk (`probe-ebpf/src/sample.rs`),
-//! field for field from the same [`SampleConfig`], so the configuration of
+//! field for field from the same [`PyProcess`], so the configuration of
 //! every interpreter can be checked against saved memory without root: the
 //! walk must yield the frames the reader finds (`replay` tests below).
 
-use pyprobe_common::sample::{self, FrameRecord, MAX_FRAMES, SampleConfig};
+use pyprobe_common::{
+    process::PyProcess,
+    sample::{self, FrameRecord, MAX_FRAMES},
+};
 
 use crate::python::memory::Memory;
 
 /// Walks the frames of the thread state at `tstate` as the kernel does:
 /// returns the records (innermost first) and the sample flags
 /// ([`sample::TRUNCATED`], [`sample::TORN`]).
-pub fn walk(mem: &impl Memory, config: &SampleConfig, tstate: u64) -> (Vec<FrameRecord>, u32) {
+pub fn walk(mem: &impl Memory, process: &PyProcess, tstate: u64) -> (Vec<FrameRecord>, u32) {
     let mut flags = 0;
     let mut out = Vec::new();
-    let t = &config.thread;
+    let t = &process.thread;
+    let config = &process.frame;
     let Ok(mut frame) = mem.read_u64(tstate.wrapping_add(t.tstate_frame)) else {
         return (out, sample::TORN);
     };
@@ -33,15 +37,15 @@ pub fn walk(mem: &impl Memory, config: &SampleConfig, tstate: u64) -> (Vec<Frame
         if out.len() >= MAX_FRAMES {
             return (out, flags | sample::TRUNCATED);
         }
-        let base = frame.wrapping_add(config.frame_window);
+        let base = frame.wrapping_add(config.window);
         let field = |at: u64| mem.read_u64(base.wrapping_add(at));
-        let Ok(previous) = field(config.frame_previous_at) else {
+        let Ok(previous) = field(config.previous_at) else {
             return (out, flags | sample::TORN);
         };
         let owner = if config.owner_min > 255 {
             0
         } else {
-            match mem.read_u8(base.wrapping_add(config.frame_owner_at)) {
+            match mem.read_u8(base.wrapping_add(config.owner_at)) {
                 Ok(b) => u64::from(b),
                 Err(_) => return (out, flags | sample::TORN),
             }
@@ -51,15 +55,15 @@ pub fn walk(mem: &impl Memory, config: &SampleConfig, tstate: u64) -> (Vec<Frame
         // holds).
         if owner < config.owner_min {
             let (Ok(code), Ok(low)) = (
-                field(config.frame_code_at),
-                mem.read_u32(base.wrapping_add(config.frame_instruction_at)),
+                field(config.code_at),
+                mem.read_u32(base.wrapping_add(config.instruction_at)),
             ) else {
                 return (out, flags | sample::TORN);
             };
             // Up to 3.10 the instruction is a 4-byte int: the kernel
             // records the next 4 bytes too, which mean nothing there.
             let high = mem
-                .read_u32(base.wrapping_add(config.frame_instruction_at + 4))
+                .read_u32(base.wrapping_add(config.instruction_at + 4))
                 .unwrap_or(0);
             out.push(FrameRecord {
                 code: code & config.code_mask,
@@ -76,7 +80,7 @@ pub fn walk(mem: &impl Memory, config: &SampleConfig, tstate: u64) -> (Vec<Frame
 mod tests {
     use super::*;
     use crate::{
-        profile::config::sample_config,
+        kabi::py_process,
         python::{memory::Snapshot, reader::Target},
     };
 
@@ -94,7 +98,7 @@ mod tests {
             let snapshot: Snapshot =
                 serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap();
             let target = Target::from_snapshot(snapshot).unwrap();
-            let config = sample_config(&target.version, &target.info, target.runtime, |a| {
+            let config = py_process(&target.version, &target.info, target.runtime, |a| {
                 target.mem.read_u64(a).ok()
             })
             .unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -126,10 +126,11 @@ impl<M: Memory + ?Sized> Memory for &M {
 }
 
 /// The memory of a live process, read through `/proc/PID/mem` with `pread`.
-/// Reads never stop the process.
+/// Reads never stop the process. Clones read through the same open file.
+#[derive(Clone)]
 pub struct ProcessMemory {
     pid: u32,
-    file: File,
+    file: std::sync::Arc<File>,
 }
 
 impl ProcessMemory {
@@ -137,7 +138,10 @@ impl ProcessMemory {
     pub fn open(pid: u32) -> Result<Self, MemoryError> {
         let file = File::open(format!("/proc/{pid}/mem"))
             .map_err(|source| MemoryError::Open { pid, source })?;
-        Ok(ProcessMemory { pid, file })
+        Ok(ProcessMemory {
+            pid,
+            file: std::sync::Arc::new(file),
+        })
     }
 
     /// The process ID.

@@ -13,7 +13,7 @@ use super::{
 };
 
 /// Limits on what is decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bounds {
     /// Nesting depth of containers.
     pub depth: u32,

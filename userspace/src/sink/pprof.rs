@@ -7,7 +7,10 @@ use std::{collections::HashMap, io::Write, time::Duration};
 
 use prost::Message;
 
-use crate::profile::stacks::FrameName;
+use crate::profile::{
+    output::Roots,
+    stacks::{FrameName, StackKey},
+};
 
 /// `perftools.profiles.Profile`, the fields pyprobe writes.
 #[derive(Clone, PartialEq, Message)]
@@ -268,6 +271,40 @@ impl Builder {
             .expect("writing to memory");
         gz.finish().expect("writing to memory")
     }
+}
+
+/// The samples of `stacks` (frames indexing `frames`) as a gzip'd
+/// profile: each labelled `pid`, and `tid` and `thread` (its name, from
+/// `roots`) when threads were kept apart, `container` (from
+/// `container_of`) when in one, `idle` when sampled off CPU. `started`,
+/// `duration` and `rate` describe the sampling.
+pub fn encode_stacks<'a>(
+    stacks: impl IntoIterator<Item = (&'a StackKey, &'a u64)>,
+    frames: &[FrameName],
+    roots: &Roots,
+    container_of: impl Fn(u32) -> Option<String>,
+    started: std::time::SystemTime,
+    duration: Duration,
+    rate: u64,
+) -> Vec<u8> {
+    let mut b = Builder::new(started, duration, rate);
+    for (key, &n) in stacks {
+        let mut labels = vec![("pid", LabelValue::Num(i64::from(key.pid)))];
+        if key.tid != 0 {
+            labels.push(("tid", LabelValue::Num(i64::from(key.tid))));
+            if let Some(name) = roots.thread_names.get(&key.tid) {
+                labels.push(("thread", LabelValue::Str(name.clone())));
+            }
+        }
+        if let Some(id) = container_of(key.pid) {
+            labels.push(("container", LabelValue::Str(id)));
+        }
+        if key.idle {
+            labels.push(("idle", LabelValue::Str("true".into())));
+        }
+        b.add(frames, &key.frames, n, &labels);
+    }
+    b.gzip()
 }
 
 #[cfg(test)]

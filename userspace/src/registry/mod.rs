@@ -5,7 +5,13 @@
 //!
 //! A job owns what it set up in each process; the registry owns what is
 //! known of the processes themselves, so `calls`, `record`/`top` and `log`
-//! find, retry and drop processes the same way.
+//! find, retry and drop processes the same way. What is true of a process
+//! whatever the job (it runs no interpreter pyprobe can watch) is judged
+//! once for every job of the run ([`runs_no_python`]): under the agent,
+//! the profile, the log points and a calls job do not each parse the
+//! program of every new shell, `sleep` or daemon. What is read of a Python
+//! process to set it up (its interpreter, reader, kernel facts, container)
+//! is read once for every job holding it ([`attach`]).
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +19,50 @@ use std::{
 };
 
 use crate::selection::{Ignored, Selector, is_not_python};
+
+mod attachment;
+
+pub use attachment::{Attachment, attach, note_changed};
+
+/// The processes found to run no Python interpreter pyprobe can watch,
+/// for every job of this run (see [`Ignored`]: a process that execs, a
+/// PID reused and a process passed over while starting are looked at
+/// again).
+static NO_PYTHON: std::sync::Mutex<Option<Ignored>> = std::sync::Mutex::new(None);
+
+/// Whether process `pid` runs no interpreter pyprobe can watch (no
+/// `_PyEval_EvalFrameDefault` in its program or a mapped libpython, a
+/// kernel thread, gone), judged once for all jobs while it stays the same
+/// program. A process that cannot be judged (its memory map unreadable
+/// for another reason) is not: the job's own set-up says why.
+pub fn runs_no_python(pid: u32) -> bool {
+    let mut known = NO_PYTHON.lock().unwrap_or_else(|p| p.into_inner());
+    let known = known.get_or_insert_with(Ignored::default);
+    if known.holds(pid) {
+        return true;
+    }
+    match crate::process::find_interpreter(pid) {
+        Err(e) if e.is_not_python() => {
+            known.insert(pid);
+            true
+        }
+        _ => {
+            // Looked at again (young, or it exec'd) and Python now: no
+            // verdict stays, or the next job asking would pass it over.
+            known.remove(pid);
+            false
+        }
+    }
+}
+
+/// Forgets the verdicts and news of processes not in `alive` (they
+/// exited).
+fn forget_exited(alive: &std::collections::BTreeSet<u32>) {
+    attachment::forget_exited(alive);
+    if let Some(known) = NO_PYTHON.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        known.keep_only(alive);
+    }
+}
 
 /// How long a process that exec'd may take to map and start a new
 /// interpreter before it is dropped as no longer Python.
@@ -76,6 +126,7 @@ impl Registry {
         let pids: std::collections::BTreeSet<u32> =
             crate::selection::all_pids().into_iter().collect();
         self.ignored.keep_only(&pids);
+        forget_exited(&pids);
         for pid in pids {
             if !known(pid) && self.takes_new(pid) {
                 out.push(pid);
@@ -86,8 +137,9 @@ impl Registry {
 
     /// Whether process `pid`, just found (by a scan, or as a child forked
     /// by a watched process), is to be set up: it is not ours, not passed
-    /// over, not waiting after an exec, and the selection takes it. One
-    /// the selection leaves out is passed over.
+    /// over, not waiting after an exec, the selection takes it, and it
+    /// may run Python ([`runs_no_python`]). One the selection leaves out,
+    /// or that runs no Python, is passed over.
     pub fn takes_new(&mut self, pid: u32) -> bool {
         if pid == std::process::id()
             || self.exec_pending.contains_key(&pid)
@@ -95,11 +147,11 @@ impl Registry {
         {
             return false;
         }
-        if self.select.selects(pid) {
-            return true;
+        if !self.select.selects(pid) || runs_no_python(pid) {
+            self.ignored.insert(pid);
+            return false;
         }
-        self.ignored.insert(pid);
-        false
+        true
     }
 
     /// Passes over `pid` as it is now (see [`Ignored`]).
@@ -201,5 +253,63 @@ impl Registry {
             )
         });
         Some(ExecOutcome::Dropped { pid, line })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_program_without_python_is_judged_so_for_every_job() {
+        // This test binary runs no interpreter; a PID that does not exist
+        // runs nothing.
+        let me = std::process::id();
+        assert!(runs_no_python(me));
+        assert!(runs_no_python(u32::MAX - 1));
+        // The verdict is kept while the process is the same program (a
+        // young one, as this test may be, is looked at once more first).
+        {
+            let mut known = NO_PYTHON.lock().unwrap();
+            let known = known.as_mut().expect("verdicts kept");
+            let _ = known.holds(me);
+            assert!(known.holds(me));
+        }
+        // Every registry passes a program without Python over, and keeps
+        // passing it over.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        for _ in 0..2 {
+            let mut registry = Registry::new(Selector::default());
+            assert!(!registry.takes_new(pid));
+            assert!(!registry.takes_new(pid));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_process_judged_while_starting_is_not_passed_over_once_it_runs_python() {
+        let child = pyprobe_testenv::sleeping_python();
+        let pid = child.pid();
+        // Judged while starting, as a scan may find it: no Python yet.
+        NO_PYTHON
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Ignored::default)
+            .insert(pid);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while crate::process::find_interpreter(pid).is_err() {
+            assert!(std::time::Instant::now() < deadline, "Python never ran");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Every job asking from now on finds Python (the look again a
+        // young process gets is not used up by the first).
+        for job in 0..3 {
+            assert!(!runs_no_python(pid), "job {job} passed it over");
+        }
     }
 }
