@@ -295,6 +295,13 @@ fn untraceable_pids_are_named_for_what_they_are() {
         !stderr.contains("not sampling"),
         "non-Python processes reported: {stderr}"
     );
+    // Written to, not replaced: /dev/null stays the null device.
+    use std::os::unix::fs::FileTypeExt;
+    let null = std::fs::metadata("/dev/null").expect("/dev/null");
+    assert!(
+        null.file_type().is_char_device(),
+        "record -o /dev/null replaced the null device with a file"
+    );
 }
 
 /// Ctrl-C as soon as a command says it attached stops it cleanly, with its

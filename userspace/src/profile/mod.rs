@@ -594,8 +594,10 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the profile gathered so far to `--output`, whole or not at all
-/// (a file beside it renamed over it: a reader never sees half of one).
+/// Writes the profile gathered so far to `--output`, whole or not at all:
+/// a regular file is replaced by one written beside it (a reader never
+/// sees half of one); anything else (`/dev/null`, a pipe, a terminal) is
+/// written to in place, never replaced.
 fn write_profile(
     session: &Session,
     opts: &RecordOptions,
@@ -604,9 +606,14 @@ fn write_profile(
 ) -> anyhow::Result<()> {
     let profile = &session.profile;
     let roots = &session.roots;
-    let mut partial = opts.output.clone().into_os_string();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
+    let in_place = std::fs::metadata(&opts.output).is_ok_and(|m| !m.is_file());
+    let partial = if in_place {
+        opts.output.clone()
+    } else {
+        let mut partial = opts.output.clone().into_os_string();
+        partial.push(".partial");
+        PathBuf::from(partial)
+    };
     let file = std::fs::File::create(&partial)
         .with_context(|| format!("cannot write {}", partial.display()))?;
     let mut out = std::io::BufWriter::new(file);
@@ -650,8 +657,10 @@ fn write_profile(
     }
     std::io::Write::flush(&mut out)?;
     drop(out);
-    std::fs::rename(&partial, &opts.output)
-        .with_context(|| format!("cannot write {}", opts.output.display()))?;
+    if !in_place {
+        std::fs::rename(&partial, &opts.output)
+            .with_context(|| format!("cannot write {}", opts.output.display()))?;
+    }
     Ok(())
 }
 
