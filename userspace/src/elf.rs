@@ -109,10 +109,29 @@ pub struct Section {
     pub file_backed: bool,
 }
 
-/// An ELF file read into memory, with its load segments indexed.
+/// The bytes of an ELF file: mapped from the file, so that only the pages
+/// read (symbol tables, a few functions' code) take memory, not the whole
+/// file (a libpython with debug information is 30 MB); or owned (tests).
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(map) => map,
+            Bytes::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// An ELF file mapped into memory, with its load segments indexed.
 pub struct ElfImage {
     path: PathBuf,
-    data: Vec<u8>,
+    data: Bytes,
     segments: Vec<LoadSegment>,
     /// [`Self::unwind_ranges`], parsed at the first call (every process of
     /// one interpreter file shares the image).
@@ -124,15 +143,24 @@ pub struct ElfImage {
 impl ElfImage {
     /// Reads and parses `path`.
     pub fn open(path: &Path) -> Result<Self, ElfError> {
-        let data = std::fs::read(path).map_err(|source| ElfError::Io {
+        let io = |source| ElfError::Io {
             path: path.to_owned(),
             source,
-        })?;
-        Self::from_bytes(path.to_owned(), data)
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: a read-only private mapping. Interpreter files are
+        // replaced (a new inode), not rewritten in place, by installers;
+        // the same assumption the dynamic loader makes of them.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::with_bytes(path.to_owned(), Bytes::Mapped(map))
     }
 
     /// Parses an ELF image already in memory; `path` is used in messages only.
     pub fn from_bytes(path: PathBuf, data: Vec<u8>) -> Result<Self, ElfError> {
+        Self::with_bytes(path, Bytes::Owned(data))
+    }
+
+    fn with_bytes(path: PathBuf, data: Bytes) -> Result<Self, ElfError> {
         let segments = {
             let elf = parse(&path, &data)?;
             let endian = elf.endian();
@@ -319,12 +347,12 @@ impl ElfImage {
             if sh.sh_flags(endian) & u64::from(object::elf::SHF_ALLOC) == 0 {
                 continue;
             }
-            let entries =
-                sh.rela(endian, self.data.as_slice())
-                    .map_err(|source| ElfError::Parse {
-                        path: self.path.clone(),
-                        source,
-                    })?;
+            let entries = sh
+                .rela(endian, &self.data[..])
+                .map_err(|source| ElfError::Parse {
+                    path: self.path.clone(),
+                    source,
+                })?;
             let Some((entries, _symbols)) = entries else {
                 continue;
             };

@@ -691,6 +691,14 @@ pub fn find_interpreter_image(
             if candidates.iter().any(|(p, _)| p == path) {
                 continue;
             }
+            // Mapped for its code, not only read (pyprobe itself maps
+            // interpreter files to read them).
+            let runs = maps
+                .iter()
+                .any(|e| e.path.as_deref() == Some(path.as_str()) && e.perms.contains('x'));
+            if !runs {
+                continue;
+            }
             if name.starts_with("libpython") && name.contains(".so") {
                 candidates.push((path.clone(), Linkage::SharedLibrary));
             } else if name.starts_with("python") && !name.contains(".so") {
