@@ -546,6 +546,8 @@ pub mod sample {
         /// The process's [`super::process::PyProcess::code_epoch`] when
         /// sampled.
         pub code_epoch: u64,
+        /// When the sample was taken: `CLOCK_MONOTONIC`, nanoseconds.
+        pub time_ns: u64,
     }
 
     /// A sample as built in the kernel's scratch space; only the header and
@@ -1464,7 +1466,7 @@ mod pod {
     const _: () = assert!(core::mem::size_of::<super::process::PyProcess>() == 15 * 8);
     const _: () = assert!(core::mem::size_of::<super::thread::ThreadFrame>() == 5 * 8);
     const _: () = assert!(core::mem::size_of::<super::sample::ThreadState>() == 16);
-    const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 40);
+    const _: () = assert!(core::mem::size_of::<super::sample::SampleHeader>() == 48);
     const _: () = assert!(core::mem::size_of::<super::calls::ProcessConfig>() == 15 * 8 + 8 + 16);
     const _: () = assert!(core::mem::size_of::<super::process::ProcessEvent>() == 16);
     const _: () = assert!(

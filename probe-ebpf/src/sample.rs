@@ -2,7 +2,10 @@
 //! thread's frame chain and send its frames to userspace.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, generated::bpf_ringbuf_output},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        generated::bpf_ringbuf_output,
+    },
     macros::{map, perf_event},
     maps::{HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::PerfEventContext,
@@ -110,6 +113,8 @@ pub fn sample_cpu(ctx: PerfEventContext) -> u32 {
     // SAFETY: a helper without arguments.
     header.cpu = unsafe { bpf_get_smp_processor_id() };
     header.code_epoch = config.code_epoch;
+    // SAFETY: a helper without arguments.
+    header.time_ns = unsafe { bpf_ktime_get_ns() };
     walk(&ctx, sample, config);
     0
 }

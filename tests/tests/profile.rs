@@ -475,8 +475,92 @@ fn flamegraph_and_speedscope_files_are_valid_and_name_the_functions() {
         for name in ["hot", "cold", "work", "worker"] {
             ensure!(names.contains(name), "speedscope lacks {name}: {names:?}");
         }
+
+        let (json, _) = record(
+            &[
+                "--pid",
+                &pid,
+                "--rate",
+                RATE,
+                "--duration",
+                "1",
+                "--format",
+                "chrometrace",
+            ],
+            "profile.trace.json",
+        )?;
+        check_chrometrace(&json, &w)?;
         Ok(())
     });
+}
+
+/// A chrometrace of the workload: per thread, slices begin and end in
+/// order, properly nested, and each worker spends about 75% of its hot +
+/// cold time in hot() (the fixture's share), named with its first line.
+fn check_chrometrace(json: &str, w: &Workload) -> anyhow::Result<()> {
+    let doc: Value = serde_json::from_str(json).context("chrometrace is not JSON")?;
+    let events = doc["traceEvents"].as_array().context("traceEvents")?;
+    // Open slices (name, start), µs in hot, µs in cold.
+    type Thread = (Vec<(String, f64)>, f64, f64);
+    let mut threads: BTreeMap<(u64, u64), Thread> = BTreeMap::new();
+    let mut last_ts: BTreeMap<(u64, u64), f64> = BTreeMap::new();
+    let hot_line = w.line("hot-loop") - 2;
+    for e in events {
+        let ph = e["ph"].as_str().context("ph")?;
+        if ph == "M" {
+            continue;
+        }
+        let thread = (
+            e["pid"].as_u64().context("pid")?,
+            e["tid"].as_u64().context("tid")?,
+        );
+        let name = e["name"].as_str().context("name")?.to_owned();
+        let ts = e["ts"].as_f64().context("ts")?;
+        let before = last_ts.insert(thread, ts).unwrap_or(0.0);
+        ensure!(
+            ts >= before,
+            "time goes back on {thread:?}: {before} then {e}"
+        );
+        let (open, hot, cold) = threads.entry(thread).or_default();
+        match ph {
+            "B" => {
+                if name == "hot" {
+                    ensure!(e["args"]["line"].as_i64() == Some(hot_line), "{e}");
+                }
+                open.push((name, ts));
+            }
+            "E" => {
+                let (begun, at) = open
+                    .pop()
+                    .with_context(|| format!("E with nothing open: {e}"))?;
+                ensure!(begun == name, "{name} ends inside {begun}: {e}");
+                match name.as_str() {
+                    "hot" => *hot += ts - at,
+                    "cold" => *cold += ts - at,
+                    _ => {}
+                }
+            }
+            other => bail!("unexpected phase {other}: {e}"),
+        }
+    }
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|(_, (_, hot, cold))| hot + cold > 0.0)
+        .collect();
+    ensure!(
+        workers.len() == 3,
+        "{} threads ran hot/cold, want 3",
+        workers.len()
+    );
+    for (thread, (open, hot, cold)) in workers {
+        ensure!(open.is_empty(), "{thread:?} left slices open: {open:?}");
+        let share = hot / (hot + cold);
+        ensure!(
+            (0.6..=0.9).contains(&share),
+            "{thread:?}: hot {share:.2} of hot + cold time, want about 0.75"
+        );
+    }
+    Ok(())
 }
 
 #[test]

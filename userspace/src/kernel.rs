@@ -48,6 +48,20 @@ impl TaskOffsets {
     }
 }
 
+/// Now on the clock `bpf_ktime_get_ns` reads (`CLOCK_MONOTONIC`),
+/// nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(now.tv_nsec as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -211,15 +211,7 @@ impl Object {
     /// slot or name is trusted across the write, and a bump the write
     /// loses changes nothing.
     pub(super) fn hold_process(&mut self, pid: u32, facts: &PyProcess) -> Result<(), BpfError> {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes the timespec it is given.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        let ns = (now.tv_sec as u64)
-            .wrapping_mul(1_000_000_000)
-            .wrapping_add(now.tv_nsec as u64);
+        let ns = crate::kernel::monotonic_ns();
         self.last_epoch = ns.max(self.last_epoch + 1) & !calls::KERNEL_EPOCH;
         let facts = PyProcess {
             code_epoch: self.last_epoch,

@@ -88,6 +88,8 @@ pub enum Format {
     Folded,
     /// pprof `profile.proto`, gzip'd: for go tool pprof, Parca, Pyroscope, speedscope.
     Pprof,
+    /// Chrome trace-event JSON: each thread's functions over time (Perfetto, chrome://tracing, speedscope).
+    Chrometrace,
 }
 
 impl Format {
@@ -98,6 +100,7 @@ impl Format {
             Format::Speedscope => "json",
             Format::Folded => "txt",
             Format::Pprof => "pb.gz",
+            Format::Chrometrace => "trace.json",
         }
     }
 }
@@ -131,6 +134,9 @@ pub(crate) struct Session {
     pub(crate) keep_exited_names: bool,
     /// The threads named in each process (see `keep_exited_names`).
     named_tids: HashMap<u32, Vec<u32>>,
+    /// When sampling began, on the clock of the samples' times
+    /// ([`crate::kernel::monotonic_ns`]).
+    pub(crate) started_ns: u64,
 }
 
 impl Session {
@@ -162,6 +168,7 @@ impl Session {
             whole_files: opts.all && opts.select.is_everything(),
             keep_exited_names: true,
             named_tids: HashMap::new(),
+            started_ns: crate::kernel::monotonic_ns(),
         })
     }
 
@@ -555,6 +562,9 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
     // minutes (the targets were checked first: a bad PID leaves no file).
     std::fs::File::create(&opts.output)
         .with_context(|| format!("cannot write {}", opts.output.display()))?;
+    if opts.format == Format::Chrometrace {
+        session.profile.timeline = Some(stacks::Timeline::default());
+    }
     let started = Instant::now();
     let began = std::time::SystemTime::now();
     sample_loop(
@@ -590,6 +600,15 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
     }
     write_profile(&session, &opts, began, started.elapsed())?;
     eprintln!("pyprobe: {}", summary.line());
+    if let Some(timeline) = &session.profile.timeline
+        && timeline.left_out > 0
+    {
+        eprintln!(
+            "pyprobe: the trace holds the first {} samples; {} later ones are in the summary only",
+            stacks::TIMELINE_CAP,
+            timeline.left_out
+        );
+    }
     eprintln!("pyprobe: wrote {}", opts.output.display());
     Ok(())
 }
@@ -635,6 +654,10 @@ fn write_profile(
         Format::Speedscope => serde_json::to_writer(
             &mut out,
             &output::speedscope(profile, roots, opts.profile.rate, &title),
+        )?,
+        Format::Chrometrace => serde_json::to_writer(
+            &mut out,
+            &output::chrometrace(profile, roots, opts.profile.rate, session.started_ns),
         )?,
         Format::Pprof => std::io::Write::write_all(
             &mut out,

@@ -188,32 +188,142 @@ pub fn top_rows(profile: &Profile) -> Vec<TopRow> {
         function_of.insert(i as u32, id);
     }
     for (key, &count) in &profile.stacks {
+        if key.idle && !of.idle {
+            continue;
+        }
+        let thread = if of.threads { key.tid } else { 0 };
         let mut seen = HashSet::new();
         for &frame in &key.frames {
             let id = function_of[&frame];
             if seen.insert(id) {
-                rows.entry(id).or_default().1 += count;
+                rows.entry((thread, id)).or_default().1 += count;
             }
         }
         if let Some(&leaf) = key.frames.last() {
-            rows.entry(function_of[&leaf]).or_default().0 += count;
+            rows.entry((thread, function_of[&leaf])).or_default().0 += count;
         }
     }
     let mut out: Vec<TopRow> = rows
         .into_iter()
-        .map(|(id, (own, total))| {
+        .map(|((thread, id), (own, total))| {
             let f = &profile.frames[id as usize];
             TopRow {
                 function: f.function.clone(),
                 file: f.file.clone(),
                 first_line: f.first_line,
+                thread: of.threads.then_some(thread),
                 own,
                 total,
             }
         })
         .collect();
     out.sort_by(|a, b| {
-        (b.own, b.total, &a.function, &a.file).cmp(&(a.own, a.total, &b.function, &b.file))
+        (b.own, b.total, &a.function, &a.file, a.thread).cmp(&(
+            a.own,
+            a.total,
+            &b.function,
+            &b.file,
+            b.thread,
+        ))
     });
     out
+}
+
+/// A trace in Chrome's trace-event format (the JSON that Perfetto,
+/// chrome://tracing and speedscope open), as `py-spy record -f
+/// chrometrace` writes: for each thread, a function begins (`B`) at the
+/// first sample that has it on the stack and ends (`E`) at the first that
+/// does not, or one sampling period after the thread's last sample before
+/// a gap (the thread was off CPU). Times are microseconds since `start_ns`
+/// (`CLOCK_MONOTONIC`).
+pub fn chrometrace(
+    profile: &Profile,
+    roots: &Roots,
+    rate: u64,
+    start_ns: u64,
+) -> serde_json::Value {
+    let Some(timeline) = &profile.timeline else {
+        return json!({"traceEvents": []});
+    };
+    let period_ns = 1_000_000_000 / rate.max(1);
+    // A thread with no sample for longer than this was off CPU meanwhile.
+    let gap_ns = period_ns + period_ns / 2;
+    let us = |ns: u64| ns.saturating_sub(start_ns) as f64 / 1000.0;
+    // Frames at different lines of one function are one slice.
+    let mut function_of: Vec<u32> = Vec::with_capacity(profile.frames.len());
+    let mut first_frame: HashMap<(&str, &str, i32), u32> = HashMap::new();
+    for (i, f) in profile.frames.iter().enumerate() {
+        function_of.push(
+            *first_frame
+                .entry((&f.function, &f.file, f.first_line))
+                .or_insert(i as u32),
+        );
+    }
+    let mut threads: BTreeMap<(u32, u32), Vec<(u64, u32)>> = BTreeMap::new();
+    for s in &timeline.samples {
+        threads
+            .entry((s.pid, s.tid))
+            .or_default()
+            .push((s.time_ns, s.stack));
+    }
+    let mut events = Vec::new();
+    let mut named_processes = HashSet::new();
+    for ((pid, tid), mut samples) in threads {
+        if named_processes.insert(pid) {
+            let name = match roots.process_names.get(&pid) {
+                Some(cmd) => format!("process {pid} ({cmd})"),
+                None => format!("process {pid}"),
+            };
+            events.push(
+                json!({"name": "process_name", "ph": "M", "pid": pid, "tid": tid,
+                               "args": {"name": name}}),
+            );
+        }
+        events.push(
+            json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
+                           "args": {"name": roots.thread(tid)}}),
+        );
+        samples.sort_unstable();
+        // Functions open now, outermost first.
+        let mut open: Vec<u32> = Vec::new();
+        let mut last_ns = 0;
+        let slice = |phase: &str, function: u32, at: u64| {
+            let f = &profile.frames[function as usize];
+            json!({"name": f.function, "cat": "python", "ph": phase, "ts": us(at),
+                   "pid": pid, "tid": tid,
+                   "args": {"file": f.file, "line": f.first_line}})
+        };
+        for (time_ns, stack) in samples {
+            if !open.is_empty() && time_ns.saturating_sub(last_ns) > gap_ns {
+                for &f in open.iter().rev() {
+                    events.push(slice("E", f, last_ns + period_ns));
+                }
+                open.clear();
+            }
+            let now: Vec<u32> = timeline.stacks[stack as usize]
+                .iter()
+                .map(|&frame| function_of[frame as usize])
+                .collect();
+            let common = open.iter().zip(&now).take_while(|(a, b)| a == b).count();
+            for &f in open[common..].iter().rev() {
+                events.push(slice("E", f, time_ns));
+            }
+            for &f in &now[common..] {
+                events.push(slice("B", f, time_ns));
+            }
+            open = now;
+            last_ns = time_ns;
+        }
+        for &f in open.iter().rev() {
+            events.push(slice("E", f, last_ns + period_ns));
+        }
+    }
+    json!({
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "exporter": format!("pyprobe {}", env!("CARGO_PKG_VERSION")),
+            "samples_left_out": timeline.left_out,
+        },
+    })
 }

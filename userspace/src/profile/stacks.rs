@@ -94,6 +94,64 @@ pub struct Profile {
     pub torn: u64,
     /// Samples or frames not kept.
     pub dropped: Dropped,
+    /// On-CPU samples in time order, when a timeline is kept
+    /// (`-f chrometrace`).
+    pub timeline: Option<Timeline>,
+}
+
+/// Most samples a [`Timeline`] holds (16 bytes each: 32 MB; at 100 Hz, 5
+/// hours of one busy thread).
+pub const TIMELINE_CAP: usize = 2_000_000;
+
+/// On-CPU samples with the time each was taken, for a trace.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    /// Samples as they came (roughly, not strictly, in time order).
+    pub samples: Vec<TimedSample>,
+    /// Distinct stacks: frame indices, outermost first.
+    pub stacks: Vec<Vec<u32>>,
+    index: HashMap<Vec<u32>, u32>,
+    /// Samples not kept once [`TIMELINE_CAP`] were.
+    pub left_out: u64,
+}
+
+/// One sample of a [`Timeline`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimedSample {
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub time_ns: u64,
+    /// Process.
+    pub pid: u32,
+    /// Thread.
+    pub tid: u32,
+    /// Index into [`Timeline::stacks`].
+    pub stack: u32,
+}
+
+impl Timeline {
+    /// Keeps a sample of `frames` (innermost first), unless full.
+    fn push(&mut self, time_ns: u64, pid: u32, tid: u32, frames: &[u32]) {
+        if self.samples.len() >= TIMELINE_CAP {
+            self.left_out += 1;
+            return;
+        }
+        let outermost_first: Vec<u32> = frames.iter().rev().copied().collect();
+        let stack = match self.index.get(&outermost_first) {
+            Some(&i) => i,
+            None => {
+                let i = self.stacks.len() as u32;
+                self.stacks.push(outermost_first.clone());
+                self.index.insert(outermost_first, i);
+                i
+            }
+        };
+        self.samples.push(TimedSample {
+            time_ns,
+            pid,
+            tid,
+            stack,
+        });
+    }
 }
 
 impl Profile {
@@ -225,6 +283,7 @@ pub fn parse(bytes: &[u8]) -> Option<(SampleHeader, Vec<FrameRecord>)> {
         runs: u32_at(24),
         cpu: u32_at(28),
         code_epoch: u64_at(32),
+        time_ns: u64_at(40),
     };
     let n = header.frames as usize;
     if bytes.len() < HEADER_LEN + n * FRAME_LEN {
@@ -299,6 +358,9 @@ impl Profile {
         let truncated = torn || header.flags & sample::TRUNCATED != 0;
         self.torn += u64::from(torn);
         self.truncated += u64::from(header.flags & sample::TRUNCATED != 0);
+        if let Some(timeline) = &mut self.timeline {
+            timeline.push(header.time_ns, header.tgid, header.tid, &frames);
+        }
         self.add(StackKey {
             pid: header.tgid,
             tid: if keep.threads { header.tid } else { 0 },
@@ -349,13 +411,22 @@ mod tests {
         bytes.extend(1u32.to_le_bytes());
         bytes.extend(3u32.to_le_bytes());
         bytes.extend(9u64.to_le_bytes());
+        bytes.extend(12345u64.to_le_bytes());
         for v in [0x10u64, 0x20, 0x30, 0x40] {
             bytes.extend(v.to_le_bytes());
         }
         let (h, frames) = parse(&bytes).expect("parses");
         assert_eq!(
-            (h.tgid, h.tid, h.flags, h.frames, h.cpu, h.code_epoch),
-            (7, 8, 1, 2, 3, 9)
+            (
+                h.tgid,
+                h.tid,
+                h.flags,
+                h.frames,
+                h.cpu,
+                h.code_epoch,
+                h.time_ns
+            ),
+            (7, 8, 1, 2, 3, 9, 12345)
         );
         assert_eq!(
             frames,
