@@ -8,7 +8,8 @@ use std::process::Command;
 
 use anyhow::{Context, ensure};
 use pyprobe_tests::{
-    Interpreter, final_calls_report, fixture_path, for_each_sid_and_pyenv_ends, marks, pyprobe_bin,
+    Interpreter, Origin, final_calls_report, fixture_path, for_each_sid_and_pyenv_ends, marks,
+    pyprobe_bin,
 };
 use serde_json::Value;
 
@@ -128,6 +129,81 @@ fn counted(interp: &Interpreter) -> anyhow::Result<()> {
         "hot, cold, <module> counted {got:?}, the workload made ({rounds}, {rounds}, 1): {stderr}"
     );
     Ok(())
+}
+
+/// `record --subprocesses -- PROGRAM`: the children it starts by fork and
+/// by fork + exec are sampled too, each under its own process, at the line
+/// they spin on; the program's exit status is passed on.
+fn family(interp: &Interpreter) -> anyhow::Result<()> {
+    let lines = marks("launch_family.py")?;
+    let dir = std::env::temp_dir();
+    let tag = format!("pyprobe-test-{}-family", std::process::id());
+    let profile = dir.join(format!("{tag}.txt"));
+    let out = dir.join(format!("{tag}.json"));
+    let run = Command::new(pyprobe_bin())
+        .args([
+            "record",
+            "--subprocesses",
+            "--rate",
+            "499",
+            "--format",
+            "folded",
+            "-o",
+        ])
+        .arg(&profile)
+        .arg("--")
+        .arg(&interp.path)
+        .arg(fixture_path("launch_family.py"))
+        .arg(&out)
+        // A wrapper-started interpreter's sys.executable cannot start alone.
+        .args((interp.origin == Origin::Private).then_some(&interp.path))
+        .output()
+        .context("running pyprobe")?;
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    ensure!(
+        run.status.code() == Some(5),
+        "pyprobe exited with {:?}, not the program's 5: {stderr}",
+        run.status.code()
+    );
+    let children: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let text = std::fs::read_to_string(&profile)?;
+    let _ = std::fs::remove_file(&profile);
+    let _ = std::fs::remove_file(&out);
+    let spin = "spin (/";
+    let spin_line = format!("/launch_family.py:{})", lines["spin-loop"]);
+    for (child, function) in [("forked", "forked_spin"), ("spawned", "spawned_spin")] {
+        let pid = children[child].as_u64().context("child pid")?;
+        let root = format!("process {pid} (");
+        let caller = format!(";{function} (");
+        let samples: u64 = text
+            .lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(stack, _)| {
+                let leaf = stack.rsplit(';').next().unwrap_or("");
+                stack.starts_with(&root)
+                    && stack.contains(&caller)
+                    && leaf.starts_with(spin)
+                    && leaf.ends_with(&spin_line)
+            })
+            .filter_map(|(_, n)| n.parse::<u64>().ok())
+            .sum();
+        // 2 s of CPU at 499 Hz, picked up within a second of its start.
+        ensure!(
+            samples >= 100,
+            "{samples} samples of the {child} child {pid} in {function} at its spin line; profile:\n{text}\nstderr: {stderr}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn subprocesses_of_a_launched_program_are_followed_through_fork_and_exec() {
+    for_each_sid_and_pyenv_ends(
+        "subprocesses_of_a_launched_program_are_followed_through_fork_and_exec",
+        "following children is the same on every version; CI time is budgeted",
+        "not run (--subprocesses: sid and two pyenv builds)",
+        family,
+    );
 }
 
 #[test]

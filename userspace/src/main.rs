@@ -585,6 +585,9 @@ struct TargetArgs {
     /// Start PROGRAM ARGS... and trace it from its first Python call (it waits, stopped, until pyprobe is set up); pyprobe ends when it exits, with its exit status, and Ctrl-C goes to it.
     #[arg(last = true, value_name = "PROGRAM", conflicts_with_all = ["pids", "all", "name", "container"])]
     program: Vec<String>,
+    /// Also trace the Python processes the PROGRAM or --pid starts, forked, spawned or exec'd, at any depth (picked up within a second); end when they have all exited.
+    #[arg(long, conflicts_with_all = ["all", "name", "container"])]
+    subprocesses: bool,
 }
 
 impl TargetArgs {
@@ -593,6 +596,10 @@ impl TargetArgs {
         anyhow::ensure!(
             self.program.is_empty(),
             "the agent starts no program: start it yourself, then give its --pid"
+        );
+        anyhow::ensure!(
+            !self.subprocesses,
+            "the agent does not follow subprocesses of a --pid yet: select them with --name or --container"
         );
         Ok(pyprobe::agent::control::Targets {
             all: self.all,
@@ -607,6 +614,11 @@ impl TargetArgs {
         let selector = Selector {
             name: self.name,
             container: self.container,
+            family: if self.subprocesses {
+                self.pids.clone()
+            } else {
+                Vec::new()
+            },
         };
         let all = self.all || !selector.is_everything();
         (self.pids, all, selector)

@@ -17,6 +17,30 @@ pub struct Selector {
     /// A container id prefix (or systemd-nspawn machine name).
     #[serde(default)]
     pub container: Option<String>,
+    /// `--subprocesses`: only these processes and those descended from
+    /// them (forked, spawned, exec'd, at any depth). Empty: no such limit.
+    /// A registry adds each process it takes (see [`Self::adopt`]), so a
+    /// grandchild is still found once its parent has exited.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub family: Vec<u32>,
+}
+
+/// Most parents looked through for an ancestor in a family.
+const MAX_ANCESTRY: usize = 64;
+
+/// Whether `pid` is one of `family` or descends from one of them.
+fn descends_from(pid: u32, family: &[u32]) -> bool {
+    let mut at = pid;
+    for _ in 0..MAX_ANCESTRY {
+        if family.contains(&at) {
+            return true;
+        }
+        match crate::process::parent_pid(at) {
+            Some(parent) if parent > 1 => at = parent,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// `Selector::name` as the text of its regular expression.
@@ -45,11 +69,28 @@ mod regex_text {
 impl Selector {
     /// Whether it selects every process (plain `--all`).
     pub fn is_everything(&self) -> bool {
-        self.name.is_none() && self.container.is_none()
+        self.name.is_none() && self.container.is_none() && self.family.is_empty()
+    }
+
+    /// Whether it follows the descendants of given processes
+    /// (`--subprocesses`): a job then ends when they have all exited.
+    pub fn follows_family(&self) -> bool {
+        !self.family.is_empty()
+    }
+
+    /// Counts `pid` in the family it follows, if any (its descendants are
+    /// selected from now on, whatever becomes of the processes between).
+    pub fn adopt(&mut self, pid: u32) {
+        if self.follows_family() && !self.family.contains(&pid) {
+            self.family.push(pid);
+        }
     }
 
     /// Whether process `pid` is selected (false when it cannot be read).
     pub fn selects(&self, pid: u32) -> bool {
+        if self.follows_family() && !descends_from(pid, &self.family) {
+            return false;
+        }
         if let Some(name) = &self.name {
             match command_line(pid) {
                 Some(cmd) if name.is_match(&cmd) => {}
@@ -75,6 +116,17 @@ impl Selector {
         }
         if let Some(id) = &self.container {
             out.push_str(&format!(" in container {id}"));
+        }
+        if let [roots @ .., last] = self.family.as_slice() {
+            let mut pids: Vec<String> = roots.iter().map(u32::to_string).collect();
+            pids.push(last.to_string());
+            out = format!(
+                "PID {} and every Python process it starts (--subprocesses)",
+                pids.join(", ")
+            );
+            if let Some(name) = &self.name {
+                out.push_str(&format!(" whose command line matches '{name}'"));
+            }
         }
         out
     }
@@ -233,24 +285,61 @@ mod tests {
         let program = ours.split(' ').next().unwrap();
         let name = |re: &str| Selector {
             name: Some(Regex::new(re).unwrap()),
-            container: None,
+            ..Selector::default()
         };
         assert!(name(&regex::escape(program)).selects(me));
         assert!(!name("^no such program$").selects(me));
         assert!(!name(".").selects(99_999_999));
         // The test runs on the host: in no container.
         let in_container = Selector {
-            name: None,
             container: Some("3f2a".into()),
+            ..Selector::default()
         };
         assert!(!in_container.selects(me));
         assert_eq!(
             Selector {
                 name: Some(Regex::new("gunicorn").unwrap()),
-                container: Some("3f2a".into())
+                container: Some("3f2a".into()),
+                ..Selector::default()
             }
             .describe(),
             "every Python process whose command line matches 'gunicorn' in container 3f2a"
         );
+    }
+
+    #[test]
+    fn a_family_selects_its_members_and_their_descendants_and_grows() {
+        let me = std::process::id();
+        let parent = crate::process::parent_pid(me).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let child_pid = child.id();
+        let family = |pids: &[u32]| Selector {
+            family: pids.to_vec(),
+            ..Selector::default()
+        };
+        // Our parent's family holds us and our child; ours holds our child
+        // but not our parent; a stranger's holds neither.
+        assert!(family(&[parent]).selects(me));
+        assert!(family(&[parent]).selects(child_pid));
+        assert!(family(&[me]).selects(child_pid));
+        assert!(!family(&[me]).selects(parent));
+        assert!(!family(&[99_999_999]).selects(child_pid));
+        assert!(!family(&[me]).is_everything());
+        let mut grown = family(&[99_999_999]);
+        grown.adopt(me);
+        assert!(grown.selects(child_pid));
+        // Without a family, adopting changes nothing.
+        let mut everyone = Selector::default();
+        everyone.adopt(me);
+        assert!(everyone.is_everything());
+        assert_eq!(
+            family(&[me]).describe(),
+            format!("PID {me} and every Python process it starts (--subprocesses)")
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

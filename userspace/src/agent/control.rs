@@ -106,6 +106,7 @@ impl Targets {
             select: crate::selection::Selector {
                 name,
                 container: self.container.clone(),
+                family: Vec::new(),
             },
         })
     }

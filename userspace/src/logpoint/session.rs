@@ -462,7 +462,9 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
             _ = scan.tick() => {
                 ticks += 1;
                 session.tick_scan(ticks)?;
-                if !opts.all && !session.processes.values().any(|p| !p.exited) {
+                if (!opts.all || opts.select.follows_family())
+                    && !session.processes.values().any(|p| !p.exited)
+                {
                     eprintln!("pyprobe: every watched process exited");
                     break;
                 }

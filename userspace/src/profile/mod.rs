@@ -514,21 +514,30 @@ async fn sample_loop(
                 session.refresh_threads();
                 if opts.all {
                     session.scan();
-                } else if !session.any_alive() {
+                }
+                if (!opts.all || opts.select.follows_family()) && !session.any_alive() {
                     eprintln!("pyprobe: every target process has exited");
                     break;
                 }
+                continue;
             }
             _ = async { reports.as_mut().expect("guarded").tick().await }, if reports.is_some() => {
-                report(session)?
+                Wake::Interval
             }
             _ = async { usr1.as_mut().expect("guarded").recv().await }, if usr1.is_some() => {
-                report(session)?
+                Wake::Signal
+            }
+            // A closed channel (the key reader gave up) is no input.
+            Some(input) = async { inputs.as_mut().expect("guarded").recv().await }, if inputs.is_some() => {
+                Wake::Input(input)
             }
             r = &mut stop => {
                 r?;
                 break;
             }
+        };
+        if on(session, wake)?.is_break() {
+            break;
         }
     }
     session.drain()?;

@@ -151,6 +151,9 @@ impl Registry {
             self.ignored.insert(pid);
             return false;
         }
+        // Its children are of the family too (--subprocesses), even once
+        // it has exited.
+        self.select.adopt(pid);
         true
     }
 
