@@ -133,6 +133,20 @@ pub fn any_launched() -> bool {
 
 static LAUNCHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The launched program's PID (0: none).
+static LAUNCHED_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Sends SIGINT to the launched program, as Ctrl-C in its terminal would
+/// (the full-screen view takes Ctrl-C as a key); false when none runs.
+pub fn interrupt_launched() -> bool {
+    let pid = LAUNCHED_PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid == 0 || !crate::process::is_alive(pid) {
+        return false;
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) == 0 }
+}
+
 impl Launched {
     /// Its PID.
     pub fn pid(&self) -> u32 {
@@ -142,6 +156,7 @@ impl Launched {
     /// Marks it as the run's launched program (Ctrl-C goes to it).
     pub fn mark(&self) {
         LAUNCHED.store(true, std::sync::atomic::Ordering::Relaxed);
+        LAUNCHED_PID.store(self.pid(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Waits for it to end; its exit code as a shell gives it.

@@ -25,5 +25,6 @@ pub mod process;
 pub mod profile;
 pub mod python;
 pub mod registry;
+pub mod screen;
 pub mod selection;
 pub mod sink;

@@ -188,7 +188,7 @@ enum Command {
         /// Stop after this many seconds (default: until Ctrl-C, or until every target exits).
         #[arg(short, long, value_parser = positive_seconds)]
         duration: Option<f64>,
-        /// Show only the N functions with most calls (default 20 in tables, all in JSON).
+        /// Show only the N functions with most calls (default: what fits on the screen; 20 in tables, all in JSON).
         #[arg(short = 'n', long, value_name = "N")]
         top: Option<usize>,
         /// Show only functions whose file or qualified name contains TEXT (applied in the kernel).
@@ -242,8 +242,15 @@ enum Command {
     /// Samples as `record` does (see `pyprobe record --help`) and shows,
     /// every interval, each function's share of the last interval's samples
     /// where it was running (%Own) and anywhere on the stack (%Total), and
-    /// the CPU time so far. The final view, at the end (Ctrl-C,
+    /// the CPU time so far. The final view, at the end (q, Ctrl-C,
     /// --duration), gives the shares over the whole run.
+    ///
+    /// On a terminal it is a full-screen view redrawn in place, headed by
+    /// the rate, the samples, the GIL and off-CPU shares and what was lost.
+    /// Keys: o / t sort by own / total; p pauses; i shows threads off CPU
+    /// (sampling them from then on, as --idle does); h splits rows per
+    /// thread; q or Ctrl-C quits. Redirected, or with --json, it prints
+    /// one table (or JSON document) per interval.
     ///
     /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE.
     Top {
@@ -252,7 +259,7 @@ enum Command {
         /// Seconds between views.
         #[arg(short, long, default_value_t = 1.0, value_parser = positive_seconds)]
         interval: f64,
-        /// Show only the N functions with most samples (default 25 in tables, all in JSON).
+        /// Show only the N functions with most samples (default: what fits on the screen; 25 in tables, all in JSON).
         #[arg(short = 'n', long, value_name = "N")]
         top: Option<usize>,
         /// Print one JSON document per view instead of tables.
@@ -762,7 +769,7 @@ fn job_of(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<Job> {
                 select,
                 interval: Duration::from_secs_f64(interval),
                 duration: duration.map(Duration::from_secs_f64),
-                top: top.or(if json { None } else { Some(20) }),
+                top,
                 filter,
                 json,
             })
@@ -795,7 +802,7 @@ fn job_of(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<Job> {
         } => Job::Top(TopOptions {
             profile: sampling.options(),
             interval: Duration::from_secs_f64(interval),
-            rows: top.or(if json { None } else { Some(25) }),
+            rows: top,
             json,
         }),
         Command::Log {
@@ -1037,7 +1044,7 @@ mod tests {
             serde_json::json!({
                 "job": "calls", "pids": [], "all": true,
                 "select": {"name": "gunicorn", "container": null},
-                "interval": 1.0, "duration": 5.0, "top": 20, "filter": "app.py",
+                "interval": 1.0, "duration": 5.0, "top": null, "filter": "app.py",
                 "json": false, "builtins": true, "latency": true,
             })
         );

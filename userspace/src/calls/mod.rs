@@ -10,6 +10,7 @@
 pub mod builtins;
 pub mod config;
 pub mod latency;
+pub mod live_view;
 pub mod report;
 pub mod symbols;
 
@@ -571,7 +572,15 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     eprintln!("pyprobe: counting calls; Ctrl-C to stop");
 
     let started = Instant::now();
-    let mut reporter = Reporter::new(started, opts.top, opts.filter.clone());
+    // Plain tables show 20 rows unless --top says; the full-screen view
+    // what fits; JSON all.
+    let table_rows = opts.top.or((!opts.json).then_some(DEFAULT_TABLE_ROWS));
+    let full_screen = crate::screen::wanted(opts.json);
+    let mut reporter = Reporter::new(
+        started,
+        if full_screen { None } else { table_rows },
+        opts.filter.clone(),
+    );
     let mut ticker = live::ticker(opts.interval);
     let stop = live::stop_requested(opts.duration);
     tokio::pin!(stop);
@@ -583,34 +592,75 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     // New processes are looked for every second, whatever the report
     // interval.
     let mut scanner = live::ticker(SCAN_INTERVAL);
+    let (mut screen, mut inputs) = if full_screen {
+        let (screen, inputs) = crate::screen::Screen::open()?;
+        (Some(screen), Some(inputs))
+    } else {
+        (None, None)
+    };
+    let mut view = live_view::CallsScreen::new(opts.top);
+    let mut quits = 0;
 
-    loop {
-        tokio::select! {
-            _ = events.tick() => {
-                session.tick_events();
-                if !opts.all && session.all_gone() {
-                    if session.dropped {
-                        eprintln!("pyprobe: no target process runs Python any more");
-                    } else {
-                        eprintln!("pyprobe: every target process has exited");
+    let result: anyhow::Result<()> = async {
+        loop {
+            tokio::select! {
+                _ = events.tick() => {
+                    session.tick_events();
+                    if (!opts.all || opts.select.follows_family()) && session.all_gone() {
+                        if session.dropped {
+                            eprintln!("pyprobe: no target process runs Python any more");
+                        } else {
+                            eprintln!("pyprobe: every target process has exited");
+                        }
+                        break;
                     }
+                }
+                _ = resolver.tick() => {
+                    session.resolve_counted(opts.filter.as_deref())?;
+                }
+                _ = ticker.tick() => {
+                    let report = session.report(&mut reporter, opts.filter.as_deref(), "interval")?;
+                    match &mut screen {
+                        None => emit(&report, opts.json)?,
+                        Some(screen) => {
+                            if !view.paused {
+                                view.last = Some(report);
+                                if let Some(frame) = view.frame(screen.table_rows(view.header_lines())) {
+                                    screen.draw(&frame)?;
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(input) = async { inputs.as_mut().expect("guarded").recv().await }, if inputs.is_some() => {
+                    if view.key(input).is_break() {
+                        quits += 1;
+                        // Ctrl-C is the launched program's, as without the
+                        // view; a second one leaves at once.
+                        if quits > 1 || !crate::launch::interrupt_launched() {
+                            break;
+                        }
+                    }
+                    if let Some(screen) = &mut screen
+                        && let Some(frame) = view.frame(screen.table_rows(view.header_lines()))
+                    {
+                        screen.draw(&frame)?;
+                    }
+                }
+                _ = scanner.tick(), if opts.all => session.tick_scan(),
+                r = &mut stop => {
+                    r?;
                     break;
                 }
             }
-            _ = resolver.tick() => {
-                session.resolve_counted(opts.filter.as_deref())?;
-            }
-            _ = ticker.tick() => {
-                let report = session.report(&mut reporter, opts.filter.as_deref(), "interval")?;
-                emit(&report, opts.json)?;
-            }
-            _ = scanner.tick(), if opts.all => session.tick_scan(),
-            r = &mut stop => {
-                r?;
-                break;
-            }
         }
+        Ok(())
     }
+    .await;
+    // The terminal is given back before anything more is printed.
+    drop(screen);
+    result?;
+    reporter.top = table_rows;
     let report = session.report(&mut reporter, opts.filter.as_deref(), "final")?;
     emit(&report, opts.json)?;
     if let Some(line) = late_line(session.picked_up_late()) {
@@ -618,6 +668,9 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Rows of a plain table when `--top` does not say.
+const DEFAULT_TABLE_ROWS: usize = 20;
 
 /// What to say of processes picked up by a scan after the start, if any.
 pub fn late_line(n: u64) -> Option<String> {

@@ -79,48 +79,48 @@ pub struct CallsReport {
 }
 
 impl CallsReport {
-    /// Renders the report as a table for people.
-    pub fn to_table(&self) -> String {
-        let mut table = Builder::default();
-        let mut header = vec!["CALLS/S", "CALLS", "RESUMES"];
+    /// The titles of the table's columns.
+    pub fn titles(&self) -> Vec<&'static str> {
+        let mut titles = vec!["CALLS/S", "CALLS", "RESUMES"];
         if self.latency {
-            header.extend(["TIMED", "P50", "P99", "MAX"]);
+            titles.extend(["TIMED", "P50", "P99", "MAX"]);
         }
-        header.extend(["FUNCTION", "FILE:LINE", "PID"]);
-        table.push_record(header);
-        for r in &self.rows {
-            let mut row = vec![
-                format!("{:.0}", r.calls_per_s),
-                r.calls.to_string(),
-                r.resumes.to_string(),
-            ];
-            if self.latency {
-                match &r.latency {
-                    Some(l) => row.extend([
-                        l.timed.to_string(),
-                        human(l.p50_ns),
-                        human(l.p99_ns),
-                        human(l.max_ns),
-                    ]),
-                    None => row.extend(["0", "-", "-", "-"].map(String::from)),
-                }
+        titles.extend(["FUNCTION", "FILE:LINE", "PID"]);
+        titles
+    }
+
+    /// The cells of one row of the table, under [`Self::titles`].
+    pub fn cells(&self, r: &FunctionRow) -> Vec<String> {
+        let mut row = vec![
+            format!("{:.0}", r.calls_per_s),
+            r.calls.to_string(),
+            r.resumes.to_string(),
+        ];
+        if self.latency {
+            match &r.latency {
+                Some(l) => row.extend([
+                    l.timed.to_string(),
+                    human(l.p50_ns),
+                    human(l.p99_ns),
+                    human(l.max_ns),
+                ]),
+                None => row.extend(["0", "-", "-", "-"].map(String::from)),
             }
-            row.extend([
-                r.function.clone(),
-                if r.file == super::symbols::BUILTIN_FILE {
-                    r.file.clone()
-                } else {
-                    format!("{}:{}", r.file, r.line)
-                },
-                r.pid.to_string(),
-            ]);
-            table.push_record(row);
         }
-        let title = if self.kind == "final" {
-            "final totals"
-        } else {
-            "Python function calls"
-        };
+        row.extend([
+            r.function.clone(),
+            if r.file == super::symbols::BUILTIN_FILE {
+                r.file.clone()
+            } else {
+                format!("{}:{}", r.file, r.line)
+            },
+            r.pid.to_string(),
+        ]);
+        row
+    }
+
+    /// What was lost, in one line (`lost: 0` when nothing was).
+    pub fn lost_line(&self) -> String {
         let l = &self.lost;
         let news = if l.process_events > 0 {
             format!(
@@ -130,33 +130,47 @@ impl CallsReport {
         } else {
             String::new()
         };
-        let lost = if l.total() == 0 {
-            format!("lost: 0{news}")
+        if l.total() == 0 {
+            return format!("lost: 0{news}");
+        }
+        let untimed = if self.latency {
+            format!(", not timed (latency map full): {}", l.untimed)
         } else {
-            let untimed = if self.latency {
-                format!(", not timed (latency map full): {}", l.untimed)
-            } else {
-                String::new()
-            };
-            let mismatches = if l.frame_mismatches > 0 {
-                format!(", frame register disagreed: {}", l.frame_mismatches)
-            } else {
-                String::new()
-            };
-            format!(
-                "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {}{untimed}{mismatches}){news}",
-                l.total(),
-                l.map_full,
-                l.unconfigured,
-                l.unreadable,
-                l.recursion_misses
-            )
+            String::new()
+        };
+        let mismatches = if l.frame_mismatches > 0 {
+            format!(", frame register disagreed: {}", l.frame_mismatches)
+        } else {
+            String::new()
         };
         format!(
-            "[{:7.1}s] {title}: {} calls in {} functions, {lost}\n{}\n",
+            "lost: {} (map full: {}, process not set up: {}, unreadable frame: {}, recursion misses: {}{untimed}{mismatches}){news}",
+            l.total(),
+            l.map_full,
+            l.unconfigured,
+            l.unreadable,
+            l.recursion_misses
+        )
+    }
+
+    /// Renders the report as a table for people.
+    pub fn to_table(&self) -> String {
+        let mut table = Builder::default();
+        table.push_record(self.titles());
+        for r in &self.rows {
+            table.push_record(self.cells(r));
+        }
+        let title = if self.kind == "final" {
+            "final totals"
+        } else {
+            "Python function calls"
+        };
+        format!(
+            "[{:7.1}s] {title}: {} calls in {} functions, {}\n{}\n",
             self.elapsed_s,
             self.total_calls,
             self.functions,
+            self.lost_line(),
             table.build().with(Style::psql())
         )
     }
@@ -167,7 +181,8 @@ pub struct Reporter {
     started: Instant,
     last_at: Instant,
     last: HashMap<CodeKey, u64>,
-    top: Option<usize>,
+    /// Rows kept (`None`: all).
+    pub top: Option<usize>,
     filter: Option<String>,
 }
 

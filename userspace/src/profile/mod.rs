@@ -19,22 +19,24 @@
 pub mod idle;
 pub mod output;
 pub mod stacks;
+mod top;
 pub mod walk;
+
+pub use top::{TopLine, TopOptions, TopReport, top};
 
 use std::{
     collections::HashMap,
-    io::IsTerminal,
+    ops::ControlFlow,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use serde::Serialize;
-use tabled::{builder::Builder, settings::Style};
 
 use self::{
     idle::{IDLE_PERIOD, IdleSampler},
-    output::{Roots, TopRow},
+    output::Roots,
     stacks::{Keep, Process, Profile},
 };
 use crate::{
@@ -365,6 +367,13 @@ impl Session {
         }
     }
 
+    /// Starts sampling threads off CPU (`--idle`) from now on.
+    fn start_idle(&mut self) {
+        self.idle = true;
+        // The first reads only set each thread's baseline.
+        self.sample_idle();
+    }
+
     fn any_alive(&self) -> bool {
         self.processes.keys().any(|&pid| process::is_alive(pid)) || self.registry.any_exec_pending()
     }
@@ -483,15 +492,27 @@ impl Summary {
     }
 }
 
-/// Runs the sampling loop until the duration, Ctrl-C, or (without `--all`)
-/// the exit of every target; `report` is called every `interval` (if
-/// any), and at each signal `usr1` receives (if given).
+/// Why the sampling loop hands control to its caller.
+pub(crate) enum Wake {
+    /// The reporting interval passed.
+    Interval,
+    /// SIGUSR1 came.
+    Signal,
+    /// The user pressed a key in the full-screen view.
+    Input(crate::screen::Input),
+}
+
+/// Runs the sampling loop until the duration, Ctrl-C, (without `--all`)
+/// the exit of every target, or `on` breaks it; `on` is called every
+/// `interval` (if any), at each signal `usr1` receives (if given) and at
+/// each of the `inputs` (if given).
 async fn sample_loop(
     session: &mut Session,
     opts: &ProfileOptions,
     interval: Option<Duration>,
     mut usr1: Option<tokio::signal::unix::Signal>,
-    mut report: impl FnMut(&mut Session) -> anyhow::Result<()>,
+    mut inputs: Option<&mut crate::screen::Inputs>,
+    mut on: impl FnMut(&mut Session, Wake) -> anyhow::Result<ControlFlow<()>>,
 ) -> anyhow::Result<()> {
     let mut drain = live::ticker(DRAIN_INTERVAL);
     let mut threads = live::ticker(THREADS_INTERVAL);
@@ -504,9 +525,15 @@ async fn sample_loop(
     let stop = live::stop_requested(opts.duration);
     tokio::pin!(stop);
     loop {
-        tokio::select! {
-            _ = drain.tick() => session.drain()?,
-            _ = idle.tick(), if session.idle => session.sample_idle(),
+        let wake = tokio::select! {
+            _ = drain.tick() => {
+                session.drain()?;
+                continue;
+            }
+            _ = idle.tick(), if session.idle => {
+                session.sample_idle();
+                continue;
+            }
             _ = threads.tick() => {
                 // Samples of a process that exited are named before it
                 // is forgotten.
@@ -581,7 +608,8 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
         &opts.profile,
         opts.every,
         Some(usr1),
-        |session| {
+        None,
+        |session, _| {
             session.drain()?;
             write_profile(session, &opts, began, started.elapsed())?;
             let p = &session.profile;
@@ -590,7 +618,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
                 opts.output.display(),
                 p.samples
             );
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         },
     )
     .await?;
@@ -693,193 +721,5 @@ fn write_profile(
         std::fs::rename(&partial, &opts.output)
             .with_context(|| format!("cannot write {}", opts.output.display()))?;
     }
-    Ok(())
-}
-
-/// Options of `pyprobe top`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct TopOptions {
-    /// What to sample.
-    pub profile: ProfileOptions,
-    /// Time between two views.
-    #[serde(with = "crate::job::seconds")]
-    pub interval: Duration,
-    /// Rows per view (`None`: all).
-    pub rows: Option<usize>,
-    /// One JSON document per view instead of a table.
-    pub json: bool,
-}
-
-/// One view of `pyprobe top`.
-#[derive(Debug, Clone, Serialize)]
-pub struct TopReport {
-    /// `"interval"` or `"final"`.
-    pub kind: &'static str,
-    /// Sampling rate, Hz.
-    pub rate: u64,
-    /// Samples in the last interval.
-    pub interval_samples: u64,
-    /// Functions: cumulative own and total samples, and their share of the
-    /// last interval's samples (the whole run's in the final view).
-    pub functions: Vec<TopLine>,
-    /// The run so far.
-    pub summary: Summary,
-}
-
-/// A function in a [`TopReport`].
-#[derive(Debug, Clone, Serialize)]
-pub struct TopLine {
-    /// Cumulative samples.
-    #[serde(flatten)]
-    pub row: TopRow,
-    /// Own samples in the last interval, percent of its samples; in the
-    /// final view, over the whole run.
-    pub own_percent: f64,
-    /// Total samples in the last interval, percent of its samples; in the
-    /// final view, over the whole run.
-    pub total_percent: f64,
-}
-
-/// Builds views from the profile, remembering the previous one for shares
-/// of the last interval.
-struct TopView {
-    previous: HashMap<(String, String, i32), (u64, u64)>,
-    previous_samples: u64,
-    rate: u64,
-    rows: Option<usize>,
-}
-
-impl TopView {
-    fn report(
-        &mut self,
-        session: &Session,
-        started: Instant,
-        kind: &'static str,
-    ) -> anyhow::Result<TopReport> {
-        let profile = &session.profile;
-        let rows = output::top_rows(profile);
-        let interval_samples = profile.samples - self.previous_samples;
-        // The final view gives shares over the whole run: its last interval
-        // is a partial one, perhaps without a sample.
-        let whole_run = kind == "final";
-        let of = if whole_run {
-            profile.samples
-        } else {
-            interval_samples
-        };
-        let mut lines: Vec<TopLine> = rows
-            .into_iter()
-            .map(|row| {
-                let key = (row.function.clone(), row.file.clone(), row.first_line);
-                let (own0, total0) = if whole_run {
-                    (0, 0)
-                } else {
-                    self.previous.get(&key).copied().unwrap_or((0, 0))
-                };
-                let pct = |n: u64| {
-                    if of == 0 {
-                        0.0
-                    } else {
-                        100.0 * n as f64 / of as f64
-                    }
-                };
-                self.previous.insert(key, (row.own, row.total));
-                TopLine {
-                    own_percent: pct(row.own - own0),
-                    total_percent: pct(row.total - total0),
-                    row,
-                }
-            })
-            .collect();
-        self.previous_samples = profile.samples;
-        lines.sort_by(|a, b| {
-            b.own_percent
-                .total_cmp(&a.own_percent)
-                .then(b.row.own.cmp(&a.row.own))
-                .then(b.row.total.cmp(&a.row.total))
-        });
-        if let Some(n) = self.rows {
-            lines.truncate(n);
-        }
-        Ok(TopReport {
-            kind,
-            rate: self.rate,
-            interval_samples,
-            functions: lines,
-            summary: Summary::of(session, started)?,
-        })
-    }
-}
-
-/// The table of a [`TopReport`].
-fn top_table(r: &TopReport) -> String {
-    let seconds = |n: u64| format!("{:.2}s", n as f64 / r.rate.max(1) as f64);
-    let mut b = Builder::default();
-    b.push_record([
-        "%Own",
-        "%Total",
-        "OwnTime",
-        "TotalTime",
-        "Function (filename:line)",
-    ]);
-    for l in &r.functions {
-        b.push_record([
-            format!("{:.1}", l.own_percent),
-            format!("{:.1}", l.total_percent),
-            seconds(l.row.own),
-            seconds(l.row.total),
-            format!("{} ({}:{})", l.row.function, l.row.file, l.row.first_line),
-        ]);
-    }
-    let s = &r.summary;
-    let gil = if s.samples == 0 {
-        0.0
-    } else {
-        100.0 * s.gil_samples as f64 / s.samples as f64
-    };
-    let view = if r.kind == "final" {
-        format!("whole run: {} samples in {:.1} s", s.samples, s.seconds)
-    } else {
-        format!(
-            "{} samples in the last interval, {} in {:.0} s",
-            r.interval_samples, s.samples, s.seconds
-        )
-    };
-    format!(
-        "{view}; GIL held in {gil:.0}% of samples; {} distinct stacks\n{}\n",
-        s.stacks,
-        b.build().with(Style::blank())
-    )
-}
-
-/// Runs `pyprobe top`: a live view of the functions with the most samples.
-pub async fn top(opts: TopOptions) -> anyhow::Result<()> {
-    let mut session = start(&opts.profile, "sampling")?;
-    let started = Instant::now();
-    let mut view = TopView {
-        previous: HashMap::new(),
-        previous_samples: 0,
-        rate: opts.profile.rate,
-        rows: opts.rows,
-    };
-    let clear = !opts.json && std::io::stdout().is_terminal();
-    let json = opts.json;
-    sample_loop(
-        &mut session,
-        &opts.profile,
-        Some(opts.interval),
-        None,
-        |session| {
-            let report = view.report(session, started, "interval")?;
-            if clear {
-                print!("\x1b[2J\x1b[H");
-            }
-            live::emit(&report, json, top_table)
-        },
-    )
-    .await?;
-    let report = view.report(&session, started, "final")?;
-    live::emit(&report, json, top_table)?;
-    eprintln!("pyprobe: {}", report.summary.line());
     Ok(())
 }

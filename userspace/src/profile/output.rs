@@ -169,15 +169,44 @@ pub struct TopRow {
     pub file: String,
     /// First line of the function.
     pub first_line: i32,
+    /// The thread, when rows are kept per thread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread: Option<u32>,
     /// Samples with this function innermost.
     pub own: u64,
     /// Samples with this function anywhere on the stack.
     pub total: u64,
 }
 
+/// Which samples make the rows of `pyprobe top`, and how they are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsOf {
+    /// Count samples of threads off CPU (kept only with `--idle`).
+    pub idle: bool,
+    /// One row per function and thread (the profile must keep threads
+    /// apart), instead of one per function.
+    pub threads: bool,
+}
+
+impl Default for RowsOf {
+    fn default() -> Self {
+        Self {
+            idle: true,
+            threads: false,
+        }
+    }
+}
+
 /// Rows of `pyprobe top`, most own samples first (then most total).
 pub fn top_rows(profile: &Profile) -> Vec<TopRow> {
-    let mut rows: HashMap<u32, (u64, u64)> = HashMap::new();
+    top_rows_of(profile, RowsOf::default())
+}
+
+/// Rows of `pyprobe top` made of the samples `of` says, most own samples
+/// first (then most total).
+pub fn top_rows_of(profile: &Profile, of: RowsOf) -> Vec<TopRow> {
+    // (thread or 0, function's first frame) -> (own, total).
+    let mut rows: HashMap<(u32, u32), (u64, u64)> = HashMap::new();
     // Frames at different lines of one function are one row.
     let mut function_of: HashMap<u32, u32> = HashMap::new();
     let mut first_frame: HashMap<(&str, &str, i32), u32> = HashMap::new();
