@@ -278,7 +278,7 @@ fn top_full_screen_redraws_in_place_takes_keys_and_restores_the_terminal() {
     for_each_newest_pyenv(
         "screen_top",
         "the view does not depend on the interpreter",
-        "view on newest pyenv only",
+        "not run (full-screen view: newest pyenv build)",
         top_view,
     );
 }
@@ -366,7 +366,7 @@ fn calls_full_screen_shows_exact_counts_in_place_and_restores_the_terminal() {
     for_each_newest_pyenv(
         "screen_calls",
         "the view does not depend on the interpreter",
-        "view on newest pyenv only",
+        "not run (full-screen view: newest pyenv build)",
         calls_view,
     );
 }
