@@ -332,7 +332,7 @@ pub fn bench_profile(pyprobe: &Path) -> anyhow::Result<()> {
                 bpf * 100.0,
                 f.peak_rss_kb
             );
-            summary.push((kind.name(), rate, slowdown, cpu, bpf));
+            summary.push((kind.name(), rate, slowdown, cpu, bpf, f.peak_rss_kb));
         }
     }
     for rate in [100u32, 1000] {
@@ -340,15 +340,19 @@ pub fn bench_profile(pyprobe: &Path) -> anyhow::Result<()> {
             summary
                 .iter()
                 .find(|s| s.0 == name && s.1 == rate)
-                .map(|s| (s.2, s.3, s.4))
-                .unwrap_or((1.0, 0.0, 0.0))
+                .map(|s| (s.2, s.3, s.4, s.5))
+                .unwrap_or((1.0, 0.0, 0.0, 0))
         };
-        let (_, ours, bpf) = get(Kind::Pyprobe.name());
-        let (_, theirs, _) = get(Kind::PySpy.name());
+        let (_, ours, bpf, our_rss) = get(Kind::Pyprobe.name());
+        let (_, theirs, _, their_rss) = get(Kind::PySpy.name());
         println!(
-            "{rate} Hz: pyprobe's own CPU is {:.3}x py-spy's (goal: at most 0.2); with its BPF time counted, {:.3}x",
+            "{rate} Hz: pyprobe's own CPU is {:.3}x py-spy's (goal: at most 0.2); with its BPF time counted, {:.3}x; \
+             peak RSS {:.1} MB, {:.2}x py-spy's {:.1} MB (goal: at most 2x)",
             ours / theirs.max(1e-9),
-            (ours + bpf) / theirs.max(1e-9)
+            (ours + bpf) / theirs.max(1e-9),
+            our_rss as f64 / 1024.0,
+            our_rss as f64 / their_rss.max(1) as f64,
+            their_rss as f64 / 1024.0,
         );
     }
     println!(
