@@ -122,6 +122,22 @@ impl Tmux {
         Ok((took, std::fs::read_to_string(exit)?.trim().to_owned()))
     }
 
+    /// Presses `q`: the command must end with status 0 within a second,
+    /// give the terminal back and leave no copy of the live `header` in
+    /// the scrollback; returns the screen and scrollback then.
+    fn quit_and_check(&self, header: &str) -> anyhow::Result<String> {
+        let (took, code) = self.quit()?;
+        ensure!(code == "0", "exit code {code}");
+        ensure!(took < Duration::from_secs(1), "q took {took:?} to quit");
+        self.check_restored()?;
+        let all = self.capture(true)?;
+        ensure!(
+            count(&all, header) == 0,
+            "the live view left its header in the scrollback:\n{all}"
+        );
+        Ok(all)
+    }
+
     /// Checks the terminal is given back: main screen, cursor shown,
     /// canonical mode with echo.
     fn check_restored(&self) -> anyhow::Result<()> {
@@ -255,15 +271,7 @@ fn top_view(interp: &Interpreter) -> anyhow::Result<()> {
         s.contains("idle: off") && s.contains("(hidden)") && idle_own(s).is_none_or(|own| own < 5.0)
     })?;
 
-    let (took, code) = tmux.quit()?;
-    ensure!(code == "0", "exit code {code}");
-    ensure!(took < Duration::from_secs(1), "q took {took:?} to quit");
-    tmux.check_restored()?;
-    let all = tmux.capture(true)?;
-    ensure!(
-        count(&all, "pyprobe top:") == 0,
-        "the live view left its header in the scrollback:\n{all}"
-    );
+    let all = tmux.quit_and_check("pyprobe top:")?;
     ensure!(count(&all, "whole run:") == 1, "no final table:\n{all}");
     let last = rows_under(&all, "Function (filename:line)");
     ensure!(
@@ -337,15 +345,7 @@ fn calls_view(interp: &Interpreter) -> anyhow::Result<()> {
         "not sorted by rate: {rates:?}\n{screen}"
     );
 
-    let (took, code) = tmux.quit()?;
-    ensure!(code == "0", "exit code {code}");
-    ensure!(took < Duration::from_secs(1), "q took {took:?} to quit");
-    tmux.check_restored()?;
-    let all = tmux.capture(true)?;
-    ensure!(
-        count(&all, "pyprobe calls:") == 0,
-        "the live view left its header in the scrollback:\n{all}"
-    );
+    let all = tmux.quit_and_check("pyprobe calls:")?;
     ensure!(count(&all, "final totals") == 1, "no final totals:\n{all}");
     // The final table (psql style: cells between '|').
     let fib_final = all

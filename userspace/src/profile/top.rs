@@ -219,9 +219,28 @@ impl TopView {
     }
 }
 
+/// The cells of one row, for the plain table and the full-screen view;
+/// `thread` names a thread when rows are per thread.
+fn cells(r: &TopReport, l: &TopLine, thread: impl Fn(u32) -> String) -> Vec<String> {
+    let seconds = |n: u64| format!("{:.2}s", n as f64 / r.rate.max(1) as f64);
+    let mut row = vec![
+        format!("{:.1}", l.own_percent),
+        format!("{:.1}", l.total_percent),
+        seconds(l.row.own),
+        seconds(l.row.total),
+    ];
+    if let Some(tid) = l.row.thread {
+        row.push(thread(tid));
+    }
+    row.push(format!(
+        "{} ({}:{})",
+        l.row.function, l.row.file, l.row.first_line
+    ));
+    row
+}
+
 /// The table of a [`TopReport`].
 fn top_table(r: &TopReport) -> String {
-    let seconds = |n: u64| format!("{:.2}s", n as f64 / r.rate.max(1) as f64);
     let threads = r.functions.iter().any(|l| l.row.thread.is_some());
     let mut b = Builder::default();
     let mut titles = vec!["%Own", "%Total", "OwnTime", "TotalTime"];
@@ -231,20 +250,7 @@ fn top_table(r: &TopReport) -> String {
     titles.push("Function (filename:line)");
     b.push_record(titles);
     for l in &r.functions {
-        let mut row = vec![
-            format!("{:.1}", l.own_percent),
-            format!("{:.1}", l.total_percent),
-            seconds(l.row.own),
-            seconds(l.row.total),
-        ];
-        if let Some(tid) = l.row.thread {
-            row.push(tid.to_string());
-        }
-        row.push(format!(
-            "{} ({}:{})",
-            l.row.function, l.row.file, l.row.first_line
-        ));
-        b.push_record(row);
+        b.push_record(cells(r, l, |tid| tid.to_string()));
     }
     let s = &r.summary;
     let view = if r.kind == "final" {
@@ -432,7 +438,6 @@ fn frame(r: &TopReport, view: &TopView, live: &Live, session: &Session, screen: 
         ),
     ];
     debug_assert_eq!(header.len(), HEADER_LINES);
-    let seconds = |n: u64| format!("{:.2}s", n as f64 / r.rate.max(1) as f64);
     let mark = |title: &str, by: SortBy| {
         if view.sort == by {
             format!("{title}▼")
@@ -457,24 +462,10 @@ fn frame(r: &TopReport, view: &TopView, live: &Live, session: &Session, screen: 
         .iter()
         .take(shown)
         .map(|l| {
-            let mut row = vec![
-                format!("{:.1}", l.own_percent),
-                format!("{:.1}", l.total_percent),
-                seconds(l.row.own),
-                seconds(l.row.total),
-            ];
-            if let Some(tid) = l.row.thread {
-                let name = session.roots.thread_names.get(&tid);
-                row.push(match name {
-                    Some(name) => format!("{tid} {name}"),
-                    None => tid.to_string(),
-                });
-            }
-            row.push(format!(
-                "{} ({}:{})",
-                l.row.function, l.row.file, l.row.first_line
-            ));
-            row
+            cells(r, l, |tid| match session.roots.thread_names.get(&tid) {
+                Some(name) => format!("{tid} {name}"),
+                None => tid.to_string(),
+            })
         })
         .collect();
     let on = |b: bool| if b { "on" } else { "off" };
