@@ -128,10 +128,8 @@ pub fn release_held() -> anyhow::Result<()> {
 /// Whether a launched program is being traced (see [`crate::live`]:
 /// Ctrl-C goes to it, not to pyprobe).
 pub fn any_launched() -> bool {
-    LAUNCHED.load(std::sync::atomic::Ordering::Relaxed)
+    LAUNCHED_PID.load(std::sync::atomic::Ordering::Relaxed) != 0
 }
-
-static LAUNCHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The launched program's PID (0: none).
 static LAUNCHED_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -155,7 +153,6 @@ impl Launched {
 
     /// Marks it as the run's launched program (Ctrl-C goes to it).
     pub fn mark(&self) {
-        LAUNCHED.store(true, std::sync::atomic::Ordering::Relaxed);
         LAUNCHED_PID.store(self.pid(), std::sync::atomic::Ordering::Relaxed);
     }
 

@@ -5,7 +5,7 @@
 use std::{cmp::Ordering, collections::BTreeSet, ops::ControlFlow};
 
 use super::report::{CallsReport, FunctionRow};
-use crate::screen::{Column, Input, View};
+use crate::screen::{Column, Input, Screen, View};
 
 /// What the rows are ordered by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +73,7 @@ impl CallsScreen {
     }
 
     /// The frame of the last report, with `fits` rows of table.
-    pub fn frame(&mut self, fits: usize) -> Option<View> {
+    fn frame(&mut self, fits: usize) -> Option<View> {
         let sort = self.sort;
         let r = self.last.as_mut()?;
         r.rows.sort_by(|a, b| order(a, b, sort));
@@ -124,9 +124,12 @@ impl CallsScreen {
         })
     }
 
-    /// Lines above the table.
-    pub fn header_lines(&self) -> usize {
-        HEADER_LINES
+    /// Draws the frame of the last report on `screen`, if there is one.
+    pub fn draw(&mut self, screen: &mut Screen) -> anyhow::Result<()> {
+        match self.frame(screen.table_rows(HEADER_LINES)) {
+            Some(frame) => screen.draw(&frame),
+            None => Ok(()),
+        }
     }
 }
 

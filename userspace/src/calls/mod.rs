@@ -625,9 +625,7 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
                         Some(screen) => {
                             if !view.paused {
                                 view.last = Some(report);
-                                if let Some(frame) = view.frame(screen.table_rows(view.header_lines())) {
-                                    screen.draw(&frame)?;
-                                }
+                                view.draw(screen)?;
                             }
                         }
                     }
@@ -641,10 +639,8 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
                             break;
                         }
                     }
-                    if let Some(screen) = &mut screen
-                        && let Some(frame) = view.frame(screen.table_rows(view.header_lines()))
-                    {
-                        screen.draw(&frame)?;
+                    if let Some(screen) = &mut screen {
+                        view.draw(screen)?;
                     }
                 }
                 _ = scanner.tick(), if opts.all => session.tick_scan(),

@@ -197,6 +197,23 @@ impl Default for RowsOf {
     }
 }
 
+/// For each frame of `profile`, the index of the first frame of the same
+/// function (name, file, first line): frames at different lines of one
+/// function are one function.
+fn function_ids(profile: &Profile) -> Vec<u32> {
+    let mut first_frame: HashMap<(&str, &str, i32), u32> = HashMap::new();
+    profile
+        .frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            *first_frame
+                .entry((&f.function, &f.file, f.first_line))
+                .or_insert(i as u32)
+        })
+        .collect()
+}
+
 /// Rows of `pyprobe top`, most own samples first (then most total).
 pub fn top_rows(profile: &Profile) -> Vec<TopRow> {
     top_rows_of(profile, RowsOf::default())
@@ -208,14 +225,7 @@ pub fn top_rows_of(profile: &Profile, of: RowsOf) -> Vec<TopRow> {
     // (thread or 0, function's first frame) -> (own, total).
     let mut rows: HashMap<(u32, u32), (u64, u64)> = HashMap::new();
     // Frames at different lines of one function are one row.
-    let mut function_of: HashMap<u32, u32> = HashMap::new();
-    let mut first_frame: HashMap<(&str, &str, i32), u32> = HashMap::new();
-    for (i, f) in profile.frames.iter().enumerate() {
-        let id = *first_frame
-            .entry((&f.function, &f.file, f.first_line))
-            .or_insert(i as u32);
-        function_of.insert(i as u32, id);
-    }
+    let function_of = function_ids(profile);
     for (key, &count) in &profile.stacks {
         if key.idle && !of.idle {
             continue;
@@ -223,13 +233,15 @@ pub fn top_rows_of(profile: &Profile, of: RowsOf) -> Vec<TopRow> {
         let thread = if of.threads { key.tid } else { 0 };
         let mut seen = HashSet::new();
         for &frame in &key.frames {
-            let id = function_of[&frame];
+            let id = function_of[frame as usize];
             if seen.insert(id) {
                 rows.entry((thread, id)).or_default().1 += count;
             }
         }
         if let Some(&leaf) = key.frames.last() {
-            rows.entry((thread, function_of[&leaf])).or_default().0 += count;
+            rows.entry((thread, function_of[leaf as usize]))
+                .or_default()
+                .0 += count;
         }
     }
     let mut out: Vec<TopRow> = rows
@@ -279,15 +291,7 @@ pub fn chrometrace(
     let gap_ns = period_ns + period_ns / 2;
     let us = |ns: u64| ns.saturating_sub(start_ns) as f64 / 1000.0;
     // Frames at different lines of one function are one slice.
-    let mut function_of: Vec<u32> = Vec::with_capacity(profile.frames.len());
-    let mut first_frame: HashMap<(&str, &str, i32), u32> = HashMap::new();
-    for (i, f) in profile.frames.iter().enumerate() {
-        function_of.push(
-            *first_frame
-                .entry((&f.function, &f.file, f.first_line))
-                .or_insert(i as u32),
-        );
-    }
+    let function_of = function_ids(profile);
     let mut threads: BTreeMap<(u32, u32), Vec<(u64, u32)>> = BTreeMap::new();
     for s in &timeline.samples {
         threads

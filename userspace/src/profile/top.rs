@@ -166,13 +166,7 @@ impl TopView {
         // is a partial one, perhaps without a sample.
         let whole_run = kind == "final";
         let of = if whole_run { counted } else { interval_samples };
-        let pct = |n: u64| {
-            if of == 0 {
-                0.0
-            } else {
-                100.0 * n as f64 / of as f64
-            }
-        };
+        let pct = |n: u64| percent(n, of);
         let mut lines: Vec<TopLine> = rows
             .into_iter()
             .map(|row| {
@@ -290,13 +284,16 @@ pub async fn top(opts: TopOptions) -> anyhow::Result<()> {
         idle: true,
         threads: opts.profile.threads,
     };
+    // Plain tables and the final one: --top, else 25 rows (JSON: all); the
+    // full-screen view shows what fits.
+    let table_rows = opts.rows.or((!opts.json).then_some(DEFAULT_TABLE_ROWS));
     let mut view = TopView::new(opts.profile.rate, None, rows_of);
     if full_screen {
         let result = full_screen_view(&mut session, &opts, &mut view, started).await;
         // The terminal is back: the last view stays in the scrollback.
         result?;
     } else {
-        view.rows = opts.rows.or((!opts.json).then_some(DEFAULT_TABLE_ROWS));
+        view.rows = table_rows;
         let json = opts.json;
         sample_loop(
             &mut session,
@@ -311,7 +308,7 @@ pub async fn top(opts: TopOptions) -> anyhow::Result<()> {
         )
         .await?;
     }
-    view.rows = opts.rows.or((!opts.json).then_some(DEFAULT_TABLE_ROWS));
+    view.rows = table_rows;
     let report = view.report(&session, started, "final")?;
     live::emit(&report, opts.json, top_table)?;
     eprintln!("pyprobe: {}", report.summary.line());
