@@ -377,20 +377,27 @@ fn tempdir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// The hits file's lines, parsed.
+/// The hits file's lines, parsed. Every hit must be a whole line: a
+/// line without its newline fails (the agent writes each hit at once).
 fn hits(path: &Path) -> anyhow::Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
+    anyhow::ensure!(
+        text.is_empty() || text.ends_with('\n'),
+        "the hits file ends in half a line: {:?}",
+        text.lines().last()
+    );
     text.lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("hit line {l:?}")))
         .collect()
 }
 
 /// Waits until the hits file holds `n` lines, then a moment more to see
-/// that no other comes; returns them.
+/// that no other comes; returns them. Read while the agent writes, so it
+/// also checks that no reader ever sees half a hit.
 fn wait_hits(path: &Path, n: usize) -> anyhow::Result<Vec<Value>> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while hits(path)?.len() < n && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(500));
     hits(path)

@@ -1835,7 +1835,9 @@ impl Session {
                 if self.opts.stack {
                     obj["stack"] = serde_json::Value::Array(stack);
                 }
-                if let Err(e) = writeln!(self.out, "{obj}") {
+                // One write per hit: a reader following the file (or a
+                // pipe) never sees half a line.
+                if let Err(e) = self.out.write_all(format!("{obj}\n").as_bytes()) {
                     if !agent {
                         return Err(e.into());
                     }
@@ -1843,29 +1845,28 @@ impl Session {
                     continue;
                 }
             } else {
-                writeln!(
-                    self.out,
-                    "{} {} {} {}:{} {}",
+                let mut text = format!(
+                    "{} {} {} {}:{} {}\n",
                     clock_text(wall),
                     h.tgid,
                     thread_id_text(h.tid, namespace_tid),
                     found.filename,
                     found.line,
                     message
-                )?;
+                );
                 for f in &stack {
                     if let Some(function) = f.get("function") {
                         let line = f["line"]
                             .as_i64()
                             .map_or_else(|| "?".to_owned(), |l| l.to_string());
-                        writeln!(
-                            self.out,
-                            "    {} ({}:{line})",
+                        text.push_str(&format!(
+                            "    {} ({}:{line})\n",
                             function.as_str().unwrap_or("?"),
                             f["file"].as_str().unwrap_or("?"),
-                        )?;
+                        ));
                     }
                 }
+                self.out.write_all(text.as_bytes())?;
             }
             armed.printed += 1;
             let point = armed.point;
