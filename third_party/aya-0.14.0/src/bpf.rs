@@ -160,7 +160,9 @@ impl<'a> EbpfLoader<'a> {
     /// Creates a new loader instance.
     pub fn new() -> Self {
         Self {
-            btf: Btf::from_sys_fs().ok().map(Cow::Owned),
+            // pyprobe patch: no kernel BTF unless given with `btf()` (upstream
+            // aya loads it lazily from 0.16 on). See third_party/README.md.
+            btf: None,
             default_map_pin_directory: None,
             globals: HashMap::new(),
             max_entries: HashMap::new(),
