@@ -291,6 +291,7 @@ pub async fn run(config: AgentConfig, config_path: Option<PathBuf>) -> anyhow::R
         log: true,
         calls: true,
         latency: false,
+        wide: true,
     })?;
     // Now, on the main thread: the BTF parse's memory then goes back to
     // the system (on a runtime thread its arena kept 10 MB for good).

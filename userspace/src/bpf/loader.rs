@@ -27,6 +27,11 @@ pub struct Features {
     pub sample_rate: Option<u64>,
     /// Log points (`log`).
     pub log: bool,
+    /// Many processes at once (`--all`, a selection, the agent): the rings
+    /// of news and hits are sized for the bursts many processes bring. One
+    /// process needs an eighth of that, and a mapped ring is resident in
+    /// pyprobe in full, twice over.
+    pub wide: bool,
 }
 
 /// The loaded object: its maps made, the programs of its [`Features`] in
@@ -263,8 +268,20 @@ impl Object {
     }
 }
 
-/// Bytes of the ring of process news when no calls job needs code names.
+/// Bytes of the ring of process news when no calls job needs code names:
+/// forks, execs and exits (16 bytes each), 16k of them.
 const PROCESS_NEWS_RING: u32 = 256 << 10;
+
+/// Bytes of the ring of process news for a calls job on one process (or a
+/// few): about 2400 code objects' names (430 bytes each) counted for the
+/// first time before userspace reads them, which it does at once; one seen
+/// after a full ring is counted as lost and named from the process itself.
+/// Wide jobs keep the object's 8 MB.
+const CALLS_NEWS_RING_NARROW: u32 = 1 << 20;
+
+/// Bytes of the log points' ring for one process (or a few): about 800
+/// hits of 1.2 KB waiting to be printed; wide jobs keep the object's 4 MB.
+const LOG_HITS_RING_NARROW: u32 = 1 << 20;
 
 /// Entries of the maps whose size depends on the features: the maps of a
 /// feature that will not run get one.
@@ -278,12 +295,15 @@ fn map_sizes(features: &Features) -> Vec<(&'static str, u32)> {
         ] {
             sizes.push((map, 1));
         }
-        // Without calls the news is forks, execs and exits (16 bytes
-        // each), not code objects' names: a ring of 16k of them. A ring's
-        // whole size is resident in pyprobe once mapped (twice over for
-        // its data), so the 8 MB the calls job needs cost every other
-        // command 16 MB.
         sizes.push((names::MAP_PROCESS_EVENTS, PROCESS_NEWS_RING));
+    } else if !features.wide {
+        sizes.push((names::MAP_PROCESS_EVENTS, CALLS_NEWS_RING_NARROW));
+    }
+    if !features.log {
+        // A ring has at least a page.
+        sizes.push((names::MAP_LOG_HITS, 4096));
+    } else if !features.wide {
+        sizes.push((names::MAP_LOG_HITS, LOG_HITS_RING_NARROW));
     }
     if features.calls && features.latency {
         sizes.push((

@@ -563,6 +563,7 @@ pub async fn run(opts: CallsOptions) -> anyhow::Result<()> {
     let engine = crate::engine::Engine::load(crate::bpf::Features {
         calls: true,
         latency: opts.latency,
+        wide: opts.all,
         ..Default::default()
     })?;
     let mut session = Session::new(&engine, &opts)?;

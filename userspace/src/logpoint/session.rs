@@ -354,9 +354,11 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
     crate::privileges::check()?;
     // The verifier's work and the reading of the kernel's BTF (where it
     // keeps a task's ids) run beside the reading of the targets.
-    let loading = std::thread::spawn(|| {
+    let wide = opts.all;
+    let loading = std::thread::spawn(move || {
         let engine = crate::engine::Engine::load(crate::bpf::Features {
             log: true,
+            wide,
             ..Default::default()
         })?;
         engine.follow_forks();

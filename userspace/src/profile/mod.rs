@@ -401,6 +401,7 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
     }
     let engine = crate::engine::Engine::load(crate::bpf::Features {
         sample_rate: Some(opts.rate),
+        wide: opts.all,
         ..Default::default()
     })?;
     let mut session = Session::new(&engine, opts)?;
