@@ -1483,21 +1483,19 @@ impl<'a> CodeMap<'a> {
         // Code pointers in the data: absolute (non-PIE switch tables, the
         // opcode table of a non-PIE build) and relocation addends (PIE).
         for section in &data {
-            let bytes = usize::try_from(section.size)
-                .ok()
-                .and_then(|len| image.bytes_at(section.offset, len))
-                .unwrap_or_default();
             let skip = section
                 .vaddr
                 .checked_next_multiple_of(POINTER)
                 .map_or(0, |start| start - section.vaddr);
-            let words = bytes.get(skip as usize..).unwrap_or_default();
-            for word in words.chunks_exact(POINTER as usize) {
-                let value = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
-                if map.contains(value) {
-                    targets.push(value);
+            image.scan(section.offset, section.size, |bytes| {
+                let words = bytes.get(skip as usize..).unwrap_or_default();
+                for word in words.chunks_exact(POINTER as usize) {
+                    let value = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
+                    if map.contains(value) {
+                        targets.push(value);
+                    }
                 }
-            }
+            });
         }
         let relocations = image
             .relative_relocations()
@@ -1571,30 +1569,27 @@ impl<'a> CodeMap<'a> {
             .iter()
             .filter(|s| s.alloc && s.exec && s.file_backed)
         {
-            let Some(code) = usize::try_from(section.size)
-                .ok()
-                .and_then(|len| image.bytes_at(section.offset, len))
-            else {
-                continue;
-            };
-            for i in 0..code.len() {
-                let (len, at) = match (code[i], code.get(i + 1)) {
-                    (0xe8 | 0xe9, _) => (5, i + 1),
-                    (0x0f, Some(&op)) if op & 0xf0 == 0x80 => (6, i + 2),
-                    _ => continue,
-                };
-                let Some(rel) = code.get(at..at + 4) else {
-                    continue;
-                };
-                let rel = i32::from_le_bytes(rel.try_into().expect("4 bytes"));
-                let target = section
-                    .vaddr
-                    .wrapping_add(i as u64 + len)
-                    .wrapping_add_signed(i64::from(rel));
-                if windows.iter().any(|w| w.contains(&target)) {
-                    self.targets.push(target);
+            let targets = &mut self.targets;
+            image.scan(section.offset, section.size, |code| {
+                for i in 0..code.len() {
+                    let (len, at) = match (code[i], code.get(i + 1)) {
+                        (0xe8 | 0xe9, _) => (5, i + 1),
+                        (0x0f, Some(&op)) if op & 0xf0 == 0x80 => (6, i + 2),
+                        _ => continue,
+                    };
+                    let Some(rel) = code.get(at..at + 4) else {
+                        continue;
+                    };
+                    let rel = i32::from_le_bytes(rel.try_into().expect("4 bytes"));
+                    let target = section
+                        .vaddr
+                        .wrapping_add(i as u64 + len)
+                        .wrapping_add_signed(i64::from(rel));
+                    if windows.iter().any(|w| w.contains(&target)) {
+                        targets.push(target);
+                    }
                 }
-            }
+            });
         }
         self.targets.sort_unstable();
         self.targets.dedup();
