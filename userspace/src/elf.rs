@@ -152,6 +152,9 @@ impl Bytes {
     }
 }
 
+/// Bytes [`ElfImage::scan`] keeps resident at a time.
+pub const SCAN_WINDOW: usize = 256 << 10;
+
 /// An ELF file mapped into memory, with its load segments indexed.
 pub struct ElfImage {
     path: PathBuf,
@@ -512,14 +515,35 @@ impl ElfImage {
         self.data.get(start..start.checked_add(len)?)
     }
 
-    /// Runs `scan` over the file's bytes `offset..offset + len` (`None` if
-    /// the file has no such bytes), then gives their pages back: for the
-    /// passes that read a whole section once.
-    pub fn scan<T>(&self, offset: u64, len: u64, scan: impl FnOnce(&[u8]) -> T) -> Option<T> {
-        let bytes = self.bytes_at(offset, usize::try_from(len).ok()?)?;
-        let result = scan(bytes);
-        self.data.release(offset, len);
-        Some(result)
+    /// Runs `visit` over the file's bytes `offset..offset + len` (a whole
+    /// section read once), a window of [`SCAN_WINDOW`] bytes at a time,
+    /// giving each window's pages back once it is done, so a pass over
+    /// 2.5 MB of code keeps a window resident, not the code.
+    /// `visit(bytes, window)` gets all the bytes and looks at the positions
+    /// in `window` (a multiple of 8 from the start, but for the last);
+    /// it may read a little past them. False when the file has no such
+    /// bytes.
+    pub fn scan(
+        &self,
+        offset: u64,
+        len: u64,
+        mut visit: impl FnMut(&[u8], std::ops::Range<usize>),
+    ) -> bool {
+        let Some(bytes) = usize::try_from(len)
+            .ok()
+            .and_then(|len| self.bytes_at(offset, len))
+        else {
+            return false;
+        };
+        let mut start = 0;
+        while start < bytes.len() {
+            let end = start.saturating_add(SCAN_WINDOW).min(bytes.len());
+            visit(bytes, start..end);
+            self.data
+                .release(offset + start as u64, (end - start) as u64);
+            start = end;
+        }
+        true
     }
 
     /// The file's bytes that are loaded at the link-time virtual addresses

@@ -1487,10 +1487,17 @@ impl<'a> CodeMap<'a> {
                 .vaddr
                 .checked_next_multiple_of(POINTER)
                 .map_or(0, |start| start - section.vaddr);
-            image.scan(section.offset, section.size, |bytes| {
-                let words = bytes.get(skip as usize..).unwrap_or_default();
-                for word in words.chunks_exact(POINTER as usize) {
-                    let value = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
+            let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+            image.scan(section.offset, section.size, |bytes, window| {
+                // The aligned words that start in the window.
+                let first = window.start.max(skip);
+                let first = first
+                    + (POINTER as usize - (first - skip) % POINTER as usize) % POINTER as usize;
+                for at in (first..window.end).step_by(POINTER as usize) {
+                    let Some(word) = bytes.get(at..at + POINTER as usize) else {
+                        break;
+                    };
+                    let value = u64::from_le_bytes(word.try_into().expect("8 bytes"));
                     if map.contains(value) {
                         targets.push(value);
                     }
@@ -1570,8 +1577,8 @@ impl<'a> CodeMap<'a> {
             .filter(|s| s.alloc && s.exec && s.file_backed)
         {
             let targets = &mut self.targets;
-            image.scan(section.offset, section.size, |code| {
-                for i in 0..code.len() {
+            image.scan(section.offset, section.size, |code, window| {
+                for i in window {
                     let (len, at) = match (code[i], code.get(i + 1)) {
                         (0xe8 | 0xe9, _) => (5, i + 1),
                         (0x0f, Some(&op)) if op & 0xf0 == 0x80 => (6, i + 2),
@@ -1748,14 +1755,14 @@ impl DataReader<'_> {
                 continue;
             };
             let skip = start - section.vaddr;
-            let bytes = section
+            let Some(len) = section
                 .size
                 .checked_sub(skip)
                 .filter(|&len| start.checked_add(len).is_some())
-                .and_then(|len| usize::try_from(len).ok())
-                .zip(section.offset.checked_add(skip))
-                .and_then(|(len, offset)| self.image.bytes_at(offset, len));
-            let Some(bytes) = bytes else {
+            else {
+                continue;
+            };
+            let Some(offset) = section.offset.checked_add(skip) else {
                 continue;
             };
             let mut reloc = self.relocations.partition_point(|&(o, _)| o < start);
@@ -1773,22 +1780,30 @@ impl DataReader<'_> {
                 }
                 run.clear();
             };
-            for (i, word) in bytes.chunks_exact(POINTER as usize).enumerate() {
-                let vaddr = start + i as u64 * POINTER;
-                while self.relocations.get(reloc).is_some_and(|&(o, _)| o < vaddr) {
-                    reloc += 1;
+            // Windows are whole words (a multiple of 8 bytes but the last).
+            let mut words = 0;
+            let scanned = self.image.scan(offset, len, |bytes, window| {
+                for word in bytes[window].chunks_exact(POINTER as usize) {
+                    let vaddr = start + words * POINTER;
+                    words += 1;
+                    while self.relocations.get(reloc).is_some_and(|&(o, _)| o < vaddr) {
+                        reloc += 1;
+                    }
+                    let value = match self.relocations.get(reloc) {
+                        Some(&(o, addend)) if o == vaddr => addend,
+                        _ => u64::from_le_bytes(word.try_into().expect("8-byte chunk")),
+                    };
+                    if inside(value) {
+                        run.push(value);
+                    } else {
+                        flush(&mut run, vaddr);
+                    }
                 }
-                let value = match self.relocations.get(reloc) {
-                    Some(&(o, addend)) if o == vaddr => addend,
-                    _ => u64::from_le_bytes(word.try_into().expect("8-byte chunk")),
-                };
-                if inside(value) {
-                    run.push(value);
-                } else {
-                    flush(&mut run, vaddr);
-                }
+            });
+            if !scanned {
+                continue;
             }
-            let end = start + (bytes.len() as u64 / POINTER) * POINTER;
+            let end = start + words * POINTER;
             flush(&mut run, end);
         }
         found
