@@ -273,11 +273,11 @@ impl Object {
 const PROCESS_NEWS_RING: u32 = 256 << 10;
 
 /// Bytes of the ring of process news for a calls job on one process (or a
-/// few): about 2400 code objects' names (430 bytes each) counted for the
+/// few): about 1200 code objects' names (430 bytes each) counted for the
 /// first time before userspace reads them, which it does at once; one seen
 /// after a full ring is counted as lost and named from the process itself.
 /// Wide jobs keep the object's 8 MB.
-const CALLS_NEWS_RING_NARROW: u32 = 1 << 20;
+const CALLS_NEWS_RING_NARROW: u32 = 512 << 10;
 
 /// Bytes of the log points' ring for one process (or a few): about 800
 /// hits of 1.2 KB waiting to be printed; wide jobs keep the object's 4 MB.

@@ -3,7 +3,8 @@
 //! `dump`; the line that says it is at work for the others), and, for a
 //! command given `--duration 1`, how long it takes to exit once that
 //! second is over; median of 5 runs, against a busy fixture (three
-//! threads on CPU, as a loaded service is).
+//! threads on CPU, as a loaded service is). Each command's peak RSS is
+//! printed beside `py-spy record`'s on the same fixture.
 
 use std::{
     io::{BufRead, BufReader},
@@ -141,15 +142,34 @@ pub fn bench_startup(pyprobe: &Path) -> anyhow::Result<()> {
             Some(1.0),
         ),
     ];
+    // py-spy's peak RSS beside, measured the same way: the goal is each
+    // command's peak at most twice `py-spy record`'s.
+    let py_spy = super::profile::py_spy()?;
+    let raw = std::env::temp_dir().join("pyprobe-bench-startup.txt");
+    let raw = raw.to_string_lossy().into_owned();
+    let py_spy_peak = |args: &[&str], marker: &str| -> anyhow::Result<i64> {
+        let mut peak = 0;
+        for _ in 0..RUNS {
+            peak = peak.max(run_once(&py_spy, args, marker)?.rss_kb);
+        }
+        Ok(peak)
+    };
+    let spy_record = py_spy_peak(
+        &["record", "--pid", &pid, "-d", "1", "-f", "raw", "-o", &raw],
+        "Sampling process",
+    )?;
+    let spy_dump = py_spy_peak(&["dump", "--pid", &pid], "Thread ")?;
+    let _ = std::fs::remove_file(&raw);
     println!(
-        "{:<8} {:>14} {:>16} {:>10} {:>10}",
-        "command", "first output", "exit after end", "cpu/run", "peak RSS"
+        "{:<8} {:>14} {:>16} {:>10} {:>10} {:>12}",
+        "command", "first output", "exit after end", "cpu/run", "peak RSS", "/py-spy rec"
     );
     for (name, args, marker, duration) in commands {
         let mut runs = Vec::new();
         for _ in 0..RUNS {
             runs.push(run_once(pyprobe, &args, marker)?);
         }
+        let peak = runs.iter().map(|r| r.rss_kb).max().unwrap_or(0);
         let median = |f: &dyn Fn(&Run) -> f64| {
             let mut v: Vec<f64> = runs.iter().map(f).collect();
             v.sort_by(f64::total_cmp);
@@ -159,16 +179,20 @@ pub fn bench_startup(pyprobe: &Path) -> anyhow::Result<()> {
         // The duration runs from the first output on.
         let exit = duration.map(|d| median(&|r| r.exit - r.first - d));
         println!(
-            "{:<8} {:>12.2} s {:>14} {:>8.0}ms {:>7} KB",
+            "{:<8} {:>12.2} s {:>14} {:>8.0}ms {:>7} KB {:>11.2}x",
             name,
             first,
             exit.map(|e| format!("{e:.2} s"))
                 .unwrap_or_else(|| "-".into()),
             median(&|r| r.cpu_ms),
-            runs.iter().map(|r| r.rss_kb).max().unwrap_or(0)
+            peak,
+            peak as f64 / spy_record.max(1) as f64
         );
     }
     let _ = std::fs::remove_file(&svg);
-    println!("goal: first output within 1 s, exit within 0.5 s of the end");
+    println!("py-spy record -d 1: peak RSS {spy_record} KB; py-spy dump: {spy_dump} KB");
+    println!(
+        "goal: first output within 1 s, exit within 0.5 s of the end, peak RSS at most 2x py-spy record's"
+    );
     Ok(())
 }
