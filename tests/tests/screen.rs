@@ -370,3 +370,58 @@ fn calls_full_screen_shows_exact_counts_in_place_and_restores_the_terminal() {
         calls_view,
     );
 }
+
+/// What pyprobe says while the view is up (here: a process picked up by
+/// `--name` after the start) goes on the line above the keys, not over the
+/// view; once the view ends it is in the scrollback, once.
+fn messages_view(interp: &Interpreter) -> anyhow::Result<()> {
+    let command = format!(
+        "{} top --name 'profile_workload[.]py' --rate 99 --interval 0.5",
+        pyprobe_bin().display()
+    );
+    let tmux = Tmux::start("messages", &command)?;
+    tmux.wait_screen("the view", Duration::from_secs(15), |s| {
+        s.contains("pyprobe top:") && s.contains(" q quit")
+    })?;
+    let fixture = Fixture::start(interp, "profile_workload.py", &[])?;
+    let said = format!("sampling PID {}", fixture.pid());
+    let screen = tmux.wait_screen("the message line", Duration::from_secs(10), |s| {
+        s.contains(&said)
+    })?;
+    // Let it redraw a few times over.
+    std::thread::sleep(Duration::from_secs(2));
+    let screen_now = tmux.capture(false)?;
+    let lines: Vec<&str> = screen_now.lines().collect();
+    ensure!(
+        lines.first().is_some_and(|l| l.contains("pyprobe top:")),
+        "the header is not on the first line:\n{screen_now}"
+    );
+    let at = lines
+        .iter()
+        .position(|l| l.contains(&said))
+        .with_context(|| format!("the message went away:\n{screen_now}\n(before:\n{screen})"))?;
+    ensure!(
+        lines.get(at + 1).is_some_and(|l| l.contains(" q quit")),
+        "the message is not on the line above the keys:\n{screen_now}"
+    );
+    ensure!(
+        count(&screen_now, &said) == 1,
+        "the message is shown more than once:\n{screen_now}"
+    );
+    let all = tmux.quit_and_check("pyprobe top:")?;
+    ensure!(
+        count(&all, &said) == 1,
+        "the message is not in the scrollback once after the view:\n{all}"
+    );
+    Ok(())
+}
+
+#[test]
+fn messages_go_under_the_full_screen_view_and_to_the_scrollback_after() {
+    for_each_newest_pyenv(
+        "screen_messages",
+        "the view does not depend on the interpreter",
+        "not run (full-screen view: newest pyenv build)",
+        messages_view,
+    );
+}

@@ -4,13 +4,20 @@
 //! ends (`q`, Ctrl-C, the end of the run, an error or a panic) the terminal
 //! is given back as it was: main screen, cooked mode, cursor shown.
 //!
+//! While the view is up, what pyprobe writes to stderr (a process picked
+//! up, a warning) would land on top of it: stderr goes into a pipe
+//! instead, its newest line is shown above the keys, and every line is
+//! written to the real stderr once the terminal is given back.
+//!
 //! The jobs own the content: they build a [`View`] and react to
 //! [`Input`]s; this module only draws and reads keys.
 
 use std::{
-    io::IsTerminal,
+    collections::VecDeque,
+    io::{BufRead as _, IsTerminal, Write as _},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -93,6 +100,92 @@ pub struct Screen {
     /// Tells the key reader to end.
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
+    /// stderr, held while the view is up.
+    messages: Option<Messages>,
+}
+
+/// Most stderr lines kept while the view is up (older ones are counted).
+const MAX_MESSAGES: usize = 1000;
+
+/// stderr sent into a pipe while the view is up: the lines written, for
+/// the view's message line and for the real stderr afterwards.
+struct Messages {
+    /// The real stderr, put back by [`Self::restore`].
+    saved: OwnedFd,
+    /// The lines read from the pipe, and how many were dropped.
+    lines: Arc<Mutex<(VecDeque<String>, usize)>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Messages {
+    /// Points stderr (fd 2) at a pipe read by a thread.
+    fn capture() -> std::io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both are new descriptors owned by nothing else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: duplicating fd 2, which the process has open.
+        let saved = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3) };
+        if saved < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor owned by nothing else.
+        let saved = unsafe { OwnedFd::from_raw_fd(saved) };
+        let _ = std::io::stderr().flush();
+        // SAFETY: both descriptors are open; fd 2 now names the pipe.
+        if unsafe { libc::dup2(write.as_raw_fd(), 2) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        drop(write);
+        let lines = Arc::new(Mutex::new((VecDeque::new(), 0)));
+        let keep = Arc::clone(&lines);
+        let reader = std::thread::Builder::new()
+            .name("pyprobe-stderr".to_owned())
+            .spawn(move || {
+                let pipe = std::io::BufReader::new(std::fs::File::from(read));
+                for line in pipe.lines().map_while(Result::ok) {
+                    let mut kept = keep.lock().unwrap_or_else(|e| e.into_inner());
+                    if kept.0.len() == MAX_MESSAGES {
+                        kept.0.pop_front();
+                        kept.1 += 1;
+                    }
+                    kept.0.push_back(line);
+                }
+            })?;
+        Ok(Self {
+            saved,
+            lines,
+            reader: Some(reader),
+        })
+    }
+
+    /// The newest line, if any.
+    fn newest(&self) -> Option<String> {
+        let kept = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        kept.0.back().cloned()
+    }
+
+    /// Puts the real stderr back and writes every line kept to it.
+    fn restore(mut self) {
+        let _ = std::io::stderr().flush();
+        // SAFETY: both descriptors are open; closing the pipe's last write
+        // end lets the reader see its end.
+        unsafe { libc::dup2(self.saved.as_raw_fd(), 2) };
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let kept = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stderr = std::io::stderr().lock();
+        if kept.1 > 0 {
+            let _ = writeln!(stderr, "pyprobe: ({} earlier messages not kept)", kept.1);
+        }
+        for line in &kept.0 {
+            let _ = writeln!(stderr, "{line}");
+        }
+    }
 }
 
 impl Screen {
@@ -108,7 +201,10 @@ impl Screen {
             terminal,
             stop,
             reader: None,
+            messages: None,
         };
+        // Without the pipe, messages still come, over the view.
+        screen.messages = Messages::capture().ok();
         // On an error the screen is dropped, which gives the terminal back.
         screen.reader = Some(
             std::thread::Builder::new()
@@ -122,19 +218,26 @@ impl Screen {
     /// Rows of the table that fit on the screen under `header_lines`.
     pub fn table_rows(&self, header_lines: usize) -> usize {
         let height = self.terminal.size().map(|s| s.height).unwrap_or(24) as usize;
-        // Header, a blank line, the column titles, the keys line.
-        height.saturating_sub(header_lines + 3)
+        // Header, a blank line, the column titles, the message line, the
+        // keys line.
+        height.saturating_sub(header_lines + 4)
     }
 
     /// Draws `view` in place of the previous frame.
     pub fn draw(&mut self, view: &View) -> anyhow::Result<()> {
         let widths = column_widths(view);
+        let message = self
+            .messages
+            .as_ref()
+            .and_then(Messages::newest)
+            .unwrap_or_default();
         self.terminal
             .draw(|frame| {
-                let [head, _, body, keys] = Layout::vertical([
+                let [head, _, body, said, keys] = Layout::vertical([
                     Constraint::Length(view.header.len() as u16),
                     Constraint::Length(1),
                     Constraint::Min(1),
+                    Constraint::Length(1),
                     Constraint::Length(1),
                 ])
                 .areas(frame.area());
@@ -165,6 +268,7 @@ impl Screen {
                     )
                 });
                 frame.render_widget(Table::new(rows, widths.clone()).header(titles), body);
+                frame.render_widget(Paragraph::new(Line::raw(message.as_str())), said);
                 frame.render_widget(
                     Paragraph::new(Line::raw(view.keys.as_str()))
                         .style(Style::new().add_modifier(Modifier::REVERSED)),
@@ -184,6 +288,9 @@ impl Drop for Screen {
         }
         let _ = self.terminal.show_cursor();
         ratatui::restore();
+        if let Some(messages) = self.messages.take() {
+            messages.restore();
+        }
     }
 }
 
