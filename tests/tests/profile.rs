@@ -779,8 +779,9 @@ fn all_samples_every_python_process_apart() {
     }
 }
 
-/// `record -f pprof --every 1`: the profile so far is written every second
-/// and at SIGUSR1 while recording goes on (each a whole gzip'd
+/// `record -o x.pb.gz --every 1` (pprof, from the name): a file there
+/// before stays as it was until the first write; the profile so far is
+/// written every second and at SIGUSR1 while recording goes on (each a whole gzip'd
 /// profile.proto that `go tool pprof` reads), and the last one at the end
 /// has the fixture's hot function and line on top, then cold.
 fn pprof_written_so_far_and_at_the_end(interp: &Interpreter) -> anyhow::Result<()> {
@@ -789,10 +790,16 @@ fn pprof_written_so_far_and_at_the_end(interp: &Interpreter) -> anyhow::Result<(
     let path =
         std::env::temp_dir().join(format!("pyprobe-test-{}-every.pb.gz", std::process::id()));
     let path_text = path.display().to_string();
+    // A file there before is left alone until the first profile replaces
+    // it; the format follows the name (.pb.gz).
+    std::fs::write(&path, b"an older profile")?;
     let probe = Probe::start(&[
-        "record", "--pid", &pid, "--rate", RATE, "--format", "pprof", "--every", "1", "-o",
-        &path_text,
+        "record", "--pid", &pid, "--rate", RATE, "--every", "1", "-o", &path_text,
     ])?;
+    ensure!(
+        std::fs::read(&path)? == b"an older profile",
+        "the file was changed before the first write"
+    );
     // The writes so far, as pyprobe reports them: (samples, file's bytes).
     let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut said = Vec::new();

@@ -226,12 +226,12 @@ enum Command {
     Record {
         #[command(flatten)]
         sampling: SamplingArgs,
-        /// File to write (default: pyprobe-<PID or all>.<svg|json|txt|pb.gz>).
+        /// File to write (default: pyprobe-<PID or all>.<svg|json|txt|pb.gz|trace.json>).
         #[arg(short, long, value_name = "FILE")]
         output: Option<std::path::PathBuf>,
-        /// What to write.
-        #[arg(short, long, value_enum, default_value_t = Format::Flamegraph)]
-        format: Format,
+        /// What to write [default: from the --output name's extension (.svg, .json for speedscope, .trace.json, .txt, .pb.gz), else flamegraph].
+        #[arg(short, long, value_enum)]
+        format: Option<Format>,
         /// Also write the profile so far every SECONDS while recording
         /// (SIGUSR1 does it at any time); each write replaces the file whole.
         #[arg(long, value_name = "SECONDS", value_parser = positive_seconds)]
@@ -780,6 +780,9 @@ fn job_of(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<Job> {
             format,
             every,
         } => {
+            let format = format
+                .or_else(|| output.as_deref().and_then(Format::of_path))
+                .unwrap_or(Format::Flamegraph);
             let output = output.unwrap_or_else(|| {
                 let who = match sampling.targets.pids.as_slice() {
                     [pid] => pid.to_string(),
@@ -1060,6 +1063,25 @@ mod tests {
                 "output": "pyprobe-7.svg", "format": "flamegraph", "every": null,
             })
         );
+        // The format follows the output's name unless given.
+        for (output, format) in [
+            ("p.pb.gz", "pprof"),
+            ("p.pprof", "pprof"),
+            ("t.trace.json", "chrometrace"),
+            ("p.json", "speedscope"),
+            ("p.folded", "folded"),
+            ("P.SVG", "flamegraph"),
+            ("profile", "flamegraph"),
+        ] {
+            let record = job(&["pyprobe", "record", "--pid", "7", "-o", output]);
+            assert_eq!(record["format"], format, "{output}");
+        }
+        let record = job(&[
+            "pyprobe", "record", "--pid", "7", "-o", "p.json", "-f", "folded",
+        ]);
+        assert_eq!(record["format"], "folded");
+        let record = job(&["pyprobe", "record", "--pid", "7", "-f", "pprof"]);
+        assert_eq!(record["output"], "pyprobe-7.pb.gz");
         let log = job(&[
             "pyprobe",
             "log",

@@ -95,6 +95,27 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format a file name's extension names, if it names one:
+    /// `.svg`, `.json` (speedscope), `.trace.json`, `.txt`/`.folded`,
+    /// `.pb.gz`/`.pb`/`.pprof`.
+    pub fn of_path(path: &std::path::Path) -> Option<Self> {
+        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+        let ends = |suffix: &str| name.ends_with(suffix);
+        Some(if ends(".svg") {
+            Format::Flamegraph
+        } else if ends(".trace.json") {
+            Format::Chrometrace
+        } else if ends(".json") {
+            Format::Speedscope
+        } else if ends(".txt") || ends(".folded") {
+            Format::Folded
+        } else if ends(".pb.gz") || ends(".pb") || ends(".pprof") {
+            Format::Pprof
+        } else {
+            return None;
+        })
+    }
+
     /// The file name extension of this format.
     pub fn extension(self) -> &'static str {
         match self {
@@ -597,7 +618,12 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
     let mut session = start(&opts.profile, "recording")?;
     // Fail on an unwritable output now rather than after sampling for
     // minutes (the targets were checked first: a bad PID leaves no file).
-    std::fs::File::create(&opts.output)
+    // A file there already is kept as it is until the profile replaces it.
+    let existed = opts.output.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&opts.output)
         .with_context(|| format!("cannot write {}", opts.output.display()))?;
     if opts.format == Format::Chrometrace {
         session.profile.timeline = Some(stacks::Timeline::default());
@@ -627,7 +653,9 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<()> {
     if summary.samples == 0 && summary.kernel.unknown_thread > 0 {
         // Ticks landed on the targets' threads, none could be named: an
         // empty profile would read as "idle".
-        let _ = std::fs::remove_file(&opts.output);
+        if !existed {
+            let _ = std::fs::remove_file(&opts.output);
+        }
         anyhow::bail!(
             "no sample could be attributed: the CPU clock ticked {} times on threads pyprobe \
              could not match to Python thread states (nothing written to {}); \
