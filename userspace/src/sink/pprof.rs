@@ -200,7 +200,11 @@ impl Builder {
                 self.profile.function.push(Function {
                     id,
                     name,
-                    system_name: name,
+                    // None: pprof "demangles" a name equal to its system
+                    // name, and may take `<...>` in it for C++ template
+                    // arguments: `<module>` became "" (shown as
+                    // `<unknown>`, every process's module frames merged).
+                    system_name: 0,
                     filename,
                     start_line: i64::from(frame.first_line),
                 });
@@ -349,6 +353,7 @@ mod tests {
         let leaf = &decoded.location[first.location_id[0] as usize - 1];
         let function = &decoded.function[leaf.line[0].function_id as usize - 1];
         assert_eq!((s(function.name), leaf.line[0].line), ("hot", 20));
+        assert_eq!(s(function.system_name), "", "see Builder::location");
         assert_eq!(s(function.filename), "app.py");
         assert_eq!(function.start_line, 19);
         let root = &decoded.location[first.location_id[1] as usize - 1];
