@@ -181,6 +181,26 @@ fn bad_input_gets_one_line_errors_and_nonzero_exit() {
         "{stderr}"
     );
 
+    // A container id that matches nothing is said at once (pyprobe then
+    // waits for one, as for a process started later).
+    for command in ["top", "calls"] {
+        let (status, stderr) = run_pyprobe(
+            &[command, "--container", "0123456789abcdef", "-d", "0.5"],
+            false,
+        );
+        assert_eq!(status, 0, "{stderr}");
+        assert_eq!(
+            stderr
+                .lines()
+                .filter(|l| l.contains(
+                    "no process runs in a container whose id starts with '0123456789abcdef' now"
+                ))
+                .count(),
+            1,
+            "{command}: {stderr}"
+        );
+    }
+
     // Usage errors are clap's: exit code 2.
     let (status, stderr) = run_pyprobe(&["calls", "--pid", "1", "--interval", "0"], false);
     assert_eq!(status, 2, "{stderr}");

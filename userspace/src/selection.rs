@@ -107,6 +107,33 @@ impl Selector {
         true
     }
 
+    /// With `--container ID` and no process in such a container now: a
+    /// line saying so, with the containers there are, for the user to
+    /// check the id (pyprobe still waits for one to start).
+    pub fn no_container_yet(&self) -> Option<String> {
+        let wanted = self.container.as_ref()?;
+        let mut seen = std::collections::BTreeSet::new();
+        for pid in all_pids() {
+            if let Some(c) = Placement::of(pid).and_then(|p| p.container) {
+                if c.matches(wanted) {
+                    return None;
+                }
+                seen.insert(c.short());
+            }
+        }
+        let there = if seen.is_empty() {
+            "no process here runs in a container".to_owned()
+        } else {
+            format!(
+                "containers here: {}",
+                seen.into_iter().collect::<Vec<_>>().join(", ")
+            )
+        };
+        Some(format!(
+            "no process runs in a container whose id starts with '{wanted}' now ({there}); waiting for one"
+        ))
+    }
+
     /// "every Python process", "every Python process whose command line
     /// matches 'gunicorn' in container 3f2a1b", for messages.
     pub fn describe(&self) -> String {

@@ -741,6 +741,9 @@ impl Session {
                     opts.select.describe()
                 );
             }
+            if let Some(note) = opts.select.no_container_yet() {
+                eprintln!("pyprobe: {note}");
+            }
         }
         session.started = true;
         Ok(())

@@ -443,6 +443,9 @@ pub async fn run(opts: LogOptions) -> anyhow::Result<()> {
             "pyprobe: watching {} for the log points (forked ones from their first run, others within a second)",
             opts.select.describe()
         );
+        if let Some(note) = opts.select.no_container_yet() {
+            eprintln!("pyprobe: {note}");
+        }
     }
     // A launched program goes on now that its log points wait for it.
     crate::launch::release_held()?;

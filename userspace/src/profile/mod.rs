@@ -438,6 +438,9 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
             "pyprobe: sampling {} (new ones are picked up every second)",
             opts.select.describe()
         );
+        if let Some(note) = opts.select.no_container_yet() {
+            eprintln!("pyprobe: {note}");
+        }
     }
     session.sampler.start(opts.rate)?;
     // A launched program goes on now that it is sampled.
