@@ -313,7 +313,11 @@ impl CallCounter {
     /// probes came off.
     pub fn detach_process(&mut self, pid: u32) -> Result<bool, BpfError> {
         let before = self.links.len() + self.perf_links.len();
-        self.links.retain(|(p, _)| *p != Some(pid));
+        let (mine, others) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(p, _)| *p == Some(pid));
+        self.links = others;
+        super::close_all(mine);
         {
             let mut object = self.object.lock();
             let mine: Vec<usize> = (0..self.perf_links.len())
@@ -483,7 +487,7 @@ impl Drop for CallCounter {
     /// telling of their children) and gives the `uprobe_multi` programs
     /// back.
     fn drop(&mut self) {
-        self.links.clear();
+        super::close_all(std::mem::take(&mut self.links));
         let mut object = self.object.lock();
         for (program, _, link) in self.perf_links.drain(..) {
             if let Ok(p) = uprobe_mut(&mut object.ebpf, program.name()) {

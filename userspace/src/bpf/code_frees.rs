@@ -79,6 +79,18 @@ impl CodeFrees {
     }
 }
 
+impl Drop for CodeFrees {
+    /// Takes the per-process probes off at once (see
+    /// [`super::close_all`]).
+    fn drop(&mut self) {
+        super::close_all(
+            std::mem::take(&mut self.per_process)
+                .into_values()
+                .collect(),
+        );
+    }
+}
+
 /// A uprobe in one process whose perf event is never enabled: the kernel
 /// installs the probe in the process and runs the attached BPF program at
 /// every hit (the program hangs off the probe), while a disabled event is

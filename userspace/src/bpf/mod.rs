@@ -272,6 +272,27 @@ fn raise_memlock_limit() {
     }
 }
 
+/// Most threads [`close_all`] closes links on.
+const CLOSING_THREADS: usize = 32;
+
+/// Drops `links` (probes: `uprobe_multi` links, uprobe perf events) on
+/// several threads at once: closing one waits for the kernel's RCU grace
+/// period (30-70 ms on the test VM), and one after the other the 25 links
+/// of 5 processes under `calls --name` took 1.1 s to exit.
+pub(super) fn close_all<T: Send>(links: Vec<T>) {
+    if links.len() < 2 {
+        return;
+    }
+    let per_thread = links.len().div_ceil(CLOSING_THREADS);
+    let mut links = links;
+    std::thread::scope(|scope| {
+        while !links.is_empty() {
+            let chunk: Vec<T> = links.drain(..per_thread.min(links.len())).collect();
+            scope.spawn(move || drop(chunk));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
