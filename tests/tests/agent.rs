@@ -177,6 +177,14 @@ fn run(before_interp: &Interpreter, after_interp: &Interpreter) -> anyhow::Resul
     let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
     ensure!(mode == 0o600, "control socket mode {mode:o}");
 
+    // A process the agent does not watch has no profile: said at once.
+    let (status, body) = get(addr, "/debug/pprof/profile?seconds=1&pid=999999999")?;
+    let body = String::from_utf8_lossy(&body);
+    ensure!(
+        status == 404 && body.contains("PID 999999999 is not watched by the agent"),
+        "profile of an unwatched PID: status {status}, {body}"
+    );
+
     // A profile of the container alone (asked by the short id `docker ps`
     // shows), read by go tool pprof: its three workers spend 75% in hot()
     // at its loop line, 25% in cold().

@@ -42,8 +42,8 @@ pub enum Ask {
         pid: Option<u32>,
         /// Only processes of this container (id or prefix).
         container: Option<String>,
-        /// Where the profile goes.
-        reply: oneshot::Sender<Vec<u8>>,
+        /// Where the profile goes, or why there is none.
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
     },
 }
 
@@ -127,7 +127,8 @@ async fn profile(State(asks): State<mpsc::Sender<Ask>>, Query(q): Query<ProfileQ
         return unavailable();
     }
     match tokio::time::timeout(Duration::from_secs(seconds + 10), rx).await {
-        Ok(Ok(bytes)) => (
+        Ok(Ok(Err(why))) => (StatusCode::NOT_FOUND, why + "\n").into_response(),
+        Ok(Ok(Ok(bytes))) => (
             [
                 (header::CONTENT_TYPE, "application/octet-stream"),
                 (

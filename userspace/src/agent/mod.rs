@@ -126,7 +126,7 @@ struct Collector {
     pid: Option<u32>,
     container: Option<String>,
     stacks: HashMap<StackKey, u64>,
-    reply: oneshot::Sender<Vec<u8>>,
+    reply: oneshot::Sender<Result<Vec<u8>, String>>,
 }
 
 /// A log point added through the control socket.
@@ -729,7 +729,7 @@ impl Agent {
         self.collectors = going;
         for c in done {
             let bytes = self.encode(&c);
-            let _ = c.reply.send(bytes);
+            let _ = c.reply.send(Ok(bytes));
         }
     }
 
@@ -777,6 +777,15 @@ impl Agent {
             Ask::Processes(reply) => {
                 let list: Vec<&Watched> = self.watched.values().collect();
                 let _ = reply.send(serde_json::to_value(list).unwrap_or_default());
+            }
+            Ask::Profile {
+                reply,
+                pid: Some(pid),
+                ..
+            } if !self.watched.contains_key(&pid) => {
+                let _ = reply.send(Err(format!(
+                    "PID {pid} is not watched by the agent (GET /api/v1/processes lists those it is)"
+                )));
             }
             Ask::Profile {
                 seconds,
