@@ -808,7 +808,9 @@ fn every_line_shape_prints_exactly_one_line_per_run() {
 /// both named, and a longer one picks one file, whose own lines and
 /// functions are the only ones suggested. A path that matches no loaded
 /// file waits, naming the loaded files it may have meant, and pyprobe ends
-/// with an error when it never armed.
+/// with an error when it never armed. Under --all, a path that is right
+/// in one process and ambiguous in another arms in the first and is said
+/// once of the second.
 #[test]
 fn a_file_path_names_one_file_or_pyprobe_says_which_it_could_be() {
     let shop_line = marks("twins/shop/app.py").unwrap()["twin-shop"];
@@ -908,6 +910,39 @@ fn a_file_path_names_one_file_or_pyprobe_says_which_it_could_be() {
                 .is_some_and(|l| l.contains("error: log point 1 never armed")),
             "{e}"
         );
+        // Armed in a process where app.py names one file, the same --at
+        // is wrong in this one: said once for it, never "trying again",
+        // and the other process's hits printed.
+        drop(fixture);
+        let mut alone = Fixture::start(interp, "logpoint_twins.py", &["shop"])?;
+        // Started after: --all sets it up after the other one.
+        let twins = Fixture::start(interp, "logpoint_twins.py", &[])?;
+        let pid = twins.pid().to_string();
+        let probe = Probe::start(&[
+            "log",
+            "--all",
+            "--at",
+            "app.py:handle",
+            "--msg",
+            "order={order}",
+        ])?;
+        alone.call("run", "done")?;
+        let (stdout, stderr) = stop(probe)?;
+        let messages: Vec<&str> = stdout.lines().map(message).collect();
+        ensure!(
+            messages == ["order=1", "order=2", "order=3"],
+            "--all, one process with one app.py: {stdout}\n{stderr}"
+        );
+        let said = format!(
+            "--at app.py:handle: not armed in PID {pid} (nor in other processes where this holds): {both}"
+        );
+        ensure!(
+            stderr.lines().filter(|l| l.contains(&said)).count() == 1
+                && !stderr.contains("trying again"),
+            "--all, one process with two app.py: {stderr}"
+        );
+        drop(alone);
+        drop(twins);
         Ok(())
     });
     // Under --all (any interpreter): one line for the log point, none per

@@ -150,6 +150,9 @@ struct Point {
     /// It armed somewhere once (its entries may have been recycled
     /// since): a process where its place is wrong has other code.
     armed_once: bool,
+    /// Processes where its place is wrong (an ambiguous file, no such
+    /// function...) while it armed elsewhere: said for the first only.
+    wrong_in: u64,
 }
 
 /// Which processes a log point added to a running session is for.
@@ -519,6 +522,7 @@ fn parse_point(spec: &PointSpec) -> anyhow::Result<Point> {
             printed: 0,
             recycled: PointStats::default(),
             armed_once: false,
+            wrong_in: 0,
         })
     }
 }
@@ -1105,6 +1109,19 @@ impl Session {
                 // other code).
                 Err(e) if first || (e.is_wrong_spec() && !self.points[index].armed_once) => {
                     return Err(anyhow::Error::new(e).context(self.points[index].spec.label()));
+                }
+                Err(e) if e.is_wrong_spec() => {
+                    // Wrong here (an ambiguous file, say), right in a process
+                    // where it armed: a retry cannot change that. Said once,
+                    // for the first such process; not looked for again here.
+                    let point = &mut self.points[index];
+                    point.wrong_in += 1;
+                    if point.wrong_in == 1 {
+                        lines.push(format!(
+                            "{}: not armed in PID {pid} (nor in other processes where this holds): {e}",
+                            point.spec.label()
+                        ));
+                    }
                 }
                 Err(e) => {
                     // A process changing its modules while read: said the
