@@ -549,6 +549,19 @@ pub fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// The CPU time process `pid` has used so far, user and system (fields 14
+/// and 15 of `/proc/PID/stat`), in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Some((user + system) as f64 / hz as f64)
+}
+
 /// Whether process `child` maps its programs and libraries where `parent`
 /// does: every file both map with code is at the same address, as after a
 /// fork and before any exec (an exec'd image is laid out anew). Data files

@@ -160,6 +160,11 @@ pub(crate) struct Session {
     /// When sampling began, on the clock of the samples' times
     /// ([`crate::kernel::monotonic_ns`]).
     pub(crate) started_ns: u64,
+    /// Sampling is on: a process set up now started while it was.
+    sampling: bool,
+    /// Processes that started while sampling and were set up later (up to
+    /// a second later): time the profile does not hold.
+    late: Late,
 }
 
 impl Session {
@@ -192,6 +197,8 @@ impl Session {
             keep_exited_names: true,
             named_tids: HashMap::new(),
             started_ns: crate::kernel::monotonic_ns(),
+            sampling: false,
+            late: Late::default(),
         })
     }
 
@@ -345,6 +352,13 @@ impl Session {
         let pids = self.registry.new_pids(|pid| processes.contains_key(&pid));
         for pid in pids {
             let result = self.add(pid);
+            if result.is_ok()
+                && self.sampling
+                && let Some(cpu) = crate::process::cpu_seconds(pid)
+            {
+                self.late.processes += 1;
+                self.late.cpu_seconds += cpu;
+            }
             self.registry.note_scanned(pid, result, "sampling");
         }
         crate::process::release_images();
@@ -443,6 +457,7 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
         }
     }
     session.sampler.start(opts.rate)?;
+    session.sampling = true;
     // A launched program goes on now that it is sampled.
     crate::launch::release_held()?;
     eprintln!(
@@ -451,6 +466,16 @@ fn start(opts: &ProfileOptions, what: &str) -> anyhow::Result<Session> {
         if opts.idle { " (idle threads too)" } else { "" }
     );
     Ok(session)
+}
+
+/// Processes that started while sampling and were set up after their
+/// start (a second at most later under a selection).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Late {
+    /// How many.
+    pub processes: u64,
+    /// The CPU seconds they had used when set up, all together.
+    pub cpu_seconds: f64,
 }
 
 /// What happened during a run, for the closing lines (and `top --json`).
@@ -472,6 +497,11 @@ pub struct Summary {
     pub kernel: SampleLosses,
     /// Samples or frames dropped in userspace, by reason.
     pub dropped: stacks::Dropped,
+    /// Processes started while sampling and set up after (not in the
+    /// profile before).
+    pub late: Late,
+    /// The sampling rate.
+    pub rate: u64,
 }
 
 impl Summary {
@@ -485,6 +515,8 @@ impl Summary {
             truncated: p.truncated + p.torn,
             stacks: p.stacks.len(),
             kernel: session.losses()?,
+            late: session.late,
+            rate: session.rate,
             dropped: p.dropped,
         })
     }
@@ -513,6 +545,26 @@ impl Summary {
             d.unreadable_frames,
             d.unknown_process,
             d.not_holding_gil,
+        ) + &self.late_text()
+    }
+
+    /// What processes picked up after their start cost the profile, if
+    /// any were.
+    fn late_text(&self) -> String {
+        let Late {
+            processes: n,
+            cpu_seconds: cpu,
+        } = self.late;
+        if n == 0 {
+            return String::new();
+        }
+        format!(
+            "; {n} process{} started while sampling had run {cpu:.2} s of CPU before {} picked up \
+             (about {} samples at {} Hz not in the profile)",
+            if n == 1 { "" } else { "es" },
+            if n == 1 { "it was" } else { "they were" },
+            (cpu * self.rate as f64).round() as u64,
+            self.rate,
         )
     }
 }

@@ -483,7 +483,9 @@ fn frame(r: &TopReport, view: &TopView, live: &Live, session: &Session, screen: 
 fn losses(s: &Summary) -> String {
     let k = &s.kernel;
     let d = &s.dropped;
+    let missed = (s.late.cpu_seconds * s.rate as f64).round() as u64;
     let parts: Vec<String> = [
+        (missed, "before their process was picked up"),
         (k.ring_full, "ring buffer full"),
         (k.unknown_thread, "thread not yet known"),
         (k.unreadable, "unreadable thread"),
