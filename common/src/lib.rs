@@ -493,6 +493,11 @@ pub mod sample {
     /// Tail calls one sample may take.
     pub const MAX_RUNS: u32 = MAX_FRAMES as u32 / FRAMES_PER_RUN;
 
+    /// A `SAMPLE_PROCESSES` value bit: tell userspace of the process's
+    /// children as they fork ([`super::process::CHILD`]), so a selection
+    /// samples them from their start instead of from the next scan.
+    pub const FOLLOW_CHILDREN: u32 = 1;
+
     /// The thread held the GIL when sampled.
     pub const HOLDS_GIL: u32 = 1;
     /// The stack was deeper than [`MAX_FRAMES`]: the outermost frames are

@@ -287,13 +287,15 @@ fn new_process(parent: u32, child: u64) -> Option<u32> {
 /// the parent for every new process and thread: a child of a process with
 /// log points armed is set up before it runs (see [`logpoint::forked`]);
 /// userspace hears at once of a child of a process whose calls it counts
-/// with probes of its own ([`process::CHILD`]).
+/// with probes of its own, or that it samples under a selection
+/// ([`process::CHILD`]).
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn process_fork(ctx: RawTracePointContext) -> i32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: only looked up.
     let counted = unsafe { CALL_CONFIG.get(&parent) }.is_some_and(|c| c.follow_children != 0);
-    if !counted && !logpoint::armed(parent) {
+    let sampled = sample::follows_children(parent);
+    if !counted && !sampled && !logpoint::armed(parent) {
         return 0;
     }
     let Some(tgid) = new_process(parent, ctx.arg(1)) else {
@@ -302,7 +304,7 @@ pub fn process_fork(ctx: RawTracePointContext) -> i32 {
     if let Some(origin) = logpoint::forked(parent, tgid) {
         process_event(process::FORKED, tgid, origin);
     }
-    if counted {
+    if counted || sampled {
         process_event(process::CHILD, tgid, parent);
     }
     0

@@ -37,6 +37,14 @@ fn sampled(tgid: u32) -> Option<&'static PyProcess> {
     py_process(tgid)
 }
 
+/// Whether userspace asked to hear of `tgid`'s children as they fork
+/// ([`sample::FOLLOW_CHILDREN`]).
+#[inline(always)]
+pub fn follows_children(tgid: u32) -> bool {
+    // SAFETY: only looked up.
+    unsafe { SAMPLE_PROCESSES.get(&tgid) }.is_some_and(|&v| v & sample::FOLLOW_CHILDREN != 0)
+}
+
 /// Kernel thread id -> thread state, written by userspace from each
 /// process's thread list.
 #[map(name = "SAMPLE_THREADS")]

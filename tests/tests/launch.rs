@@ -170,8 +170,8 @@ fn family(interp: &Interpreter) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&profile)?;
     let _ = std::fs::remove_file(&profile);
     let _ = std::fs::remove_file(&out);
-    // Picked up after their start, the children's first moments are not
-    // sampled: the summary says so with the CPU they had run, and what was
+    // What the children ran before they were picked up is not sampled:
+    // the summary says so with the CPU they had run, and what was
     // sampled plus what it says was not adds up to their CPU time (2 s
     // each, and the spawned one's interpreter start-up) at 499 Hz.
     let missed: u64 = stderr
@@ -196,6 +196,12 @@ fn family(interp: &Interpreter) -> anyhow::Result<()> {
     ensure!(
         ((sampled + missed) as f64 - want).abs() <= 0.1 * want,
         "{sampled} samples of the children and {missed} said missed, want about {want}: {stderr}"
+    );
+    // The kernel tells of each child as it forks: sampled from its first
+    // moments (the spawned one from its exec), not from the next scan.
+    ensure!(
+        sampled as f64 >= 0.85 * want,
+        "{sampled} samples of the children, want most of {want}: {stderr}"
     );
     let spin = "spin (/";
     let spin_line = format!("/launch_family.py:{})", lines["spin-loop"]);

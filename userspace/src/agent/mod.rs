@@ -697,6 +697,10 @@ impl Agent {
     /// Takes the samples waiting, counts them per process and hands them
     /// to the profiles being collected; sends the profiles that are done.
     fn drain(&mut self) {
+        // Children forked by watched processes, from their first moments.
+        if self.session.take_children() > 0 {
+            self.note_processes();
+        }
         if let Err(e) = self.session.drain() {
             log::warn!("reading samples: {e:#}");
         }

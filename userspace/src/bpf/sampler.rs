@@ -92,11 +92,23 @@ impl Sampler {
         Ok(())
     }
 
-    /// Has the sampler walk process `pid`, known by `facts`.
-    pub fn configure(&mut self, pid: u32, facts: &PyProcess) -> Result<(), BpfError> {
+    /// Has the sampler walk process `pid`, known by `facts`; with
+    /// `follow_children` the kernel tells of its children as they fork
+    /// (news [`pyprobe_common::process::CHILD`]).
+    pub fn configure(
+        &mut self,
+        pid: u32,
+        facts: &PyProcess,
+        follow_children: bool,
+    ) -> Result<(), BpfError> {
         let mut object = self.object.lock();
         object.hold_process(pid, facts)?;
-        hash_insert(&mut object.ebpf, names::MAP_SAMPLE_PROCESSES, pid, &0u32)
+        let flags = if follow_children {
+            pyprobe_common::sample::FOLLOW_CHILDREN
+        } else {
+            0
+        };
+        hash_insert(&mut object.ebpf, names::MAP_SAMPLE_PROCESSES, pid, &flags)
     }
 
     /// Forgets a process (and its threads) that exited.

@@ -162,6 +162,11 @@ pub(crate) struct Session {
     pub(crate) started_ns: u64,
     /// Sampling is on: a process set up now started while it was.
     sampling: bool,
+    /// Under `--all` (a selection or not): the kernel's news of children
+    /// forked by sampled processes, set up at once rather than by the
+    /// next scan (up to a second later). `None` when forks cannot be
+    /// followed (said at the start) or without `--all`.
+    children: Option<std::sync::mpsc::Receiver<crate::engine::Arrival>>,
     /// Processes that started while sampling and were set up later (up to
     /// a second later): time the profile does not hold.
     late: Late,
@@ -199,6 +204,19 @@ impl Session {
             started_ns: crate::kernel::monotonic_ns(),
             sampling: false,
             late: Late::default(),
+            children: if opts.all {
+                match engine.follow_forks() {
+                    None => Some(engine.news()),
+                    Some(why) => {
+                        eprintln!(
+                            "pyprobe: warning: children of sampled processes are picked up at the next scan, not as they fork ({why})"
+                        );
+                        None
+                    }
+                }
+            } else {
+                None
+            },
         })
     }
 
@@ -210,7 +228,8 @@ impl Session {
         let mut mapper = ThreadMapper::default();
         let tasks = process::Tasks::read(pid);
         let threads = mapper.map_tasks(&tasks, &target)?;
-        self.sampler.configure(pid, &facts)?;
+        self.sampler
+            .configure(pid, &facts, self.children.is_some())?;
         // Before any sample: a free that went unseen would leave a stale
         // name trusted.
         let watched = match attachment.code_freed_site() {
@@ -350,6 +369,36 @@ impl Session {
     pub(crate) fn scan(&mut self) {
         let processes = &self.processes;
         let pids = self.registry.new_pids(|pid| processes.contains_key(&pid));
+        self.set_up_new(pids);
+    }
+
+    /// Sets up the children the kernel said sampled processes forked, if
+    /// the selection takes them; returns how many it tried.
+    pub(crate) fn take_children(&mut self) -> usize {
+        let Some(news) = &self.children else {
+            return 0;
+        };
+        let forked: Vec<u32> = news
+            .try_iter()
+            .filter_map(|a| match a.news {
+                crate::bpf::News::Process(e) if e.kind == pyprobe_common::process::CHILD => {
+                    Some(e.tgid)
+                }
+                _ => None,
+            })
+            .collect();
+        let pids: Vec<u32> = forked
+            .into_iter()
+            .filter(|&pid| !self.processes.contains_key(&pid) && self.registry.takes_new(pid))
+            .collect();
+        let n = pids.len();
+        self.set_up_new(pids);
+        n
+    }
+
+    /// Sets up processes found after the start, counting what they ran
+    /// before.
+    fn set_up_new(&mut self, pids: Vec<u32>) {
         for pid in pids {
             let result = self.add(pid);
             if result.is_ok()
@@ -604,6 +653,7 @@ async fn sample_loop(
     loop {
         let wake = tokio::select! {
             _ = drain.tick() => {
+                session.take_children();
                 session.drain()?;
                 continue;
             }
